@@ -1,0 +1,183 @@
+"""Grouped matmul over expert-sorted tokens (the `jax.lax.ragged_dot` contract), with a custom VJP.
+
+  out = gmm(lhs, rhs, group_sizes)     # lhs [M, K] sorted by group, rhs [G, K, N] -> [M, N]
+  drhs = tgmm(lhs, dout, group_sizes)  # [G, K, N]: per group lhs_g^T @ dout_g (weight gradient)
+
+Rows past sum(group_sizes) give zeros, as in ragged_dot; empty groups are skipped (their tgmm
+block is zero). Gradients: dlhs = gmm(dout, rhs^T), drhs = tgmm(lhs, dout).
+
+Precision: bf16 or f32 inputs, fp32 accumulation, output in `preferred_element_type` (default
+lhs.dtype). FP8: `gmm(..., fp8=True)` quantizes on the fly (lhs in 1x128 tiles, each expert's
+weight in 128x128 blocks, see `fp8`) for the forward and the dgrad GEMM; the weight gradient
+(tgmm) stays in the input precision, since its 1x128 tiles along tokens would straddle expert
+boundaries. `gmm_fp8` takes operands quantized in advance.
+
+Backends: Pallas kernels of `_grouped.py` on TPU (Mosaic, scalar prefetch) and in the
+interpreter (CPU; the only mode tested). Compiled on GPU, where scalar-prefetch grids are not
+available, these functions call `jax.lax.ragged_dot` (FP8 operands dequantized to bf16 first).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import _common as C
+from pallas_kernels import _grouped
+from pallas_kernels import fp8 as fp8_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Row tile tm (tokens), contraction step tk (multiple of 128 for FP8), output tile tn."""
+  tm: int = 128
+  tk: int = 512
+  tn: int = 256
+
+  @classmethod
+  def default(cls, backend: str | None = None) -> "BlockSizes":
+    backend = backend or C.backend()
+    if backend == "tpu":
+      return cls(tm=128, tk=512, tn=512)  # megablox-like; tm small to waste little per group
+    return cls()
+
+
+def _check(lhs, rhs, group_sizes):
+  if lhs.ndim != 2 or rhs.ndim != 3 or lhs.shape[1] != rhs.shape[1]:
+    raise ValueError(f"gmm expects lhs [M, K] and rhs [G, K, N]; got {lhs.shape}, {rhs.shape}")
+  if group_sizes.shape != (rhs.shape[0],) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+    raise ValueError(f"group_sizes must be int [{rhs.shape[0]}]; got {group_sizes.dtype}"
+                     f"{list(group_sizes.shape)}")
+
+
+def _kernel_gmm(lhs, rhs, group_sizes, lhs_scale, rhs_scale, out_dtype, bs, interpret):
+  """Dispatch to the Pallas kernel or, compiled on GPU, to XLA's ragged_dot."""
+  if C.use_pallas(interpret):
+    return _grouped.grouped_matmul(lhs, rhs, group_sizes, lhs_scale, rhs_scale,
+                                   out_dtype=out_dtype, tm=bs.tm, tk=bs.tk, tn=bs.tn,
+                                   interpret=interpret)
+  if lhs_scale is not None:
+    lhs = fp8_lib.dequantize_activations(lhs, lhs_scale).astype(jnp.bfloat16)
+    rhs = jax.vmap(fp8_lib.dequantize_weights_by_column)(rhs, rhs_scale).astype(jnp.bfloat16)
+  out = jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
+  return out.astype(out_dtype)
+
+
+def _quantize(lhs, rhs, pow2_scale):
+  lq, ls = fp8_lib.quantize_activations(lhs, pow2_scale=pow2_scale)
+  rq, rs_blocks = fp8_lib.quantize_weights(rhs, pow2_scale=pow2_scale)
+  return lq, ls, rq, rs_blocks
+
+
+def _column_scales(rs_blocks, n):
+  return jnp.repeat(rs_blocks, C.QUANT_TILE, axis=-1)[..., :n]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gmm(lhs, rhs, group_sizes, static):
+  return _gmm_fwd(lhs, rhs, group_sizes, static)[0]
+
+
+def _gmm_fwd(lhs, rhs, group_sizes, static):
+  out_dtype, fp8, pow2_scale, bs, interpret = static
+  if fp8:
+    lq, ls, rq, rs_blocks = _quantize(lhs, rhs, pow2_scale)
+    out = _kernel_gmm(lq, rq, group_sizes, ls, _column_scales(rs_blocks, rhs.shape[2]),
+                      out_dtype, bs, interpret)
+    return out, (lhs, (rq, rs_blocks), group_sizes, jnp.zeros((0,), rhs.dtype))
+  out = _kernel_gmm(lhs, rhs, group_sizes, None, None, out_dtype, bs, interpret)
+  return out, (lhs, rhs, group_sizes, jnp.zeros((0,), rhs.dtype))
+
+
+def _gmm_bwd(static, res, dout):
+  _, fp8, pow2_scale, bs, interpret = static
+  lhs, rhs_res, group_sizes, rhs_dtype = res
+  if fp8:
+    # dgrad in FP8: dout in 1x128 tiles along N; rhs^T blocks are rhs blocks transposed.
+    rq, rs_blocks = rhs_res
+    dq, ds = fp8_lib.quantize_activations(dout, pow2_scale=pow2_scale)
+    rq_t, rs_t = rq.transpose(0, 2, 1), rs_blocks.transpose(0, 2, 1)
+    dlhs = _kernel_gmm(dq, rq_t, group_sizes, ds, _column_scales(rs_t, rq.shape[1]), lhs.dtype,
+                       bs, interpret)
+  else:
+    dlhs = _kernel_gmm(dout, rhs_res.transpose(0, 2, 1), group_sizes, None, None, lhs.dtype, bs,
+                       interpret)
+  drhs = tgmm(lhs, dout.astype(lhs.dtype), group_sizes, preferred_element_type=rhs_dtype.dtype,
+              block_sizes=bs, interpret=interpret)
+  return dlhs, drhs, None
+
+
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+def gmm(lhs, rhs, group_sizes, *, preferred_element_type=None, fp8: bool = False,
+        pow2_scale: bool = False, block_sizes: BlockSizes | None = None,
+        interpret: bool | None = None):
+  """lhs [M, K] (rows sorted by group), rhs [G, K, N], group_sizes [G] int -> [M, N].
+
+  Differentiable in lhs and rhs. `fp8=True` runs forward and dgrad as FP8 GEMMs (see module doc).
+  """
+  _check(lhs, rhs, group_sizes)
+  out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+  static = (out_dtype, fp8, pow2_scale, block_sizes or BlockSizes.default(),
+            C.resolve_interpret(interpret))
+  return _gmm(lhs, rhs, group_sizes.astype(jnp.int32), static)
+
+
+def gmm_fp8(lhs_q, lhs_scale, rhs_q, rhs_scale, group_sizes, *, out_dtype=jnp.bfloat16,
+            block_sizes: BlockSizes | None = None, interpret: bool | None = None):
+  """Pre-quantized FP8 gmm (not differentiable).
+
+  lhs_q [M, K] e4m3 with lhs_scale [M, ceil(K/128)] (fp8.quantize_activations); rhs_q [G, K, N]
+  e4m3 with rhs_scale [G, ceil(K/128), ceil(N/128)] (fp8.quantize_weights) -> [M, N].
+  """
+  _check(lhs_q, rhs_q, group_sizes)
+  kb, nb = C.cdiv(rhs_q.shape[1], C.QUANT_TILE), C.cdiv(rhs_q.shape[2], C.QUANT_TILE)
+  if lhs_scale.shape != (lhs_q.shape[0], kb) or rhs_scale.shape != (rhs_q.shape[0], kb, nb):
+    raise ValueError(f"scales {lhs_scale.shape}, {rhs_scale.shape} do not match 128-tiles of "
+                     f"{lhs_q.shape}, {rhs_q.shape}")
+  return _kernel_gmm(lhs_q, rhs_q, group_sizes.astype(jnp.int32), lhs_scale,
+                     _column_scales(rhs_scale, rhs_q.shape[2]), jnp.dtype(out_dtype),
+                     block_sizes or BlockSizes.default(), C.resolve_interpret(interpret))
+
+
+def tgmm(lhs, dout, group_sizes, *, preferred_element_type=None,
+         block_sizes: BlockSizes | None = None, interpret: bool | None = None):
+  """lhs [M, K], dout [M, N] (rows sorted by group), group_sizes [G] -> [G, K, N]."""
+  if lhs.ndim != 2 or dout.ndim != 2 or lhs.shape[0] != dout.shape[0]:
+    raise ValueError(f"tgmm expects lhs [M, K] and dout [M, N]; got {lhs.shape}, {dout.shape}")
+  out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+  interpret = C.resolve_interpret(interpret)
+  if not C.use_pallas(interpret):
+    return tgmm_reference(lhs, dout, group_sizes).astype(out_dtype)
+  bs = block_sizes or BlockSizes.default()
+  return _grouped.transposed_grouped_matmul(lhs, dout, group_sizes.astype(jnp.int32),
+                                            out_dtype=out_dtype, tm=bs.tm, tk=bs.tk, tn=bs.tn,
+                                            interpret=interpret)
+
+
+def gmm_reference(lhs, rhs, group_sizes, *, preferred_element_type=None):
+  """Plain-XLA oracle: jax.lax.ragged_dot at full precision."""
+  out = jax.lax.ragged_dot(lhs, rhs, group_sizes, precision=jax.lax.Precision.HIGHEST,
+                           preferred_element_type=jnp.float32)
+  return out.astype(preferred_element_type or lhs.dtype)
+
+
+def tgmm_reference(lhs, dout, group_sizes):
+  """Oracle for tgmm: a one-hot group mask over rows, then a batched contraction. fp32 out."""
+  ends = jnp.cumsum(group_sizes)
+  rows = jnp.arange(lhs.shape[0])
+  member_GM = (rows[None, :] >= (ends - group_sizes)[:, None]) & (rows[None, :] < ends[:, None])
+  return jnp.einsum("gm,mk,mn->gkn", member_GM.astype(jnp.float32), lhs.astype(jnp.float32),
+                    dout.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+
+
+def gmm_fp8_reference(lhs_q, lhs_scale, rhs_q, rhs_scale, group_sizes, *,
+                      out_dtype=jnp.bfloat16):
+  """Oracle for gmm_fp8: dequantize to fp32, then gmm_reference."""
+  lhs = fp8_lib.dequantize_activations(lhs_q, lhs_scale)
+  rhs = fp8_lib.dequantize_weights(rhs_q, rhs_scale)
+  return gmm_reference(lhs, rhs, group_sizes, preferred_element_type=out_dtype)

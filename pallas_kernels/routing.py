@@ -1,0 +1,197 @@
+"""Fused MoE router: scores, correction bias, group-limited top-k, gate weights, dispatch order.
+
+  weights, expert_ids, sort_idx, group_sizes = route(logits, bias, top_k=8, n_group=8,
+      topk_group=4, scoring_func="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5)
+
+  logits [T, E] (fp32 router logits), bias [E] or None (e_score_correction_bias)
+  -> weights [T, k] f32, expert_ids [T, k] int32 (in descending selection score),
+     sort_idx [T*k] int32 (stable argsort of expert_ids.ravel(): the dispatch permutation),
+     group_sizes [E] int32 (assignments per expert).
+
+Semantics (REFERENCE.md section 2, HF DeepseekV3 "noaux_tc"): scores = sigmoid(logits) or
+softmax(logits); selection = scores + bias (selection only); group score = sum of the top-2
+selection scores per group (sigmoid) or their max (softmax, V2 style); the topk_group best
+groups are kept and the other experts' selection scores are replaced by 0.0 as HF does; the top_k
+experts by that score are chosen, ties to the lowest index as jax.lax.top_k does; weights are the
+unbiased scores, divided by (sum + 1e-20) if norm_topk_prob, times routed_scaling_factor.
+
+The Pallas kernel fuses everything per block of `tt` tokens (top-k as k rounds of argmax, group
+scores with per-group masks, so no in-kernel reshapes). The sort and the per-expert counts run
+after it in XLA (argsort / bincount), which is the better tool for a global sort. Tested in
+interpret mode on CPU only; the generic pallas_call (no TPU-specific features) is meant to lower
+on Mosaic TPU and on GPU too, but has not been compiled anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _common as C
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  tt: int = 256  # tokens per grid step
+
+  @classmethod
+  def default(cls, backend: str | None = None) -> "BlockSizes":
+    del backend  # a [tt, E] fp32 block is small on every backend
+    return cls()
+
+
+def _check(logits, bias, top_k, n_group, topk_group, scoring_func):
+  if logits.ndim != 2:
+    raise ValueError(f"router logits must be [T, E]; got {logits.shape}")
+  num_experts = logits.shape[1]
+  if bias is not None and bias.shape != (num_experts,):
+    raise ValueError(f"bias must be [{num_experts}]; got {bias.shape}")
+  if scoring_func not in ("sigmoid", "softmax"):
+    raise ValueError(f"scoring_func must be 'sigmoid' or 'softmax'; got {scoring_func!r}")
+  if num_experts % n_group:
+    raise ValueError(f"n_group={n_group} must divide the {num_experts} experts")
+  if not 1 <= topk_group <= n_group:
+    raise ValueError(f"topk_group={topk_group} must be in [1, n_group={n_group}]")
+  if not 1 <= top_k <= topk_group * (num_experts // n_group):
+    raise ValueError(f"top_k={top_k} exceeds the experts of {topk_group} groups")
+
+
+def _scores(logits, scoring_func):
+  logits = logits.astype(jnp.float32)
+  if scoring_func == "sigmoid":
+    return jax.nn.sigmoid(logits)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def _finish_weights(weights_TK, norm_topk_prob, routed_scaling_factor):
+  if norm_topk_prob:
+    weights_TK = weights_TK / (jnp.sum(weights_TK, axis=-1, keepdims=True) + 1e-20)
+  return weights_TK * routed_scaling_factor
+
+
+def _argmax_lowest(x_TE, col_TE, num_experts):
+  """Row max and the lowest column attaining it (jax.lax.top_k's tie order)."""
+  best = jnp.max(x_TE, axis=1, keepdims=True)
+  idx = jnp.min(jnp.where(x_TE == best, col_TE, num_experts), axis=1, keepdims=True)
+  return best, idx
+
+
+def _router_kernel(logits_ref, bias_ref, weights_ref, ids_ref, *, top_k, n_group, topk_group,
+                   scoring_func, norm_topk_prob, routed_scaling_factor):
+  scores_TE = _scores(logits_ref[...], scoring_func)
+  select_TE = scores_TE + bias_ref[...]
+  tt, num_experts = select_TE.shape
+  col_TE = jax.lax.broadcasted_iota(jnp.int32, (tt, num_experts), 1)
+  group_TE = col_TE // (num_experts // n_group)
+  neg_inf = jnp.float32(-jnp.inf)
+
+  # Group scores, one [tt, 1] column per group.
+  group_scores = []
+  for g in range(n_group):
+    in_g = jnp.where(group_TE == g, select_TE, neg_inf)
+    top1, idx1 = _argmax_lowest(in_g, col_TE, num_experts)
+    if scoring_func == "sigmoid":
+      top2 = jnp.max(jnp.where(col_TE == idx1, neg_inf, in_g), axis=1, keepdims=True)
+      group_scores.append(top1 + top2)
+    else:
+      group_scores.append(top1)
+
+  # Keep the topk_group best groups (ties: lowest group index, like top_k).
+  keep_TE = jnp.zeros((tt, num_experts), jnp.bool_)
+  taken = [jnp.zeros((tt, 1), jnp.bool_) for _ in range(n_group)]
+  for _ in range(topk_group):
+    best, best_g = jnp.full((tt, 1), neg_inf), jnp.full((tt, 1), n_group, jnp.int32)
+    for g in range(n_group):  # strict > keeps the lowest index among equals
+      better = ~taken[g] & (group_scores[g] > best)
+      best, best_g = jnp.where(better, group_scores[g], best), jnp.where(better, g, best_g)
+    taken = [t | (best_g == g) for g, t in enumerate(taken)]
+    keep_TE = keep_TE | (group_TE == best_g)
+  masked_TE = jnp.where(keep_TE, select_TE, 0.0)
+
+  # Top-k experts by k rounds of argmax; the chosen entry drops to -inf for the next round.
+  weights, ids = [], []
+  for _ in range(top_k):
+    _, idx = _argmax_lowest(masked_TE, col_TE, num_experts)
+    chosen_TE = col_TE == idx
+    weights.append(jnp.sum(jnp.where(chosen_TE, scores_TE, 0.0), axis=1, keepdims=True))
+    ids.append(idx)
+    masked_TE = jnp.where(chosen_TE, neg_inf, masked_TE)
+  weights_TK = jnp.concatenate(weights, axis=1)
+  weights_ref[...] = _finish_weights(weights_TK, norm_topk_prob, routed_scaling_factor)
+  ids_ref[...] = jnp.concatenate(ids, axis=1)
+
+
+def _dispatch(expert_ids_TK, num_experts):
+  flat = expert_ids_TK.reshape(-1)
+  sort_idx = jnp.argsort(flat, stable=True).astype(jnp.int32)
+  group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+  return sort_idx, group_sizes
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "top_k", "n_group", "topk_group", "scoring_func", "norm_topk_prob", "routed_scaling_factor",
+    "block_sizes", "interpret"))
+def _route(logits, bias, *, top_k, n_group, topk_group, scoring_func, norm_topk_prob,
+           routed_scaling_factor, block_sizes, interpret):
+  t, num_experts = logits.shape
+  tt = C.fit_tile(block_sizes.tt, t, 8)
+  t_pad = C.round_up(t, tt)
+  kernel = functools.partial(
+      _router_kernel, top_k=top_k, n_group=n_group, topk_group=topk_group,
+      scoring_func=scoring_func, norm_topk_prob=norm_topk_prob,
+      routed_scaling_factor=routed_scaling_factor)
+  weights, ids = pl.pallas_call(
+      kernel,
+      out_shape=(jax.ShapeDtypeStruct((t_pad, top_k), jnp.float32),
+                 jax.ShapeDtypeStruct((t_pad, top_k), jnp.int32)),
+      grid=(t_pad // tt,),
+      in_specs=[pl.BlockSpec((tt, num_experts), lambda i: (i, 0)),
+                pl.BlockSpec((1, num_experts), lambda i: (0, 0))],
+      out_specs=(pl.BlockSpec((tt, top_k), lambda i: (i, 0)),
+                 pl.BlockSpec((tt, top_k), lambda i: (i, 0))),
+      interpret=interpret,
+  )(C.pad_axis(logits.astype(jnp.float32), 0, t_pad), bias.astype(jnp.float32)[None])
+  weights, ids = weights[:t], ids[:t]
+  return (weights, ids, *_dispatch(ids, num_experts))
+
+
+def route(logits, bias=None, *, top_k: int, n_group: int = 1, topk_group: int = 1,
+          scoring_func: str = "sigmoid", norm_topk_prob: bool = True,
+          routed_scaling_factor: float = 1.0, block_sizes: BlockSizes | None = None,
+          interpret: bool | None = None):
+  """Router kernel; see the module docstring for shapes and semantics."""
+  _check(logits, bias, top_k, n_group, topk_group, scoring_func)
+  if bias is None:
+    bias = jnp.zeros((logits.shape[1],), jnp.float32)
+  return _route(logits, bias, top_k=top_k, n_group=n_group, topk_group=topk_group,
+                scoring_func=scoring_func, norm_topk_prob=norm_topk_prob,
+                routed_scaling_factor=float(routed_scaling_factor),
+                block_sizes=block_sizes or BlockSizes.default(),
+                interpret=C.resolve_interpret(interpret))
+
+
+def route_reference(logits, bias=None, *, top_k: int, n_group: int = 1, topk_group: int = 1,
+                    scoring_func: str = "sigmoid", norm_topk_prob: bool = True,
+                    routed_scaling_factor: float = 1.0):
+  """Plain-jnp router, written the way HF's DeepseekV3 MoEGate reads (reshape + top_k)."""
+  _check(logits, bias, top_k, n_group, topk_group, scoring_func)
+  t, num_experts = logits.shape
+  scores_TE = _scores(logits, scoring_func)
+  select_TE = scores_TE if bias is None else scores_TE + bias.astype(jnp.float32)
+  select_TGX = select_TE.reshape(t, n_group, num_experts // n_group)
+  if scoring_func == "sigmoid":
+    group_scores_TG = jax.lax.top_k(select_TGX, 2)[0].sum(-1)
+  else:
+    group_scores_TG = select_TGX.max(-1)
+  _, top_groups = jax.lax.top_k(group_scores_TG, topk_group)
+  keep_TG = jnp.zeros((t, n_group), jnp.bool_).at[jnp.arange(t)[:, None], top_groups].set(True)
+  keep_TE = jnp.repeat(keep_TG, num_experts // n_group, axis=1)
+  _, expert_ids = jax.lax.top_k(jnp.where(keep_TE, select_TE, 0.0), top_k)
+  weights = jnp.take_along_axis(scores_TE, expert_ids, axis=1)
+  weights = _finish_weights(weights, norm_topk_prob, routed_scaling_factor)
+  expert_ids = expert_ids.astype(jnp.int32)
+  return (weights, expert_ids, *_dispatch(expert_ids, num_experts))

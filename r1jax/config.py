@@ -1,0 +1,319 @@
+"""Model configuration: one frozen, hashable dataclass with HF field names.
+
+`ModelConfig` is static under `jax.jit` (hashable), built at the boundary from a HF
+`config.json` (`ModelConfig.from_hf`) or from the `model` section of an ml_collections config
+(`ModelConfig.from_config`). Every rule is checked once, in `validate`, with an error that names
+the field and the rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error (the launcher reports it as one line, exit code 2)."""
+
+
+MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "qwen2", "llama")
+MOE_IMPLS = ("ragged_dot", "capacity", "pallas", "dense")
+ROUTER_IMPLS = ("jnp", "pallas")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """DeepSeek-V3-style MoE or Qwen2/Llama-style dense decoder. Field names follow HF."""
+
+  model_type: str = "deepseek_v3"
+  vocab_size: int = 129280
+  hidden_size: int = 7168
+  intermediate_size: int = 18432  # dense MLP width
+  num_hidden_layers: int = 61
+  num_attention_heads: int = 128
+  num_key_value_heads: int | None = None  # dense GQA models; MLA ignores it
+  head_dim: int | None = None  # dense models; None = hidden_size // num_attention_heads
+  rms_norm_eps: float = 1e-6
+  tie_word_embeddings: bool = False
+  attention_bias: bool = False  # q/k/v bias (Qwen2: True)
+  max_position_embeddings: int = 163840
+  bos_token_id: int | None = 0
+  eos_token_id: int | None = 1
+  pad_token_id: int | None = None
+  # mla
+  q_lora_rank: int | None = 1536
+  kv_lora_rank: int = 512
+  qk_nope_head_dim: int = 128
+  qk_rope_head_dim: int = 64
+  v_head_dim: int = 128
+  # moe
+  n_routed_experts: int | None = 256  # None = dense model
+  n_shared_experts: int = 1
+  num_experts_per_tok: int = 8
+  moe_intermediate_size: int = 2048
+  first_k_dense_replace: int = 3
+  moe_layer_freq: int = 1
+  n_group: int = 8
+  topk_group: int = 4
+  scoring_func: str = "sigmoid"
+  topk_method: str = "noaux_tc"
+  norm_topk_prob: bool = True
+  routed_scaling_factor: float = 2.5
+  # rope / yarn
+  rope_theta: float = 10000.0
+  rope_interleave: bool = True
+  rope_type: str = "yarn"  # "default" or "yarn"
+  rope_factor: float = 40.0
+  original_max_position_embeddings: int = 4096
+  beta_fast: float = 32.0
+  beta_slow: float = 1.0
+  mscale: float | None = 1.0  # None/0 as in HF: attention factor from `factor` alone
+  mscale_all_dim: float | None = 1.0
+  # mtp
+  num_nextn_predict_layers: int = 1
+  # execution (not HF fields)
+  dtype: str = "float32"  # compute dtype
+  param_dtype: str = "float32"
+  moe_impl: str = "ragged_dot"
+  capacity_factor: float | None = None  # None = dropless
+  router_impl: str = "jnp"
+  fp8: bool = False
+  remat: str = "none"
+  attn_chunk: int | None = None  # reserved for chunked attention; None = full
+
+  # ---------------------------------------------------------------- derived
+  @property
+  def is_moe(self) -> bool:
+    return self.model_type.startswith("deepseek")
+
+  @property
+  def num_dense_layers(self) -> int:
+    if not self.is_moe:
+      return self.num_hidden_layers
+    return min(self.first_k_dense_replace, self.num_hidden_layers)
+
+  @property
+  def num_moe_layers(self) -> int:
+    return self.num_hidden_layers - self.num_dense_layers if self.is_moe else 0
+
+  @property
+  def qk_head_dim(self) -> int:
+    return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+  @property
+  def dense_head_dim(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_attention_heads
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_key_value_heads or self.num_attention_heads
+
+  @property
+  def jnp_dtype(self):
+    import jax.numpy as jnp
+    return jnp.dtype(self.dtype)
+
+  @property
+  def jnp_param_dtype(self):
+    import jax.numpy as jnp
+    return jnp.dtype(self.param_dtype)
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw).validate()
+
+  # ------------------------------------------------------------- validation
+  def validate(self) -> "ModelConfig":
+    def need(ok, msg):
+      if not ok:
+        raise ConfigError(f"model.{msg}")
+
+    need(self.model_type in MODEL_TYPES,
+         f"model_type={self.model_type!r} is not one of {MODEL_TYPES}")
+    for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+              "intermediate_size"):
+      need(int(getattr(self, f)) > 0, f"{f}={getattr(self, f)} must be positive")
+    need(self.rms_norm_eps > 0, f"rms_norm_eps={self.rms_norm_eps} must be positive")
+    need(self.dtype in DTYPES, f"dtype={self.dtype!r} is not one of {DTYPES}")
+    need(self.param_dtype in DTYPES, f"param_dtype={self.param_dtype!r} is not one of {DTYPES}")
+    need(self.remat in REMAT_POLICIES, f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
+    need(self.rope_type in ("default", "yarn"),
+         f"rope_type={self.rope_type!r} must be 'default' or 'yarn'")
+    need(self.rope_theta > 0, f"rope_theta={self.rope_theta} must be positive")
+    if self.rope_type == "yarn":
+      need(self.rope_factor >= 1, f"rope_factor={self.rope_factor} must be >= 1")
+      need(self.original_max_position_embeddings > 0,
+           "original_max_position_embeddings must be positive")
+    if self.is_moe:
+      for f in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        need(getattr(self, f) > 0, f"{f}={getattr(self, f)} must be positive")
+      need(self.qk_rope_head_dim % 2 == 0,
+           f"qk_rope_head_dim={self.qk_rope_head_dim} must be even")
+      need(self.q_lora_rank is None or self.q_lora_rank > 0,
+           f"q_lora_rank={self.q_lora_rank} must be positive or None")
+      need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers must be >= 0")
+      need(0 <= self.first_k_dense_replace, "first_k_dense_replace must be >= 0")
+      need(self.moe_layer_freq == 1, f"moe_layer_freq={self.moe_layer_freq}: only 1 is supported")
+      E = self.n_routed_experts
+      need(E is not None and E > 0, f"n_routed_experts={E} must be positive for a MoE model")
+      need(self.moe_intermediate_size > 0, "moe_intermediate_size must be positive")
+      need(self.n_shared_experts >= 0, "n_shared_experts must be >= 0")
+      need(0 < self.num_experts_per_tok <= E,
+           f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, n_routed_experts={E}]")
+      need(self.n_group > 0 and E % self.n_group == 0,
+           f"n_group={self.n_group} must divide n_routed_experts={E}")
+      need(0 < self.topk_group <= self.n_group,
+           f"topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
+      need(self.num_experts_per_tok <= self.topk_group * (E // self.n_group),
+           f"num_experts_per_tok={self.num_experts_per_tok} exceeds the experts in topk_group="
+           f"{self.topk_group} groups of {E // self.n_group}")
+      need(self.scoring_func in ("sigmoid", "softmax"),
+           f"scoring_func={self.scoring_func!r} must be 'sigmoid' or 'softmax'")
+      need(self.moe_impl in MOE_IMPLS, f"moe_impl={self.moe_impl!r} is not one of {MOE_IMPLS}")
+      need(self.router_impl in ROUTER_IMPLS,
+           f"router_impl={self.router_impl!r} is not one of {ROUTER_IMPLS}")
+      need(self.capacity_factor is None or self.capacity_factor > 0,
+           f"capacity_factor={self.capacity_factor} must be positive or None")
+    else:
+      need(self.num_attention_heads % self.kv_heads == 0,
+           f"num_key_value_heads={self.kv_heads} must divide "
+           f"num_attention_heads={self.num_attention_heads}")
+      need(self.head_dim is not None or self.hidden_size % self.num_attention_heads == 0,
+           f"num_attention_heads={self.num_attention_heads} must divide "
+           f"hidden_size={self.hidden_size} (or set head_dim)")
+      need(self.dense_head_dim % 2 == 0, f"head_dim={self.dense_head_dim} must be even")
+    return self
+
+  # -------------------------------------------------------------- builders
+  @classmethod
+  def from_config(cls, section: Mapping[str, Any]) -> "ModelConfig":
+    """From an ml_collections `model` section (or any mapping of field -> value)."""
+    d = dict(section.to_dict() if hasattr(section, "to_dict") else section)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ConfigError(f"model.{unknown[0]} is not a model field")
+    base = cls.preset(d.get("model_type", "deepseek_v3"))
+    return dataclasses.replace(base, **d).validate()
+
+  @classmethod
+  def preset(cls, model_type: str) -> "ModelConfig":
+    """Defaults per family: DeepSeek-V3 for deepseek_*, a plain dense decoder otherwise."""
+    if model_type in ("qwen2", "llama"):
+      return cls(model_type=model_type, q_lora_rank=None, n_routed_experts=None,
+                 first_k_dense_replace=0, num_nextn_predict_layers=0, rope_type="default",
+                 rope_interleave=False, attention_bias=model_type == "qwen2",
+                 rope_theta=1e6 if model_type == "qwen2" else 1e4)
+    return cls(model_type=model_type)
+
+  @classmethod
+  def from_hf(cls, hf: Mapping[str, Any], **overrides) -> "ModelConfig":
+    """From a HF config.json dict (transformers 4.x `rope_scaling` or 5.x `rope_parameters`)."""
+    model_type = hf.get("model_type")
+    if model_type not in MODEL_TYPES:
+      raise ConfigError(f"config.json: model_type={model_type!r} is not supported "
+                        f"(expected one of {MODEL_TYPES})")
+    names = {f.name for f in dataclasses.fields(cls)}
+    # HF's dtype/torch_dtype is the storage dtype, not our compute dtype
+    kw = {k: v for k, v in hf.items() if k in names and k not in ("dtype", "param_dtype")}
+    if model_type in ("qwen2", "llama"):
+      kw.setdefault("attention_bias", model_type == "qwen2")
+      kw["rope_interleave"] = False
+    if isinstance(kw.get("eos_token_id"), list):
+      kw["eos_token_id"] = kw["eos_token_id"][0]
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    theta = rope.get("rope_theta", hf.get("rope_theta"))
+    if theta is not None:
+      kw["rope_theta"] = float(theta)
+    rtype = rope.get("rope_type", rope.get("type", "default"))
+    if rtype not in ("default", "yarn"):
+      raise ConfigError(f"config.json: rope type {rtype!r} is not supported (default, yarn)")
+    kw["rope_type"] = rtype
+    if rtype == "yarn":
+      kw["rope_factor"] = float(rope.get("factor", 1.0))
+      for k in ("original_max_position_embeddings", "beta_fast", "beta_slow"):
+        if rope.get(k) is not None:
+          kw[k] = rope[k]
+      kw["mscale"] = rope.get("mscale")
+      kw["mscale_all_dim"] = rope.get("mscale_all_dim")
+    for k, v in list(kw.items()):
+      if isinstance(v, (list, dict)):
+        raise ConfigError(f"config.json: {k}={v!r} has an unexpected type")
+    kw.update(overrides)
+    base = cls.preset(model_type)
+    try:
+      return dataclasses.replace(base, **kw).validate()
+    except TypeError as e:  # pragma: no cover - dataclass field errors
+      raise ConfigError(f"config.json: {e}") from None
+
+  @classmethod
+  def from_hf_dir(cls, path: str, **overrides) -> "ModelConfig":
+    fn = os.path.join(path, "config.json")
+    if not os.path.isfile(fn):
+      raise ConfigError(f"{fn}: not found")
+    try:
+      with open(fn) as f:
+        hf = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"{fn}: malformed JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(hf, dict):
+      raise ConfigError(f"{fn}: expected a JSON object")
+    return cls.from_hf(hf, **overrides)
+
+  def to_hf(self) -> dict:
+    """A config.json dict that transformers' from_pretrained accepts."""
+    common = dict(
+        vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+        intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
+        num_attention_heads=self.num_attention_heads, rms_norm_eps=self.rms_norm_eps,
+        tie_word_embeddings=self.tie_word_embeddings,
+        max_position_embeddings=self.max_position_embeddings, hidden_act="silu",
+        bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id,
+        pad_token_id=self.pad_token_id, rope_theta=self.rope_theta,
+        torch_dtype=self.param_dtype, attention_dropout=0.0)
+    rope = None
+    if self.rope_type == "yarn":
+      rope = dict(type="yarn", rope_type="yarn", factor=self.rope_factor,
+                  original_max_position_embeddings=self.original_max_position_embeddings,
+                  beta_fast=self.beta_fast, beta_slow=self.beta_slow, mscale=self.mscale,
+                  mscale_all_dim=self.mscale_all_dim)
+    common["rope_scaling"] = rope
+    if not self.is_moe:
+      archs = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+      return dict(common, model_type=self.model_type, architectures=[archs[self.model_type]],
+                  num_key_value_heads=self.kv_heads, head_dim=self.dense_head_dim,
+                  attention_bias=self.attention_bias, use_sliding_window=False)
+    return dict(
+        common, model_type=self.model_type,
+        architectures=["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3"
+                       else "DeepseekV2ForCausalLM"],
+        num_key_value_heads=self.num_attention_heads, attention_bias=self.attention_bias,
+        q_lora_rank=self.q_lora_rank, kv_lora_rank=self.kv_lora_rank,
+        qk_nope_head_dim=self.qk_nope_head_dim, qk_rope_head_dim=self.qk_rope_head_dim,
+        v_head_dim=self.v_head_dim, head_dim=self.qk_rope_head_dim,
+        n_routed_experts=self.n_routed_experts, n_shared_experts=self.n_shared_experts,
+        num_experts_per_tok=self.num_experts_per_tok,
+        moe_intermediate_size=self.moe_intermediate_size,
+        first_k_dense_replace=self.first_k_dense_replace, moe_layer_freq=self.moe_layer_freq,
+        n_group=self.n_group, topk_group=self.topk_group, scoring_func=self.scoring_func,
+        topk_method=self.topk_method, norm_topk_prob=self.norm_topk_prob,
+        routed_scaling_factor=self.routed_scaling_factor, rope_interleave=self.rope_interleave,
+        num_nextn_predict_layers=self.num_nextn_predict_layers)
+
+  # ---------------------------------------------------------------- sizes
+  def num_params(self) -> int:
+    from r1jax.model import params as P
+    import jax
+    return int(sum(np.prod(s.shape) for s in jax.tree.leaves(
+        P.declare(self), is_leaf=lambda x: isinstance(x, P.ParamSpec))))
+
+
+def yarn_mscale(factor: float, mscale: float) -> float:
+  """DeepSeek's YaRN attention temperature: 0.1 * mscale * ln(factor) + 1 for factor > 1."""
+  return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0

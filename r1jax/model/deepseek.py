@@ -1,0 +1,106 @@
+"""DeepSeek-V3 decoder: embeddings, scanned dense and MoE layer stacks, final norm, head, MTP."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from r1jax.config import ModelConfig
+from r1jax.model import layers as L
+from r1jax.model import mla as mla_lib
+from r1jax.model import moe as moe_lib
+
+
+def decoder_layer(p, x, cos, sin, mask, cfg: ModelConfig):
+  """Pre-norm block: x + MLA(norm(x)), then + FFN(norm(.)) with a dense MLP or the MoE.
+  Returns the new residual stream and MoE stats (zeros for a dense layer)."""
+  dtype = cfg.jnp_dtype
+  h = L.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+  x = x + mla_lib.mla(p["attn"], h, cos, sin, mask, cfg)
+  h = L.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+  if "moe" in p:
+    y, stats = moe_lib.moe_block(p["moe"], h, cfg)
+  else:
+    y, stats = L.swiglu_mlp(p["mlp"], h, dtype), None
+  return x + y, stats
+
+
+def _scan_layers(stacked, x, cos, sin, mask, cfg: ModelConfig):
+  """Run a stack of same-shaped layers with lax.scan; returns x and per-layer MoE stats."""
+  def body(carry, layer_params):
+    out, stats = decoder_layer(layer_params, carry, cos, sin, mask, cfg)
+    return out, stats
+
+  body = L.maybe_remat(body, cfg.remat)
+  return jax.lax.scan(body, x, stacked)
+
+
+def embed(params, tokens, cfg: ModelConfig):
+  return params["embed"].astype(cfg.jnp_dtype)[tokens]
+
+
+def head(params, h, cfg: ModelConfig):
+  """Final-normed hidden [B, T, D] -> fp32 logits [B, T, V]."""
+  w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+  return jnp.dot(h.astype(cfg.jnp_dtype), w.astype(cfg.jnp_dtype),
+                 preferred_element_type=jnp.float32)
+
+
+def forward_hidden(params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=None):
+  """Tokens [B, T] -> (last hidden before the final norm [B, T, D], aux dict, rope/mask ctx)."""
+  if positions is None:
+    positions = L.default_positions(tokens, segment_ids)
+  if segment_ids is None:
+    segment_ids = jnp.zeros_like(tokens)
+  cos, sin = L.rope_cos_sin(cfg, positions)
+  mask = L.attention_mask(segment_ids, segment_ids, positions, positions)
+  x = embed(params, tokens, cfg)
+  aux = {}
+  if "dense_layers" in params:
+    x, _ = _scan_layers(params["dense_layers"], x, cos, sin, mask, cfg)
+  if "moe_layers" in params:
+    x, stats = _scan_layers(params["moe_layers"], x, cos, sin, mask, cfg)
+    aux["expert_counts"] = stats["counts"]  # [L_moe, E]
+    aux["balance"] = stats["balance"].sum()
+    aux["dropped"] = stats["dropped"].sum()
+  return x, aux, (cos, sin, mask)
+
+
+def mtp_logits(params, tokens, h, ctx, cfg: ModelConfig):
+  """Multi-token prediction, depth k = 1..D: position i of module k predicts token i + k + 1.
+
+  h_k = Layer_k(eh_proj[RMSNorm(Emb(t_{i+k})); RMSNorm(h_{k-1})]); logits = head(norm_k(h_k)).
+  The embeddings of the shifted tokens beyond the sequence end are of token 0; those positions
+  have no target and are masked by the loss. Returns ([D, B, T, V] fp32 logits, aux).
+  """
+  cos, sin, mask = ctx
+  dtype = cfg.jnp_dtype
+  T = tokens.shape[1]
+
+  def body(carry, inputs):
+    h_prev, shifted = carry
+    p = inputs
+    shifted = jnp.concatenate([shifted[:, 1:], jnp.zeros_like(shifted[:, :1])], axis=1)
+    e = L.rms_norm(embed(params, shifted, cfg), p["enorm"], cfg.rms_norm_eps)
+    hn = L.rms_norm(h_prev, p["hnorm"], cfg.rms_norm_eps)
+    x = L.dense(jnp.concatenate([e, hn], axis=-1), p["eh_proj"], dtype)
+    x, stats = decoder_layer(p["layer"], x, cos, sin, mask, cfg)
+    logits = head(params, L.rms_norm(x, p["norm"], cfg.rms_norm_eps), cfg)
+    return (x, shifted), (logits, stats)
+
+  assert T >= 1
+  _, (logits, stats) = jax.lax.scan(L.maybe_remat(body, cfg.remat), (h, tokens), params["mtp"])
+  aux = {}
+  if stats is not None:
+    aux = {"mtp_expert_counts": stats["counts"], "mtp_balance": stats["balance"].sum()}
+  return logits, aux
+
+
+def forward_with_aux(params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=None,
+                     mtp: bool = False):
+  x, aux, ctx = forward_hidden(params, tokens, cfg, segment_ids=segment_ids, positions=positions)
+  logits = head(params, L.rms_norm(x, params["final_norm"], cfg.rms_norm_eps), cfg)
+  if mtp and "mtp" in params:
+    aux["mtp_logits"], mtp_aux = mtp_logits(params, tokens, x, ctx, cfg)
+    aux.update(mtp_aux)
+  return logits, aux

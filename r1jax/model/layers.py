@@ -1,0 +1,146 @@
+"""Building blocks shared by the MoE and dense models: norms, RoPE/YaRN, attention core, MLP.
+
+Shapes: B batch, T query length, S key length, H heads, K kv heads, D model width, d head width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from r1jax.config import ModelConfig, yarn_mscale
+
+NEG_INF = -1e30  # finite, so a fully masked row (padding) gives a uniform softmax, not NaN
+
+
+def rms_norm(x, w, eps: float):
+  """RMSNorm in fp32, cast back, then scaled (HF order: weight * x.to(input_dtype))."""
+  xf = x.astype(jnp.float32)
+  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return w.astype(x.dtype) * y.astype(x.dtype)
+
+
+def dense(x, w, dtype):
+  """x[..., in] @ w[in, ...] in the compute dtype with fp32 accumulation."""
+  return jnp.tensordot(x.astype(dtype), w.astype(dtype), axes=1,
+                       preferred_element_type=jnp.float32).astype(dtype)
+
+
+def swiglu_mlp(p, x, dtype):
+  h = jax.nn.silu(dense(x, p["gate"], dtype)) * dense(x, p["up"], dtype)
+  return dense(h, p["down"], dtype)
+
+
+# ------------------------------------------------------------------ rope
+def rope_dim(cfg: ModelConfig) -> int:
+  return cfg.qk_rope_head_dim if cfg.is_moe else cfg.dense_head_dim
+
+
+def rope_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
+  """Inverse frequencies [dim/2] and the cos/sin scale (YaRN attention factor)."""
+  dim, base = rope_dim(cfg), cfg.rope_theta
+  pos_freqs = base ** (np.arange(0, dim, 2, dtype=np.float32) / dim)
+  inv_extra = 1.0 / pos_freqs
+  if cfg.rope_type != "yarn":
+    return inv_extra.astype(np.float32), 1.0
+  factor = cfg.rope_factor
+  inv_inter = 1.0 / (factor * pos_freqs)
+
+  def correction_dim(rotations):
+    return (dim * math.log(cfg.original_max_position_embeddings / (rotations * 2 * math.pi))
+            / (2 * math.log(base)))
+
+  low = max(math.floor(correction_dim(cfg.beta_fast)), 0)
+  high = min(math.ceil(correction_dim(cfg.beta_slow)), dim - 1)
+  if low == high:
+    high += 0.001
+  ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+  extra_weight = 1 - ramp  # high-frequency dims keep their original frequency
+  inv = inv_inter * (1 - extra_weight) + inv_extra * extra_weight
+  if cfg.mscale and cfg.mscale_all_dim:
+    attn_factor = yarn_mscale(factor, cfg.mscale) / yarn_mscale(factor, cfg.mscale_all_dim)
+  else:
+    attn_factor = yarn_mscale(factor, 1.0)
+  return inv.astype(np.float32), float(attn_factor)
+
+
+def softmax_scale(cfg: ModelConfig) -> float:
+  if not cfg.is_moe:
+    return cfg.dense_head_dim ** -0.5
+  scale = cfg.qk_head_dim ** -0.5
+  if cfg.rope_type == "yarn" and cfg.mscale_all_dim:
+    scale *= yarn_mscale(cfg.rope_factor, cfg.mscale_all_dim) ** 2
+  return scale
+
+
+def rope_cos_sin(cfg: ModelConfig, positions):
+  """cos, sin [B, T, dim/2] in fp32 for int positions [B, T]."""
+  inv, attn_factor = rope_inv_freq(cfg)
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv)
+  return jnp.cos(freqs) * attn_factor, jnp.sin(freqs) * attn_factor
+
+
+def apply_rope(x, cos, sin, interleave: bool):
+  """Rotate x [B, T, H, dim] by cos/sin [B, T, dim/2].
+
+  Interleaved (DeepSeek): pairs (x0, x1), (x2, x3), ... share a frequency. Non-interleaved
+  (rotate-half): x_i pairs with x_{i+dim/2}. Output is laid out [rotated firsts | rotated
+  seconds] in both cases; q and k get the same layout, so q.k is unchanged.
+  """
+  if interleave:
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+  else:
+    x1, x2 = jnp.split(x, 2, axis=-1)
+  c, s = cos[:, :, None, :], sin[:, :, None, :]
+  x1f, x2f = x1.astype(jnp.float32), x2.astype(jnp.float32)
+  out = jnp.concatenate([x1f * c - x2f * s, x2f * c + x1f * s], axis=-1)
+  return out.astype(x.dtype)
+
+
+# ------------------------------------------------------------- attention
+def attention_mask(segment_ids_q, segment_ids_k, positions_q, positions_k):
+  """Causal + same-segment mask [B, 1, T, S] from segment ids and positions."""
+  causal = positions_k[:, None, :] <= positions_q[:, :, None]
+  same = segment_ids_k[:, None, :] == segment_ids_q[:, :, None]
+  return (causal & same)[:, None]
+
+
+def attend(q, k, v, mask, scale: float):
+  """Softmax attention. q [B,T,H,d], k [B,S,K,d], v [B,S,K,e] with H a multiple of K (GQA);
+  mask bool [B,1,T,S]. Scores and softmax in fp32. Returns [B,T,H,e]."""
+  B, T, H, _ = q.shape
+  K = k.shape[2]
+  qg = q.reshape(B, T, K, H // K, q.shape[-1])
+  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+  scores = jnp.where(mask[:, :, None], scores, NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bske->btkge", probs, v, preferred_element_type=jnp.float32)
+  return out.reshape(B, T, H, v.shape[-1]).astype(v.dtype)
+
+
+def default_positions(tokens, segment_ids):
+  """Positions restart at 0 at every segment start (packed sequences)."""
+  B, T = tokens.shape
+  if segment_ids is None:
+    return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  idx = jnp.arange(T, dtype=jnp.int32)
+  starts = jnp.concatenate([jnp.ones((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+                           axis=1)
+  start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+  return idx - start_idx
+
+
+REMAT_POLICIES = {
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": None,
+}
+
+
+def maybe_remat(fn, policy: str):
+  if policy == "none":
+    return fn
+  return jax.checkpoint(fn, policy=REMAT_POLICIES[policy])

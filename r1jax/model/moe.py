@@ -1,0 +1,174 @@
+"""DeepSeekMoE: router (sigmoid + correction bias + group-limited top-k) and expert compute.
+
+Expert compute paths (`cfg.moe_impl`), all dropless unless `cfg.capacity_factor` is set:
+- "ragged_dot": sort assignments by expert, grouped matmul with `jax.lax.ragged_dot`
+  (the fast path on GPU/TPU);
+- "pallas": the same with the Pallas grouped matmul (`pallas_kernels.gmm`);
+- "capacity": sort + per-expert buffers [E, C, D] + batched einsum (the fast path on CPU, where
+  XLA expands ragged_dot densely); C = ceil(N*k/E * capacity_factor), or N (dropless) if None;
+- "dense": every expert on every token, weighted by the (mostly zero) combine matrix; a
+  reference for tests, never fast.
+Shapes: N tokens, D width, E experts, k experts per token, I expert width, C capacity.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from r1jax.config import ModelConfig
+from r1jax.model import layers as L
+
+
+def route(logits_NE, bias_E, cfg: ModelConfig):
+  """Top-k routing. Returns weights [N,k] fp32, expert ids [N,k] int32, scores [N,E] fp32."""
+  N, E = logits_NE.shape
+  G = cfg.n_group
+  if cfg.scoring_func == "sigmoid":
+    scores = jax.nn.sigmoid(logits_NE)
+  else:
+    scores = jax.nn.softmax(logits_NE, axis=-1)
+  # the correction bias steers selection only; gate weights come from the unbiased scores
+  choice = scores + jax.lax.stop_gradient(bias_E) if cfg.topk_method == "noaux_tc" else scores
+  if G > 1:
+    grouped = choice.reshape(N, G, E // G)
+    if cfg.topk_method == "noaux_tc":
+      group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)
+    else:
+      group_score = grouped.max(-1)
+    _, keep = jax.lax.top_k(group_score, cfg.topk_group)
+    group_mask = jnp.zeros((N, G), bool).at[jnp.arange(N)[:, None], keep].set(True)
+    choice = jnp.where(jnp.repeat(group_mask, E // G, axis=1), choice, -jnp.inf)
+  _, ids = jax.lax.top_k(choice, cfg.num_experts_per_tok)
+  weights = jnp.take_along_axis(scores, ids, axis=1)
+  if cfg.norm_topk_prob:
+    weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+  return weights * cfg.routed_scaling_factor, ids.astype(jnp.int32), scores
+
+
+def _expert_ffn_sorted(p, xs, group_sizes, dtype, matmul):
+  h = jax.nn.silu(matmul(xs, p["gate"].astype(dtype), group_sizes)) * \
+      matmul(xs, p["up"].astype(dtype), group_sizes)
+  return matmul(h, p["down"].astype(dtype), group_sizes)
+
+
+def _ragged_dot(x, w, group_sizes):
+  return jax.lax.ragged_dot(x, w, group_sizes,
+                            preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _pallas_gmm(x, w, group_sizes):
+  from pallas_kernels import gmm
+  return gmm.gmm(x, w, group_sizes).astype(x.dtype)
+
+
+def _sort_assignments(ids_Nk, E):
+  """Stable sort of the N*k assignments by expert: (order, token index, group sizes)."""
+  flat = ids_Nk.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+  return order, order // ids_Nk.shape[1], group_sizes
+
+
+def experts_grouped(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig, matmul):
+  dtype = cfg.jnp_dtype
+  N, D = x_ND.shape
+  order, token, group_sizes = _sort_assignments(ids_Nk, cfg.n_routed_experts)
+  y = _expert_ffn_sorted(p, x_ND[token].astype(dtype), group_sizes, dtype, matmul)
+  y = y.astype(jnp.float32) * weights_Nk.reshape(-1)[order][:, None]
+  return jnp.zeros((N, D), jnp.float32).at[token].add(y), jnp.zeros((), jnp.float32)
+
+
+def capacity(cfg: ModelConfig, num_tokens: int) -> int:
+  if cfg.capacity_factor is None:
+    return num_tokens  # an expert receives a token at most once: never drops
+  per_expert = num_tokens * cfg.num_experts_per_tok / cfg.n_routed_experts
+  return min(num_tokens, max(1, math.ceil(per_expert * cfg.capacity_factor)))
+
+
+def experts_capacity(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig):
+  dtype = cfg.jnp_dtype
+  N, D = x_ND.shape
+  E = cfg.n_routed_experts
+  C = capacity(cfg, N)
+  order, token, group_sizes = _sort_assignments(ids_Nk, E)
+  expert = ids_Nk.reshape(-1)[order]
+  starts = jnp.cumsum(group_sizes) - group_sizes
+  rank = jnp.arange(order.shape[0]) - starts[expert]  # slot within the expert's buffer
+  buf = jnp.zeros((E, C, D), dtype).at[expert, rank].set(x_ND[token].astype(dtype), mode="drop")
+  h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buf, p["gate"].astype(dtype))) * \
+      jnp.einsum("ecd,edf->ecf", buf, p["up"].astype(dtype))
+  out = jnp.einsum("ecf,efd->ecd", h, p["down"].astype(dtype),
+                   preferred_element_type=jnp.float32)
+  y = out.at[expert, rank].get(mode="fill", fill_value=0)  # dropped slots read zeros
+  y = y * weights_Nk.reshape(-1)[order][:, None]
+  dropped = jnp.sum(rank >= C).astype(jnp.float32)
+  return jnp.zeros((N, D), jnp.float32).at[token].add(y), dropped
+
+
+def experts_dense(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig):
+  dtype = cfg.jnp_dtype
+  N = x_ND.shape[0]
+  combine = jnp.zeros((N, cfg.n_routed_experts), jnp.float32)
+  combine = combine.at[jnp.arange(N)[:, None], ids_Nk].add(weights_Nk)
+  x = x_ND.astype(dtype)
+  h = jax.nn.silu(jnp.einsum("nd,edf->enf", x, p["gate"].astype(dtype))) * \
+      jnp.einsum("nd,edf->enf", x, p["up"].astype(dtype))
+  y = jnp.einsum("enf,efd->end", h, p["down"].astype(dtype), preferred_element_type=jnp.float32)
+  return jnp.einsum("end,ne->nd", y, combine), jnp.zeros((), jnp.float32)
+
+
+def routed_experts(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig):
+  """Weighted sum of each token's k experts, [N, D] fp32, and the number of dropped
+  assignments."""
+  if cfg.moe_impl == "ragged_dot":
+    return experts_grouped(p, x_ND, weights_Nk, ids_Nk, cfg, _ragged_dot)
+  if cfg.moe_impl == "pallas":
+    return experts_grouped(p, x_ND, weights_Nk, ids_Nk, cfg, _pallas_gmm)
+  if cfg.moe_impl == "capacity":
+    return experts_capacity(p, x_ND, weights_Nk, ids_Nk, cfg)
+  return experts_dense(p, x_ND, weights_Nk, ids_Nk, cfg)
+
+
+def sequence_balance(scores_BTE, ids_BTk, cfg: ModelConfig):
+  """DeepSeek-V3 sequence-wise balance statistic sum_i f_i * P_i, averaged over sequences.
+
+  f_i = E / (k T) * (assignments to expert i in the sequence), P_i = mean over the sequence's
+  tokens of the normalized affinity s_i / sum_j s_j. Multiply by alpha for the loss.
+  """
+  B, T, E = scores_BTE.shape
+  k = cfg.num_experts_per_tok
+  counts = jax.nn.one_hot(ids_BTk, E, dtype=jnp.float32).sum(axis=(1, 2))  # [B, E]
+  f = jax.lax.stop_gradient(counts) * E / (k * T)
+  P = (scores_BTE / scores_BTE.sum(-1, keepdims=True)).mean(axis=1)
+  return (f * P).sum(-1).mean()
+
+
+def moe_block(p, x_BTD, cfg: ModelConfig):
+  """Routed + shared experts. Returns [B, T, D] and stats {counts [E], balance, dropped}."""
+  dtype = cfg.jnp_dtype
+  B, T, D = x_BTD.shape
+  x = x_BTD.reshape(B * T, D)
+  logits = jnp.dot(x.astype(jnp.float32), p["router"].astype(jnp.float32))
+  if cfg.router_impl == "pallas":
+    from pallas_kernels import routing
+    weights, ids = routing.route(
+        logits, p["router_bias"], top_k=cfg.num_experts_per_tok, n_group=cfg.n_group,
+        topk_group=cfg.topk_group, scoring_func=cfg.scoring_func,
+        norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor)[:2]
+    scores = (jax.nn.sigmoid(logits) if cfg.scoring_func == "sigmoid"
+              else jax.nn.softmax(logits, -1))
+  else:
+    weights, ids, scores = route(logits, p["router_bias"], cfg)
+  y, dropped = routed_experts(p, x, weights, ids, cfg)
+  y = y.astype(dtype).reshape(B, T, D)
+  if "shared" in p:
+    y = y + L.swiglu_mlp(p["shared"], x_BTD, dtype)
+  stats = {"counts": jnp.bincount(ids.reshape(-1), length=cfg.n_routed_experts
+                                  ).astype(jnp.float32),
+           "balance": sequence_balance(scores.reshape(B, T, -1),
+                                       ids.reshape(B, T, -1), cfg),
+           "dropped": dropped}
+  return y, stats

@@ -1,0 +1,190 @@
+"""One declaration of every parameter: shape, dtype, logical axes and initializer.
+
+`declare(cfg)` returns a pytree of `ParamSpec` leaves; initialization (`init`), abstract shapes
+(`abstract`) and logical axes (`logical_axes`, mapped to mesh axes by `r1jax.parallel`) all derive
+from it. Weights are stored [in, out] (HF stores [out, in]); attention projections keep the head
+axis separate so it can be sharded.
+
+DeepSeek tree:            Dense (Qwen2/Llama) tree:
+  embed       [V, D]        embed [V, D]
+  dense_layers{...} [Ld,…]  layers{attn_norm, attn{q,k,v,(q_bias,k_bias,v_bias),o}, mlp_norm, mlp}
+  moe_layers{...}   [Lm,…]  final_norm [D]
+  final_norm  [D]           lm_head [D, V]   (absent when tie_word_embeddings)
+  lm_head     [D, V]
+  mtp{enorm, hnorm, eh_proj [2D, D], layer{...}, norm} stacked over num_nextn_predict_layers
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from r1jax.config import ModelConfig
+
+INIT_STD = 0.02  # HF initializer_range
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+  shape: tuple[int, ...]
+  axes: tuple[str | None, ...]  # logical axis names, one per dim
+  init: str = "normal"  # "normal" | "ones" | "zeros"
+  dtype: Any = None  # None = cfg.param_dtype
+
+  def __post_init__(self):
+    assert len(self.shape) == len(self.axes), (self.shape, self.axes)
+
+
+def _is_spec(x) -> bool:
+  return isinstance(x, ParamSpec)
+
+
+def _stack(tree, n: int, axis_name: str = "layers"):
+  return jax.tree.map(lambda s: dataclasses.replace(s, shape=(n, *s.shape),
+                                                    axes=(axis_name, *s.axes)),
+                      tree, is_leaf=_is_spec)
+
+
+def _norm(d: int) -> ParamSpec:
+  return ParamSpec((d,), ("norm",), "ones")
+
+
+def _mlp(cfg: ModelConfig, width: int) -> dict:
+  D = cfg.hidden_size
+  return {"gate": ParamSpec((D, width), ("embed", "mlp")),
+          "up": ParamSpec((D, width), ("embed", "mlp")),
+          "down": ParamSpec((width, D), ("mlp", "embed"))}
+
+
+def _mla(cfg: ModelConfig) -> dict:
+  D, H = cfg.hidden_size, cfg.num_attention_heads
+  p = {}
+  if cfg.q_lora_rank:
+    p["q_a"] = ParamSpec((D, cfg.q_lora_rank), ("embed", "q_lora"))
+    p["q_norm"] = ParamSpec((cfg.q_lora_rank,), ("norm",), "ones")
+    p["q_b"] = ParamSpec((cfg.q_lora_rank, H, cfg.qk_head_dim), ("q_lora", "heads", "head_dim"))
+  else:
+    p["q"] = ParamSpec((D, H, cfg.qk_head_dim), ("embed", "heads", "head_dim"))
+  p["kv_a"] = ParamSpec((D, cfg.kv_lora_rank + cfg.qk_rope_head_dim), ("embed", "kv_lora"))
+  p["kv_norm"] = ParamSpec((cfg.kv_lora_rank,), ("norm",), "ones")
+  p["kv_b"] = ParamSpec((cfg.kv_lora_rank, H, cfg.qk_nope_head_dim + cfg.v_head_dim),
+                        ("kv_lora", "heads", "head_dim"))
+  p["o"] = ParamSpec((H, cfg.v_head_dim, D), ("heads", "head_dim", "embed"))
+  return p
+
+
+def _moe(cfg: ModelConfig) -> dict:
+  D, E, I = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
+  p = {
+      # router weight and correction bias stay fp32 whatever param_dtype is (recipe + HF)
+      "router": ParamSpec((D, E), ("embed", None), dtype=jnp.float32),
+      "router_bias": ParamSpec((E,), (None,), "zeros", dtype=jnp.float32),
+      "gate": ParamSpec((E, D, I), ("exp", "embed", "moe_mlp")),
+      "up": ParamSpec((E, D, I), ("exp", "embed", "moe_mlp")),
+      "down": ParamSpec((E, I, D), ("exp", "moe_mlp", "embed")),
+  }
+  if cfg.n_shared_experts:
+    p["shared"] = _mlp(cfg, cfg.n_shared_experts * cfg.moe_intermediate_size)
+  return p
+
+
+def _deepseek_layer(cfg: ModelConfig, moe: bool) -> dict:
+  D = cfg.hidden_size
+  return {"attn_norm": _norm(D), "attn": _mla(cfg), "mlp_norm": _norm(D),
+          ("moe" if moe else "mlp"): _moe(cfg) if moe else _mlp(cfg, cfg.intermediate_size)}
+
+
+def _dense_layer(cfg: ModelConfig) -> dict:
+  D, H, KV, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads, cfg.dense_head_dim
+  attn = {"q": ParamSpec((D, H, hd), ("embed", "heads", "head_dim")),
+          "k": ParamSpec((D, KV, hd), ("embed", "kv_heads", "head_dim")),
+          "v": ParamSpec((D, KV, hd), ("embed", "kv_heads", "head_dim")),
+          "o": ParamSpec((H, hd, D), ("heads", "head_dim", "embed"))}
+  if cfg.attention_bias:
+    attn["q_bias"] = ParamSpec((H, hd), ("heads", "head_dim"), "zeros")
+    attn["k_bias"] = ParamSpec((KV, hd), ("kv_heads", "head_dim"), "zeros")
+    attn["v_bias"] = ParamSpec((KV, hd), ("kv_heads", "head_dim"), "zeros")
+  return {"attn_norm": _norm(D), "attn": attn, "mlp_norm": _norm(D),
+          "mlp": _mlp(cfg, cfg.intermediate_size)}
+
+
+def mtp_layer_is_moe(cfg: ModelConfig, depth: int) -> bool:
+  """The hub stores MTP module k as layer num_hidden_layers + k; its FFN kind follows that index."""
+  return cfg.num_hidden_layers + depth >= cfg.first_k_dense_replace
+
+
+def declare(cfg: ModelConfig) -> dict:
+  """The parameter tree of `cfg` as ParamSpec leaves."""
+  D, V = cfg.hidden_size, cfg.vocab_size
+  tree: dict = {"embed": ParamSpec((V, D), ("vocab", "embed"))}
+  if cfg.is_moe:
+    if cfg.num_dense_layers:
+      tree["dense_layers"] = _stack(_deepseek_layer(cfg, False), cfg.num_dense_layers)
+    if cfg.num_moe_layers:
+      tree["moe_layers"] = _stack(_deepseek_layer(cfg, True), cfg.num_moe_layers)
+    if cfg.num_nextn_predict_layers:
+      assert all(mtp_layer_is_moe(cfg, k) == mtp_layer_is_moe(cfg, 0)
+                 for k in range(cfg.num_nextn_predict_layers)), "mixed MTP layer kinds"
+      mtp = {"enorm": _norm(D), "hnorm": _norm(D),
+             "eh_proj": ParamSpec((2 * D, D), ("mtp_in", "embed")),
+             "layer": _deepseek_layer(cfg, mtp_layer_is_moe(cfg, 0)), "norm": _norm(D)}
+      tree["mtp"] = _stack(mtp, cfg.num_nextn_predict_layers)
+  else:
+    tree["layers"] = _stack(_dense_layer(cfg), cfg.num_hidden_layers)
+  tree["final_norm"] = _norm(D)
+  if not cfg.tie_word_embeddings:
+    tree["lm_head"] = ParamSpec((D, V), ("embed", "vocab"))
+  return tree
+
+
+def _dtype(cfg: ModelConfig, spec: ParamSpec):
+  return jnp.dtype(spec.dtype) if spec.dtype is not None else cfg.jnp_param_dtype
+
+
+def abstract(cfg: ModelConfig):
+  """ShapeDtypeStructs of the parameter tree; allocates nothing."""
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, _dtype(cfg, s)), declare(cfg),
+                      is_leaf=_is_spec)
+
+
+def logical_axes(cfg: ModelConfig):
+  """The logical axis names of every parameter, as a pytree of tuples."""
+  return jax.tree.map(lambda s: s.axes, declare(cfg), is_leaf=_is_spec)
+
+
+def init(cfg: ModelConfig, rng: jax.Array):
+  """Random parameters (normal(0.02) matrices, unit norms, zero biases), one key per leaf path."""
+  specs = declare(cfg)
+  leaves, treedef = jax.tree.flatten_with_path(specs, is_leaf=_is_spec)
+
+  def make(path, spec: ParamSpec):
+    dtype = _dtype(cfg, spec)
+    if spec.init == "ones":
+      return jnp.ones(spec.shape, dtype)
+    if spec.init == "zeros":
+      return jnp.zeros(spec.shape, dtype)
+    key = jax.random.fold_in(rng, _path_hash(path))
+    return (INIT_STD * jax.random.normal(key, spec.shape, jnp.float32)).astype(dtype)
+
+  return jax.tree.unflatten(treedef, [make(p, s) for p, s in leaves])
+
+
+def _path_hash(path) -> int:
+  """A stable 31-bit id of a tree path, so each leaf's init is independent of tree order."""
+  name = jax.tree_util.keystr(path).encode()
+  h = 2166136261
+  for b in name:
+    h = ((h ^ b) * 16777619) & 0xFFFFFFFF
+  return h & 0x7FFFFFFF
+
+
+def count(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def map_specs(fn: Callable[[ParamSpec], Any], cfg: ModelConfig):
+  return jax.tree.map(fn, declare(cfg), is_leaf=_is_spec)
