@@ -56,6 +56,7 @@ def _cast_fp8(x_scaled):
   return jnp.clip(x_scaled, -C.FP8_MAX, C.FP8_MAX).astype(C.FP8_DTYPE)
 
 
+@functools.partial(jax.jit, static_argnames=("pow2_scale",))
 def quantize_activations(x: jax.Array, *, pow2_scale: bool = False):
   """x [..., K] -> (e4m3 [..., K], fp32 scales [..., ceil(K/128)]): one scale per 1x128 tile."""
   k = x.shape[-1]
@@ -67,6 +68,7 @@ def quantize_activations(x: jax.Array, *, pow2_scale: bool = False):
   return xq[..., :k], scale
 
 
+@functools.partial(jax.jit, static_argnames=("pow2_scale",))
 def quantize_weights(w: jax.Array, *, pow2_scale: bool = False):
   """w [..., K, N] -> (e4m3 [..., K, N], fp32 scales [..., ceil(K/128), ceil(N/128)])."""
   *batch, k, n = w.shape
@@ -110,6 +112,7 @@ def _check_operands(xq, xs, wq, ws):
                      f"x {xq.shape} / w {wq.shape}")
 
 
+@functools.partial(jax.jit, static_argnames=("out_dtype", "block_sizes", "interpret"))
 def matmul(xq, xs, wq, ws, *, out_dtype=jnp.bfloat16, block_sizes: BlockSizes | None = None,
            interpret: bool | None = None):
   """FP8 GEMM: xq [..., K] e4m3 with xs [..., Kb]; wq [K, N] e4m3 with ws [Kb, Nb] (128x128
@@ -138,6 +141,7 @@ def dequantize_weights_by_column(wq, ws_KN):
   return wq.astype(jnp.float32) * jnp.repeat(ws_KN, C.QUANT_TILE, axis=0)[:wq.shape[0]]
 
 
+@functools.partial(jax.jit, static_argnames=("out_dtype",))
 def matmul_reference(xq, xs, wq, ws, *, out_dtype=jnp.bfloat16):
   """Plain-jnp oracle for `matmul`: dequantize to fp32 and multiply at full precision."""
   _check_operands(xq, xs, wq, ws)
@@ -187,6 +191,7 @@ _linear_kernel = _make_linear(matmul)
 _linear_reference = _make_linear(matmul_reference)
 
 
+@functools.partial(jax.jit, static_argnames=("pow2_scale", "block_sizes", "interpret"))
 def linear(x, w, *, pow2_scale: bool = False, block_sizes: BlockSizes | None = None,
            interpret: bool | None = None):
   """x [..., K] @ w [K, N] -> [..., N] in x.dtype, quantizing on the fly; differentiable.
@@ -198,6 +203,7 @@ def linear(x, w, *, pow2_scale: bool = False, block_sizes: BlockSizes | None = N
   return _linear_kernel(x, w, (pow2_scale, gemm_kwargs))
 
 
+@functools.partial(jax.jit, static_argnames=("pow2_scale",))
 def linear_reference(x, w, *, pow2_scale: bool = False):
   """`linear` with `matmul_reference` in place of the kernel (same recipe, same gradients)."""
   return _linear_reference(x, w, (pow2_scale, ()))

@@ -113,6 +113,8 @@ def _gmm_bwd(static, res, dout):
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
+@functools.partial(jax.jit, static_argnames=(
+    "preferred_element_type", "fp8", "pow2_scale", "block_sizes", "interpret"))
 def gmm(lhs, rhs, group_sizes, *, preferred_element_type=None, fp8: bool = False,
         pow2_scale: bool = False, block_sizes: BlockSizes | None = None,
         interpret: bool | None = None):
@@ -127,6 +129,7 @@ def gmm(lhs, rhs, group_sizes, *, preferred_element_type=None, fp8: bool = False
   return _gmm(lhs, rhs, group_sizes.astype(jnp.int32), static)
 
 
+@functools.partial(jax.jit, static_argnames=("out_dtype", "block_sizes", "interpret"))
 def gmm_fp8(lhs_q, lhs_scale, rhs_q, rhs_scale, group_sizes, *, out_dtype=jnp.bfloat16,
             block_sizes: BlockSizes | None = None, interpret: bool | None = None):
   """Pre-quantized FP8 gmm (not differentiable).
@@ -144,6 +147,7 @@ def gmm_fp8(lhs_q, lhs_scale, rhs_q, rhs_scale, group_sizes, *, out_dtype=jnp.bf
                      block_sizes or BlockSizes.default(), C.resolve_interpret(interpret))
 
 
+@functools.partial(jax.jit, static_argnames=("preferred_element_type", "block_sizes", "interpret"))
 def tgmm(lhs, dout, group_sizes, *, preferred_element_type=None,
          block_sizes: BlockSizes | None = None, interpret: bool | None = None):
   """lhs [M, K], dout [M, N] (rows sorted by group), group_sizes [G] -> [G, K, N]."""
@@ -159,6 +163,7 @@ def tgmm(lhs, dout, group_sizes, *, preferred_element_type=None,
                                             interpret=interpret)
 
 
+@functools.partial(jax.jit, static_argnames=("preferred_element_type",))
 def gmm_reference(lhs, rhs, group_sizes, *, preferred_element_type=None):
   """Plain-XLA oracle: jax.lax.ragged_dot at full precision."""
   out = jax.lax.ragged_dot(lhs, rhs, group_sizes, precision=jax.lax.Precision.HIGHEST,
@@ -166,6 +171,7 @@ def gmm_reference(lhs, rhs, group_sizes, *, preferred_element_type=None):
   return out.astype(preferred_element_type or lhs.dtype)
 
 
+@jax.jit
 def tgmm_reference(lhs, dout, group_sizes):
   """Oracle for tgmm: a one-hot group mask over rows, then a batched contraction. fp32 out."""
   ends = jnp.cumsum(group_sizes)
@@ -175,6 +181,7 @@ def tgmm_reference(lhs, dout, group_sizes):
                     dout.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
 
 
+@functools.partial(jax.jit, static_argnames=("out_dtype",))
 def gmm_fp8_reference(lhs_q, lhs_scale, rhs_q, rhs_scale, group_sizes, *,
                       out_dtype=jnp.bfloat16):
   """Oracle for gmm_fp8: dequantize to fp32, then gmm_reference."""

@@ -56,6 +56,9 @@ def _check(logits, bias, top_k, n_group, topk_group, scoring_func):
     raise ValueError(f"n_group={n_group} must divide the {num_experts} experts")
   if not 1 <= topk_group <= n_group:
     raise ValueError(f"topk_group={topk_group} must be in [1, n_group={n_group}]")
+  if scoring_func == "sigmoid" and num_experts // n_group < 2:
+    raise ValueError("sigmoid routing scores groups by their top-2 experts: need >= 2 experts "
+                     f"per group, got {num_experts} experts in {n_group} groups")
   if not 1 <= top_k <= topk_group * (num_experts // n_group):
     raise ValueError(f"top_k={top_k} exceeds the experts of {topk_group} groups")
 

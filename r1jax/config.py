@@ -16,8 +16,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from r1jax.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A user-facing configuration error (the launcher reports it as one line, exit code 2)."""
 
 
@@ -84,6 +86,7 @@ class ModelConfig:
   moe_impl: str = "ragged_dot"
   capacity_factor: float | None = None  # None = dropless
   router_impl: str = "jnp"
+  expert_dispatch: str = "allgather"  # on a mesh: "allgather" or "all_to_all" (r1jax.parallel)
   fp8: bool = False
   remat: str = "none"
   attn_chunk: int | None = None  # reserved for chunked attention; None = full
@@ -173,9 +176,13 @@ class ModelConfig:
       need(self.num_experts_per_tok <= self.topk_group * (E // self.n_group),
            f"num_experts_per_tok={self.num_experts_per_tok} exceeds the experts in topk_group="
            f"{self.topk_group} groups of {E // self.n_group}")
+      need(self.topk_method in ("noaux_tc", "greedy", "group_limited_greedy"),
+           f"topk_method={self.topk_method!r} must be noaux_tc, greedy or group_limited_greedy")
       need(self.scoring_func in ("sigmoid", "softmax"),
            f"scoring_func={self.scoring_func!r} must be 'sigmoid' or 'softmax'")
       need(self.moe_impl in MOE_IMPLS, f"moe_impl={self.moe_impl!r} is not one of {MOE_IMPLS}")
+      need(self.expert_dispatch in ("allgather", "all_to_all"),
+           f"expert_dispatch={self.expert_dispatch!r} must be 'allgather' or 'all_to_all'")
       need(self.router_impl in ROUTER_IMPLS,
            f"router_impl={self.router_impl!r} is not one of {ROUTER_IMPLS}")
       need(self.capacity_factor is None or self.capacity_factor > 0,
@@ -210,7 +217,9 @@ class ModelConfig:
                  first_k_dense_replace=0, num_nextn_predict_layers=0, rope_type="default",
                  rope_interleave=False, attention_bias=model_type == "qwen2",
                  rope_theta=1e6 if model_type == "qwen2" else 1e4)
-    return cls(model_type=model_type)
+    # DeepSeek-V2 has no MTP module (its config.json has no num_nextn_predict_layers field)
+    return cls(model_type=model_type,
+               num_nextn_predict_layers=0 if model_type == "deepseek_v2" else 1)
 
   @classmethod
   def from_hf(cls, hf: Mapping[str, Any], **overrides) -> "ModelConfig":
@@ -317,3 +326,11 @@ class ModelConfig:
 def yarn_mscale(factor: float, mscale: float) -> float:
   """DeepSeek's YaRN attention temperature: 0.1 * mscale * ln(factor) + 1 for factor > 1."""
   return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def model_section(**fields):
+  """An ml_collections `model` section: every ModelConfig field, so overrides type-check."""
+  import ml_collections
+  base = ModelConfig.preset(fields.get("model_type", "deepseek_v3"))
+  d = dataclasses.asdict(dataclasses.replace(base, **fields))
+  return ml_collections.ConfigDict(d, type_safe=False)

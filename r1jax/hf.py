@@ -66,7 +66,8 @@ def _ffn_entries(cfg: ModelConfig, moe: bool):
       yield ("mlp", w), f"mlp.{w}_proj.weight", 1
     return
   yield ("moe", "router"), "mlp.gate.weight", 1
-  yield ("moe", "router_bias"), "mlp.gate.e_score_correction_bias", 0
+  if cfg.topk_method == "noaux_tc":  # V2-style routers have no correction bias
+    yield ("moe", "router_bias"), "mlp.gate.e_score_correction_bias", 0
   for w in names:
     for e in range(cfg.n_routed_experts):
       yield ("moe", w, e), f"mlp.experts.{e}.{w}_proj.weight", 1
@@ -264,6 +265,8 @@ def save(path: str, cfg: ModelConfig, params, *, max_shard_bytes: int | None = N
     t = np.asarray(_get_path(host, e.path)[e.index])
     if e.n_in:
       t = t.reshape(math.prod(t.shape[:e.n_in]), -1).T
+    elif e.key.endswith(".bias"):
+      t = t.reshape(-1)  # HF biases are flat; ours keep the head axis ([H, d])
     tensors[e.key] = np.ascontiguousarray(t)
   shards, cur, size = [], {}, 0
   for k, t in tensors.items():

@@ -75,13 +75,16 @@ def _sort_assignments(ids_Nk, E):
 def experts_grouped(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig, matmul):
   dtype = cfg.jnp_dtype
   N, D = x_ND.shape
-  order, token, group_sizes = _sort_assignments(ids_Nk, cfg.n_routed_experts)
+  # ids >= E (experts owned by other devices) sort last and fall outside every group:
+  # ragged_dot gives zeros for those rows
+  order, token, group_sizes = _sort_assignments(ids_Nk, p["gate"].shape[0])
   y = _expert_ffn_sorted(p, x_ND[token].astype(dtype), group_sizes, dtype, matmul)
   y = y.astype(jnp.float32) * weights_Nk.reshape(-1)[order][:, None]
   return jnp.zeros((N, D), jnp.float32).at[token].add(y), jnp.zeros((), jnp.float32)
 
 
 def capacity(cfg: ModelConfig, num_tokens: int) -> int:
+  """Buffer slots per expert for `num_tokens` tokens routed over all n_routed_experts."""
   if cfg.capacity_factor is None:
     return num_tokens  # an expert receives a token at most once: never drops
   per_expert = num_tokens * cfg.num_experts_per_tok / cfg.n_routed_experts
@@ -91,7 +94,7 @@ def capacity(cfg: ModelConfig, num_tokens: int) -> int:
 def experts_capacity(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig):
   dtype = cfg.jnp_dtype
   N, D = x_ND.shape
-  E = cfg.n_routed_experts
+  E = p["gate"].shape[0]  # local experts; ids >= E belong to other devices
   C = capacity(cfg, N)
   order, token, group_sizes = _sort_assignments(ids_Nk, E)
   expert = ids_Nk.reshape(-1)[order]
@@ -104,15 +107,15 @@ def experts_capacity(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig):
                    preferred_element_type=jnp.float32)
   y = out.at[expert, rank].get(mode="fill", fill_value=0)  # dropped slots read zeros
   y = y * weights_Nk.reshape(-1)[order][:, None]
-  dropped = jnp.sum(rank >= C).astype(jnp.float32)
+  dropped = jnp.sum((rank >= C) & (expert < E)).astype(jnp.float32)
   return jnp.zeros((N, D), jnp.float32).at[token].add(y), dropped
 
 
 def experts_dense(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig):
   dtype = cfg.jnp_dtype
   N = x_ND.shape[0]
-  combine = jnp.zeros((N, cfg.n_routed_experts), jnp.float32)
-  combine = combine.at[jnp.arange(N)[:, None], ids_Nk].add(weights_Nk)
+  combine = jnp.zeros((N, p["gate"].shape[0]), jnp.float32)
+  combine = combine.at[jnp.arange(N)[:, None], ids_Nk].add(weights_Nk, mode="drop")
   x = x_ND.astype(dtype)
   h = jax.nn.silu(jnp.einsum("nd,edf->enf", x, p["gate"].astype(dtype))) * \
       jnp.einsum("nd,edf->enf", x, p["up"].astype(dtype))
@@ -122,7 +125,7 @@ def experts_dense(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig):
 
 def routed_experts(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig):
   """Weighted sum of each token's k experts, [N, D] fp32, and the number of dropped
-  assignments."""
+  assignments. `p` holds the experts [E_local, ...]; ids >= E_local contribute nothing."""
   if cfg.moe_impl == "ragged_dot":
     return experts_grouped(p, x_ND, weights_Nk, ids_Nk, cfg, _ragged_dot)
   if cfg.moe_impl == "pallas":
@@ -162,7 +165,12 @@ def moe_block(p, x_BTD, cfg: ModelConfig):
               else jax.nn.softmax(logits, -1))
   else:
     weights, ids, scores = route(logits, p["router_bias"], cfg)
-  y, dropped = routed_experts(p, x, weights, ids, cfg)
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.size > 1:
+    from r1jax.parallel import expert
+    y, dropped = expert.dispatch(p, x, weights, ids, cfg, mesh)
+  else:
+    y, dropped = routed_experts(p, x, weights, ids, cfg)
   y = y.astype(dtype).reshape(B, T, D)
   if "shared" in p:
     y = y + L.swiglu_mlp(p["shared"], x_BTD, dtype)

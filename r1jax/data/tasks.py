@@ -1,0 +1,152 @@
+"""Procedural tasks: built-in arithmetic with a chain-of-thought trace, and reasoning-gym.
+
+A task record is a dict: `question` (str), `reasoning` (str, or None where only the answer is
+known), `answer` (str), `difficulty` (int), plus task-specific fields.
+
+Arithmetic trace: one column per digit, least significant first, each written as a small sum,
+e.g. 47+385 -> "7+5=12;4+8+1=13;3+1=4", answer "432" (the carry is the tens digit of the column
+sum); 385-47 -> "15-7=8;8-4-1=3;3=3", answer "338". Subtraction keeps results non-negative by
+putting the larger operand first.
+
+The honest control of the R1 recipe needs problems that the cold-start traces never cover:
+`arithmetic_splits` draws "covered" problems (operands of `covered_digits`) and "uncovered" ones
+(operands of `uncovered_digits`); SFT traces exist only for covered problems, RL prompts carry
+answers only, and the held-out evaluation holds both buckets. No question is in two splits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from r1jax.errors import DataError
+
+
+def _digits(x: int) -> list[int]:
+  return [int(c) for c in reversed(str(x))]
+
+
+def add_trace(a: int, b: int) -> str:
+  """Column sums of a + b, least significant digit first."""
+  da, db = _digits(a), _digits(b)
+  steps, carry = [], 0
+  for i in range(max(len(da), len(db))):
+    terms = [d[i] for d in (da, db) if i < len(d)] + ([carry] if carry else [])
+    total = sum(terms)
+    steps.append("+".join(map(str, terms)) + f"={total}")
+    carry = total // 10
+  return ";".join(steps)
+
+
+def sub_trace(a: int, b: int) -> str:
+  """Column differences of a - b (a >= b), least significant digit first, borrowing as '1x'."""
+  assert a >= b, (a, b)
+  da, db = _digits(a), _digits(b)
+  steps, borrow = [], 0
+  for i, x in enumerate(da):
+    y = db[i] if i < len(db) else None
+    value = x - (y or 0) - borrow
+    top = x + 10 if value < 0 else x
+    expr = str(top) + (f"-{y}" if y is not None else "") + ("-1" if borrow else "")
+    steps.append(f"{expr}={value % 10}")
+    borrow = int(value < 0)
+  return ";".join(steps)
+
+
+def _operand(rng: np.random.Generator, digits: int) -> int:
+  low = 0 if digits == 1 else 10**(digits - 1)
+  return int(rng.integers(low, 10**digits))
+
+
+def _problem(a: int, b: int, op: str) -> dict:
+  if op == "+":
+    answer, reasoning = a + b, add_trace(a, b)
+  elif op == "-":
+    a, b = max(a, b), min(a, b)
+    answer, reasoning = a - b, sub_trace(a, b)
+  else:
+    raise ValueError(f"unsupported operator {op!r}; expected '+' or '-'")
+  return dict(question=f"{a}{op}{b}", reasoning=reasoning, answer=str(answer),
+              difficulty=max(len(str(a)), len(str(b))))
+
+
+def arithmetic_records(n: int, seed: int, min_digits: int = 1, max_digits: int = 3,
+                       ops: tuple[str, ...] = ("+",), exclude=frozenset()) -> list[dict]:
+  """`n` distinct problems, each operand with a digit count uniform in [min_digits, max_digits].
+
+  Deterministic in (n, seed, min_digits, max_digits, ops, exclude); questions in `exclude` are
+  never drawn. Raises ValueError when the space cannot supply `n` distinct problems.
+  """
+  if not 1 <= min_digits <= max_digits:
+    raise ValueError(f"need 1 <= min_digits={min_digits} <= max_digits={max_digits}")
+  rng = np.random.default_rng(seed)
+  seen, records = set(exclude), []
+  max_tries = 50 * n + 1000  # Generous: rejection only bites when the space is nearly used up.
+  for _ in range(max_tries):
+    if len(records) == n:
+      break
+    op = ops[int(rng.integers(len(ops)))]
+    a = _operand(rng, int(rng.integers(min_digits, max_digits + 1)))
+    b = _operand(rng, int(rng.integers(min_digits, max_digits + 1)))
+    record = _problem(a, b, op)
+    if record["question"] not in seen:
+      seen.add(record["question"])
+      records.append(record)
+  if len(records) < n:
+    raise ValueError(f"only {len(records)} distinct problems of {min_digits}-{max_digits} digits "
+                     f"with ops {ops} could be drawn, {n} requested")
+  return records
+
+
+def arithmetic_splits(seed: int, *, n_sft: int, n_rl: int, n_eval: int,
+                      covered_digits: tuple[int, int] = (1, 2),
+                      uncovered_digits: tuple[int, int] = (3, 3), ops: tuple[str, ...] = ("+",),
+                      rl_uncovered_frac: float = 0.5) -> dict[str, list[dict]]:
+  """Disjoint splits for the R1 recipe and its control; each record gains `bucket`.
+
+  Returns {"sft": n_sft covered problems with traces,
+           "rl": n_rl problems (a `rl_uncovered_frac` share uncovered) with reasoning=None,
+           "eval": n_eval covered + n_eval uncovered problems with reasoning=None}.
+  The eval set is drawn first, so it does not change when the training sizes do.
+  """
+  buckets = {"covered": covered_digits, "uncovered": uncovered_digits}
+  taken: set[str] = set()
+
+  def draw(n, bucket, stream):
+    records = arithmetic_records(n, seed=[seed, stream], min_digits=buckets[bucket][0],
+                                 max_digits=buckets[bucket][1], ops=ops, exclude=taken)
+    taken.update(r["question"] for r in records)
+    return [dict(r, bucket=bucket) for r in records]
+
+  def answers_only(records):
+    return [dict(r, reasoning=None) for r in records]
+
+  n_rl_uncovered = round(n_rl * rl_uncovered_frac)
+  eval_ = answers_only(draw(n_eval, "covered", 0) + draw(n_eval, "uncovered", 1))
+  sft = draw(n_sft, "covered", 2)
+  rl = answers_only(draw(n_rl - n_rl_uncovered, "covered", 3) +
+                    draw(n_rl_uncovered, "uncovered", 4))
+  # Interleave covered and uncovered RL prompts so any prefix of the list mixes both.
+  order = np.random.default_rng([seed, 5]).permutation(len(rl))
+  return {"sft": sft, "rl": [rl[i] for i in order], "eval": eval_}
+
+
+def reasoning_gym_records(name: str, n: int, seed: int, **task_config) -> list[dict]:
+  """`n` problems of the reasoning-gym task `name`; answers are checked by its own verifier.
+
+  Records keep `task` and `metadata` so a reward can call
+  `reasoning_gym.get_score_answer_fn(task)(completion_answer, record)`.
+  """
+  try:
+    import reasoning_gym
+  except ImportError:
+    raise DataError("reasoning_gym is not installed: pip install reasoning-gym") from None
+  try:
+    dataset = reasoning_gym.create_dataset(name, size=n, seed=seed, **task_config)
+  except (KeyError, ValueError, TypeError) as e:
+    raise DataError(f"reasoning-gym task {name!r}: {e}") from None
+  records = []
+  for entry in dataset:
+    metadata = dict(entry.get("metadata") or {})
+    records.append(dict(question=entry["question"], reasoning=None, answer=str(entry["answer"]),
+                        difficulty=metadata.get("difficulty"), task=name, metadata=metadata))
+  return records

@@ -1,0 +1,117 @@
+"""`python -m r1jax.launch --config configs/NAME.py[:ARG] [--config.a.b=VALUE ...] [--workdir DIR]`
+
+Runs the stages of the config's R1 recipe in a run directory (see README). User errors (bad
+config, data, checkpoint, flags) print one line `error: ...` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from r1jax.errors import UserError
+
+FLAGS = flags.FlagValues()
+config_flags.DEFINE_config_file("config", None, "config file (configs/NAME.py[:ARG])",
+                                flag_values=FLAGS, lock_config=True)
+flags.DEFINE_string("workdir", None, "run directory (default runs/<config>-<timestamp>); an "
+                    "existing one is resumed", flag_values=FLAGS)
+flags.DEFINE_bool("dry_run", False, "compile the first stage's step on abstract inputs and print "
+                  "per-device memory; allocates no model", flag_values=FLAGS)
+flags.DEFINE_integer("dry_run_devices", 0, "devices of the abstract mesh for --dry_run "
+                     "(default: the mesh section's product, or the local devices)",
+                     flag_values=FLAGS)
+flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0 (multi-host)", flag_values=FLAGS)
+flags.DEFINE_integer("num_processes", None, "number of processes (multi-host)", flag_values=FLAGS)
+flags.DEFINE_integer("process_id", None, "this process's index (multi-host)", flag_values=FLAGS)
+
+
+def _fail(msg: str) -> int:
+  sys.stderr.write(f"error: {msg}\n")
+  return 2
+
+
+def _config_name(path: str) -> str:
+  return os.path.splitext(os.path.basename(path.split(":")[0]))[0]
+
+
+def _parse(argv):
+  try:
+    FLAGS(argv)
+  except flags.Error as e:
+    raise UserError(str(e).splitlines()[0]) from None
+  except (AttributeError, KeyError, TypeError, ValueError) as e:  # config_flags override errors
+    raise UserError(f"bad config override: {str(e).splitlines()[0]}") from None
+  if FLAGS.config is None:
+    raise UserError("--config is required (e.g. --config configs/r1_tiny.py)")
+  return FLAGS.config
+
+
+def main(argv=None) -> int:
+  argv = list(sys.argv if argv is None else argv)
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+  try:
+    config = _parse(argv)
+    if FLAGS.dry_run and "jax" not in sys.modules:
+      _simulate_devices(config)
+    from r1jax.parallel import distributed
+    distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+    if FLAGS.dry_run:
+      from r1jax.parallel import memory
+      print(memory.report(config, FLAGS.dry_run_devices or None))
+      return 0
+    workdir = FLAGS.workdir or os.path.join(
+        "runs", f"{_config_name(FLAGS['config'].config_filename)}-"
+        f"{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    from r1jax import pipeline
+    os.makedirs(workdir, exist_ok=True)
+    _write_config(config, workdir)
+    summary = pipeline.Pipeline(config, workdir).run()
+  except UserError as e:
+    return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+  print(json.dumps({"workdir": workdir, "stages": [
+      {"name": s["name"], "eval": s.get("eval", {}).get("accuracy")} for s in summary["stages"]]}))
+  return 0
+
+
+def _simulate_devices(config):
+  """--dry_run on a machine without the mesh's devices: simulate them with host CPU devices
+  (must happen before jax is imported)."""
+  import math
+  sizes = [int(config.mesh.get(a, 1)) for a in ("data", "fsdp", "expert", "tensor")]
+  n = FLAGS.dry_run_devices or (math.prod(sizes) if -1 not in sizes else 8)
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             f" --xla_force_host_platform_device_count={n}").strip()
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def _write_config(config, workdir: str):
+  """config.json: the resolved config. A resumed run must use the same config."""
+  import jax
+  path = os.path.join(workdir, "config.json")
+  resolved = json.loads(config.to_json_best_effort())
+  if os.path.exists(path):
+    with open(path) as f:
+      try:
+        old = json.load(f)
+      except ValueError:
+        old = None
+    if old is not None and old != resolved:
+      changed = sorted(k for k in set(old) | set(resolved) if old.get(k) != resolved.get(k))
+      raise UserError(f"{workdir} holds a run of a different config (differs in: "
+                      f"{', '.join(changed)}); use another --workdir")
+    return
+  if jax.process_index() == 0:
+    with open(path + ".tmp", "w") as f:
+      json.dump(resolved, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

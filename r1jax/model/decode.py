@@ -1,0 +1,132 @@
+"""Cache-aware forward for generation: one function serves prefill (t = prompt length) and decode
+(t = 1).
+
+    cache = decode.init_cache(cfg, batch, max_len)
+    logits, cache = decode.forward_cached(params, tokens, positions, cache, index, kv_valid, cfg)
+
+The t new tokens are written at cache slots [index, index + t) (the same for every row) and
+attend over slots [0, index + t). Rows are left-padded: slot s of a row holds a real token iff
+`kv_valid[b, s]`. Causality is by slot (a query at slot index + j sees slots <= index + j), which
+equals causality by position because positions grow with the slot inside a row's valid span.
+
+Caches are stacked per layer stack, with a leading layer dim, and scanned together with the
+layer params:
+- MLA (DeepSeek), the absorbed form: per layer the normed latent [B, S, kv_lora_rank] and the
+  rotated shared rope key k_pe [B, S, qk_rope_head_dim] (512 + 64 = 576 values per token at V3
+  size). kv_b's key half is folded into the query (q_nope @ W_k^T lives in latent space) and its
+  value half is applied after attention, so per-head keys and values are never materialized.
+- Dense GQA (Qwen2/Llama): rotated k and v [B, S, kv_heads, head_dim].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from r1jax.config import ModelConfig
+from r1jax.model import layers as L
+from r1jax.model import mla as mla_lib
+from r1jax.model import moe as moe_lib
+from r1jax.model.deepseek import embed, head
+from r1jax.model.dense import out_proj, qkv
+
+
+def _stacks(cfg: ModelConfig) -> dict[str, int]:
+  """Layer stacks of the param tree and their depths (the cache mirrors them)."""
+  if not cfg.is_moe:
+    return {"layers": cfg.num_hidden_layers}
+  stacks = {"dense_layers": cfg.num_dense_layers, "moe_layers": cfg.num_moe_layers}
+  return {k: n for k, n in stacks.items() if n}
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+  """Zeroed cache, {stack: {name: [L, B, S, ...]}}; dtype defaults to the compute dtype."""
+  dtype = jnp.dtype(dtype or cfg.jnp_dtype)
+  if cfg.is_moe:
+    per_token = {"latent": (cfg.kv_lora_rank,), "k_pe": (cfg.qk_rope_head_dim,)}
+  else:
+    per_token = {"k": (cfg.kv_heads, cfg.dense_head_dim), "v": (cfg.kv_heads, cfg.dense_head_dim)}
+  return {stack: {name: jnp.zeros((n, batch, max_len, *shape), dtype)
+                  for name, shape in per_token.items()}
+          for stack, n in _stacks(cfg).items()}
+
+
+def _write(cache_BS, new_Bt, index):
+  """Write new entries [B, t, ...] at slot `index` of a cache [B, S, ...]."""
+  start = (0, index) + (0,) * (cache_BS.ndim - 2)
+  return jax.lax.dynamic_update_slice(cache_BS, new_Bt.astype(cache_BS.dtype), start)
+
+
+def mla_cached(p, x, cos, sin, mask, c, index, cfg: ModelConfig):
+  """Absorbed MLA. x [B, t, D]; c = {latent [B, S, R], k_pe [B, S, r]}; mask [B, 1, t, S]."""
+  dtype = cfg.jnp_dtype
+  nope = cfg.qk_nope_head_dim
+  q = mla_lib.project_q(p, x, cfg, dtype)
+  q_nope, q_pe = q[..., :nope], L.apply_rope(q[..., nope:], cos, sin, cfg.rope_interleave)
+  latent, k_pe = mla_lib.project_latent(p, x, cfg, dtype)
+  k_pe = L.apply_rope(k_pe[:, :, None, :], cos, sin, cfg.rope_interleave)[:, :, 0]
+  c = {"latent": _write(c["latent"], latent, index), "k_pe": _write(c["k_pe"], k_pe, index)}
+  latent_S, k_pe_S = c["latent"].astype(dtype), c["k_pe"].astype(dtype)
+  w_k, w_v = p["kv_b"][..., :nope].astype(dtype), p["kv_b"][..., nope:].astype(dtype)  # [R, H, .]
+  q_lat = jnp.einsum("bthn,rhn->bthr", q_nope, w_k, preferred_element_type=jnp.float32)
+  scores = (jnp.einsum("bthr,bsr->bhts", q_lat.astype(dtype), latent_S,
+                       preferred_element_type=jnp.float32) +
+            jnp.einsum("bthp,bsp->bhts", q_pe, k_pe_S, preferred_element_type=jnp.float32))
+  scores = jnp.where(mask, scores * L.softmax_scale(cfg), L.NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+  out_lat = jnp.einsum("bhts,bsr->bthr", probs, latent_S, preferred_element_type=jnp.float32)
+  out = jnp.einsum("bthr,rhv->bthv", out_lat.astype(dtype), w_v,
+                   preferred_element_type=jnp.float32).astype(dtype)
+  y = jnp.einsum("bthv,hvd->btd", out, p["o"].astype(dtype), preferred_element_type=jnp.float32)
+  return y.astype(dtype), c
+
+
+def gqa_cached(p, x, cos, sin, mask, c, index, cfg: ModelConfig):
+  """Dense GQA. x [B, t, D]; c = {k, v [B, S, K, d]}; mask [B, 1, t, S]."""
+  q, k, v = qkv(p, x, cos, sin, cfg)
+  c = {"k": _write(c["k"], k, index), "v": _write(c["v"], v, index)}
+  dtype = cfg.jnp_dtype
+  out = L.attend(q, c["k"].astype(dtype), c["v"].astype(dtype), mask, L.softmax_scale(cfg))
+  return out_proj(p, out, dtype), c
+
+
+def decoder_layer_cached(p, x, cos, sin, mask, c, index, cfg: ModelConfig):
+  """Pre-norm block with cached attention; the FFN is the dense MLP or the MoE."""
+  dtype = cfg.jnp_dtype
+  attn = mla_cached if cfg.is_moe else gqa_cached
+  h = L.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+  y, c = attn(p["attn"], h, cos, sin, mask, c, index, cfg)
+  x = x + y
+  h = L.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+  if "moe" in p:
+    y = moe_lib.moe_block(p["moe"], h, cfg)[0]
+  else:
+    y = L.swiglu_mlp(p["mlp"], h, dtype)
+  return x + y, c
+
+
+def forward_cached(params, tokens, positions, cache, index, kv_valid, cfg: ModelConfig):
+  """Logits [B, t, V] fp32 of `tokens` [B, t] at `positions` [B, t], and the updated cache.
+
+  index: int scalar (may be traced), the cache slot of tokens[:, 0] for every row.
+  kv_valid: bool [B, S], which cache slots hold real tokens, or int pad lengths [B] (slots
+  [0, pad) of each row are left padding).
+  """
+  B, t = tokens.shape
+  S = next(iter(next(iter(cache.values())).values())).shape[2]
+  slots = jnp.arange(S, dtype=jnp.int32)
+  if kv_valid.ndim == 1:
+    kv_valid = slots[None, :] >= kv_valid[:, None]
+  query_slot = index + jnp.arange(t, dtype=jnp.int32)
+  causal = slots[None, :] <= query_slot[:, None]  # [t, S]; also hides slots >= index + t
+  mask = (kv_valid[:, None, :] & causal[None])[:, None]  # [B, 1, t, S]
+  cos, sin = L.rope_cos_sin(cfg, positions)
+  x = embed(params, tokens, cfg)
+  new_cache = {}
+  for stack in _stacks(cfg):
+    def body(x, layer, stack=stack):
+      p, c = layer
+      x, c = decoder_layer_cached(p, x, cos, sin, mask, c, index, cfg)
+      return x, c
+    x, new_cache[stack] = jax.lax.scan(body, x, (params[stack], cache[stack]))
+  return head(params, L.rms_norm(x, params["final_norm"], cfg.rms_norm_eps), cfg), new_cache

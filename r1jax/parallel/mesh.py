@@ -1,0 +1,68 @@
+"""The device mesh: axes `data`, `fsdp`, `expert`, `tensor` built from the config's `mesh` section.
+
+Axis sizes of -1 take the rest of the devices (at most one). Axes are `Auto` (GSPMD propagates
+shardings from the jit in/out shardings); expert dispatch uses `jax.shard_map` explicitly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+from r1jax.config import ConfigError
+
+AXES = ("data", "fsdp", "expert", "tensor")
+# axes that split the batch: `expert` acts as data parallelism outside the MoE layers
+BATCH_AXES = ("data", "fsdp", "expert")
+
+
+def resolve_axis_sizes(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+  sizes = []
+  for a in AXES:
+    v = int(mesh_cfg.get(a, 1))
+    if v == 0 or v < -1:
+      raise ConfigError(f"mesh.{a}={v} must be a positive size or -1 (the rest)")
+    sizes.append(v)
+  unknown = sorted(set(mesh_cfg) - set(AXES))
+  if unknown:
+    raise ConfigError(f"mesh.{unknown[0]} is not a mesh axis (axes: {', '.join(AXES)})")
+  if sizes.count(-1) > 1:
+    raise ConfigError("mesh: at most one axis may be -1")
+  fixed = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % fixed:
+      raise ConfigError(f"mesh: {num_devices} devices are not divisible by the fixed axes "
+                        f"(product {fixed})")
+    sizes[sizes.index(-1)] = num_devices // fixed
+  if math.prod(sizes) != num_devices:
+    raise ConfigError(f"mesh: axis sizes {dict(zip(AXES, sizes))} need {math.prod(sizes)} "
+                      f"devices, have {num_devices}")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg: Mapping[str, int] | None = None, devices=None) -> Mesh:
+  """A mesh over `devices` (default: all) with the four named axes."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = resolve_axis_sizes(dict(mesh_cfg or {"data": -1}), len(devices))
+  if devices == list(jax.devices()):
+    return jax.make_mesh(sizes, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+  return Mesh(np.asarray(devices).reshape(sizes), AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def abstract_mesh(mesh_cfg: Mapping[str, int], num_devices: int):
+  """A device-free mesh of `num_devices` for ahead-of-time compilation and memory estimates."""
+  sizes = resolve_axis_sizes(dict(mesh_cfg), num_devices)
+  return jax.sharding.AbstractMesh(sizes, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def batch_axes(mesh) -> tuple[str, ...]:
+  """The mesh axes (of size > 1) that split the batch."""
+  return tuple(a for a in BATCH_AXES if a in mesh.shape and mesh.shape[a] > 1)
+
+
+def batch_size_multiple(mesh) -> int:
+  return math.prod(mesh.shape[a] for a in batch_axes(mesh))

@@ -1,0 +1,79 @@
+"""Logical axis names -> mesh axes. The one place that knows how the model is laid out.
+
+Dense weights shard their model dimension over `fsdp` (and `expert`, which is plain data
+parallelism outside the MoE layers); expert weights shard the expert dimension over `expert`;
+heads and FFN widths over `tensor`. A mesh axis is used at most once per array, and an axis is
+dropped for a dimension it does not divide (small models on big meshes stay correct).
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from r1jax.model import params as param_lib
+
+RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp", "expert"),
+    "embed": ("fsdp", "expert"),
+    "vocab": ("tensor",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),
+    "moe_mlp": ("tensor",),
+    "exp": ("expert",),
+}
+# dimensions sharded first claim their mesh axes first (experts before the model dimension)
+PRIORITY = ("exp", "batch", "vocab", "heads", "kv_heads", "mlp", "moe_mlp", "embed")
+
+
+def spec_for(axes, shape, mesh, rules=RULES) -> P:
+  """PartitionSpec for an array with logical `axes` and `shape` on `mesh`."""
+  mesh_shape = dict(mesh.shape)
+  used: set[str] = set()
+  out: list = [None] * len(axes)
+  order = sorted(range(len(axes)), key=lambda i: PRIORITY.index(axes[i])
+                 if axes[i] in PRIORITY else len(PRIORITY))
+  for i in order:
+    chosen, prod = [], 1
+    for m in rules.get(axes[i], ()) if axes[i] else ():
+      n = mesh_shape.get(m, 1)
+      if n == 1 or m in used or shape[i] % (prod * n):
+        continue
+      chosen.append(m)
+      prod *= n
+    used.update(chosen)
+    out[i] = tuple(chosen) if len(chosen) > 1 else (chosen[0] if chosen else None)
+  return P(*out)
+
+
+def param_specs(cfg, mesh, rules=RULES):
+  """PartitionSpecs of every parameter of `cfg`, from its one declaration."""
+  return param_lib.map_specs(lambda s: spec_for(s.axes, s.shape, mesh, rules), cfg)
+
+
+def param_shardings(cfg, mesh, rules=RULES):
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(cfg, mesh, rules))
+
+
+def batch_spec(shape, mesh) -> P:
+  """Leading (batch) dimension over the batch axes; the rest replicated."""
+  return spec_for(("batch",) + (None,) * (len(shape) - 1), shape, mesh)
+
+
+def batch_sharding(shape, mesh) -> NamedSharding:
+  return NamedSharding(mesh, batch_spec(shape, mesh))
+
+
+def shard_batch(batch, mesh):
+  """device_put a pytree of host arrays with batch shardings (single process)."""
+  return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(x.shape, mesh)), batch)
+
+
+def shard_params(params, cfg, mesh):
+  return jax.device_put(params, param_shardings(cfg, mesh))
+
+
+def init_sharded(cfg, mesh, rng):
+  """Parameters created directly in their shardings (no full copy on one device)."""
+  return jax.jit(lambda r: param_lib.init(cfg, r), out_shardings=param_shardings(cfg, mesh))(rng)

@@ -1,0 +1,165 @@
+"""The R1 recipe: stages from `config.stages`, run in `config.stage_order`, resumable.
+
+Each finished stage writes its output model under `outputs/<stage>/` and is recorded in
+`progress.json`; a run started again with the same workdir skips finished stages (loading their
+outputs) and resumes the unfinished one from its last complete checkpoint. `summary.json` is
+rewritten after every stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import orbax.checkpoint as ocp
+
+from r1jax import hf, model, parallel, run_config
+from r1jax.checkpoint import abstract_like
+from r1jax.config import ConfigError
+from r1jax.data import pipeline as data_pipeline
+from r1jax.data import tasks
+from r1jax.data.tokenizer import get_tokenizer
+from r1jax.errors import DataError
+from r1jax.runlog import RunLog, atomic_write_json
+from r1jax.stages import common, evaluate, sft
+
+TRAINING_KINDS = ("pretrain", "sft", "grpo", "distill")
+
+
+def _runner(kind: str):
+  if kind in ("pretrain", "sft"):
+    return sft.run_sft
+  if kind == "distill":
+    return sft.run_distill
+  if kind == "eval":
+    return evaluate.run_eval
+  from r1jax.stages import grpo, rejection  # RL stages pull in the sampler and rewards
+  return {"grpo": grpo.run_grpo, "rejection_sampling": rejection.run_rejection}[kind]
+
+
+def make_splits(c) -> dict:
+  d = c.data
+  if d.task == "arithmetic":
+    return tasks.arithmetic_splits(
+        int(c.seed), n_sft=int(d.num_sft_examples), n_rl=int(d.num_rl_prompts),
+        n_eval=int(d.num_eval_problems), covered_digits=tuple(d.covered_digits),
+        uncovered_digits=tuple(d.uncovered_digits))
+  if d.task == "file":
+    fields = dict(prompt_field=d.prompt_field, answer_field=d.answer_field)
+    splits = {"sft": [], "rl": [], "eval": []}
+    if d.train_file:
+      splits["rl"] = data_pipeline.read_records(d.train_file, **fields)
+    if d.eval_file:
+      splits["eval"] = data_pipeline.read_records(d.eval_file, **fields)
+    return splits
+  raise ConfigError(f"data.task={d.task!r} must be 'arithmetic' or 'file'")
+
+
+def _save_output(path: str, cfg, params):
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.join(path, "params"), params, force=True)
+  ckptr.wait_until_finished()
+  if jax.process_index() == 0:
+    with open(os.path.join(path, "model_config.json"), "w") as f:
+      json.dump(cfg.__dict__, f)
+
+
+def _load_output(path: str, like_params):
+  ckptr = ocp.StandardCheckpointer()
+  return ckptr.restore(os.path.join(path, "params"), abstract_like(like_params))
+
+
+class Pipeline:
+
+  def __init__(self, config, workdir: str):
+    self.config = config
+    self.workdir = workdir
+    cfg = run_config.validate(config)
+    self.is_main = jax.process_index() == 0
+    mesh = parallel.make_mesh(config.mesh.to_dict())
+    tokenizer = get_tokenizer(config.data.tokenizer)
+    if tokenizer.vocab_size > cfg.vocab_size:
+      raise ConfigError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
+                        f"vocabulary ({tokenizer.vocab_size})")
+    log = RunLog(workdir, enabled=self.is_main, tensorboard=bool(config.log.tensorboard))
+    self.ctx = common.Context(config=config, workdir=workdir, model_cfg=cfg, tokenizer=tokenizer,
+                              mesh=mesh, log=log, models={}, is_main=self.is_main,
+                              splits=make_splits(config))
+    self.progress_path = os.path.join(workdir, "progress.json")
+
+  def _initial_policy(self):
+    c, cfg = self.config, self.ctx.model_cfg
+    if c.init_from:
+      loaded_cfg, params = hf.load(c.init_from, dtype=cfg.jnp_param_dtype)
+      cfg = loaded_cfg.replace(**{k: getattr(cfg, k) for k in
+                                  ("dtype", "moe_impl", "capacity_factor", "remat",
+                                   "expert_dispatch", "fp8", "router_impl")})
+      return cfg, parallel.shard_params(params, cfg, self.ctx.mesh)
+    return cfg, parallel.init_sharded(cfg, self.ctx.mesh, jax.random.PRNGKey(int(c.seed)))
+
+  def _progress(self) -> dict:
+    if not os.path.exists(self.progress_path):
+      return {"completed": [], "summary": []}
+    try:
+      with open(self.progress_path) as f:
+        return json.load(f)
+    except (OSError, ValueError) as e:
+      raise DataError(f"{self.progress_path}: unreadable ({e}); remove it to start over") from None
+
+  def run(self) -> dict:
+    ctx, c = self.ctx, self.config
+    ctx.models["policy"] = self._initial_policy()
+    progress = self._progress()
+    for name in c.stage_order:
+      stage_cfg = c.stages[name]
+      out_dir = os.path.join(self.workdir, "outputs", name)
+      if name in progress["completed"]:
+        self._reload(name, stage_cfg.kind, out_dir)
+        continue
+      t0 = time.time()
+      ctx.log.info(f"== stage {name} ({stage_cfg.kind}) ==")
+      result = _runner(stage_cfg.kind)(ctx, name, stage_cfg)
+      metrics, eval_out = result if isinstance(result, tuple) else (result, None)
+      which = "student" if stage_cfg.kind == "distill" else "policy"
+      if stage_cfg.kind in TRAINING_KINDS:
+        if eval_out is None and stage_cfg.get("eval", True) and ctx.splits["eval"]:
+          cfg, params = ctx.models[which]
+          eval_out = evaluate.evaluate(ctx, cfg, params, ctx.splits["eval"],
+                                       seed=ctx.seed(name + "/eval"),
+                                       template=stage_cfg.get("template", c.data.template),
+                                       eval_cfg=c.eval)
+        _save_output(out_dir, *ctx.models[which])  # every process writes its shards
+      entry = {"name": name, "kind": stage_cfg.kind, "wall_seconds": round(time.time() - t0, 2),
+               "metrics": {k: v for k, v in (metrics or {}).items() if not k.startswith("_")}}
+      if eval_out is not None:
+        entry["eval"] = eval_out
+        ctx.log.metrics(name, int(run_config.stage_steps(c, stage_cfg)),
+                        {"eval_accuracy": eval_out.get("accuracy", eval_out.get("pass@1"))})
+        ctx.log.info(f"[{name}] eval: " + ", ".join(
+            f"{k}={v:.3f}" for k, v in eval_out.items() if isinstance(v, float)))
+      progress["completed"].append(name)
+      progress["summary"].append(entry)
+      if self.is_main:
+        atomic_write_json(os.path.join(self.workdir, "summary.json"),
+                          {"stages": progress["summary"]})
+        atomic_write_json(self.progress_path, progress)
+        if c.log.plots:
+          ctx.log.plot()
+    ctx.log.close()
+    return {"stages": progress["summary"]}
+
+  def _reload(self, name: str, kind: str, out_dir: str):
+    """Load a finished stage's output model so later stages start from it."""
+    ctx = self.ctx
+    if kind not in TRAINING_KINDS:
+      return
+    if kind == "distill":
+      s_cfg = sft.student_config(ctx, self.config.stages[name])
+      like = model.init(s_cfg, jax.random.PRNGKey(0))
+      ctx.models["student"] = (s_cfg, _load_output(out_dir, like))
+    else:
+      cfg, like = ctx.models["policy"]
+      ctx.models["policy"] = (cfg, _load_output(out_dir, like))
+    ctx.log.info(f"[{name}] already complete; loaded its output")

@@ -1,0 +1,1 @@
+"""Rollouts: sampling, rewards, rejection sampling and evaluation."""

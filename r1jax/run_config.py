@@ -1,0 +1,90 @@
+"""The run config (ml_collections): defaults for every section and one early validation pass.
+
+Sections: model (ModelConfig fields), mesh, data, optim, train, stages (keyed by stage name, run
+in `stage_order`), eval, checkpoint, log; plus `seed` and `max_steps` (0 = off, else caps the
+steps of every stage).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from r1jax.config import ConfigError, ModelConfig, model_section
+
+STAGE_KINDS = ("pretrain", "sft", "grpo", "rejection_sampling", "distill", "eval")
+
+
+def base_config(**model_fields) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.max_steps = 0
+  c.model = model_section(**model_fields)
+  c.init_from = ""  # a HF checkpoint dir to start the first stage from ("" = random init)
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+  c.data = ml_collections.ConfigDict(dict(
+      tokenizer="char",  # "char" (built in) or a dir/file with a HF tokenizer.json
+      task="arithmetic",  # built-in task, or "file" to read train_file / eval_file
+      train_file="", eval_file="", prompt_field="question", completion_field="completion",
+      answer_field="answer", template="r1", batch_size=32, seq_len=96, pack=True,
+      # arithmetic task: cold-start traces cover `covered_digits`; RL/eval add harder ones
+      covered_digits=(1, 2), uncovered_digits=(3, 3), num_sft_examples=400,
+      num_rl_prompts=2000, num_eval_problems=100))
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=1e-3, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0,
+      clip_norm=1.0, b1=0.9, b2=0.95, eps=1e-8, mu_dtype=""))
+  c.train = ml_collections.ConfigDict(dict(
+      accum_steps=1, mtp_weight=0.0, balance_alpha=0.0, bias_gamma=1e-3, nonfinite="skip"))
+  c.stages = ml_collections.ConfigDict()
+  c.stage_order = ()
+  c.eval = ml_collections.ConfigDict(dict(
+      num_problems=100, k=4, temperature=0.6, top_p=0.95, max_new_tokens=64, greedy=True))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=50, keep=2, async_save=True))
+  c.log = ml_collections.ConfigDict(dict(every_steps=10, plots=True, tensorboard=True))
+  return c
+
+
+def stage(kind: str, steps: int, **fields) -> ml_collections.ConfigDict:
+  """A stage entry: `kind`, `steps`, and stage-specific fields (e.g. lr overrides)."""
+  return ml_collections.ConfigDict(dict(kind=kind, steps=steps, **fields))
+
+
+def validate(c) -> ModelConfig:
+  """Check the whole run config once; returns the ModelConfig. Raises ConfigError."""
+  for key in ("seed", "max_steps", "model", "mesh", "data", "optim", "train", "stages",
+              "stage_order", "checkpoint", "log"):
+    if key not in c:
+      raise ConfigError(f"config has no `{key}` section")
+  if int(c.max_steps) < 0:
+    raise ConfigError(f"max_steps={c.max_steps} must be >= 0")
+  cfg = ModelConfig.from_config(c.model)
+  order = list(c.stage_order)
+  if not order:
+    raise ConfigError("stage_order is empty: name at least one stage of `stages`")
+  for name in order:
+    if name not in c.stages:
+      raise ConfigError(f"stage_order names {name!r}, which is not in stages "
+                        f"({', '.join(c.stages.keys())})")
+  if len(set(order)) != len(order):
+    raise ConfigError("stage_order names a stage twice")
+  for name, s in c.stages.items():
+    if "kind" not in s or s.kind not in STAGE_KINDS:
+      raise ConfigError(f"stages.{name}.kind={s.get('kind')!r} is not one of {STAGE_KINDS}")
+    if int(s.get("steps", 0)) < 0:
+      raise ConfigError(f"stages.{name}.steps={s.steps} must be >= 0")
+  if int(c.data.batch_size) <= 0 or int(c.data.seq_len) <= 1:
+    raise ConfigError("data.batch_size must be > 0 and data.seq_len > 1")
+  if float(c.optim.lr) <= 0:
+    raise ConfigError(f"optim.lr={c.optim.lr} must be positive")
+  if int(c.train.accum_steps) < 1 or int(c.data.batch_size) % int(c.train.accum_steps):
+    raise ConfigError(f"train.accum_steps={c.train.accum_steps} must divide "
+                      f"data.batch_size={c.data.batch_size}")
+  if c.train.nonfinite not in ("skip", "stop"):
+    raise ConfigError(f"train.nonfinite={c.train.nonfinite!r} must be 'skip' or 'stop'")
+  if int(c.checkpoint.keep) < 1:
+    raise ConfigError(f"checkpoint.keep={c.checkpoint.keep} must be >= 1")
+  return cfg
+
+
+def stage_steps(c, stage_cfg) -> int:
+  steps = int(stage_cfg.get("steps", 0))
+  return min(steps, int(c.max_steps)) if int(c.max_steps) else steps

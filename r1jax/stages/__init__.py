@@ -1,0 +1,1 @@
+"""Stage runners of the R1 recipe; `r1jax.pipeline` chains them."""

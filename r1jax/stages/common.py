@@ -1,0 +1,177 @@
+"""What every stage shares: the run context and one resumable training loop.
+
+The loop resumes from the stage's newest complete checkpoint (train state + data-iterator state +
+loop state), so a run killed at any point and started again with the same workdir continues
+exactly where it was; SIGTERM saves a checkpoint and exits with status 143.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from r1jax import parallel, run_config
+from r1jax.checkpoint import Checkpointer, abstract_like
+from r1jax.config import ModelConfig
+from r1jax.errors import UserError
+from r1jax.runlog import RunLog
+from r1jax.train import state as state_lib
+
+
+class NonFiniteError(UserError):
+  """The loss or gradients went non-finite and train.nonfinite == "stop"."""
+
+
+@dataclasses.dataclass
+class Context:
+  config: Any  # the ml_collections run config
+  workdir: str
+  model_cfg: ModelConfig  # the policy's
+  tokenizer: Any
+  mesh: Any
+  log: RunLog
+  models: dict  # name -> (ModelConfig, params); "policy" always, "student" after distill
+  is_main: bool = True
+  splits: dict | None = None  # task splits: sft / rl / eval records
+
+  def stage_dir(self, name: str) -> str:
+    return os.path.join(self.workdir, "checkpoints", name)
+
+  def seed(self, name: str) -> int:
+    """A per-stage seed derived from the run seed (stages do not share random streams)."""
+    return int(np.random.default_rng([int(self.config.seed), _stable_hash(name)]).integers(2**31))
+
+
+def _stable_hash(s: str) -> int:
+  return int.from_bytes(s.encode()[:8].ljust(8, b"\0"), "little") % (2**31)
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._prev = None
+
+  def __enter__(self):
+    try:
+      self._prev = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._prev = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._prev is not None:
+      signal.signal(signal.SIGTERM, self._prev)
+
+
+def shard(ctx: Context, batch):
+  """Host batch -> global arrays split over the batch axes (multi-process aware)."""
+  if jax.process_count() == 1:
+    return parallel.shard_batch(batch, ctx.mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+      parallel.batch_sharding((x.shape[0] * jax.process_count(),) + x.shape[1:], ctx.mesh), x),
+      batch)
+
+
+def train_loop(ctx: Context, name: str, state, *, steps: int,
+               next_batch: Callable[[Any], tuple[Any, dict]], data_iter,
+               update: Callable, log_keys=("loss",)) -> tuple[Any, dict]:
+  """Run `steps` updates of a stage, resumably.
+
+  next_batch(state) -> (device batch, host metrics) draws the next batch (for GRPO it samples
+  rollouts); update(state, batch) -> (state, metrics) is the jitted step. `data_iter` is the
+  grain iterator whose state is checkpointed (or None).
+  Returns (final state, final metrics).
+  """
+  c = ctx.config
+  ckpt = Checkpointer(ctx.stage_dir(name), keep=int(c.checkpoint.keep),
+                      every_steps=int(c.checkpoint.every_steps),
+                      async_save=bool(c.checkpoint.async_save))
+  start, last = 0, {}
+  restored = ckpt.restore(abstract_like(state))
+  if restored is not None:
+    state, extra, start = restored
+    if data_iter is not None and extra.get("data") is not None:
+      data_iter.set_state(extra["data"])
+    last = extra.get("metrics", {})
+    ctx.log.info(f"[{name}] resumed from step {start}")
+
+  def save(step, metrics):
+    extra = {"data": data_iter.get_state() if data_iter is not None else None,
+             "metrics": metrics}
+    ckpt.save(step, state, extra)
+
+  every = max(int(c.log.every_steps), 1)
+  with _Preemption() as pre:
+    for step in range(start + 1, steps + 1):
+      t0 = time.time()
+      batch, host_metrics = next_batch(state)
+      state, metrics = update(state, batch)
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      metrics.update(host_metrics)
+      metrics["step_seconds"] = time.time() - t0
+      if "tokens" in metrics:
+        metrics["tokens_per_sec"] = metrics["tokens"] / max(metrics["step_seconds"], 1e-9)
+      if metrics.get("nonfinite", 0) and c.train.nonfinite == "stop":
+        raise NonFiniteError(f"stage {name}: non-finite loss or gradient at step {step} "
+                             "(train.nonfinite=stop); the last good checkpoint is kept")
+      last = metrics
+      if step % every == 0 or step == steps or step == 1:
+        rec = ctx.log.metrics(name, step, metrics)
+        ctx.log.progress(name, step, steps, rec, log_keys)
+      if step == steps or ckpt.should_save(step) or pre.requested:
+        save(step, metrics)
+      if pre.requested:
+        ckpt.close()
+        ctx.log.info(f"[{name}] SIGTERM: saved step {step}, exiting")
+        sys.exit(143)
+  if start >= steps and restored is None:
+    save(steps, last)
+  ckpt.close()
+  return state, last
+
+
+def restore_final(ctx: Context, name: str, state):
+  """The final state of a completed stage (its newest checkpoint)."""
+  ckpt = Checkpointer(ctx.stage_dir(name), keep=int(ctx.config.checkpoint.keep))
+  restored = ckpt.restore(abstract_like(state))
+  ckpt.close()
+  if restored is None:
+    raise UserError(f"stage {name} is marked complete but {ctx.stage_dir(name)} has no "
+                    "readable checkpoint")
+  return restored[0], restored[1].get("metrics", {})
+
+
+def new_state(ctx: Context, params, tx, name: str):
+  return state_lib.create(params, tx, ctx.seed(name))
+
+
+def stage_steps(ctx: Context, stage_cfg) -> int:
+  return run_config.stage_steps(ctx.config, stage_cfg)
+
+
+def merged(base, override):
+  """`base` ConfigDict section with the stage's override values (e.g. stage.lr -> optim.lr)."""
+  out = base.copy_and_resolve_references()
+  for k, v in (override or {}).items():
+    if k in out:
+      out[k] = v
+  return out
+
+
+def cast_tree(tree, dtype):
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                      tree)

@@ -1,0 +1,109 @@
+"""Supervised stages: `sft` (cold start, or SFT on rejection-sampled data), `pretrain` (plain
+next-token loss on problems and answers, no reasoning: the base model of the R1-Zero path), and
+`distill` (a dense student learns from the policy: on sampled traces and/or teacher logits)."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from r1jax import model, train
+from r1jax.config import ModelConfig
+from r1jax.data import pipeline
+from r1jax.errors import DataError
+from r1jax.stages import common
+
+
+def stage_records(ctx: common.Context, stage_cfg) -> list[dict]:
+  """The stage's training records: `stage.data_file` (relative paths are under the workdir,
+  e.g. the samples/<stage>.jsonl a rejection-sampling stage wrote), data.train_file when
+  data.task == "file", or the built-in task's SFT split."""
+  c = ctx.config
+  path = stage_cfg.get("data_file", "")
+  if path:
+    path = path if os.path.isabs(path) else os.path.join(ctx.workdir, path)
+    return pipeline.read_records(path, prompt_field="question", completion_field="completion",
+                                 answer_field="answer")
+  if c.data.task == "file":
+    return pipeline.read_records(c.data.train_file, prompt_field=c.data.prompt_field,
+                                 completion_field=c.data.completion_field,
+                                 answer_field=c.data.answer_field)
+  records = ctx.splits["sft"]
+  if stage_cfg.kind == "pretrain":
+    # the answer straight after the prompt: no reasoning to imitate (R1-Zero's base model)
+    return [dict(r, completion=r["answer"]) for r in records]
+  return records
+
+
+def sft_iterator(ctx: common.Context, records, stage_cfg, name: str):
+  c = ctx.config
+  n_proc = jax.process_count()
+  if int(c.data.batch_size) % n_proc:
+    raise DataError(f"data.batch_size={c.data.batch_size} must be divisible by the "
+                    f"{n_proc} processes")
+  template = stage_cfg.get("template", c.data.template)
+  return pipeline.sft_batches(records, ctx.tokenizer, seq_len=int(c.data.seq_len),
+                              batch_size=int(c.data.batch_size) // n_proc, seed=ctx.seed(name),
+                              template=template, pack=bool(c.data.pack),
+                              shard=(jax.process_index(), n_proc))
+
+
+def _run(ctx: common.Context, name: str, stage_cfg, cfg: ModelConfig, params, loss_fn,
+         frozen=None):
+  c = ctx.config
+  steps = common.stage_steps(ctx, stage_cfg)
+  optim_cfg = common.merged(c.optim, stage_cfg)
+  tx, lr = train.make_optimizer(optim_cfg, steps)
+  state = common.new_state(ctx, params, tx, name)
+  it = sft_iterator(ctx, stage_records(ctx, stage_cfg), stage_cfg, name)
+  step_fn = train.make_step(loss_fn, tx, lr, accum_steps=int(c.train.accum_steps),
+                            bias_gamma=float(c.train.bias_gamma) if cfg.is_moe else 0.0,
+                            nonfinite=c.train.nonfinite)
+
+  def next_batch(state):
+    del state
+    return common.shard(ctx, next(it)), {}
+
+  with jax.set_mesh(ctx.mesh):
+    state, metrics = common.train_loop(ctx, name, state, steps=steps, next_batch=next_batch,
+                                       data_iter=it, update=lambda s, b: step_fn(s, b, frozen))
+  return train.full_params(state), metrics
+
+
+def run_sft(ctx: common.Context, name: str, stage_cfg):
+  cfg, params = ctx.models["policy"]
+  t = ctx.config.train
+  loss = train.sft_loss(cfg, mtp_weight=float(stage_cfg.get("mtp_weight", t.mtp_weight)),
+                        balance_alpha=float(t.balance_alpha))
+  params, metrics = _run(ctx, name, stage_cfg, cfg, params, loss)
+  ctx.models["policy"] = (cfg, params)
+  return metrics
+
+
+def student_config(ctx: common.Context, stage_cfg) -> ModelConfig:
+  fields = stage_cfg.student.to_dict() if "student" in stage_cfg else {}
+  fields.setdefault("vocab_size", ctx.model_cfg.vocab_size)
+  return ModelConfig.from_config(fields)
+
+
+def run_distill(ctx: common.Context, name: str, stage_cfg):
+  """Distil the policy into a fresh dense student: `mode` "sequence" (SFT on the stage's data,
+  e.g. the rejection-sampled traces, as R1 does) or "logit" (divergence to the teacher's
+  logits on the same data, optionally mixed with CE)."""
+  t_cfg, t_params = ctx.models["policy"]
+  s_cfg = student_config(ctx, stage_cfg)
+  s_params = model.init(s_cfg, jax.random.PRNGKey(ctx.seed(name + "/init")))
+  mode = stage_cfg.get("mode", "sequence")
+  if mode == "sequence":
+    loss, frozen = train.sft_loss(s_cfg), None
+  elif mode == "logit":
+    loss = train.distill_loss(s_cfg, t_cfg, kind=stage_cfg.get("divergence", "forward_kl"),
+                              temperature=float(stage_cfg.get("temperature", 1.0)),
+                              ce_weight=float(stage_cfg.get("ce_weight", 0.0)))
+    frozen = t_params
+  else:
+    raise DataError(f"stages.{name}.mode={mode!r} must be 'sequence' or 'logit'")
+  params, metrics = _run(ctx, name, stage_cfg, s_cfg, s_params, loss, frozen)
+  ctx.models["student"] = (s_cfg, params)
+  return metrics

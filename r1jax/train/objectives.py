@@ -1,0 +1,78 @@
+"""Loss plug-ins for the generic step: SFT (with the MoE extras) and logit distillation.
+
+Batches hold tokens, targets, loss_mask, segment_ids, positions [B, T] (see r1jax.data).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from r1jax import model
+from r1jax.config import ModelConfig
+from r1jax.train import losses
+
+MOE_BIAS = "moe_layers/moe/router_bias"
+MTP_BIAS = "mtp/layer/moe/router_bias"
+
+
+def _forward(params, batch, cfg: ModelConfig, mtp: bool):
+  return model.forward_with_aux(params, batch["tokens"], cfg, segment_ids=batch["segment_ids"],
+                                positions=batch["positions"], mtp=mtp)
+
+
+def moe_metrics(aux, cfg: ModelConfig, num_tokens: int):
+  """Load-balance metrics and the expert counts the bias update consumes."""
+  m, counts = {}, {}
+  if "expert_counts" in aux:
+    counts[MOE_BIAS] = aux["expert_counts"]
+    assignments = num_tokens * cfg.num_experts_per_tok * cfg.num_moe_layers
+    m["moe_drop_frac"] = aux["dropped"] / assignments
+    m["balance"] = aux["balance"]
+  if "mtp_expert_counts" in aux:
+    counts[MTP_BIAS] = aux["mtp_expert_counts"]
+  m["_counts"] = counts
+  return m
+
+
+def sft_loss(cfg: ModelConfig, *, mtp_weight: float = 0.0, balance_alpha: float = 0.0):
+  """Masked next-token CE on completion tokens + mtp_weight * MTP CE + alpha * balance."""
+  use_mtp = mtp_weight > 0 and cfg.is_moe and cfg.num_nextn_predict_layers > 0
+
+  def loss_fn(params, batch, rng, frozen):
+    del rng, frozen
+    logits, aux = _forward(params, batch, cfg, use_mtp)
+    ce = losses.cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    loss, metrics = ce, {"ce": ce, "tokens": jnp.sum(batch["loss_mask"])}
+    if use_mtp:
+      mtp = losses.mtp_loss(aux["mtp_logits"], batch["targets"], batch["loss_mask"],
+                            batch["segment_ids"])
+      loss, metrics["mtp_loss"] = loss + mtp_weight * mtp, mtp
+    metrics.update(moe_metrics(aux, cfg, batch["tokens"].size))
+    if balance_alpha and "balance" in metrics:
+      loss = loss + balance_alpha * metrics["balance"]
+    return loss, metrics
+
+  return loss_fn
+
+
+def distill_loss(student_cfg: ModelConfig, teacher_cfg: ModelConfig, *, kind: str = "forward_kl",
+                 temperature: float = 1.0, ce_weight: float = 0.0):
+  """Logit distillation: (1 - ce_weight) * divergence(teacher, student) + ce_weight * CE.
+  The teacher (frozen params passed to the step) runs in the same jitted step."""
+  if student_cfg.vocab_size != teacher_cfg.vocab_size:
+    raise ValueError("teacher and student must share the tokenizer (vocab sizes differ: "
+                     f"{teacher_cfg.vocab_size} vs {student_cfg.vocab_size})")
+
+  def loss_fn(params, batch, rng, teacher_params):
+    del rng
+    logits, aux = _forward(params, batch, student_cfg, False)
+    t_logits, _ = _forward(jax.lax.stop_gradient(teacher_params), batch, teacher_cfg, False)
+    mask = batch["loss_mask"]
+    div = losses.distill_divergence(logits, t_logits, mask, kind, temperature)
+    ce = losses.cross_entropy(logits, batch["targets"], mask)
+    metrics = {"ce": ce, "divergence": div, "tokens": jnp.sum(mask)}
+    metrics.update(moe_metrics(aux, student_cfg, batch["tokens"].size))
+    return (1 - ce_weight) * div + ce_weight * ce, metrics
+
+  return loss_fn

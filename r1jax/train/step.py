@@ -1,0 +1,88 @@
+"""One generic jitted train step; SFT, distillation and GRPO differ only in the loss plug-in.
+
+    loss_fn(params, batch, rng, frozen) -> (loss, metrics)
+      params: the full model tree (correction biases merged in); frozen: teacher / reference
+      params or None; metrics may hold "_counts": {bias path: expert counts [L, E]} for the
+      aux-loss-free bias update.
+    step = make_step(loss_fn, tx, lr_schedule, ...)
+    state, metrics = step(state, batch, frozen)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from r1jax.train import losses
+from r1jax.train.state import TrainState, merge_router_bias
+
+
+def _microbatches(batch, n: int):
+  def split(x):
+    assert x.shape[0] % n == 0, f"batch {x.shape[0]} not divisible by accum_steps={n}"
+    return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+  return jax.tree.map(split, batch)
+
+
+def make_step(loss_fn: Callable, tx, lr_schedule=None, *, accum_steps: int = 1,
+              bias_gamma: float = 0.0, nonfinite: str = "skip", donate: bool = True,
+              jit: bool = True):
+  """Build `step(state, batch, frozen=None) -> (state, metrics)`.
+
+  accum_steps: the batch is split into this many micro-batches whose gradients are averaged.
+  nonfinite: "skip" leaves params and optimizer state untouched when the loss or a gradient is
+  not finite (metrics["nonfinite"] = 1); "stop" does the same and the caller stops the run.
+  """
+  assert nonfinite in ("skip", "stop"), nonfinite
+
+  def step(state: TrainState, batch, frozen=None):
+    rng, sub = jax.random.split(state.rng)
+
+    def loss_of(params, mb, r):
+      return loss_fn(merge_router_bias(params, state.router_bias), mb, r, frozen)
+
+    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+    if accum_steps == 1:
+      (loss, metrics), grads = grad_fn(state.params, batch, sub)
+    else:
+      def body(acc, inp):
+        mb, r = inp
+        (l, m), g = grad_fn(state.params, mb, r)
+        return jax.tree.map(jnp.add, acc, (l, m, g)), None
+      mbs = _microbatches(batch, accum_steps)
+      rs = jax.random.split(sub, accum_steps)
+      first = jax.tree.map(lambda x: x[0], mbs)
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params, first, rs[0]))
+      zeros = (zeros[0][0], zeros[0][1], zeros[1])
+      (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (mbs, rs))
+      loss, metrics, grads = jax.tree.map(lambda x: x / accum_steps, (loss, metrics, grads))
+      metrics["_counts"] = jax.tree.map(lambda c: c * accum_steps, metrics.get("_counts", {}))
+
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+
+    counts = metrics.pop("_counts", {})
+    bias = dict(state.router_bias)
+    if bias_gamma:
+      for k, c in counts.items():
+        bias[k] = jnp.where(finite, losses.bias_update(bias[k], c, bias_gamma), bias[k])
+    if counts:
+      metrics["expert_load_max_over_mean"] = jnp.max(jnp.stack(
+          [losses.expert_load_max_over_mean(c) for c in counts.values()]))
+    metrics.update(loss=loss, grad_norm=grad_norm, nonfinite=1.0 - finite.astype(jnp.float32))
+    if lr_schedule is not None:
+      metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
+    new = state.replace(step=state.step + 1, params=params,
+                        opt_state=opt_state, router_bias=bias, rng=rng)
+    return new, metrics
+
+  if not jit:
+    return step
+  return jax.jit(step, donate_argnums=(0,) if donate else ())

@@ -1,0 +1,257 @@
+"""ModelConfig: validation errors, HF config.json spellings, the shipped configs, sizes, hashing."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from r1jax import model
+from r1jax.config import ConfigError, ModelConfig
+from r1jax.errors import UserError
+
+CONFIGS_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
+
+TINY_MOE = dict(model_type="deepseek_v3", vocab_size=64, hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16,
+                qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8,
+                num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=1,
+                n_group=2, topk_group=1, num_nextn_predict_layers=0)
+TINY_DENSE = dict(model_type="qwen2", vocab_size=64, hidden_size=48, intermediate_size=64,
+                  num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2)
+
+# The architecture fields of the hub's config.json files (transformers 4.x spelling), abridged
+# to what ModelConfig reads plus a few fields it must ignore.
+HUB_DEEPSEEK_V3 = {
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+    "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
+    "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 128,
+    "num_key_value_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256,
+    "routed_scaling_factor": 2.5, "kv_lora_rank": 512, "q_lora_rank": 1536,
+    "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128, "topk_method": "noaux_tc",
+    "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8, "moe_layer_freq": 1,
+    "first_k_dense_replace": 3, "norm_topk_prob": True, "scoring_func": "sigmoid",
+    "hidden_act": "silu", "max_position_embeddings": 163840, "rms_norm_eps": 1e-06,
+    "tie_word_embeddings": False, "rope_theta": 10000, "attention_bias": False,
+    "num_nextn_predict_layers": 1, "bos_token_id": 0, "eos_token_id": 1,
+    "torch_dtype": "bfloat16", "aux_loss_alpha": 0.001, "seq_aux": True,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+                     "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+                     "type": "yarn"},
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3",
+                            "quant_method": "fp8", "weight_block_size": [128, 128]},
+}
+HUB_DEEPSEEK_V2_LITE = {
+    "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+    "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
+    "moe_intermediate_size": 1408, "num_hidden_layers": 27, "num_attention_heads": 16,
+    "num_key_value_heads": 16, "n_shared_experts": 2, "n_routed_experts": 64,
+    "routed_scaling_factor": 1.0, "kv_lora_rank": 512, "q_lora_rank": None,
+    "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128, "topk_method": "greedy",
+    "n_group": 1, "topk_group": 1, "num_experts_per_tok": 6, "moe_layer_freq": 1,
+    "first_k_dense_replace": 1, "norm_topk_prob": False, "scoring_func": "softmax",
+    "max_position_embeddings": 163840, "rms_norm_eps": 1e-06, "tie_word_embeddings": False,
+    "rope_theta": 10000, "attention_bias": False, "torch_dtype": "bfloat16",
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707,
+                     "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096,
+                     "type": "yarn"},
+}
+# fields that describe the checkpoint's architecture (not how we execute it)
+ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size",
+               "num_hidden_layers", "num_attention_heads", "rms_norm_eps", "tie_word_embeddings",
+               "attention_bias", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+               "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "n_shared_experts",
+               "num_experts_per_tok", "moe_intermediate_size", "first_k_dense_replace",
+               "n_group", "topk_group", "scoring_func", "topk_method", "norm_topk_prob",
+               "routed_scaling_factor", "rope_theta", "rope_interleave", "rope_type",
+               "rope_factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+               "mscale", "mscale_all_dim", "num_nextn_predict_layers")
+
+
+def load_shipped(name: str) -> ModelConfig:
+  path = os.path.join(CONFIGS_DIR, f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return ModelConfig.from_config(mod.get_config().model)
+
+
+# ------------------------------------------------------------------ validation
+@pytest.mark.parametrize("base,change,field", [
+    (TINY_DENSE, dict(num_key_value_heads=4), "num_key_value_heads"),
+    (TINY_DENSE, dict(num_attention_heads=5, num_key_value_heads=5), "num_attention_heads"),
+    (TINY_MOE, dict(n_group=3), "n_group"),
+    (TINY_MOE, dict(num_experts_per_tok=9), "num_experts_per_tok"),
+    (TINY_MOE, dict(topk_group=3), "topk_group"),
+    (TINY_MOE, dict(hidden_size=0), "hidden_size"),
+    (TINY_MOE, dict(vocab_size=-1), "vocab_size"),
+    (TINY_MOE, dict(num_hidden_layers=0), "num_hidden_layers"),
+    (TINY_MOE, dict(kv_lora_rank=0), "kv_lora_rank"),
+    (TINY_MOE, dict(q_lora_rank=0), "q_lora_rank"),
+    (TINY_MOE, dict(moe_intermediate_size=0), "moe_intermediate_size"),
+    (TINY_MOE, dict(qk_rope_head_dim=5), "qk_rope_head_dim"),
+    (TINY_MOE, dict(model_type="gpt2"), "model_type"),
+    (TINY_MOE, dict(moe_impl="loop"), "moe_impl"),
+    (TINY_MOE, dict(remat="some"), "remat"),
+    (TINY_MOE, dict(capacity_factor=0.0), "capacity_factor"),
+    (TINY_MOE, dict(hiden_size=32), "hiden_size"),  # unknown field (typo)
+])
+def test_each_broken_rule_names_its_field(base, change, field):
+  with pytest.raises(ConfigError, match=rf"^model\.{field}\b"):
+    ModelConfig.from_config(dict(base, **change))
+
+
+def test_valid_tiny_configs_pass():
+  for base in (TINY_MOE, TINY_DENSE):
+    cfg = ModelConfig.from_config(base)
+    assert cfg == cfg.validate()
+
+
+def test_config_errors_are_user_errors():
+  assert issubclass(ConfigError, UserError)
+  with pytest.raises(UserError):
+    ModelConfig.from_config(dict(TINY_MOE, n_group=3))
+
+
+def test_from_hf_rejects_unknown_model_type():
+  with pytest.raises(ConfigError, match="model_type='gpt2'"):
+    ModelConfig.from_hf(dict(HUB_DEEPSEEK_V3, model_type="gpt2"))
+  with pytest.raises(ConfigError, match="model_type=None"):
+    ModelConfig.from_hf({k: v for k, v in HUB_DEEPSEEK_V3.items() if k != "model_type"})
+
+
+def test_from_hf_reports_bad_field_types():
+  with pytest.raises(ConfigError, match="hidden_size"):
+    ModelConfig.from_hf(dict(HUB_DEEPSEEK_V3, hidden_size=[7168]))
+
+
+# ------------------------------------------------------------- HF spellings
+def _v5_spelling(hub: dict) -> dict:
+  """The same config as transformers 5.x writes it: rope_parameters (with rope_theta), dtype."""
+  d = {k: v for k, v in hub.items() if k not in ("rope_scaling", "rope_theta", "torch_dtype")}
+  rope = dict(hub["rope_scaling"])
+  rope["rope_type"] = rope.pop("type")
+  d["rope_parameters"] = dict(rope, rope_theta=hub["rope_theta"])
+  d["dtype"] = hub["torch_dtype"]
+  return d
+
+
+@pytest.mark.parametrize("hub", [HUB_DEEPSEEK_V3, HUB_DEEPSEEK_V2_LITE], ids=["v3", "v2_lite"])
+def test_rope_scaling_and_rope_parameters_agree(hub):
+  v4 = ModelConfig.from_hf(hub)
+  v5 = ModelConfig.from_hf(_v5_spelling(hub))
+  assert v4 == v5
+  assert v4.rope_type == "yarn" and v4.rope_factor == 40.0
+  assert v4.mscale == hub["rope_scaling"]["mscale"]
+  assert v4.original_max_position_embeddings == 4096
+
+
+def test_rope_spellings_agree_for_default_rope():
+  qwen = dict(TINY_DENSE, rope_theta=1e6, rope_scaling=None)
+  v5 = {k: v for k, v in qwen.items() if k not in ("rope_theta", "rope_scaling")}
+  v5["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6}
+  a, b = ModelConfig.from_hf(qwen), ModelConfig.from_hf(v5)
+  assert a == b and a.rope_theta == 1e6 and a.rope_type == "default"
+
+
+def test_from_hf_overrides_execution_fields():
+  cfg = ModelConfig.from_hf(HUB_DEEPSEEK_V3, moe_impl="capacity", dtype="bfloat16")
+  assert (cfg.moe_impl, cfg.dtype) == ("capacity", "bfloat16")
+  with pytest.raises(ConfigError, match="moe_impl"):
+    ModelConfig.from_hf(HUB_DEEPSEEK_V3, moe_impl="nope")
+
+
+# ---------------------------------------------------------- shipped configs
+@pytest.mark.parametrize("name,hub", [("deepseek_v3_671b", HUB_DEEPSEEK_V3),
+                                      ("deepseek_v2_lite", HUB_DEEPSEEK_V2_LITE)])
+def test_shipped_configs_match_the_hub(name, hub):
+  shipped, from_hub = load_shipped(name), ModelConfig.from_hf(hub)
+  diff = {f: (getattr(shipped, f), getattr(from_hub, f)) for f in ARCH_FIELDS
+          if getattr(shipped, f) != getattr(from_hub, f)}
+  assert not diff, f"{name} differs from the hub config.json: {diff}"
+
+
+def test_tiny_moe_exercises_every_mechanism():
+  cfg = load_shipped("tiny_moe")
+  assert cfg.is_moe and cfg.q_lora_rank and cfg.n_group > 1 and cfg.topk_group < cfg.n_group
+  assert 8 <= cfg.n_routed_experts <= 16 and cfg.num_nextn_predict_layers == 1
+  assert 0 < cfg.num_dense_layers < cfg.num_hidden_layers and cfg.n_shared_experts > 0
+  assert cfg.num_params() < 5_000_000
+
+
+@pytest.mark.parametrize("name", ["tiny_moe", "deepseek_v3_671b", "deepseek_v2_lite"])
+def test_shipped_configs_trace_forward(name):
+  """The full forward (with MTP) traces at the real sizes on abstract params: no allocation."""
+  cfg = load_shipped(name)
+  tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  logits, aux = jax.eval_shape(lambda p, t: model.forward_with_aux(p, t, cfg, mtp=True),
+                               model.abstract(cfg), tokens)
+  assert logits.shape == (1, 8, cfg.vocab_size) and logits.dtype == jnp.float32
+  assert aux["expert_counts"].shape == (cfg.num_moe_layers, cfg.n_routed_experts)
+  if cfg.num_nextn_predict_layers:
+    assert aux["mtp_logits"].shape == (cfg.num_nextn_predict_layers, 1, 8, cfg.vocab_size)
+
+
+def _mla_params(c: ModelConfig) -> int:
+  D, H = c.hidden_size, c.num_attention_heads
+  q = (D * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * H * c.qk_head_dim
+       if c.q_lora_rank else D * H * c.qk_head_dim)
+  kv = D * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank + \
+      c.kv_lora_rank * H * (c.qk_nope_head_dim + c.v_head_dim)
+  return q + kv + H * c.v_head_dim * D + 2 * D  # + o_proj + the two layer norms
+
+
+def _moe_layer_params(c: ModelConfig) -> int:
+  D, E, I = c.hidden_size, c.n_routed_experts, c.moe_intermediate_size
+  return _mla_params(c) + D * E + E + 3 * E * D * I + 3 * D * I * c.n_shared_experts
+
+
+def test_deepseek_v3_has_671b_parameters():
+  """671B is the published size without the MTP module; the hub's 685B adds the MTP module
+  (one MoE layer, eh_proj, three norms) and its duplicated embedding and head (2*V*D). We share
+  those, so ours with MTP is 685B - 2*V*D. Each count is asserted within 1%, and the MTP
+  increment exactly against an independent count."""
+  cfg = load_shipped("deepseek_v3_671b")
+  main = cfg.replace(num_nextn_predict_layers=0).num_params()
+  assert abs(main - 671e9) / 671e9 < 0.01, main
+  D, V = cfg.hidden_size, cfg.vocab_size
+  mtp = cfg.num_params() - main
+  assert mtp == _moe_layer_params(cfg) + 2 * D * D + 3 * D
+  assert abs(cfg.num_params() + 2 * V * D - 685e9) / 685e9 < 0.01
+  # and the main count itself against the independent one
+  dense_layer = _mla_params(cfg) + 3 * D * cfg.intermediate_size
+  assert main == (2 * V * D + D + cfg.num_dense_layers * dense_layer
+                  + cfg.num_moe_layers * _moe_layer_params(cfg))
+
+
+def test_deepseek_v2_lite_has_16b_parameters():
+  """DeepSeek-V2-Lite: 15.7B parameters (the "16B" of its name)."""
+  n = load_shipped("deepseek_v2_lite").num_params()
+  assert abs(n - 15.7e9) / 15.7e9 < 0.01, n
+
+
+# -------------------------------------------------------------------- hashing
+def test_config_is_hashable_and_a_jit_static_arg():
+  a = ModelConfig.from_config(TINY_MOE)
+  b = ModelConfig.from_config(dict(TINY_MOE))
+  assert a is not b and a == b and hash(a) == hash(b)
+  assert a.replace(n_group=4, topk_group=2) != a
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    a.hidden_size = 64
+  traces = []
+
+  def f(x, cfg):
+    traces.append(cfg)
+    return x * cfg.hidden_size
+
+  f = jax.jit(f, static_argnums=1)
+  assert float(f(jnp.ones(()), a)) == 32.0
+  assert float(f(jnp.ones(()), b)) == 32.0
+  assert len(traces) == 1, "an equal config must hit the jit cache"
+  assert float(f(jnp.ones(()), a.replace(hidden_size=64))) == 64.0
+  assert len(traces) == 2
+  assert len({a, b}) == 1

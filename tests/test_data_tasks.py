@@ -1,0 +1,104 @@
+"""Arithmetic chain-of-thought task, its covered/uncovered splits, and the reasoning-gym adapter."""
+
+import sys
+import types
+
+import pytest
+
+from r1jax.data import tasks
+from r1jax.errors import DataError
+
+
+def _answer_from_trace(question: str, trace: str) -> str:
+  """Read the answer off a trace: last digit of each column, plus a final carry for '+'."""
+  results = [step.split("=")[1] for step in trace.split(";")]
+  if "+" in question:
+    digits = [r[-1] for r in results]
+    carry = results[-1][:-1]
+    return (carry + "".join(reversed(digits))).lstrip("0") or "0"
+  return "".join(reversed(results)).lstrip("0") or "0"
+
+
+def test_traces_by_hand():
+  assert tasks.add_trace(47, 385) == "7+5=12;4+8+1=13;3+1=4"
+  assert tasks.add_trace(99, 1) == "9+1=10;9+1=10"
+  assert tasks.sub_trace(385, 47) == "15-7=8;8-4-1=3;3=3"
+  assert tasks.sub_trace(100, 1) == "10-1=9;10-1=9;1-1=0"
+
+
+@pytest.mark.parametrize("ops", [("+",), ("+", "-")])
+def test_records_are_correct_and_traces_lead_to_answers(ops):
+  records = tasks.arithmetic_records(300, seed=3, min_digits=1, max_digits=3, ops=ops)
+  assert len({r["question"] for r in records}) == 300
+  for r in records:
+    a, op, b = r["question"].partition("+" if "+" in r["question"] else "-")
+    assert op in ops
+    expected = int(a) + int(b) if op == "+" else int(a) - int(b)
+    assert r["answer"] == str(expected) and expected >= 0
+    assert _answer_from_trace(r["question"], r["reasoning"]) == r["answer"], r
+    assert r["difficulty"] == max(len(a), len(b))
+  assert {r["difficulty"] for r in records} == {1, 2, 3}
+  if len(ops) == 2:
+    assert {"+", "-"} <= {c for r in records for c in r["question"]}
+
+
+def test_records_deterministic_per_seed():
+  first = tasks.arithmetic_records(50, seed=7, min_digits=2, max_digits=3)
+  assert first == tasks.arithmetic_records(50, seed=7, min_digits=2, max_digits=3)
+  assert first != tasks.arithmetic_records(50, seed=8, min_digits=2, max_digits=3)
+  assert all(2 <= len(n) <= 3 for r in first for n in r["question"].split("+"))
+
+
+def test_records_space_too_small():
+  # 1-digit addition has only 100 distinct questions.
+  assert len(tasks.arithmetic_records(100, seed=0, min_digits=1, max_digits=1)) == 100
+  with pytest.raises(ValueError, match="only 100 distinct problems"):
+    tasks.arithmetic_records(101, seed=0, min_digits=1, max_digits=1)
+
+
+def test_splits_disjoint_and_bucketed():
+  splits = tasks.arithmetic_splits(0, n_sft=300, n_rl=200, n_eval=100)
+  questions = {name: [r["question"] for r in recs] for name, recs in splits.items()}
+  for name, qs in questions.items():
+    assert len(qs) == len(set(qs)), name
+  sft, rl, held_out = (set(questions[k]) for k in ("sft", "rl", "eval"))
+  assert not held_out & (sft | rl) and not sft & rl
+  assert len(sft) == 300 and len(rl) == 200 and len(held_out) == 200
+  assert all(r["bucket"] == "covered" and r["difficulty"] <= 2 and r["reasoning"]
+             for r in splits["sft"])
+  for name in ("rl", "eval"):
+    assert all(r["reasoning"] is None and r["answer"] for r in splits[name]), name
+    uncovered = [r for r in splits[name] if r["bucket"] == "uncovered"]
+    assert len(uncovered) == len(splits[name]) // 2, name
+    assert all(r["difficulty"] == 3 for r in uncovered)
+  # The held-out set does not move when the training sizes do.
+  assert tasks.arithmetic_splits(0, n_sft=50, n_rl=10, n_eval=100)["eval"] == splits["eval"]
+  assert tasks.arithmetic_splits(1, n_sft=50, n_rl=10, n_eval=100)["eval"] != splits["eval"]
+
+
+def test_reasoning_gym_missing(monkeypatch):
+  monkeypatch.setitem(sys.modules, "reasoning_gym", None)  # Makes the import fail.
+  with pytest.raises(DataError, match="reasoning_gym is not installed: pip install reasoning-gym"):
+    tasks.reasoning_gym_records("basic_arithmetic", 2, seed=0)
+
+
+def test_reasoning_gym_adapter_with_fake_module(monkeypatch):
+  calls = []
+
+  def create_dataset(name, size, seed, **config):
+    calls.append((name, size, seed, config))
+    if name != "chain_sum":
+      raise ValueError(f"Dataset '{name}' not registered")
+    return [{"question": f"q{i}", "answer": i * seed, "metadata": {"difficulty": {"terms": 2}}}
+            for i in range(size)]
+
+  fake = types.ModuleType("reasoning_gym")
+  fake.create_dataset = create_dataset
+  monkeypatch.setitem(sys.modules, "reasoning_gym", fake)
+  records = tasks.reasoning_gym_records("chain_sum", 3, seed=5, min_terms=2)
+  assert calls == [("chain_sum", 3, 5, {"min_terms": 2})]
+  assert records[2] == dict(question="q2", reasoning=None, answer="10",
+                            difficulty={"terms": 2}, task="chain_sum",
+                            metadata={"difficulty": {"terms": 2}})
+  with pytest.raises(DataError, match="reasoning-gym task 'nope': Dataset 'nope' not registered"):
+    tasks.reasoning_gym_records("nope", 1, seed=0)

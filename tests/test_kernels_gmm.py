@@ -1,0 +1,104 @@
+"""Grouped matmul (gmm / tgmm / FP8 gmm) against jax.lax.ragged_dot references (interpret mode)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import _grouped, fp8, gmm
+
+FP8_GEMM_REL_BOUND = 0.06  # see test_kernels_fp8.py
+# (M, K, N, group_sizes): empty groups in the middle and last, K and N not multiples of 128, a
+# group straddling row tiles, and 12 rows past sum(group_sizes), which ragged_dot defines as zero.
+# One case only: every interpreted kernel shape costs seconds of compilation.
+CASES = {
+    "ragged": (192, 200, 160, (40, 0, 90, 0, 50, 0)),
+}
+
+
+def _inputs(case, dtype=jnp.float32):
+  m, k, n, sizes = CASES[case]
+  keys = jax.random.split(jax.random.key(0), 3)
+  lhs = jax.random.normal(keys[0], (m, k)).astype(dtype)
+  rhs = (jax.random.normal(keys[1], (len(sizes), k, n)) * k ** -0.5).astype(dtype)
+  dout = jax.random.normal(keys[2], (m, n)).astype(dtype)
+  return lhs, rhs, jnp.array(sizes, jnp.int32), dout
+
+
+@functools.lru_cache(maxsize=None)
+def _vjp_outputs(case, dtype, fp8_on):
+  """Kernel and reference (out, dlhs, drhs); cached since interpreted kernels compile slowly."""
+  lhs, rhs, sizes, dout = _inputs(case, dtype)
+  results = []
+  for fn in (lambda a, b: gmm.gmm(a, b, sizes, fp8=fp8_on, interpret=True),
+             lambda a, b: gmm.gmm_reference(a, b, sizes)):
+    out, vjp = jax.vjp(fn, lhs, rhs)
+    results.append((out, *vjp(dout)))
+  return results
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_gmm_values_and_grads_match_ragged_dot(case):
+  kernel, reference = _vjp_outputs(case, jnp.float32, False)
+  for a, b in zip(kernel, reference):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+  m, _, _, sizes = CASES[case]
+  if sum(sizes) < m:  # rows nobody owns stay zero in the output and the lhs gradient
+    assert float(jnp.abs(kernel[0][sum(sizes):]).max()) == 0.0
+    assert float(jnp.abs(kernel[1][sum(sizes):]).max()) == 0.0
+  empty = [g for g, s in enumerate(sizes) if s == 0]
+  assert float(jnp.abs(kernel[2][jnp.array(empty)]).max()) == 0.0
+
+
+def test_gmm_bf16():
+  kernel, reference = _vjp_outputs("ragged", jnp.bfloat16, False)
+  for a, b in zip(kernel, reference):
+    assert a.dtype == jnp.bfloat16
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    np.testing.assert_allclose(a, b, rtol=2**-7, atol=2**-7 * float(jnp.abs(b).max()))
+
+
+def test_tgmm_matches_reference():
+  lhs, _, sizes, dout = _inputs("ragged")
+  out = gmm.tgmm(lhs, dout, sizes, interpret=True)
+  assert out.shape == (len(CASES["ragged"][3]), lhs.shape[1], dout.shape[1])
+  np.testing.assert_allclose(out, gmm.tgmm_reference(lhs, dout, sizes), rtol=1e-5, atol=1e-4)
+
+
+def test_gmm_fp8_prequantized_matches_reference():
+  lhs, rhs, sizes, _ = _inputs("ragged")
+  lq, ls = fp8.quantize_activations(lhs)
+  rq, rs = fp8.quantize_weights(rhs)
+  out = gmm.gmm_fp8(lq, ls, rq, rs, sizes, out_dtype=jnp.float32, interpret=True)
+  ref = gmm.gmm_fp8_reference(lq, ls, rq, rs, sizes, out_dtype=jnp.float32)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
+
+
+def test_gmm_fp8_on_the_fly_error_bound():
+  (out, dlhs, drhs), (ref, dlhs_ref, drhs_ref) = _vjp_outputs("ragged", jnp.float32, True)
+  rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+  assert 0.01 < rel(out, ref) < FP8_GEMM_REL_BOUND   # FP8 forward
+  assert 0.01 < rel(dlhs, dlhs_ref) < FP8_GEMM_REL_BOUND  # FP8 dgrad
+  assert rel(drhs, drhs_ref) < 1e-5  # wgrad stays in the input precision
+
+
+@pytest.mark.parametrize("sizes,m,tm", [((40, 0, 90, 0, 62, 0), 256, 64), ((0, 0), 128, 32),
+                                        ((5, 5, 5, 5, 5), 64, 32)])
+def test_group_metadata_covers_each_overlap_once(sizes, m, tm):
+  offsets, group, tile, valid = map(np.asarray, _grouped.group_metadata(jnp.array(sizes), m, tm))
+  items = {(int(t), int(g)) for t, g, v in zip(tile, group, valid) if v}
+  expected = {(t, g) for t in range(m // tm) for g in range(len(sizes))
+              if sizes[g] and min(offsets[g + 1], (t + 1) * tm) > max(offsets[g], t * tm)}
+  assert items == expected and int(valid.sum()) == len(expected)
+  assert list(tile[valid == 1]) == sorted(tile[valid == 1])  # tile-major: output blocks revisit
+  # consecutively, which the accumulator scheme relies on
+
+
+def test_gmm_rejects_bad_shapes():
+  lhs, rhs, sizes, _ = _inputs("ragged")
+  with pytest.raises(ValueError, match="lhs"):
+    gmm.gmm(lhs[:, :100], rhs, sizes)
+  with pytest.raises(ValueError, match="group_sizes"):
+    gmm.gmm(lhs, rhs, sizes[:2])

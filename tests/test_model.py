@@ -1,0 +1,130 @@
+"""The functional model: remat policies, gradients, MTP outputs, expert counts, capacity drops."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from r1jax import model
+from r1jax.config import ModelConfig
+from r1jax.model import moe as moe_lib
+from testing import jit, random_params
+
+# 1 dense + 2 MoE layers, 2 MTP modules (so the depth axis is not trivially 1)
+CFG = ModelConfig.from_config(dict(
+    model_type="deepseek_v3", vocab_size=64, hidden_size=32, intermediate_size=48,
+    num_hidden_layers=3, num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16,
+    qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8,
+    num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=1, n_group=2,
+    topk_group=1, num_nextn_predict_layers=2, rope_factor=4.0,
+    original_max_position_embeddings=8))
+B, T = 2, 16
+
+
+@pytest.fixture(scope="module")
+def params():
+  return random_params(CFG, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tokens():
+  return jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (B, T)), jnp.int32)
+
+
+def loss_fn(params, tokens, cfg):
+  """Next-token cross entropy on the main and MTP logits plus the balance statistic: a loss
+  that reaches every parameter except the (non-gradient) router bias."""
+  logits, aux = model.forward_with_aux(params, tokens, cfg, mtp=True)
+  def xent(lg, shift):
+    lp = jax.nn.log_softmax(lg[:, :-shift])
+    return -jnp.take_along_axis(lp, tokens[:, shift:, None], -1).mean()
+  loss = xent(logits, 1)
+  for k in range(cfg.num_nextn_predict_layers):
+    loss = loss + 0.3 * xent(aux["mtp_logits"][k], k + 2)
+  return loss + 1e-2 * aux["balance"], logits
+
+
+@functools.lru_cache(maxsize=None)
+def value_and_grad(cfg):
+  """((loss, logits), grads) of loss_fn."""
+  return jit(jax.value_and_grad(functools.partial(loss_fn, cfg=cfg), has_aux=True))
+
+
+@functools.lru_cache(maxsize=None)
+def forward(cfg, mtp=True):
+  return jit(functools.partial(model.forward_with_aux, cfg=cfg, mtp=mtp))
+
+
+def test_grad_is_finite_and_reaches_every_trainable_param(params, tokens):
+  (loss, _), grads = value_and_grad(CFG)(params, tokens)
+  assert np.isfinite(float(loss)) and float(loss) > 0
+  for path, g in jax.tree.flatten_with_path(grads)[0]:
+    name = jax.tree_util.keystr(path)
+    g = np.asarray(g)
+    assert np.all(np.isfinite(g)), name
+    if "router_bias" in name:  # steers selection only; updated by the balancing rule
+      assert np.all(g == 0), name
+    else:
+      assert np.abs(g).max() > 0, f"no gradient reaches {name}"
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_policies_match_no_remat(params, tokens, policy):
+  # without MTP: its compile doubles the cost; the MTP scan's remat shares maybe_remat
+  cfg = CFG.replace(num_nextn_predict_layers=0)
+  params = {k: v for k, v in params.items() if k != "mtp"}
+  (loss_ref, logits_ref), grads_ref = value_and_grad(cfg)(params, tokens)
+  (loss, logits), grads = value_and_grad(cfg.replace(remat=policy))(params, tokens)
+  np.testing.assert_allclose(logits, logits_ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               grads, grads_ref)
+
+
+def test_mtp_logits_shape_and_meaning(params, tokens):
+  logits, aux = forward(CFG)(params, tokens)
+  D, V = CFG.num_nextn_predict_layers, CFG.vocab_size
+  assert logits.shape == (B, T, V) and logits.dtype == jnp.float32
+  assert aux["mtp_logits"].shape == (D, B, T, V)
+  # module 2 differs from module 1, and the main logits do not depend on mtp=True
+  assert float(jnp.abs(aux["mtp_logits"][1] - aux["mtp_logits"][0]).max()) > 1e-3
+  logits_no_mtp, aux_no_mtp = forward(CFG, mtp=False)(params, tokens)
+  assert "mtp_logits" not in aux_no_mtp
+  np.testing.assert_allclose(logits, logits_no_mtp, rtol=1e-6, atol=1e-6)
+  # MTP position i (module 1) sees token i + 1: changing the last token changes position T-2
+  changed = tokens.at[:, -1].set((tokens[:, -1] + 1) % V)
+  mtp_changed = forward(CFG)(params, changed)[1]["mtp_logits"]
+  assert float(jnp.abs(mtp_changed[0, :, T - 2] - aux["mtp_logits"][0, :, T - 2]).max()) > 1e-4
+  np.testing.assert_allclose(mtp_changed[0, :, :T - 2], aux["mtp_logits"][0, :, :T - 2],
+                             atol=1e-6)
+
+
+def test_expert_counts_sum_to_assignments(params, tokens):
+  _, aux = forward(CFG)(params, tokens)
+  counts = np.asarray(aux["expert_counts"])
+  assert counts.shape == (CFG.num_moe_layers, CFG.n_routed_experts)
+  np.testing.assert_array_equal(counts.sum(1), B * T * CFG.num_experts_per_tok)
+  assert counts.max() < B * T  # an expert gets a token at most once
+  mtp_counts = np.asarray(aux["mtp_expert_counts"])
+  assert mtp_counts.shape == (CFG.num_nextn_predict_layers, CFG.n_routed_experts)
+  np.testing.assert_array_equal(mtp_counts.sum(1), B * T * CFG.num_experts_per_tok)
+  assert float(aux["dropped"]) == 0 and float(aux["balance"]) > 0
+
+
+def test_capacity_drops_exactly_the_overflow(params, tokens):
+  cfg = CFG.replace(moe_impl="capacity", capacity_factor=0.5)
+  C = moe_lib.capacity(cfg, B * T)
+  assert C < B * T * cfg.num_experts_per_tok / cfg.n_routed_experts
+  logits, aux = forward(cfg, mtp=False)(params, tokens)
+  counts = np.asarray(aux["expert_counts"])
+  expected = np.maximum(counts - C, 0).sum()
+  assert expected > 0 and float(aux["dropped"]) == expected
+  dropless_logits, dropless = forward(CFG.replace(moe_impl="capacity"), mtp=False)(params, tokens)
+  assert float(dropless["dropped"]) == 0
+  assert float(jnp.abs(logits - dropless_logits).max()) > 1e-3
+  ragged_logits = forward(CFG, mtp=False)(params, tokens)[0]
+  np.testing.assert_allclose(dropless_logits, ragged_logits, rtol=1e-5, atol=1e-5)
