@@ -217,9 +217,12 @@ class ModelConfig:
                  first_k_dense_replace=0, num_nextn_predict_layers=0, rope_type="default",
                  rope_interleave=False, attention_bias=model_type == "qwen2",
                  rope_theta=1e6 if model_type == "qwen2" else 1e4)
-    # DeepSeek-V2 has no MTP module (its config.json has no num_nextn_predict_layers field)
-    return cls(model_type=model_type,
-               num_nextn_predict_layers=0 if model_type == "deepseek_v2" else 1)
+    if model_type == "deepseek_v2":
+      # transformers' DeepseekV2 defaults (its config.json may omit them): softmax greedy
+      # routing, no correction bias, no MTP module
+      return cls(model_type=model_type, scoring_func="softmax", topk_method="greedy",
+                 norm_topk_prob=False, routed_scaling_factor=1.0, num_nextn_predict_layers=0)
+    return cls(model_type=model_type)
 
   @classmethod
   def from_hf(cls, hf: Mapping[str, Any], **overrides) -> "ModelConfig":
@@ -244,6 +247,9 @@ class ModelConfig:
     if rtype not in ("default", "yarn"):
       raise ConfigError(f"config.json: rope type {rtype!r} is not supported (default, yarn)")
     kw["rope_type"] = rtype
+    for k in ("n_group", "topk_group"):  # transformers' DeepseekV2 writes null for ungrouped
+      if k in kw and kw[k] is None:
+        kw[k] = 1
     if rtype == "yarn":
       kw["rope_factor"] = float(rope.get("factor", 1.0))
       for k in ("original_max_position_embeddings", "beta_fast", "beta_slow"):

@@ -239,7 +239,8 @@ def load(path: str, dtype=jnp.float32, **overrides):
                     "layer; loading without MTP", path, cfg.num_nextn_predict_layers)
     cfg = cfg.replace(num_nextn_predict_layers=0)
   abstract = P.abstract(cfg)
-  buffers = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), abstract)
+  # zeros, not empty: leaves without a checkpoint tensor (V2's router_bias) must be defined
+  buffers = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
   seen = set()
   for e in entries(cfg):
     leaf = _get_path(buffers, e.path)

@@ -88,3 +88,34 @@ def validate(c) -> ModelConfig:
 def stage_steps(c, stage_cfg) -> int:
   steps = int(stage_cfg.get("steps", 0))
   return min(steps, int(c.max_steps)) if int(c.max_steps) else steps
+
+
+def tiny_moe_fields(**overrides) -> dict:
+  """The tiny DeepSeek-V3-style MoE of the CPU configs (~2M parameters, every V3 mechanism on:
+  q-LoRA MLA, interleaved YaRN RoPE, a dense first layer, sigmoid routing with correction bias,
+  group-limited top-k, a shared expert, MTP depth 1)."""
+  fields = dict(
+      model_type="deepseek_v3", vocab_size=128, hidden_size=128, intermediate_size=256,
+      num_hidden_layers=4, num_attention_heads=4,
+      # mla
+      q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+      # moe
+      n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=64,
+      first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+      # yarn
+      max_position_embeddings=1024, original_max_position_embeddings=256, rope_factor=4.0,
+      # mtp
+      num_nextn_predict_layers=1,
+      moe_impl="capacity", capacity_factor=None,  # dropless; the fast path on CPU
+      dtype="float32", param_dtype="float32")
+  fields.update(overrides)
+  return fields
+
+
+def tiny_student_fields(**overrides) -> dict:
+  """A small dense Qwen2-style student sharing the char tokenizer."""
+  fields = dict(model_type="qwen2", vocab_size=128, hidden_size=96, intermediate_size=256,
+                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=512, tie_word_embeddings=True)
+  fields.update(overrides)
+  return fields

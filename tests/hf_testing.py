@@ -43,6 +43,18 @@ def deepseek_config(*, rope=None, rope_theta=10000.0, **kw):
   return transformers.DeepseekV3Config(**_rope(base, rope, rope_theta))
 
 
+def deepseek_v2_config(*, rope=None, rope_theta=10000.0, **kw):
+  """A tiny DeepseekV2Config (softmax greedy routing, no correction bias); n_group left at
+  transformers' default (None)."""
+  base = dict(vocab_size=160, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+              n_shared_experts=2, n_routed_experts=8, num_experts_per_tok=3,
+              first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=16,
+              qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=256)
+  base.update(kw)
+  return transformers.DeepseekV2Config(**_rope(base, rope, rope_theta))
+
+
 def qwen2_config(**kw):
   base = dict(vocab_size=144, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
               num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,

@@ -41,6 +41,9 @@ DEEPSEEK_CASES = {
                                       "mscale_all_dim": 0.707},
                                 max_position_embeddings=48), 0.0, 48),
 }
+# DeepSeek-V2 (V2-Lite style): softmax scores, greedy top-k, no correction bias, 2 shared experts
+V2_CASE = dict(rope={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 24,
+                     "mscale": 0.707, "mscale_all_dim": 0.707}, max_position_embeddings=48)
 QWEN_CASES = {"untied": dict(tie_word_embeddings=False), "tied": dict(tie_word_embeddings=True)}
 
 
@@ -70,6 +73,9 @@ def checkpoints(tmp_path_factory):
       if name in DEEPSEEK_CASES:
         kw, bias, T = DEEPSEEK_CASES[name]
         m = H.make_model(H.deepseek_config(**kw), seed=len(cache), bias_scale=bias)
+      elif name == "deepseek_v2":
+        m = H.make_model(H.deepseek_v2_config(**V2_CASE), seed=len(cache))
+        T = 48
       else:
         m = H.make_model(H.qwen2_config(**QWEN_CASES[name]), seed=len(cache))
         T = 40
@@ -80,7 +86,7 @@ def checkpoints(tmp_path_factory):
   return get
 
 
-@pytest.mark.parametrize("name", list(DEEPSEEK_CASES) + list(QWEN_CASES))
+@pytest.mark.parametrize("name", list(DEEPSEEK_CASES) + ["deepseek_v2"] + list(QWEN_CASES))
 def test_logits_match_transformers(checkpoints, name):
   ck = checkpoints(name)
   cfg, params = ck.load()
@@ -107,6 +113,11 @@ def test_case_settings_reach_our_config(checkpoints):
   cfg, params = hf.load(checkpoints("dense2_yarn_v2lite").path)
   assert cfg.num_dense_layers == 2 and cfg.num_moe_layers == 1
   assert params["dense_layers"]["mlp"]["gate"].shape[0] == 2
+  cfg, params = hf.load(checkpoints("deepseek_v2").path)
+  assert (cfg.scoring_func, cfg.topk_method, cfg.n_group, cfg.num_nextn_predict_layers) == (
+      "softmax", "greedy", 1, 0)
+  # no correction bias in a V2 checkpoint: the unused leaf must be defined (zeros)
+  np.testing.assert_array_equal(params["moe_layers"]["moe"]["router_bias"], 0)
   cfg, params = hf.load(checkpoints("untied").path)
   assert cfg.kv_heads < cfg.num_attention_heads and cfg.attention_bias
   for b in ("q_bias", "k_bias", "v_bias"):

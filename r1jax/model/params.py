@@ -17,6 +17,8 @@ DeepSeek tree:            Dense (Qwen2/Llama) tree:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import Any, Callable
 
 import jax
@@ -156,30 +158,45 @@ def logical_axes(cfg: ModelConfig):
   return jax.tree.map(lambda s: s.axes, declare(cfg), is_leaf=_is_spec)
 
 
+MAX_DRAW = 2**30  # elements per random draw (one draw compiles far faster than one per leaf)
+
+
+@functools.partial(jax.jit, static_argnums=0)
 def init(cfg: ModelConfig, rng: jax.Array):
-  """Random parameters (normal(0.02) matrices, unit norms, zero biases), one key per leaf path."""
-  specs = declare(cfg)
-  leaves, treedef = jax.tree.flatten_with_path(specs, is_leaf=_is_spec)
+  """Random parameters: normal(0.02) matrices, unit norms, zero biases.
 
-  def make(path, spec: ParamSpec):
-    dtype = _dtype(cfg, spec)
-    if spec.init == "ones":
-      return jnp.ones(spec.shape, dtype)
-    if spec.init == "zeros":
-      return jnp.zeros(spec.shape, dtype)
-    key = jax.random.fold_in(rng, _path_hash(path))
-    return (INIT_STD * jax.random.normal(key, spec.shape, jnp.float32)).astype(dtype)
+  The normal leaves are cut from a few large draws (of at most MAX_DRAW elements) rather than one
+  draw per leaf: XLA:CPU compiles each threefry draw separately, and one per leaf made init take
+  ~30 s for the tiny model. Deterministic in `rng` and the declaration order.
+  """
+  leaves, treedef = jax.tree.flatten(declare(cfg), is_leaf=_is_spec)
+  out: list = [None] * len(leaves)
 
-  return jax.tree.unflatten(treedef, [make(p, s) for p, s in leaves])
+  def draw(group, g):
+    sizes = [math.prod(leaves[i].shape) for i in group]
+    flat = jax.random.normal(jax.random.fold_in(rng, g), (sum(sizes),), jnp.float32)
+    offset = 0
+    for i, n in zip(group, sizes):
+      out[i] = (INIT_STD * flat[offset:offset + n]).reshape(leaves[i].shape).astype(
+          _dtype(cfg, leaves[i]))
+      offset += n
 
-
-def _path_hash(path) -> int:
-  """A stable 31-bit id of a tree path, so each leaf's init is independent of tree order."""
-  name = jax.tree_util.keystr(path).encode()
-  h = 2166136261
-  for b in name:
-    h = ((h ^ b) * 16777619) & 0xFFFFFFFF
-  return h & 0x7FFFFFFF
+  groups, size = [[]], 0
+  for i, spec in enumerate(leaves):
+    if spec.init != "normal":
+      fill = jnp.ones if spec.init == "ones" else jnp.zeros
+      out[i] = fill(spec.shape, _dtype(cfg, spec))
+      continue
+    n = math.prod(spec.shape)
+    if groups[-1] and size + n > MAX_DRAW:
+      groups.append([])
+      size = 0
+    groups[-1].append(i)
+    size += n
+  for g, group in enumerate(groups):
+    if group:
+      draw(group, g)
+  return jax.tree.unflatten(treedef, out)
 
 
 def count(tree) -> int:

@@ -8,8 +8,9 @@ Prompts are left-padded to a bucketed length (the longest prompt rounded up to a
 `PROMPT_BUCKET`, so prompt-length jitter does not recompile); positions start at 0 at each row's
 first real token, so a row's logits equal those of its unpadded sequence. A row stops at EOS or
 any of `stop_ids` (the stop token is part of the completion); the loop ends when every row has
-stopped or `max_new_tokens` is reached. The jitted core is cached per (cfg, shapes, sampling
-settings) by `jax.jit` static arguments.
+stopped or `max_new_tokens` is reached. The jitted core is cached by `jax.jit` per (cfg, shapes,
+whether top-k/top-p filtering is on); temperature, top-k, top-p, greedy and the stop ids are
+traced, so changing them does not recompile.
 
 `logprobs` are log p(token) under the model's *untempered* distribution (temperature 1, no top-k
 or top-p), whatever the sampling settings: they are GRPO's old log-probs when rollouts sample at
@@ -42,17 +43,6 @@ from r1jax.model import decode
 PROMPT_BUCKET = 16
 
 
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-  """Static sampling settings: changing one recompiles the core."""
-  temperature: float = 1.0
-  top_p: float = 1.0
-  top_k: int = 0  # 0 = off
-  greedy: bool = False
-  stop_ids: tuple[int, ...] = ()  # EOS and other stop tokens
-  pad_id: int = 0
-
-
 @dataclasses.dataclass
 class Rollout:
   """Numpy outputs of `generate`. P is the bucketed prompt length, N = max_new_tokens."""
@@ -65,30 +55,29 @@ class Rollout:
   prompt_lengths: np.ndarray  # int32 [B]
 
 
-def filter_logits(logits_BV, params: SamplingParams):
-  """Temperature, then top-k, then top-p (nucleus) masking, as in HF's default order."""
-  logits = logits_BV / params.temperature
-  if params.top_k:
-    kth = jax.lax.top_k(logits, params.top_k)[0][:, -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if params.top_p < 1.0:
-    sorted_desc = -jnp.sort(-logits, axis=-1)
-    probs = jax.nn.softmax(sorted_desc, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    # keep the smallest prefix whose mass reaches top_p (the top token always stays)
-    n_keep = jnp.maximum(jnp.sum(mass_before < params.top_p, axis=-1, keepdims=True), 1)
-    cutoff = jnp.take_along_axis(sorted_desc, n_keep - 1, axis=-1)
-    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-  return logits
+def filter_logits(logits_BV, temperature, top_k, top_p):
+  """Temperature, then top-k, then top-p (nucleus) masking, HF's order. All three may be traced:
+  top_k = 0 is off, top_p = 1 is off. One descending sort serves both filters."""
+  V = logits_BV.shape[-1]
+  logits = logits_BV / temperature
+  sorted_desc = -jnp.sort(-logits, axis=-1)
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+  in_top_k = jnp.arange(V) < k
+  probs = jax.nn.softmax(jnp.where(in_top_k, sorted_desc, -jnp.inf), axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  # keep the smallest prefix whose mass reaches top_p; the top token always stays
+  n_keep = jnp.sum((mass_before < top_p) & in_top_k, axis=-1, keepdims=True)
+  cutoff = jnp.take_along_axis(sorted_desc, jnp.maximum(n_keep, 1) - 1, axis=-1)
+  return jnp.where(logits < cutoff, -jnp.inf, logits)
 
 
-def sample_token(logits_BV, key, params: SamplingParams):
-  """Next tokens [B] int32 and their untempered log-probs [B] fp32."""
-  if params.greedy:
-    token = jnp.argmax(logits_BV, axis=-1)
-  else:
-    token = jax.random.categorical(key, filter_logits(logits_BV, params), axis=-1)
-  token = token.astype(jnp.int32)
+def sample_token(logits_BV, key, knobs, filtered: bool):
+  """Next tokens [B] int32 and their untempered log-probs [B] fp32. `knobs` holds the traced
+  settings (temperature, top_k, top_p, greedy); `filtered` (static) compiles top-k/top-p in."""
+  scaled = (filter_logits(logits_BV, knobs["temperature"], knobs["top_k"], knobs["top_p"])
+            if filtered else logits_BV / knobs["temperature"])
+  token = jnp.where(knobs["greedy"], jnp.argmax(logits_BV, axis=-1),
+                    jax.random.categorical(key, scaled, axis=-1)).astype(jnp.int32)
   logprob = jnp.take_along_axis(jax.nn.log_softmax(logits_BV, axis=-1), token[:, None], -1)[:, 0]
   return token, logprob
 
@@ -106,11 +95,11 @@ def _batch_constraint(x):
   return jax.lax.with_sharding_constraint(x, spec)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling"))
-def _generate_core(params, prompt_BP, pad_B, rng, *, cfg: ModelConfig, max_new_tokens: int,
-                   sampling: SamplingParams):
+def _generate_core(params, prompt_BP, pad_B, rng, knobs, *, cfg: ModelConfig,
+                   max_new_tokens: int, filtered: bool):
   """Prefill + while-loop decode. Returns completion [B, N], logprobs [B, N], lengths [B],
-  stopped [B]."""
+  stopped [B]. `knobs`: traced sampling settings and stop ids (changing them does not
+  recompile)."""
   B, P = prompt_BP.shape
   N = max_new_tokens
   prompt_BP, pad_B = _batch_constraint(prompt_BP), _batch_constraint(pad_B)
@@ -118,19 +107,18 @@ def _generate_core(params, prompt_BP, pad_B, rng, *, cfg: ModelConfig, max_new_t
   cache = jax.tree.map(_batch_constraint, decode.init_cache(cfg, B, P + N))
   positions = jnp.maximum(jnp.arange(P, dtype=jnp.int32)[None, :] - pad_B[:, None], 0)
   logits, cache = decode.forward_cached(params, prompt_BP, positions, cache, 0, pad_B, cfg)
-  stop_ids = jnp.asarray(sampling.stop_ids or (-1,), jnp.int32)
 
   def emit(state, logits_BV, i):
     """Sample token i for the rows still running and record it."""
     out, logprobs, lengths, stopped = state
-    token, logprob = sample_token(logits_BV, jax.random.fold_in(rng, i), sampling)
-    token = jnp.where(stopped, sampling.pad_id, token)
+    token, logprob = sample_token(logits_BV, jax.random.fold_in(rng, i), knobs, filtered)
+    token = jnp.where(stopped, knobs["pad_id"], token)
     logprob = jnp.where(stopped, 0.0, logprob)
     lengths = lengths + (~stopped).astype(jnp.int32)
-    stopped = stopped | jnp.isin(token, stop_ids)
+    stopped = stopped | jnp.isin(token, knobs["stop_ids"])
     return (out.at[:, i].set(token), logprobs.at[:, i].set(logprob), lengths, stopped)
 
-  state = (jnp.full((B, N), sampling.pad_id, jnp.int32), jnp.zeros((B, N), jnp.float32),
+  state = (jnp.full((B, N), knobs["pad_id"], jnp.int32), jnp.zeros((B, N), jnp.float32),
            jnp.zeros((B,), jnp.int32), jnp.zeros((B,), bool))
   state = jax.tree.map(_batch_constraint, emit(state, logits[:, -1], 0))
 
@@ -149,6 +137,14 @@ def _generate_core(params, prompt_BP, pad_B, rng, *, cfg: ModelConfig, max_new_t
   return state
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted_core(compiler_options: tuple = ()):
+  """The jitted core, one per set of XLA compiler options; jax.jit caches the compiles per
+  (cfg, shapes, filtered)."""
+  return jax.jit(_generate_core, static_argnames=("cfg", "max_new_tokens", "filtered"),
+                 compiler_options=dict(compiler_options) or None)
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, bucket: int = PROMPT_BUCKET):
   """Left-padded int32 [B, P] with P = the longest prompt rounded up to `bucket`, and the pad
   lengths [B]."""
@@ -165,24 +161,30 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, bucket: int = PROMPT
 def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              rng: jax.Array, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              greedy: bool = False, eos_id: int | None, stop_ids: Sequence[int] = (),
-             pad_id: int = 0) -> Rollout:
-  """Sample up to `max_new_tokens` tokens after each prompt (lists of token ids)."""
+             pad_id: int = 0, compiler_options: dict | None = None) -> Rollout:
+  """Sample up to `max_new_tokens` tokens after each prompt (lists of token ids).
+
+  compiler_options: XLA options for the jitted core (tests pass fast-compile options on CPU).
+  """
   if max_new_tokens < 1:
     raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 1")
   if not greedy and temperature <= 0:
     raise ValueError(f"generate: temperature={temperature} must be > 0 (or use greedy=True)")
   if not 0 < top_p <= 1:
     raise ValueError(f"generate: top_p={top_p} must be in (0, 1]")
-  stops = tuple(sorted({int(s) for s in stop_ids} | ({int(eos_id)} if eos_id is not None else set())))
-  sampling = SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
-                            greedy=bool(greedy), stop_ids=stops, pad_id=int(pad_id))
+  stops = sorted({int(s) for s in stop_ids} | ({int(eos_id)} if eos_id is not None else set()))
+  knobs = {"temperature": np.float32(1.0 if greedy else temperature),
+           "top_k": np.int32(top_k), "top_p": np.float32(top_p), "greedy": np.bool_(greedy),
+           "stop_ids": np.asarray(stops or [-1], np.int32), "pad_id": np.int32(pad_id)}
+  filtered = not greedy and (top_k > 0 or top_p < 1)
   prompt_BP, pad_B = left_pad(prompts, pad_id)
   if max(map(len, prompts)) + max_new_tokens > cfg.max_position_embeddings:
     raise ValueError(f"generate: longest prompt {max(map(len, prompts))} + max_new_tokens="
                      f"{max_new_tokens} exceeds max_position_embeddings="
                      f"{cfg.max_position_embeddings}")
-  out = _generate_core(params, jnp.asarray(prompt_BP), jnp.asarray(pad_B), rng, cfg=cfg,
-                       max_new_tokens=int(max_new_tokens), sampling=sampling)
+  core = _jitted_core(tuple(sorted((compiler_options or {}).items())))
+  out = core(params, jnp.asarray(prompt_BP), jnp.asarray(pad_B), rng, knobs, cfg=cfg,
+              max_new_tokens=int(max_new_tokens), filtered=filtered)
   completion, logprobs, lengths, stopped = jax.tree.map(np.asarray, out)
   return Rollout(tokens=np.concatenate([prompt_BP, completion], axis=1), completion=completion,
                  logprobs=logprobs,
