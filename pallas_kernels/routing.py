@@ -76,6 +76,33 @@ def _finish_weights(weights_TK, norm_topk_prob, routed_scaling_factor):
   return weights_TK * routed_scaling_factor
 
 
+def _gate_weights(logits, expert_ids, scoring_func, norm_topk_prob, routed_scaling_factor):
+  """Weights [T, k] of the chosen experts as a function of the logits (selection held fixed)."""
+  weights_TK = jnp.take_along_axis(_scores(logits, scoring_func), expert_ids, axis=1)
+  return _finish_weights(weights_TK, norm_topk_prob, routed_scaling_factor)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _with_weight_grad(logits, expert_ids, kernel_weights, static):
+  """kernel_weights, differentiable in the logits: the selection is piecewise constant, so the
+  gradient is that of `_gate_weights` at fixed expert ids (a [T, k] gather, recomputed in XLA)."""
+  del logits, expert_ids, static
+  return kernel_weights
+
+
+def _with_weight_grad_fwd(logits, expert_ids, kernel_weights, static):
+  return kernel_weights, (logits, expert_ids)
+
+
+def _with_weight_grad_bwd(static, res, dweights):
+  logits, expert_ids = res
+  _, vjp = jax.vjp(lambda l: _gate_weights(l, expert_ids, *static), logits)
+  return vjp(dweights)[0], None, None
+
+
+_with_weight_grad.defvjp(_with_weight_grad_fwd, _with_weight_grad_bwd)
+
+
 def _argmax_lowest(x_TE, col_TE, num_experts):
   """Row max and the lowest column attaining it (jax.lax.top_k's tie order)."""
   best = jnp.max(x_TE, axis=1, keepdims=True)
@@ -166,15 +193,22 @@ def route(logits, bias=None, *, top_k: int, n_group: int = 1, topk_group: int = 
           scoring_func: str = "sigmoid", norm_topk_prob: bool = True,
           routed_scaling_factor: float = 1.0, block_sizes: BlockSizes | None = None,
           interpret: bool | None = None):
-  """Router kernel; see the module docstring for shapes and semantics."""
+  """Router kernel; see the module docstring for shapes and semantics.
+
+  Differentiable in `logits` through the weights (as route_reference is); not in `bias`, which
+  steers the selection only.
+  """
   _check(logits, bias, top_k, n_group, topk_group, scoring_func)
   if bias is None:
     bias = jnp.zeros((logits.shape[1],), jnp.float32)
-  return _route(logits, bias, top_k=top_k, n_group=n_group, topk_group=topk_group,
-                scoring_func=scoring_func, norm_topk_prob=norm_topk_prob,
-                routed_scaling_factor=float(routed_scaling_factor),
-                block_sizes=block_sizes or BlockSizes.default(),
-                interpret=C.resolve_interpret(interpret))
+  weights, expert_ids, sort_idx, group_sizes = _route(
+      jax.lax.stop_gradient(logits), jax.lax.stop_gradient(bias), top_k=top_k, n_group=n_group,
+      topk_group=topk_group, scoring_func=scoring_func, norm_topk_prob=norm_topk_prob,
+      routed_scaling_factor=float(routed_scaling_factor),
+      block_sizes=block_sizes or BlockSizes.default(), interpret=C.resolve_interpret(interpret))
+  static = (scoring_func, norm_topk_prob, float(routed_scaling_factor))
+  weights = _with_weight_grad(logits, expert_ids, weights, static)
+  return weights, expert_ids, sort_idx, group_sizes
 
 
 def route_reference(logits, bias=None, *, top_k: int, n_group: int = 1, topk_group: int = 1,
@@ -194,7 +228,6 @@ def route_reference(logits, bias=None, *, top_k: int, n_group: int = 1, topk_gro
   keep_TG = jnp.zeros((t, n_group), jnp.bool_).at[jnp.arange(t)[:, None], top_groups].set(True)
   keep_TE = jnp.repeat(keep_TG, num_experts // n_group, axis=1)
   _, expert_ids = jax.lax.top_k(jnp.where(keep_TE, select_TE, 0.0), top_k)
-  weights = jnp.take_along_axis(scores_TE, expert_ids, axis=1)
-  weights = _finish_weights(weights, norm_topk_prob, routed_scaling_factor)
   expert_ids = expert_ids.astype(jnp.int32)
+  weights = _gate_weights(logits, expert_ids, scoring_func, norm_topk_prob, routed_scaling_factor)
   return (weights, expert_ids, *_dispatch(expert_ids, num_experts))

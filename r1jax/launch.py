@@ -10,6 +10,7 @@ import datetime
 import json
 import logging
 import os
+import re
 import sys
 
 from absl import flags
@@ -46,11 +47,30 @@ def _parse(argv):
     FLAGS(argv)
   except flags.Error as e:
     raise UserError(str(e).splitlines()[0]) from None
-  except (AttributeError, KeyError, TypeError, ValueError) as e:  # config_flags override errors
+  except (AttributeError, KeyError) as e:  # config_flags: override of a key the config lacks
+    key = re.findall(r"'(\w+)'", str(e))
+    flag = next((a.split("=")[0] for a in argv if a.startswith("--config.") and key and
+                 key[0] in a.split("=")[0].split(".")), None)
+    if flag is None:
+      raise UserError(f"bad config override: {str(e).splitlines()[0]}") from None
+    raise UserError(f"unknown config key {key[0]!r} in {flag}") from None
+  except OSError as e:  # config_flags: overrides applied to a config file that did not load
+    raise UserError(_load_error(e)) from None
+  except (TypeError, ValueError) as e:  # config_flags override errors
     raise UserError(f"bad config override: {str(e).splitlines()[0]}") from None
   if FLAGS.config is None:
     raise UserError("--config is required (e.g. --config configs/r1_tiny.py)")
+  if type(FLAGS.config).__name__ == "_ErrorConfig":  # config_flags defers load failures
+    raise UserError(_load_error(object.__getattribute__(FLAGS.config, "_error")))
   return FLAGS.config
+
+
+def _load_error(e: BaseException) -> str:
+  """One line for a config file that config_flags could not load (its message spans lines)."""
+  while e.__cause__ is not None and "earlier failure" in str(e):
+    e = e.__cause__
+  reason = [ln.strip() for ln in str(e).splitlines() if ln.strip().startswith("[Errno")]
+  return f"cannot load config file: {reason[-1] if reason else str(e).splitlines()[0]}"
 
 
 def main(argv=None) -> int:

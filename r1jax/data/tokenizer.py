@@ -85,7 +85,10 @@ class CharTokenizer:
 
   def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
     skip = _control_ids(self) if skip_special else set()
-    return "".join(self._itos[int(i)] for i in ids if int(i) not in skip)
+    # ids past the vocabulary (a model's padded embedding rows) decode to U+FFFD, never crash
+    n = len(self._itos)
+    return "".join(self._itos[int(i)] if 0 <= int(i) < n else "\ufffd"
+                   for i in ids if int(i) not in skip)
 
 
 def _token_text(value) -> str | None:

@@ -87,7 +87,7 @@ def gqa_cached(p, x, cos, sin, mask, c, index, cfg: ModelConfig):
   c = {"k": _write(c["k"], k, index), "v": _write(c["v"], v, index)}
   dtype = cfg.jnp_dtype
   out = L.attend(q, c["k"].astype(dtype), c["v"].astype(dtype), mask, L.softmax_scale(cfg))
-  return out_proj(p, out, dtype), c
+  return out_proj(p, out, dtype, cfg.fp8), c
 
 
 def decoder_layer_cached(p, x, cos, sin, mask, c, index, cfg: ModelConfig):
@@ -101,7 +101,7 @@ def decoder_layer_cached(p, x, cos, sin, mask, c, index, cfg: ModelConfig):
   if "moe" in p:
     y = moe_lib.moe_block(p["moe"], h, cfg)[0]
   else:
-    y = L.swiglu_mlp(p["mlp"], h, dtype)
+    y = L.swiglu_mlp(p["mlp"], h, dtype, cfg.fp8)
   return x + y, c
 
 

@@ -13,24 +13,24 @@ from r1jax.model.deepseek import embed, head
 def qkv(p, x, cos, sin, cfg: ModelConfig):
   """Rotated q [B,T,H,d], k [B,T,K,d] and v [B,T,K,d]."""
   dtype = cfg.jnp_dtype
-  q, k, v = (L.dense(x, p[n], dtype) for n in ("q", "k", "v"))
+  q, k, v = (L.dense(x, p[n], dtype, cfg.fp8) for n in ("q", "k", "v"))
   if "q_bias" in p:
     q, k, v = (t + p[f"{n}_bias"].astype(dtype) for t, n in ((q, "q"), (k, "k"), (v, "v")))
   return L.apply_rope(q, cos, sin, False), L.apply_rope(k, cos, sin, False), v
 
 
-def out_proj(p, attn_out, dtype):
+def out_proj(p, attn_out, dtype, fp8: bool = False):
   return L.dense(attn_out.reshape(*attn_out.shape[:2], -1),
-                 p["o"].reshape(-1, p["o"].shape[-1]), dtype)
+                 p["o"].reshape(-1, p["o"].shape[-1]), dtype, fp8)
 
 
 def decoder_layer(p, x, cos, sin, mask, cfg: ModelConfig):
   dtype = cfg.jnp_dtype
   h = L.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
   q, k, v = qkv(p["attn"], h, cos, sin, cfg)
-  x = x + out_proj(p["attn"], L.attend(q, k, v, mask, L.softmax_scale(cfg)), dtype)
+  x = x + out_proj(p["attn"], L.attend(q, k, v, mask, L.softmax_scale(cfg)), dtype, cfg.fp8)
   h = L.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-  return x + L.swiglu_mlp(p["mlp"], h, dtype)
+  return x + L.swiglu_mlp(p["mlp"], h, dtype, cfg.fp8)
 
 
 def forward_with_aux(params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=None,

@@ -23,15 +23,25 @@ def rms_norm(x, w, eps: float):
   return w.astype(x.dtype) * y.astype(x.dtype)
 
 
-def dense(x, w, dtype):
-  """x[..., in] @ w[in, ...] in the compute dtype with fp32 accumulation."""
+def dense(x, w, dtype, fp8: bool = False):
+  """x [..., in] @ w [in, *out] -> [..., *out] in the compute dtype, fp32 accumulation.
+
+  The one projection helper: with fp8 the product is `pallas_kernels.fp8.linear` (DeepSeek-V3
+  recipe: on-the-fly e4m3 quantization in 1x128 activation tiles and 128x128 weight blocks;
+  forward, dgrad and wgrad are FP8 GEMMs). w is quantized from its master dtype, not from a
+  compute-dtype copy, and its gradient comes back in that dtype.
+  """
+  if fp8:
+    from pallas_kernels import fp8 as fp8_lib  # lazy: the kernels load only when used
+    y = fp8_lib.linear(x.astype(dtype), w.reshape(w.shape[0], -1))
+    return y.reshape(*x.shape[:-1], *w.shape[1:])
   return jnp.tensordot(x.astype(dtype), w.astype(dtype), axes=1,
                        preferred_element_type=jnp.float32).astype(dtype)
 
 
-def swiglu_mlp(p, x, dtype):
-  h = jax.nn.silu(dense(x, p["gate"], dtype)) * dense(x, p["up"], dtype)
-  return dense(h, p["down"], dtype)
+def swiglu_mlp(p, x, dtype, fp8: bool = False):
+  h = jax.nn.silu(dense(x, p["gate"], dtype, fp8)) * dense(x, p["up"], dtype, fp8)
+  return dense(h, p["down"], dtype, fp8)
 
 
 # ------------------------------------------------------------------ rope

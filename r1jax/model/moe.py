@@ -3,16 +3,23 @@
 Expert compute paths (`cfg.moe_impl`), all dropless unless `cfg.capacity_factor` is set:
 - "ragged_dot": sort assignments by expert, grouped matmul with `jax.lax.ragged_dot`
   (the fast path on GPU/TPU);
-- "pallas": the same with the Pallas grouped matmul (`pallas_kernels.gmm`);
+- "pallas": the same with the Pallas grouped matmul (`pallas_kernels.gmm`; interpreted on CPU);
 - "capacity": sort + per-expert buffers [E, C, D] + batched einsum (the fast path on CPU, where
   XLA expands ragged_dot densely); C = ceil(N*k/E * capacity_factor), or N (dropless) if None;
 - "dense": every expert on every token, weighted by the (mostly zero) combine matrix; a
   reference for tests, never fast.
 Shapes: N tokens, D width, E experts, k experts per token, I expert width, C capacity.
+
+`cfg.fp8` runs every expert matmul as an FP8 GEMM (DeepSeek-V3 recipe): the grouped paths through
+`pallas_kernels.gmm.gmm(fp8=True)` ("ragged_dot" keeps it off the interpreter: XLA's ragged_dot
+on dequantized operands on CPU/GPU, the Mosaic kernel on TPU), "capacity" and "dense" through
+`layers.dense(fp8=True)` mapped over the experts. `cfg.router_impl = "pallas"` selects experts
+with the fused router kernel (`pallas_kernels.routing`); the router itself stays fp32.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -22,14 +29,17 @@ from r1jax.config import ModelConfig
 from r1jax.model import layers as L
 
 
+def _scores(logits_NE, cfg: ModelConfig):
+  if cfg.scoring_func == "sigmoid":
+    return jax.nn.sigmoid(logits_NE)
+  return jax.nn.softmax(logits_NE, axis=-1)
+
+
 def route(logits_NE, bias_E, cfg: ModelConfig):
   """Top-k routing. Returns weights [N,k] fp32, expert ids [N,k] int32, scores [N,E] fp32."""
   N, E = logits_NE.shape
   G = cfg.n_group
-  if cfg.scoring_func == "sigmoid":
-    scores = jax.nn.sigmoid(logits_NE)
-  else:
-    scores = jax.nn.softmax(logits_NE, axis=-1)
+  scores = _scores(logits_NE, cfg)
   # the correction bias steers selection only; gate weights come from the unbiased scores
   choice = scores + jax.lax.stop_gradient(bias_E) if cfg.topk_method == "noaux_tc" else scores
   if G > 1:
@@ -48,6 +58,22 @@ def route(logits_NE, bias_E, cfg: ModelConfig):
   return weights * cfg.routed_scaling_factor, ids.astype(jnp.int32), scores
 
 
+def route_pallas(logits_NE, bias_E, cfg: ModelConfig):
+  """`route` through the fused Pallas router; same outputs, differentiable in the logits."""
+  from pallas_kernels import routing
+  # the kernel scores groups by their top-2 experts iff sigmoid; `route` iff noaux_tc
+  if cfg.n_group > 1 and (cfg.scoring_func == "sigmoid") != (cfg.topk_method == "noaux_tc"):
+    raise ValueError(f"router_impl='pallas' supports group-limited routing with sigmoid+noaux_tc "
+                     f"or softmax+greedy; got scoring_func={cfg.scoring_func!r}, "
+                     f"topk_method={cfg.topk_method!r}")
+  bias = jax.lax.stop_gradient(bias_E) if cfg.topk_method == "noaux_tc" else None
+  weights, ids = routing.route(
+      logits_NE, bias, top_k=cfg.num_experts_per_tok, n_group=cfg.n_group,
+      topk_group=cfg.topk_group, scoring_func=cfg.scoring_func,
+      norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor)[:2]
+  return weights, ids, _scores(logits_NE, cfg)
+
+
 def _expert_ffn_sorted(p, xs, group_sizes, dtype, matmul):
   h = jax.nn.silu(matmul(xs, p["gate"].astype(dtype), group_sizes)) * \
       matmul(xs, p["up"].astype(dtype), group_sizes)
@@ -59,9 +85,16 @@ def _ragged_dot(x, w, group_sizes):
                             preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def _pallas_gmm(x, w, group_sizes):
+def _pallas_gmm(x, w, group_sizes, fp8: bool = False, interpret: bool | None = None):
+  """pallas_kernels.gmm: rows past sum(group_sizes) (ids of other devices' experts) give 0."""
   from pallas_kernels import gmm
-  return gmm.gmm(x, w, group_sizes).astype(x.dtype)
+  return gmm.gmm(x, w, group_sizes, fp8=fp8, interpret=interpret)
+
+
+def _expert_matmul(buf_E, w_E, dtype, fp8: bool):
+  """Per-expert x [E, ..., in] @ w [E, in, out] with `layers.dense` (FP8 GEMMs when fp8)."""
+  in_axes = (None if buf_E.ndim == 2 else 0, 0)  # [N, D] tokens shared by every expert
+  return jax.vmap(functools.partial(L.dense, dtype=dtype, fp8=fp8), in_axes)(buf_E, w_E)
 
 
 def _sort_assignments(ids_Nk, E):
@@ -101,10 +134,9 @@ def experts_capacity(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig):
   starts = jnp.cumsum(group_sizes) - group_sizes
   rank = jnp.arange(order.shape[0]) - starts[expert]  # slot within the expert's buffer
   buf = jnp.zeros((E, C, D), dtype).at[expert, rank].set(x_ND[token].astype(dtype), mode="drop")
-  h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buf, p["gate"].astype(dtype))) * \
-      jnp.einsum("ecd,edf->ecf", buf, p["up"].astype(dtype))
-  out = jnp.einsum("ecf,efd->ecd", h, p["down"].astype(dtype),
-                   preferred_element_type=jnp.float32)
+  h = jax.nn.silu(_expert_matmul(buf, p["gate"], dtype, cfg.fp8)) * \
+      _expert_matmul(buf, p["up"], dtype, cfg.fp8)
+  out = _expert_matmul(h, p["down"], dtype, cfg.fp8).astype(jnp.float32)
   y = out.at[expert, rank].get(mode="fill", fill_value=0)  # dropped slots read zeros
   y = y * weights_Nk.reshape(-1)[order][:, None]
   dropped = jnp.sum((rank >= C) & (expert < E)).astype(jnp.float32)
@@ -117,9 +149,9 @@ def experts_dense(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig):
   combine = jnp.zeros((N, p["gate"].shape[0]), jnp.float32)
   combine = combine.at[jnp.arange(N)[:, None], ids_Nk].add(weights_Nk, mode="drop")
   x = x_ND.astype(dtype)
-  h = jax.nn.silu(jnp.einsum("nd,edf->enf", x, p["gate"].astype(dtype))) * \
-      jnp.einsum("nd,edf->enf", x, p["up"].astype(dtype))
-  y = jnp.einsum("enf,efd->end", h, p["down"].astype(dtype), preferred_element_type=jnp.float32)
+  h = jax.nn.silu(_expert_matmul(x, p["gate"], dtype, cfg.fp8)) * \
+      _expert_matmul(x, p["up"], dtype, cfg.fp8)
+  y = _expert_matmul(h, p["down"], dtype, cfg.fp8).astype(jnp.float32)
   return jnp.einsum("end,ne->nd", y, combine), jnp.zeros((), jnp.float32)
 
 
@@ -127,9 +159,12 @@ def routed_experts(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig):
   """Weighted sum of each token's k experts, [N, D] fp32, and the number of dropped
   assignments. `p` holds the experts [E_local, ...]; ids >= E_local contribute nothing."""
   if cfg.moe_impl == "ragged_dot":
-    return experts_grouped(p, x_ND, weights_Nk, ids_Nk, cfg, _ragged_dot)
+    matmul = (functools.partial(_pallas_gmm, fp8=True, interpret=False) if cfg.fp8
+              else _ragged_dot)
+    return experts_grouped(p, x_ND, weights_Nk, ids_Nk, cfg, matmul)
   if cfg.moe_impl == "pallas":
-    return experts_grouped(p, x_ND, weights_Nk, ids_Nk, cfg, _pallas_gmm)
+    return experts_grouped(p, x_ND, weights_Nk, ids_Nk, cfg,
+                           functools.partial(_pallas_gmm, fp8=cfg.fp8))
   if cfg.moe_impl == "capacity":
     return experts_capacity(p, x_ND, weights_Nk, ids_Nk, cfg)
   return experts_dense(p, x_ND, weights_Nk, ids_Nk, cfg)
@@ -155,16 +190,8 @@ def moe_block(p, x_BTD, cfg: ModelConfig):
   B, T, D = x_BTD.shape
   x = x_BTD.reshape(B * T, D)
   logits = jnp.dot(x.astype(jnp.float32), p["router"].astype(jnp.float32))
-  if cfg.router_impl == "pallas":
-    from pallas_kernels import routing
-    weights, ids = routing.route(
-        logits, p["router_bias"], top_k=cfg.num_experts_per_tok, n_group=cfg.n_group,
-        topk_group=cfg.topk_group, scoring_func=cfg.scoring_func,
-        norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor)[:2]
-    scores = (jax.nn.sigmoid(logits) if cfg.scoring_func == "sigmoid"
-              else jax.nn.softmax(logits, -1))
-  else:
-    weights, ids, scores = route(logits, p["router_bias"], cfg)
+  router = route_pallas if cfg.router_impl == "pallas" else route
+  weights, ids, scores = router(logits, p["router_bias"], cfg)
   mesh = jax.sharding.get_abstract_mesh()
   if not mesh.empty and mesh.size > 1:
     from r1jax.parallel import expert
@@ -173,7 +200,7 @@ def moe_block(p, x_BTD, cfg: ModelConfig):
     y, dropped = routed_experts(p, x, weights, ids, cfg)
   y = y.astype(dtype).reshape(B, T, D)
   if "shared" in p:
-    y = y + L.swiglu_mlp(p["shared"], x_BTD, dtype)
+    y = y + L.swiglu_mlp(p["shared"], x_BTD, dtype, cfg.fp8)
   stats = {"counts": jnp.bincount(ids.reshape(-1), length=cfg.n_routed_experts
                                   ).astype(jnp.float32),
            "balance": sequence_balance(scores.reshape(B, T, -1),

@@ -74,9 +74,11 @@ def filter_logits(logits_BV, temperature, top_k, top_p):
 def sample_token(logits_BV, key, knobs, filtered: bool):
   """Next tokens [B] int32 and their untempered log-probs [B] fp32. `knobs` holds the traced
   settings (temperature, top_k, top_p, greedy); `filtered` (static) compiles top-k/top-p in."""
-  scaled = (filter_logits(logits_BV, knobs["temperature"], knobs["top_k"], knobs["top_p"])
-            if filtered else logits_BV / knobs["temperature"])
-  token = jnp.where(knobs["greedy"], jnp.argmax(logits_BV, axis=-1),
+  # ids past the tokenizer's vocabulary (padded embedding rows) are never sampled
+  allowed = jnp.where(jnp.arange(logits_BV.shape[-1]) < knobs["vocab_limit"], logits_BV, -jnp.inf)
+  scaled = (filter_logits(allowed, knobs["temperature"], knobs["top_k"], knobs["top_p"])
+            if filtered else allowed / knobs["temperature"])
+  token = jnp.where(knobs["greedy"], jnp.argmax(allowed, axis=-1),
                     jax.random.categorical(key, scaled, axis=-1)).astype(jnp.int32)
   logprob = jnp.take_along_axis(jax.nn.log_softmax(logits_BV, axis=-1), token[:, None], -1)[:, 0]
   return token, logprob
@@ -161,9 +163,12 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, bucket: int = PROMPT
 def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              rng: jax.Array, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              greedy: bool = False, eos_id: int | None, stop_ids: Sequence[int] = (),
-             pad_id: int = 0, compiler_options: dict | None = None) -> Rollout:
+             pad_id: int = 0, vocab_limit: int | None = None,
+             compiler_options: dict | None = None) -> Rollout:
   """Sample up to `max_new_tokens` tokens after each prompt (lists of token ids).
 
+  vocab_limit: sample only ids below it (the tokenizer's vocabulary when the model's embedding
+  is padded); log-probs stay those of the model's full distribution.
   compiler_options: XLA options for the jitted core (tests pass fast-compile options on CPU).
   """
   if max_new_tokens < 1:
@@ -175,7 +180,8 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
   stops = sorted({int(s) for s in stop_ids} | ({int(eos_id)} if eos_id is not None else set()))
   knobs = {"temperature": np.float32(1.0 if greedy else temperature),
            "top_k": np.int32(top_k), "top_p": np.float32(top_p), "greedy": np.bool_(greedy),
-           "stop_ids": np.asarray(stops or [-1], np.int32), "pad_id": np.int32(pad_id)}
+           "stop_ids": np.asarray(stops or [-1], np.int32), "pad_id": np.int32(pad_id),
+           "vocab_limit": np.int32(vocab_limit or cfg.vocab_size)}
   filtered = not greedy and (top_k > 0 or top_p < 1)
   prompt_BP, pad_B = left_pad(prompts, pad_id)
   if max(map(len, prompts)) + max_new_tokens > cfg.max_position_embeddings:

@@ -32,7 +32,8 @@ def generate_texts(ctx: common.Context, cfg, params, prompts, *, rng, batch_size
     with jax.set_mesh(ctx.mesh):
       out = sampler.generate(params, cfg, chunk, max_new_tokens=max_new_tokens,
                              rng=jax.random.fold_in(rng, i), eos_id=ctx.tokenizer.eos_id,
-                             pad_id=ctx.tokenizer.pad_id, **sampling)
+                             pad_id=ctx.tokenizer.pad_id,
+                             vocab_limit=ctx.tokenizer.vocab_size, **sampling)
     for b in range(real):
       ids = out.completion[b, :int(out.lengths[b])]
       texts.append(ctx.tokenizer.decode(list(ids), skip_special=False))

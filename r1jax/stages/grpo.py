@@ -83,7 +83,7 @@ def run_grpo(ctx: common.Context, name: str, s):
   dynamic, max_refills = bool(s.get("dynamic_sampling", False)), int(s.get("max_refills", 2))
   sampling = dict(max_new_tokens=N, temperature=float(s.get("temperature", 1.0)),
                   top_p=float(s.get("top_p", 1.0)), eos_id=ctx.tokenizer.eos_id,
-                  pad_id=ctx.tokenizer.pad_id)
+                  pad_id=ctx.tokenizer.pad_id, vocab_limit=ctx.tokenizer.vocab_size)
   samples = []
 
   def sample(st, records, key):

@@ -1,0 +1,94 @@
+"""User errors at the command line: each exits 2 with exactly one `error: ...` line on stderr and
+no traceback (DESIGN.md, "The command line"). All of them fail before anything compiles."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SFT_TINY = os.path.join(ROOT, "configs", "sft_tiny.py")
+
+
+def launch(*args, workdir):
+  """Run the launcher; the environment (JAX_PLATFORMS, XLA_FLAGS, cache dir set by conftest)
+  is passed on explicitly."""
+  return subprocess.run([sys.executable, "-m", "r1jax.launch", *args, "--workdir", str(workdir)],
+                        cwd=ROOT, env=dict(os.environ), capture_output=True, text=True,
+                        timeout=180)
+
+
+def assert_user_error(proc, *fragments):
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+  assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert len(lines) == 1, proc.stderr[-2000:]
+  assert lines[0].startswith("error: "), lines[0]
+  for fragment in fragments:
+    assert fragment in lines[0], (fragment, lines[0])
+  return lines[0]
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+  good = '{"question": "1+1", "answer": "2"}\n'
+  (tmp_path / "malformed.jsonl").write_text(good + good + '{"question": "2+2", "answer" "4"}\n')
+  (tmp_path / "missing.jsonl").write_text(good + '{"question": "2+2"}\n')
+  return tmp_path
+
+
+def test_malformed_jsonl_names_file_and_line(data_dir, tmp_path):
+  path = data_dir / "malformed.jsonl"
+  proc = launch("--config", SFT_TINY, "--config.data.task=file",
+                f"--config.data.train_file={path}", workdir=tmp_path / "run")
+  assert_user_error(proc, f"{path}:3:", "malformed JSON")
+
+
+def test_missing_field_names_file_line_and_field(data_dir, tmp_path):
+  path = data_dir / "missing.jsonl"
+  proc = launch("--config", SFT_TINY, "--config.data.task=file",
+                f"--config.data.train_file={path}", workdir=tmp_path / "run")
+  assert_user_error(proc, f"{path}:2:", "missing field 'answer'")
+
+
+@pytest.mark.parametrize("override, key", [("--config.model.nonexistent=1", "nonexistent"),
+                                           ("--config.no_such_section=1", "no_such_section")])
+def test_unknown_config_key(tmp_path, override, key):
+  proc = launch("--config", SFT_TINY, override, workdir=tmp_path / "run")
+  assert_user_error(proc, key)
+
+
+def test_ill_typed_override(tmp_path):
+  proc = launch("--config", SFT_TINY, "--config.data.batch_size=abc", workdir=tmp_path / "run")
+  assert_user_error(proc, "data.batch_size", "abc")
+
+
+def test_nonexistent_config_file(tmp_path):
+  missing = tmp_path / "no_such_config.py"
+  proc = launch("--config", str(missing), workdir=tmp_path / "run")
+  assert_user_error(proc, str(missing))
+  # with overrides too (config_flags applies them to the config that failed to load)
+  proc = launch("--config", str(missing), "--config.seed=3", workdir=tmp_path / "run")
+  assert_user_error(proc, str(missing))
+
+
+def test_init_from_nonexistent_checkpoint_dir(tmp_path):
+  missing = tmp_path / "no_such_checkpoint"
+  proc = launch("--config", SFT_TINY, f"--config.init_from={missing}", workdir=tmp_path / "run")
+  assert_user_error(proc, str(missing))
+
+
+def test_bad_stage_order(tmp_path):
+  proc = launch("--config", SFT_TINY, "--config.stage_order=('sft', 'nope')",
+                workdir=tmp_path / "run")
+  assert_user_error(proc, "stage_order", "'nope'")
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path):
+  """A workdir holds one config; reusing it with another one is a user error, not a resume."""
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "config.json").write_text('{"seed": 123}')
+  proc = launch("--config", SFT_TINY, workdir=run)
+  assert_user_error(proc, str(run), "different config")

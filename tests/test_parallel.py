@@ -1,0 +1,264 @@
+"""Sharded runs equal single-device runs: forward logits, gradients and optimizer steps of the tiny
+MoE on meshes of 8 simulated CPU devices; sharding rules; all-to-all drop counting; mesh errors.
+
+Parameters are drawn at the model's init scale (std 0.02, testing.random_params), where logits
+are O(1) and the sharded results agree with one device to ~5e-7 (logits) and ~3e-8 (gradients):
+float32 summation order is the only difference, so the 1e-5 bound is absolute. Scaled-up
+parameters (std 0.1) make the logits O(10) and the same relative error reaches ~1e-5 absolute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from r1jax import model, parallel, run_config, train
+from r1jax.config import ConfigError, ModelConfig
+from r1jax.model import moe as moe_lib
+from r1jax.parallel import expert as expert_lib
+from r1jax.parallel import memory
+from r1jax.train import losses
+from testing import jit, random_params
+
+# 1 dense + 1 MoE layer and one MTP module (itself an MoE layer): 16 experts, top-2, 4 groups
+CFG = ModelConfig.from_config(run_config.tiny_moe_fields(
+    num_hidden_layers=2, capacity_factor=None, num_nextn_predict_layers=1))
+B, T = 8, 32  # B divides every mesh's batch split (8 or 4 devices)
+MESHES = {"data8": dict(data=8), "data2_expert4": dict(data=2, expert=4),
+          "fsdp2_expert2_tensor2": dict(fsdp=2, expert=2, tensor=2)}
+# (mesh, expert_dispatch): without an `expert` axis both strategies are the same program
+CASES = [("data8", "allgather"), ("data2_expert4", "allgather"), ("data2_expert4", "all_to_all"),
+         ("fsdp2_expert2_tensor2", "allgather"), ("fsdp2_expert2_tensor2", "all_to_all")]
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def params():
+  return random_params(CFG, seed=0, std=0.02)
+
+
+@pytest.fixture(scope="module")
+def batch():
+  """Two packed segments per row (20 + 12 tokens), as the data pipeline makes them."""
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(2, CFG.vocab_size, (B, T)).astype(np.int32)
+  seg = np.where(np.arange(T) < 20, 1, 2).astype(np.int32)
+  pos = np.concatenate([np.arange(20), np.arange(T - 20)]).astype(np.int32)
+  mask = (rng.random((B, T)) < 0.8).astype(np.float32)
+  return dict(tokens=tokens, targets=np.roll(tokens, -1, axis=1), loss_mask=mask,
+              segment_ids=np.broadcast_to(seg, (B, T)).copy(),
+              positions=np.broadcast_to(pos, (B, T)).copy())
+
+
+def _loss(params, batch, cfg):
+  """SFT-style loss reaching every trainable parameter: CE + MTP CE + balance statistic."""
+  logits, aux = model.forward_with_aux(params, batch["tokens"], cfg, mtp=True,
+                                       segment_ids=batch["segment_ids"],
+                                       positions=batch["positions"])
+  ce = losses.cross_entropy(logits, batch["targets"], batch["loss_mask"])
+  mtp = losses.mtp_loss(aux["mtp_logits"], batch["targets"], batch["loss_mask"],
+                        batch["segment_ids"])
+  return ce + 0.3 * mtp + 1e-2 * aux["balance"], (logits, aux["expert_counts"])
+
+
+@functools.lru_cache(maxsize=None)
+def _value_and_grad(cfg):
+  return jit(jax.value_and_grad(functools.partial(_loss, cfg=cfg), has_aux=True))
+
+
+def _mesh(name):
+  return parallel.make_mesh(MESHES[name])
+
+
+@pytest.fixture(scope="module")
+def reference(params, batch):
+  out = _value_and_grad(CFG)(params, batch)
+  return jax.tree.map(np.asarray, out)
+
+
+def test_reference_is_not_degenerate(reference):
+  """The comparison means something: routing spreads over every expert shard, logits vary."""
+  (loss, (logits, counts)), grads = reference
+  assert np.isfinite(loss) and 0.5 < np.abs(logits).max() < 10 and logits.std() > 0.05
+  counts = counts.reshape(-1, 4)  # 16 experts in 4 blocks, the shards of a 4-way expert axis
+  assert (counts.sum(1) > 0).all() and (counts > 0).sum() >= 12
+  assert all(np.abs(g).max() > 0 for k, g in _flat(grads).items() if "router_bias" not in k)
+
+
+def _flat(tree):
+  return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree.flatten_with_path(tree)[0]}
+
+
+@pytest.mark.parametrize("mesh_name,dispatch", CASES)
+def test_logits_and_grads_match_single_device(params, batch, reference, mesh_name, dispatch):
+  cfg = CFG.replace(expert_dispatch=dispatch)
+  mesh = _mesh(mesh_name)
+  sharded_params = parallel.shard_params(params, cfg, mesh)
+  with jax.set_mesh(mesh):
+    (loss, (logits, counts)), grads = _value_and_grad(cfg)(
+        sharded_params, parallel.shard_batch(batch, mesh))
+  (loss_ref, (logits_ref, counts_ref)), grads_ref = reference
+  # the inputs really were split: batch over the batch axes, experts over `expert`
+  assert len(logits.sharding.device_set) == 8
+  if "expert" in MESHES[mesh_name]:
+    gate = sharded_params["moe_layers"]["moe"]["gate"]
+    assert gate.addressable_shards[0].data.shape[1] == CFG.n_routed_experts // mesh.shape["expert"]
+  np.testing.assert_array_equal(counts, counts_ref)  # identical routing
+  np.testing.assert_allclose(logits, logits_ref, rtol=0, atol=TOL)
+  np.testing.assert_allclose(loss, loss_ref, rtol=0, atol=TOL)
+  flat, flat_ref = _flat(grads), _flat(grads_ref)
+  assert flat.keys() == flat_ref.keys()
+  for k in flat:
+    np.testing.assert_allclose(flat[k], flat_ref[k], rtol=0, atol=TOL, err_msg=k)
+
+
+def _optimizer():
+  optim = run_config.base_config().optim
+  optim.update(lr=1e-2, warmup_steps=0, schedule="constant")
+  return train.make_optimizer(optim, 10)
+
+
+def _run_steps(params, batch, cfg, mesh, n=3):
+  tx, lr = _optimizer()
+  step = jit(train.make_step(train.sft_loss(cfg, mtp_weight=0.3, balance_alpha=1e-3), tx, lr,
+                             bias_gamma=1e-2, jit=False), donate_argnums=(0,))
+  state = jit(lambda p: train.create(p, tx, 0))(params)
+  if mesh is not None:
+    shardings = jax.tree.map(lambda x: x.sharding, memory.abstract_state(cfg, tx, mesh))
+    state, batch = jax.device_put(state, shardings), parallel.shard_batch(batch, mesh)
+  losses_ = []
+  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    for _ in range(n):
+      state, metrics = step(state, batch)
+      losses_.append(float(metrics["loss"]))
+  return jax.tree.map(np.asarray, train.full_params(state)), losses_
+
+
+def test_optimizer_steps_match_single_device(params, batch):
+  """Three AdamW steps (with the correction-bias update) on the 2 fsdp x 2 expert x 2 tensor
+  mesh, experts exchanged by all-to-all, give the single-device parameters."""
+  cfg = CFG.replace(expert_dispatch="all_to_all")
+  ref, ref_losses = _run_steps(params, batch, cfg, None)
+  got, got_losses = _run_steps(params, batch, cfg, _mesh("fsdp2_expert2_tensor2"))
+  assert ref_losses[-1] < ref_losses[0]  # the steps did train
+  np.testing.assert_allclose(got_losses, ref_losses, rtol=0, atol=TOL)
+  flat, flat_ref, flat0 = _flat(got), _flat(ref), _flat(params)
+  moved = [k for k in flat_ref if np.abs(flat_ref[k] - flat0[k]).max() > 1e-3]
+  assert any("router_bias" in k for k in moved) and any("moe']['gate" in k for k in moved)
+  for k in flat:
+    np.testing.assert_allclose(flat[k], flat_ref[k], rtol=0, atol=TOL, err_msg=k)
+
+
+def test_rules_put_experts_on_expert_and_dense_weights_on_fsdp():
+  mesh = _mesh("fsdp2_expert2_tensor2")
+  specs = parallel.param_specs(CFG, mesh)
+  moe, dense = specs["moe_layers"]["moe"], specs["dense_layers"]["mlp"]
+  # [layers, E, D, I]: experts over `expert`, their model dim over `fsdp`, width over `tensor`
+  assert moe["gate"] == P(None, "expert", "fsdp", "tensor")
+  assert moe["down"] == P(None, "expert", "tensor", "fsdp")
+  # dense weights: the model dim over fsdp (and expert, plain data parallelism outside MoE)
+  assert dense["gate"] == P(None, ("fsdp", "expert"), "tensor")
+  assert specs["embed"] == P("tensor", ("fsdp", "expert"))
+  assert specs["moe_layers"]["moe"]["shared"]["up"] == P(None, ("fsdp", "expert"), "tensor")
+  assert specs["moe_layers"]["moe"]["router_bias"] == P(None, None)
+  # an axis that does not divide a dimension is dropped instead of failing
+  odd = parallel.spec_for(("exp", "embed"), (6, 128), parallel.make_mesh(dict(expert=4, fsdp=2)))
+  assert odd == P(None, ("fsdp", "expert"))
+
+
+@pytest.mark.parametrize("mesh_cfg,match", [
+    (dict(data=-1, fsdp=-1), "at most one axis may be -1"),
+    (dict(data=3), "need 3 devices, have 8"),
+    (dict(data=2, expert=2), "need 4 devices, have 8"),
+    (dict(data=-1, expert=3), "not divisible"),
+    (dict(pipeline=2), "mesh.pipeline is not a mesh axis"),
+    (dict(data=0), "mesh.data=0"),
+])
+def test_mesh_config_errors(mesh_cfg, match):
+  with pytest.raises(ConfigError, match=match):
+    parallel.make_mesh(mesh_cfg)
+
+
+def test_mesh_minus_one_takes_the_rest():
+  mesh = parallel.make_mesh(dict(data=-1, expert=4))
+  assert dict(mesh.shape) == dict(data=2, fsdp=1, expert=4, tensor=1)
+
+
+# ------------------------------------------------------------------ all-to-all drop counting
+
+def _two_level_capacity(ids_Nk, cfg, n_shards, ep):
+  """Which assignments survive the all-to-all path, in numpy: each source device keeps at most
+  C1 = ceil(n*k/ep * cf) assignments per destination device (in token order), and each
+  destination keeps at most C2 = capacity(local experts, ep*C1 rows) rows per local expert (in
+  source-then-slot order). Returns kept [N, k] bool."""
+  N, k = ids_Nk.shape
+  n, E_loc = N // n_shards, cfg.n_routed_experts // ep
+  A = n * k
+  C1 = min(A, math.ceil(A / ep * cfg.capacity_factor))
+  cfg1 = dataclasses.replace(cfg, num_experts_per_tok=1, n_routed_experts=E_loc)
+  C2 = moe_lib.capacity(cfg1, ep * C1)
+  kept = np.zeros((N, k), bool)
+  for group in range(n_shards // ep):  # devices of one expert group exchange tokens
+    rows = {}  # destination -> list of (flat assignment index) in receive order
+    for src in range(ep):
+      base = (group * ep + src) * n
+      flat = ids_Nk[base:base + n].reshape(-1)
+      for dst in range(ep):
+        mine = np.nonzero(flat // E_loc == dst)[0][:C1]
+        rows.setdefault(dst, []).extend(base * k + mine)
+    for dst, assignments in rows.items():
+      local = ids_Nk.reshape(-1)[assignments] % E_loc
+      for e in range(E_loc):
+        for a in np.asarray(assignments)[local == e][:C2]:
+          kept.reshape(-1)[a] = True
+  return kept
+
+
+def _experts_numpy(p, x, w, ids, kept):
+  silu = lambda v: v / (1 + np.exp(-v))
+  g, u, d = (np.asarray(p[k], np.float64) for k in ("gate", "up", "down"))
+  y = np.zeros(x.shape, np.float64)
+  for t, j in zip(*np.nonzero(kept)):
+    e = ids[t, j]
+    y[t] += w[t, j] * (silu(x[t] @ g[e]) * (x[t] @ u[e])) @ d[e]
+  return y
+
+
+def test_all_to_all_drops_follow_per_device_capacity():
+  """With capacity_factor set, all-to-all capacity is per (source, destination) device pair and
+  per local expert at the destination, not per expert over the global batch: the dropped count
+  legitimately differs from one device's. It equals the two-level rule exactly, and the output
+  is the sum over exactly the kept assignments."""
+  cfg = CFG.replace(capacity_factor=0.75, expert_dispatch="all_to_all")
+  mesh = _mesh("data2_expert4")
+  N, D, k, E = 256, CFG.hidden_size, CFG.num_experts_per_tok, CFG.n_routed_experts
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((N, D)).astype(np.float32)
+  # skewed routing (experts 0-3, on device 0 of each group, are popular) so that both levels drop
+  prefs = np.where(np.arange(E) < 4, 4.0, 1.0)
+  ids = np.stack([rng.choice(E, k, replace=False, p=prefs / prefs.sum())
+                  for _ in range(N)]).astype(np.int32)
+  w = rng.random((N, k)).astype(np.float32)
+  p = {key: 0.1 * rng.standard_normal((E,) + s).astype(np.float32)
+       for key, s in (("gate", (D, 64)), ("up", (D, 64)), ("down", (64, D)))}
+
+  kept = _two_level_capacity(ids, cfg, n_shards=8, ep=4)
+  with jax.set_mesh(mesh):
+    y, dropped = jit(lambda *a: expert_lib.dispatch(*a, cfg, mesh))(p, x, w, ids)
+  assert float(dropped) == (~kept).sum() > 0
+  np.testing.assert_allclose(y, _experts_numpy(p, x, w, ids, kept), rtol=1e-4, atol=1e-4)
+
+  # one device: capacity per expert over all N tokens, a different (here smaller) drop count
+  _, dropped_single = jit(lambda *a: moe_lib.routed_experts(*a, cfg))(p, x, w, ids)
+  C = moe_lib.capacity(cfg, N)
+  expected_single = np.maximum(np.bincount(ids.reshape(-1), minlength=E) - C, 0).sum()
+  assert float(dropped_single) == expected_single
+  assert float(dropped_single) != float(dropped)
