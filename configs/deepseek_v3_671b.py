@@ -30,7 +30,8 @@ def get_config(arg=None):
       mscale_all_dim=1.0,
       # mtp
       num_nextn_predict_layers=1,
-      moe_impl="ragged_dot", dtype="bfloat16", param_dtype="float32", remat="full")
+      moe_impl="ragged_dot", capacity_factor=1.25, expert_dispatch="all_to_all",
+      dtype="bfloat16", param_dtype="float32", remat="full")
   c.mesh.update(dict(data=1, fsdp=4, expert=64, tensor=1))
   c.data.update(batch_size=256, seq_len=4096, tokenizer="deepseek-ai/DeepSeek-R1")
   c.optim.update(lr=3e-6, mu_dtype="bfloat16")

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import typing
 from typing import Any, Mapping
 
 import numpy as np
@@ -337,6 +338,12 @@ def yarn_mscale(factor: float, mscale: float) -> float:
 def model_section(**fields):
   """An ml_collections `model` section: every ModelConfig field, so overrides type-check."""
   import ml_collections
+  from ml_collections import config_dict
   base = ModelConfig.preset(fields.get("model_type", "deepseek_v3"))
   d = dataclasses.asdict(dataclasses.replace(base, **fields))
-  return ml_collections.ConfigDict(d, type_safe=False)
+  hints = typing.get_type_hints(ModelConfig)
+  for k, v in d.items():
+    if v is None:  # a typed placeholder, so `--config.model.K=VALUE` can set it
+      kind = next(t for t in typing.get_args(hints[k]) if t is not type(None))
+      d[k] = config_dict.placeholder(kind)
+  return ml_collections.ConfigDict(d)

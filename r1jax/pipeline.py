@@ -120,7 +120,14 @@ class Pipeline:
         continue
       t0 = time.time()
       ctx.log.info(f"== stage {name} ({stage_cfg.kind}) ==")
+      policy = ctx.models["policy"]
+      if stage_cfg.get("start_from", ""):
+        ctx.models["policy"] = ctx.outputs[stage_cfg.start_from]
+      if stage_cfg.get("match_wall_of", ""):
+        ctx.wall_budget = next(e["wall_seconds"] for e in progress["summary"]
+                               if e["name"] == stage_cfg.match_wall_of)
       result = _runner(stage_cfg.kind)(ctx, name, stage_cfg)
+      ctx.wall_budget = None
       metrics, eval_out = result if isinstance(result, tuple) else (result, None)
       which = "student" if stage_cfg.kind == "distill" else "policy"
       if stage_cfg.kind in TRAINING_KINDS:
@@ -131,6 +138,9 @@ class Pipeline:
                                        template=stage_cfg.get("template", c.data.template),
                                        eval_cfg=c.eval)
         _save_output(out_dir, *ctx.models[which])  # every process writes its shards
+        ctx.outputs[name] = ctx.models[which]
+      if stage_cfg.get("branch", False):
+        ctx.models["policy"] = policy  # a control branch: the recipe continues from before it
       entry = {"name": name, "kind": stage_cfg.kind, "wall_seconds": round(time.time() - t0, 2),
                "metrics": {k: v for k, v in (metrics or {}).items() if not k.startswith("_")}}
       if eval_out is not None:
@@ -158,8 +168,10 @@ class Pipeline:
     if kind == "distill":
       s_cfg = sft.student_config(ctx, self.config.stages[name])
       like = model.init(s_cfg, jax.random.PRNGKey(0))
-      ctx.models["student"] = (s_cfg, _load_output(out_dir, like))
+      ctx.models["student"] = ctx.outputs[name] = (s_cfg, _load_output(out_dir, like))
     else:
       cfg, like = ctx.models["policy"]
-      ctx.models["policy"] = (cfg, _load_output(out_dir, like))
+      ctx.outputs[name] = (cfg, _load_output(out_dir, like))
+      if not self.config.stages[name].get("branch", False):
+        ctx.models["policy"] = ctx.outputs[name]
     ctx.log.info(f"[{name}] already complete; loaded its output")

@@ -122,7 +122,7 @@ def test_logits_and_grads_match_single_device(params, batch, reference, mesh_nam
 
 def _optimizer():
   optim = run_config.base_config().optim
-  optim.update(lr=1e-2, warmup_steps=0, schedule="constant")
+  optim.update(lr=1e-3, warmup_steps=0, schedule="constant")
   return train.make_optimizer(optim, 10)
 
 
@@ -151,7 +151,7 @@ def test_optimizer_steps_match_single_device(params, batch):
   assert ref_losses[-1] < ref_losses[0]  # the steps did train
   np.testing.assert_allclose(got_losses, ref_losses, rtol=0, atol=TOL)
   flat, flat_ref, flat0 = _flat(got), _flat(ref), _flat(params)
-  moved = [k for k in flat_ref if np.abs(flat_ref[k] - flat0[k]).max() > 1e-3]
+  moved = [k for k in flat_ref if np.abs(flat_ref[k] - flat0[k]).max() > 2e-3]
   assert any("router_bias" in k for k in moved) and any("moe']['gate" in k for k in moved)
   for k in flat:
     np.testing.assert_allclose(flat[k], flat_ref[k], rtol=0, atol=TOL, err_msg=k)

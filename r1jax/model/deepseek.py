@@ -21,7 +21,7 @@ def decoder_layer(p, x, cos, sin, mask, cfg: ModelConfig):
   if "moe" in p:
     y, stats = moe_lib.moe_block(p["moe"], h, cfg)
   else:
-    y, stats = L.swiglu_mlp(p["mlp"], h, dtype), None
+    y, stats = L.swiglu_mlp(p["mlp"], h, dtype, cfg.fp8), None
   return x + y, stats
 
 

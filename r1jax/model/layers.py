@@ -23,17 +23,19 @@ def rms_norm(x, w, eps: float):
   return w.astype(x.dtype) * y.astype(x.dtype)
 
 
-def dense(x, w, dtype, fp8: bool = False):
+def dense(x, w, dtype, fp8: bool = False, *, interpret: bool | None = None):
   """x [..., in] @ w [in, *out] -> [..., *out] in the compute dtype, fp32 accumulation.
 
   The one projection helper: with fp8 the product is `pallas_kernels.fp8.linear` (DeepSeek-V3
   recipe: on-the-fly e4m3 quantization in 1x128 activation tiles and 128x128 weight blocks;
   forward, dgrad and wgrad are FP8 GEMMs). w is quantized from its master dtype, not from a
-  compute-dtype copy, and its gradient comes back in that dtype.
+  compute-dtype copy, and its gradient comes back in that dtype. `interpret` goes to the kernel:
+  None interprets it on CPU, False never does (XLA on dequantized operands where Pallas has no
+  compiled path).
   """
   if fp8:
     from pallas_kernels import fp8 as fp8_lib  # lazy: the kernels load only when used
-    y = fp8_lib.linear(x.astype(dtype), w.reshape(w.shape[0], -1))
+    y = fp8_lib.linear(x.astype(dtype), w.reshape(w.shape[0], -1), interpret=interpret)
     return y.reshape(*x.shape[:-1], *w.shape[1:])
   return jnp.tensordot(x.astype(dtype), w.astype(dtype), axes=1,
                        preferred_element_type=jnp.float32).astype(dtype)

@@ -83,6 +83,8 @@ def report(config, num_devices: int | None = None) -> str:
   lines = [
       f"dry run: {cfg.model_type}, {cfg.num_params() / 1e9:.1f}B parameters, "
       f"mesh {sizes} ({n} devices), batch {B} x {T} tokens, remat={cfg.remat}",
+      f"experts: moe_impl={cfg.moe_impl}, expert_dispatch={cfg.expert_dispatch}, "
+      f"capacity_factor={cfg.capacity_factor}",
       f"compiled the SFT train step in {seconds:.1f} s on {jax.devices()[0].platform}",
       "per device:",
       f"  parameters        {params_b / GiB:9.2f} GiB ({cfg.param_dtype})",

@@ -41,6 +41,8 @@ class Context:
   models: dict  # name -> (ModelConfig, params); "policy" always, "student" after distill
   is_main: bool = True
   splits: dict | None = None  # task splits: sft / rl / eval records
+  outputs: dict = dataclasses.field(default_factory=dict)  # stage name -> (cfg, params)
+  wall_budget: float | None = None  # seconds: a control stage stops when they are spent
 
   def stage_dir(self, name: str) -> str:
     return os.path.join(self.workdir, "checkpoints", name)
@@ -115,8 +117,16 @@ def train_loop(ctx: Context, name: str, state, *, steps: int,
     ckpt.save(step, state, extra)
 
   every = max(int(c.log.every_steps), 1)
+  t_start = time.time()
   with _Preemption() as pre:
     for step in range(start + 1, steps + 1):
+      if ctx.wall_budget is not None and time.time() - t_start > ctx.wall_budget:
+        # an equal-wall-time control: stop here (not bit-reproducible: depends on the clock)
+        ctx.log.info(f"[{name}] wall-time budget of {ctx.wall_budget:.0f} s spent at step "
+                     f"{step - 1}")
+        if step - 1 > 0 and ckpt.latest_step() != step - 1:
+          save(step - 1, last)
+        break
       t0 = time.time()
       batch, host_metrics = next_batch(state)
       state, metrics = update(state, batch)
@@ -156,7 +166,18 @@ def restore_final(ctx: Context, name: str, state):
 
 
 def new_state(ctx: Context, params, tx, name: str):
-  return state_lib.create(params, tx, ctx.seed(name))
+  """A fresh train state, on a copy of `params`, placed on the mesh.
+
+  The copy: the step donates its state, and the stage's input model may still be needed (a
+  control branch, the GRPO reference model). Leaves created outside jit (step, rng, optimizer
+  counts) sit on one device; they are replicated over the mesh, so that a state restored from a
+  checkpoint (which keeps each leaf's sharding) can enter the jitted step under the mesh."""
+  state = state_lib.create(jax.tree.map(jnp.copy, params), tx, ctx.seed(name))
+  if ctx.mesh.size == 1:
+    return state
+  replicated = jax.sharding.NamedSharding(ctx.mesh, jax.sharding.PartitionSpec())
+  return jax.tree.map(lambda x: jax.device_put(x, replicated)
+                      if isinstance(x.sharding, jax.sharding.SingleDeviceSharding) else x, state)
 
 
 def stage_steps(ctx: Context, stage_cfg) -> int:

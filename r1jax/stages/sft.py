@@ -23,6 +23,8 @@ def stage_records(ctx: common.Context, stage_cfg) -> list[dict]:
   path = stage_cfg.get("data_file", "")
   if path:
     path = path if os.path.isabs(path) else os.path.join(ctx.workdir, path)
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+      return []  # e.g. a rejection-sampling stage that kept nothing
     return pipeline.read_records(path, prompt_field="question", completion_field="completion",
                                  answer_field="answer")
   if c.data.task == "file":
@@ -55,8 +57,13 @@ def _run(ctx: common.Context, name: str, stage_cfg, cfg: ModelConfig, params, lo
   steps = common.stage_steps(ctx, stage_cfg)
   optim_cfg = common.merged(c.optim, stage_cfg)
   tx, lr = train.make_optimizer(optim_cfg, steps)
+  records = stage_records(ctx, stage_cfg)
+  if not records:
+    ctx.log.info(f"[{name}] WARNING: no training records (the data file is empty); the stage "
+                 "leaves the model unchanged")
+    return params, {"skipped_no_data": 1.0}
   state = common.new_state(ctx, params, tx, name)
-  it = sft_iterator(ctx, stage_records(ctx, stage_cfg), stage_cfg, name)
+  it = sft_iterator(ctx, records, stage_cfg, name)
   step_fn = train.make_step(loss_fn, tx, lr, accum_steps=int(c.train.accum_steps),
                             bias_gamma=float(c.train.bias_gamma) if cfg.is_moe else 0.0,
                             nonfinite=c.train.nonfinite)
