@@ -11,7 +11,8 @@ token cross-entropy, backward, optimizer update: r1jax.train.make_step with sft_
 balance loss; it also applies the aux-loss-free bias update) vs `loss.backward()` +
 `clip_grad_norm_` + `optimizer.step()`. Throughput is batch tokens per second of wall time,
 median of `--runs` timed steps after `--warmup` steps (which include our compile). torch uses 2
-threads (`--torch_threads`); XLA:CPU uses its default thread pool (the host's cores).
+threads (`--torch_threads`, OMP_WAIT_POLICY=PASSIVE unless set); XLA:CPU uses its default
+thread pool (the host's cores).
 """
 
 from __future__ import annotations
@@ -122,6 +123,9 @@ def main():
   ap.add_argument("--out", default=str(RESULTS))
   args = ap.parse_args()
 
+  # torch's OpenMP threads spin-wait at barriers; on a shared (oversubscribed) CPU that made its
+  # step time swing 0.3 s .. 19 s between runs. Passive waiting keeps it stable.
+  os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
   import torch
   import transformers
   torch.set_num_threads(args.torch_threads)
@@ -167,7 +171,7 @@ def main():
   print(f"{'':44s} {'median s':>9s} {'tokens/s':>10s} {'1st step s':>11s}")
   for r in rows:
     print(f"{r['name']:44s} {r['seconds']:9.3f} {r['tokens_per_s']:10.0f} "
-          f"{r['first_step_s']:11.2f}")
+          f"{r['first_step_s']:11.2f}   runs: {' '.join(f'{t:.2f}' for t in r['runs_s'])}")
   print(f"{'ratio (r1jax / transformers)':44s} {'':9s} {ratio:9.2f}x   (target >= 2x)")
 
   result = {"model": "r1jax.run_config.tiny_moe_fields(), no MTP", "params": n_params,
@@ -177,6 +181,7 @@ def main():
             "jax": jax.__version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "torch_threads": args.torch_threads,
             "cpu_count": os.cpu_count(), "hf_experts_implementation": args.hf_experts,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "results": rows, "ratio": ratio, "target_ratio": 2.0}
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)

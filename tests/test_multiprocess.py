@@ -88,6 +88,7 @@ def _worker(args):
     np.savez(os.path.join(args.out, "params.npz"), **flat)
     with open(os.path.join(args.out, "losses.json"), "w") as f:
       json.dump(losses, f)
+  multihost_utils.sync_global_devices("results written")  # reach shutdown together
   print("done", flush=True)
 
 
@@ -106,27 +107,27 @@ def _main():
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _env(local_devices: int):
+def _env(local_devices: int, heartbeat_s: int = HEARTBEAT_S):
   env = dict(os.environ)
   env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices} "
                        "--xla_backend_optimization_level=0",
-             JAX_PLATFORMS="cpu", R1JAX_HEARTBEAT_TIMEOUT=str(HEARTBEAT_S),
+             JAX_PLATFORMS="cpu", R1JAX_HEARTBEAT_TIMEOUT=str(heartbeat_s),
              PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
   return env
 
 
-def _spawn(out, local_devices, *extra):
+def _spawn(out, local_devices, *extra, heartbeat_s: int = HEARTBEAT_S):
   os.makedirs(out, exist_ok=True)
   return subprocess.Popen([sys.executable, __file__, "--out", str(out), *map(str, extra)],
-                          env=_env(local_devices), cwd=ROOT, stdout=subprocess.PIPE,
+                          env=_env(local_devices, heartbeat_s), cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
 
 
-def _pair(out, *extra):
+def _pair(out, *extra, heartbeat_s: int = HEARTBEAT_S):
   import portpicker
   coordinator = f"127.0.0.1:{portpicker.pick_unused_port()}"
   return [_spawn(out, 2, "--coordinator", coordinator, "--num_processes", 2, "--process_id", i,
-                 *extra) for i in range(2)]
+                 *extra, heartbeat_s=heartbeat_s) for i in range(2)]
 
 
 def _finish(proc, timeout):
@@ -140,7 +141,8 @@ def _finish(proc, timeout):
 
 
 def test_two_processes_match_one_process(tmp_path):
-  procs = _pair(tmp_path / "two")
+  # a generous heartbeat: on a loaded machine a short one can end a healthy run
+  procs = _pair(tmp_path / "two", heartbeat_s=120)
   reference = _spawn(tmp_path / "one", 4)
   results = [_finish(p, 600) for p in procs + [reference]]
   for rc, out, err in results:

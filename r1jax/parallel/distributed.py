@@ -35,7 +35,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     return False
   heartbeat = int(os.environ.get("R1JAX_HEARTBEAT_TIMEOUT", "100"))
   kw = dict(heartbeat_timeout_seconds=heartbeat,
-            initialization_timeout=int(os.environ.get("R1JAX_INIT_TIMEOUT", "300")))
+            initialization_timeout=int(os.environ.get("R1JAX_INIT_TIMEOUT", "300")),
+            shutdown_timeout_seconds=int(os.environ.get("R1JAX_SHUTDOWN_TIMEOUT", "600")))
   if all(explicit):
     if not 0 <= process_id < num_processes:
       raise UserError(f"--process_id={process_id} must be in [0, --num_processes={num_processes})")
