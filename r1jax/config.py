@@ -90,7 +90,6 @@ class ModelConfig:
   expert_dispatch: str = "allgather"  # on a mesh: "allgather" or "all_to_all" (r1jax.parallel)
   fp8: bool = False
   remat: str = "none"
-  attn_chunk: int | None = None  # reserved for chunked attention; None = full
 
   # ---------------------------------------------------------------- derived
   @property

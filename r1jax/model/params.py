@@ -23,7 +23,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from r1jax.config import ModelConfig
 
@@ -197,10 +196,6 @@ def init(cfg: ModelConfig, rng: jax.Array):
     if group:
       draw(group, g)
   return jax.tree.unflatten(treedef, out)
-
-
-def count(tree) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
 def map_specs(fn: Callable[[ParamSpec], Any], cfg: ModelConfig):

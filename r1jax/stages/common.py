@@ -154,17 +154,6 @@ def train_loop(ctx: Context, name: str, state, *, steps: int,
   return state, last
 
 
-def restore_final(ctx: Context, name: str, state):
-  """The final state of a completed stage (its newest checkpoint)."""
-  ckpt = Checkpointer(ctx.stage_dir(name), keep=int(ctx.config.checkpoint.keep))
-  restored = ckpt.restore(abstract_like(state))
-  ckpt.close()
-  if restored is None:
-    raise UserError(f"stage {name} is marked complete but {ctx.stage_dir(name)} has no "
-                    "readable checkpoint")
-  return restored[0], restored[1].get("metrics", {})
-
-
 def new_state(ctx: Context, params, tx, name: str):
   """A fresh train state, on a copy of `params`, placed on the mesh.
 
@@ -192,7 +181,3 @@ def merged(base, override):
       out[k] = v
   return out
 
-
-def cast_tree(tree, dtype):
-  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                      tree)
