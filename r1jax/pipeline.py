@@ -21,7 +21,7 @@ from r1jax.config import ConfigError
 from r1jax.data import pipeline as data_pipeline
 from r1jax.data import tasks
 from r1jax.data.tokenizer import get_tokenizer
-from r1jax.errors import DataError
+from r1jax.errors import CheckpointError, DataError
 from r1jax.runlog import RunLog, atomic_write_json
 from r1jax.stages import common, evaluate, sft
 
@@ -68,7 +68,12 @@ def _save_output(path: str, cfg, params):
 
 def _load_output(path: str, like_params):
   ckptr = ocp.StandardCheckpointer()
-  return ckptr.restore(os.path.join(path, "params"), abstract_like(like_params))
+  try:
+    return ckptr.restore(os.path.join(path, "params"), abstract_like(like_params))
+  except (FileNotFoundError, ValueError) as e:
+    raise CheckpointError(f"{path}: the output of a stage progress.json lists as complete "
+                          f"cannot be read ({type(e).__name__}); remove the stage from "
+                          "progress.json to rerun it") from None
 
 
 class Pipeline:
