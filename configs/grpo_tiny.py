@@ -19,6 +19,8 @@ def get_config(arg=None):
   c.stages.grpo = stage("grpo", steps=60, lr=1e-4, warmup_steps=0, schedule="constant",
                         prompts_per_step=16, group_size=8, max_new_tokens=40, temperature=1.0,
                         reward_weights={"accuracy": 1.0, "format": 0.2}, loss_type="grpo",
-                        eps_low=0.2, eps_high=0.2, beta=0.0, mu=1)
+                        eps_low=0.2, eps_high=0.2, beta=0.0, mu=1, ref_refresh_every=0,
+                        advantage_scale="group", dynamic_sampling=False, max_refills=2,
+                        mask_truncated=False, top_p=1.0)
   c.stage_order = ("sft", "grpo")
   return c

@@ -36,7 +36,8 @@ def get_config(arg=None):
   grpo = dict(lr=1e-4, warmup_steps=0, schedule="constant", weight_decay=0.0,
               prompts_per_step=16, group_size=8, max_new_tokens=40, temperature=1.0,
               reward_weights={"accuracy": 1.0, "format": 0.2}, loss_type="grpo", eps_low=0.2,
-              eps_high=0.2, beta=0.0, mu=1)
+              eps_high=0.2, beta=0.0, mu=1, ref_refresh_every=0, advantage_scale="group",
+              dynamic_sampling=False, max_refills=2, mask_truncated=False, top_p=1.0)
   c.stages.cold_start = stage("sft", steps=250)
   c.stages.grpo = stage("grpo", steps=60, **grpo)
   c.stages.sft_control = stage("sft", steps=100000, start_from="cold_start", branch=True,
