@@ -4,6 +4,9 @@
     python -m r1jax.launch --config configs/deepseek_v3_671b.py --config.mesh.expert=64 ...
 
 The default mesh is 256 devices: experts over 64, FSDP over 4 (override mesh.* for your slice).
+Its dry run reports 149 GiB per device (the README's table); full fine-tuning fits 141 GB H200s
+from 512 devices: --config.mesh.fsdp=8 --config.data.batch_size=512 (123 GiB per device).
+On GPU/TPU, --config.model.expert_dispatch=ragged_all_to_all sends only the routed rows.
 """
 
 import ml_collections
@@ -31,7 +34,7 @@ def get_config(arg=None):
       # mtp
       num_nextn_predict_layers=1,
       moe_impl="ragged_dot", capacity_factor=1.25, expert_dispatch="all_to_all",
-      dtype="bfloat16", param_dtype="float32", remat="full")
+      dtype="bfloat16", param_dtype="float32", remat="full", attn_chunk=512)
   c.mesh.update(dict(data=1, fsdp=4, expert=64, tensor=1))
   c.data.update(batch_size=256, seq_len=4096, tokenizer="deepseek-ai/DeepSeek-R1")
   c.optim.update(lr=3e-6, mu_dtype="bfloat16")

@@ -87,9 +87,10 @@ class ModelConfig:
   moe_impl: str = "ragged_dot"
   capacity_factor: float | None = None  # None = dropless
   router_impl: str = "jnp"
-  expert_dispatch: str = "allgather"  # on a mesh: "allgather" or "all_to_all" (r1jax.parallel)
+  expert_dispatch: str = "allgather"  # on a mesh: allgather | all_to_all | ragged_all_to_all
   fp8: bool = False
   remat: str = "none"
+  attn_chunk: int | None = None  # queries per attention chunk (exact; bounds [H, T, S] scores)
 
   # ---------------------------------------------------------------- derived
   @property
@@ -145,6 +146,8 @@ class ModelConfig:
     need(self.rms_norm_eps > 0, f"rms_norm_eps={self.rms_norm_eps} must be positive")
     need(self.dtype in DTYPES, f"dtype={self.dtype!r} is not one of {DTYPES}")
     need(self.param_dtype in DTYPES, f"param_dtype={self.param_dtype!r} is not one of {DTYPES}")
+    need(self.attn_chunk is None or self.attn_chunk > 0,
+         f"attn_chunk={self.attn_chunk} must be positive or None")
     need(self.remat in REMAT_POLICIES, f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
     need(self.rope_type in ("default", "yarn"),
          f"rope_type={self.rope_type!r} must be 'default' or 'yarn'")
@@ -181,8 +184,9 @@ class ModelConfig:
       need(self.scoring_func in ("sigmoid", "softmax"),
            f"scoring_func={self.scoring_func!r} must be 'sigmoid' or 'softmax'")
       need(self.moe_impl in MOE_IMPLS, f"moe_impl={self.moe_impl!r} is not one of {MOE_IMPLS}")
-      need(self.expert_dispatch in ("allgather", "all_to_all"),
-           f"expert_dispatch={self.expert_dispatch!r} must be 'allgather' or 'all_to_all'")
+      need(self.expert_dispatch in ("allgather", "all_to_all", "ragged_all_to_all"),
+           f"expert_dispatch={self.expert_dispatch!r} must be 'allgather', 'all_to_all' or "
+           "'ragged_all_to_all'")
       need(self.router_impl in ROUTER_IMPLS,
            f"router_impl={self.router_impl!r} is not one of {ROUTER_IMPLS}")
       need(self.capacity_factor is None or self.capacity_factor > 0,

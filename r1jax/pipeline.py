@@ -45,7 +45,8 @@ def make_splits(c) -> dict:
     return tasks.arithmetic_splits(
         int(c.seed), n_sft=int(d.num_sft_examples), n_rl=int(d.num_rl_prompts),
         n_eval=int(d.num_eval_problems), covered_digits=tuple(d.covered_digits),
-        uncovered_digits=tuple(d.uncovered_digits))
+        uncovered_digits=tuple(d.uncovered_digits), covered_operands=int(d.covered_operands),
+        uncovered_operands=int(d.uncovered_operands))
   if d.task == "file":
     fields = dict(prompt_field=d.prompt_field, answer_field=d.answer_field)
     splits = {"sft": [], "rl": [], "eval": []}
@@ -99,7 +100,7 @@ class Pipeline:
     if c.init_from:
       loaded_cfg, params = hf.load(c.init_from, dtype=cfg.jnp_param_dtype)
       cfg = loaded_cfg.replace(**{k: getattr(cfg, k) for k in
-                                  ("dtype", "moe_impl", "capacity_factor", "remat",
+                                  ("dtype", "moe_impl", "capacity_factor", "remat", "attn_chunk",
                                    "expert_dispatch", "fp8", "router_impl")})
       return cfg, parallel.shard_params(params, cfg, self.ctx.mesh)
     return cfg, parallel.init_sharded(cfg, self.ctx.mesh, jax.random.PRNGKey(int(c.seed)))

@@ -26,8 +26,10 @@ def base_config(**model_fields) -> ml_collections.ConfigDict:
       task="arithmetic",  # built-in task, or "file" to read train_file / eval_file
       train_file="", eval_file="", prompt_field="question", completion_field="completion",
       answer_field="answer", template="r1", batch_size=32, seq_len=96, pack=True,
-      # arithmetic task: cold-start traces cover `covered_digits`; RL/eval add harder ones
-      covered_digits=(1, 2), uncovered_digits=(3, 3), num_sft_examples=400,
+      # arithmetic task: cold-start traces cover `covered_digits` (`covered_operands` terms);
+      # RL/eval add the uncovered ones (longer operands, or chains a+b+c of more terms)
+      covered_digits=(1, 2), uncovered_digits=(3, 3), covered_operands=2, uncovered_operands=2,
+      num_sft_examples=400,
       num_rl_prompts=2000, num_eval_problems=100))
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-3, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0,

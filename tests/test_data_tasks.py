@@ -22,6 +22,8 @@ def _answer_from_trace(question: str, trace: str) -> str:
 def test_traces_by_hand():
   assert tasks.add_trace(47, 385) == "7+5=12;4+8+1=13;3+1=4"
   assert tasks.add_trace(99, 1) == "9+1=10;9+1=10"
+  assert tasks.add_trace(3, 5, 8) == "3+5+8=16"
+  assert tasks.add_trace(99, 99, 99) == "9+9+9=27;9+9+9+2=29"
   assert tasks.sub_trace(385, 47) == "15-7=8;8-4-1=3;3=3"
   assert tasks.sub_trace(100, 1) == "10-1=9;10-1=9;1-1=0"
 
@@ -102,3 +104,16 @@ def test_reasoning_gym_adapter_with_fake_module(monkeypatch):
                             metadata={"difficulty": {"terms": 2}})
   with pytest.raises(DataError, match="reasoning-gym task 'nope': Dataset 'nope' not registered"):
     tasks.reasoning_gym_records("nope", 1, seed=0)
+
+
+def test_three_term_uncovered_bucket():
+  """Chains a+b+c as the uncovered bucket: RL and eval get them, the SFT traces never do."""
+  splits = tasks.arithmetic_splits(0, n_sft=50, n_rl=40, n_eval=30, uncovered_digits=(1, 1),
+                                   uncovered_operands=3)
+  assert all(r["question"].count("+") == 1 for r in splits["sft"])
+  for name in ("rl", "eval"):
+    chains = [r for r in splits[name] if r["bucket"] == "uncovered"]
+    assert len(chains) == len(splits[name]) // 2
+    for r in chains:
+      terms = [int(x) for x in r["question"].split("+")]
+      assert len(terms) == 3 and all(t < 10 for t in terms) and int(r["answer"]) == sum(terms)

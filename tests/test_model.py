@@ -85,6 +85,26 @@ def test_remat_policies_match_no_remat(params, tokens, policy):
                grads, grads_ref)
 
 
+def test_chunked_attention_matches_full(params, tokens):
+  """attn_chunk=4 (4 query blocks of the 16 tokens, each under checkpoint) is the same model:
+  logits and gradients equal the unchunked ones; a chunk that does not divide T is ignored."""
+  cfg = CFG.replace(num_nextn_predict_layers=0)
+  params = {k: v for k, v in params.items() if k != "mtp"}
+  (loss_ref, logits_ref), grads_ref = value_and_grad(cfg)(params, tokens)
+  (loss, logits), grads = value_and_grad(cfg.replace(attn_chunk=4))(params, tokens)
+  np.testing.assert_allclose(logits, logits_ref, rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               grads, grads_ref)
+  from r1jax.model import layers
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((1, 6, 2, 4)), jnp.float32) for _ in range(3))
+  mask = jnp.tril(jnp.ones((6, 6), bool))[None, None]
+  np.testing.assert_allclose(layers.attend(q, k, v, mask, 0.5, chunk=4),
+                             layers.attend(q, k, v, mask, 0.5), rtol=1e-6)
+  np.testing.assert_allclose(layers.attend(q, k, v, mask, 0.5, chunk=3),
+                             layers.attend(q, k, v, mask, 0.5), rtol=1e-6, atol=1e-7)
+
+
 def test_mtp_logits_shape_and_meaning(params, tokens):
   logits, aux = forward(CFG)(params, tokens)
   D, V = CFG.num_nextn_predict_layers, CFG.vocab_size
@@ -128,3 +148,28 @@ def test_capacity_drops_exactly_the_overflow(params, tokens):
   assert float(jnp.abs(logits - dropless_logits).max()) > 1e-3
   ragged_logits = forward(CFG, mtp=False)(params, tokens)[0]
   np.testing.assert_allclose(dropless_logits, ragged_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_masked_tokens_take_no_expert_capacity(params, tokens):
+  """token_mask=False tokens (padding) route to no expert: they are not counted (so they do not
+  move the correction bias), take no capacity, and the real tokens' logits are unchanged when
+  nothing drops."""
+  cfg = CFG.replace(moe_impl="capacity", capacity_factor=None, num_nextn_predict_layers=0)
+  params = {k: v for k, v in params.items() if k != "mtp"}
+  mask = jnp.arange(T)[None, :] >= jnp.array([[6], [0]])  # row 0 has 6 left pads
+  fwd = jit(functools.partial(model.forward_with_aux, cfg=cfg))
+  seg = mask.astype(jnp.int32)  # as in training batches: segment 0 = padding, attended by none
+  logits, aux = fwd(params, tokens, token_mask=mask, segment_ids=seg)
+  ref, aux_ref = fwd(params, tokens, segment_ids=seg)
+  k, L = cfg.num_experts_per_tok, cfg.num_moe_layers
+  assert float(np.asarray(aux_ref["expert_counts"]).sum()) == B * T * k * L
+  assert float(np.asarray(aux["expert_counts"]).sum()) == int(mask.sum()) * k * L
+  # real tokens never attend to padding, so only the padded positions' outputs changed
+  np.testing.assert_allclose(np.asarray(logits)[np.asarray(mask)],
+                             np.asarray(ref)[np.asarray(mask)], rtol=1e-5, atol=1e-6)
+  # with a tight capacity, padding no longer pushes real tokens out
+  tight = cfg.replace(capacity_factor=0.75)
+  fwd_tight = jit(functools.partial(model.forward_with_aux, cfg=tight))
+  _, aux_masked = fwd_tight(params, tokens, token_mask=mask, segment_ids=seg)
+  _, aux_all = fwd_tight(params, tokens, segment_ids=seg)
+  assert float(aux_masked["dropped"]) < float(aux_all["dropped"])

@@ -36,7 +36,8 @@ MESHES = {"data8": dict(data=8), "data2_expert4": dict(data=2, expert=4),
           "fsdp2_expert2_tensor2": dict(fsdp=2, expert=2, tensor=2)}
 # (mesh, expert_dispatch): without an `expert` axis both strategies are the same program
 CASES = [("data8", "allgather"), ("data2_expert4", "allgather"), ("data2_expert4", "all_to_all"),
-         ("fsdp2_expert2_tensor2", "allgather"), ("fsdp2_expert2_tensor2", "all_to_all")]
+         ("data2_expert4", "ragged_all_to_all"), ("fsdp2_expert2_tensor2", "allgather"),
+         ("fsdp2_expert2_tensor2", "all_to_all"), ("fsdp2_expert2_tensor2", "ragged_all_to_all")]
 TOL = 1e-5
 
 
@@ -262,3 +263,74 @@ def test_all_to_all_drops_follow_per_device_capacity():
   expected_single = np.maximum(np.bincount(ids.reshape(-1), minlength=E) - C, 0).sum()
   assert float(dropped_single) == expected_single
   assert float(dropped_single) != float(dropped)
+
+
+# ------------------------------------------------------------------ ragged all-to-all
+
+def _ragged_kept(ids_Nk, n_shards, ep, E_loc, R):
+  """Which assignments survive the ragged path, in numpy: each source sends its assignments
+  sorted by expert; receiver r fills its R-row buffer with the sources' chunks in device order
+  and cuts the last one that does not fit. Returns kept [N, k] bool."""
+  N, k = ids_Nk.shape
+  n = N // n_shards
+  kept = np.zeros(N * k, bool)
+  for group in range(n_shards // ep):
+    used = np.zeros(ep, int)
+    for src in range(ep):
+      base = (group * ep + src) * n
+      flat = ids_Nk[base:base + n].reshape(-1)
+      order = np.argsort(flat, kind="stable")
+      for dst in range(ep):
+        mine = order[flat[order] // E_loc == dst]
+        take = min(len(mine), max(R - used[dst], 0))
+        kept[base * k + mine[:take]] = True
+        used[dst] += len(mine)
+  return kept.reshape(N, k)
+
+
+def test_ragged_all_to_all_capacity_drops_are_counted():
+  """With capacity_factor set, each device's receive buffer holds ceil(n*k * cf) rows, shared by
+  the senders in device order: the drop count and the output follow that rule exactly."""
+  cfg = CFG.replace(capacity_factor=0.75, expert_dispatch="ragged_all_to_all")
+  mesh = _mesh("data2_expert4")
+  N, D, k, E = 256, CFG.hidden_size, CFG.num_experts_per_tok, CFG.n_routed_experts
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((N, D)).astype(np.float32)
+  prefs = np.where(np.arange(E) < 4, 4.0, 1.0)  # device 0 of each group is popular
+  ids = np.stack([rng.choice(E, k, replace=False, p=prefs / prefs.sum())
+                  for _ in range(N)]).astype(np.int32)
+  w = rng.random((N, k)).astype(np.float32)
+  p = {key: 0.1 * rng.standard_normal((E,) + s).astype(np.float32)
+       for key, s in (("gate", (D, 64)), ("up", (D, 64)), ("down", (64, D)))}
+  n = N // 8
+  kept = _ragged_kept(ids, n_shards=8, ep=4, E_loc=E // 4, R=math.ceil(n * k * 0.75))
+  with jax.set_mesh(mesh):
+    y, dropped = jit(lambda *a: expert_lib.dispatch(*a, cfg, mesh))(p, x, w, ids)
+  assert float(dropped) == (~kept).sum() > 0
+  np.testing.assert_allclose(y, _experts_numpy(p, x, w, ids, kept), rtol=1e-4, atol=1e-4)
+
+
+def test_ragged_all_to_all_lowers_to_the_native_collective():
+  """Off CPU the ragged path uses `jax.lax.ragged_all_to_all` (XLA:CPU cannot run it): the
+  forward and the gradient lower to ragged collectives, driven by the same offsets the CPU
+  emulation executes in the tests above."""
+  cfg = CFG.replace(expert_dispatch="ragged_all_to_all")
+  mesh = _mesh("data2_expert4")
+  N, D, k, E = 64, CFG.hidden_size, CFG.num_experts_per_tok, CFG.n_routed_experts
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((N, D)).astype(np.float32)
+  ids = np.stack([rng.choice(E, k, replace=False) for _ in range(N)]).astype(np.int32)
+  w = rng.random((N, k)).astype(np.float32)
+  p = {key: rng.standard_normal((E,) + s).astype(np.float32)
+       for key, s in (("gate", (D, 8)), ("up", (D, 8)), ("down", (8, D)))}
+
+  def loss(p, x, native):
+    return jnp.sum(expert_lib.dispatch(p, x, w, ids, cfg, mesh, native=native)[0] ** 2)
+
+  with jax.set_mesh(mesh):
+    forward = jax.jit(functools.partial(loss, native=True)).lower(p, x).as_text()
+    grad = jax.jit(jax.grad(functools.partial(loss, native=True))).lower(p, x).as_text()
+    emulated = jax.jit(jax.grad(functools.partial(loss, native=False))).lower(p, x).as_text()
+  assert forward.count("@ragged_all_to_all(") == 2  # tokens out, results back
+  assert grad.count("@ragged_all_to_all(") > 2     # the backward pass also exchanges raggedly
+  assert "ragged_all_to_all" not in emulated

@@ -9,8 +9,9 @@ sum); 385-47 -> "15-7=8;8-4-1=3;3=3", answer "338". Subtraction keeps results no
 putting the larger operand first.
 
 The honest control of the R1 recipe needs problems that the cold-start traces never cover:
-`arithmetic_splits` draws "covered" problems (operands of `covered_digits`) and "uncovered" ones
-(operands of `uncovered_digits`); SFT traces exist only for covered problems, RL prompts carry
+`arithmetic_splits` draws "covered" problems (operands of `covered_digits`, `covered_operands`
+terms) and "uncovered" ones (longer operands, or chains such as 3+5+8 -> "3+5+8=16", whose
+columns have the shape of the carry columns the traces do show); SFT traces exist only for covered problems, RL prompts carry
 answers only, and the held-out evaluation holds both buckets. No question is in two splits.
 """
 
@@ -25,12 +26,13 @@ def _digits(x: int) -> list[int]:
   return [int(c) for c in reversed(str(x))]
 
 
-def add_trace(a: int, b: int) -> str:
-  """Column sums of a + b, least significant digit first."""
-  da, db = _digits(a), _digits(b)
+def add_trace(*operands: int) -> str:
+  """Column sums of a + b (+ c ...), least significant digit first; the carry is the last
+  term of a column."""
+  ds = [_digits(x) for x in operands]
   steps, carry = [], 0
-  for i in range(max(len(da), len(db))):
-    terms = [d[i] for d in (da, db) if i < len(d)] + ([carry] if carry else [])
+  for i in range(max(map(len, ds))):
+    terms = [d[i] for d in ds if i < len(d)] + ([carry] if carry else [])
     total = sum(terms)
     steps.append("+".join(map(str, terms)) + f"={total}")
     carry = total // 10
@@ -57,7 +59,13 @@ def _operand(rng: np.random.Generator, digits: int) -> int:
   return int(rng.integers(low, 10**digits))
 
 
-def _problem(a: int, b: int, op: str) -> dict:
+def _problem(a: int, b: int, op: str, more: tuple[int, ...] = ()) -> dict:
+  if more:  # a chain of additions a+b+c...
+    if op != "+":
+      raise ValueError(f"more than two operands are supported for '+' only, not {op!r}")
+    terms = (a, b) + tuple(more)
+    return dict(question="+".join(map(str, terms)), reasoning=add_trace(*terms),
+                answer=str(sum(terms)), difficulty=max(len(str(x)) for x in terms))
   if op == "+":
     answer, reasoning = a + b, add_trace(a, b)
   elif op == "-":
@@ -70,14 +78,18 @@ def _problem(a: int, b: int, op: str) -> dict:
 
 
 def arithmetic_records(n: int, seed: int, min_digits: int = 1, max_digits: int = 3,
-                       ops: tuple[str, ...] = ("+",), exclude=frozenset()) -> list[dict]:
-  """`n` distinct problems, each operand with a digit count uniform in [min_digits, max_digits].
+                       ops: tuple[str, ...] = ("+",), exclude=frozenset(),
+                       operands: int = 2) -> list[dict]:
+  """`n` distinct problems, each operand with a digit count uniform in [min_digits, max_digits];
+  `operands` > 2 makes chains a+b+c... (addition only).
 
-  Deterministic in (n, seed, min_digits, max_digits, ops, exclude); questions in `exclude` are
-  never drawn. Raises ValueError when the space cannot supply `n` distinct problems.
+  Deterministic in (n, seed, min_digits, max_digits, ops, exclude, operands); questions in
+  `exclude` are never drawn. Raises ValueError when the space cannot supply `n` distinct problems.
   """
   if not 1 <= min_digits <= max_digits:
     raise ValueError(f"need 1 <= min_digits={min_digits} <= max_digits={max_digits}")
+  if operands < 2:
+    raise ValueError(f"need operands >= 2, got {operands}")
   rng = np.random.default_rng(seed)
   seen, records = set(exclude), []
   max_tries = 50 * n + 1000  # Generous: rejection only bites when the space is nearly used up.
@@ -87,7 +99,9 @@ def arithmetic_records(n: int, seed: int, min_digits: int = 1, max_digits: int =
     op = ops[int(rng.integers(len(ops)))]
     a = _operand(rng, int(rng.integers(min_digits, max_digits + 1)))
     b = _operand(rng, int(rng.integers(min_digits, max_digits + 1)))
-    record = _problem(a, b, op)
+    more = tuple(_operand(rng, int(rng.integers(min_digits, max_digits + 1)))
+                 for _ in range(operands - 2))
+    record = _problem(a, b, op, more)
     if record["question"] not in seen:
       seen.add(record["question"])
       records.append(record)
@@ -100,7 +114,8 @@ def arithmetic_records(n: int, seed: int, min_digits: int = 1, max_digits: int =
 def arithmetic_splits(seed: int, *, n_sft: int, n_rl: int, n_eval: int,
                       covered_digits: tuple[int, int] = (1, 2),
                       uncovered_digits: tuple[int, int] = (3, 3), ops: tuple[str, ...] = ("+",),
-                      rl_uncovered_frac: float = 0.5) -> dict[str, list[dict]]:
+                      rl_uncovered_frac: float = 0.5, covered_operands: int = 2,
+                      uncovered_operands: int = 2) -> dict[str, list[dict]]:
   """Disjoint splits for the R1 recipe and its control; each record gains `bucket`.
 
   Returns {"sft": n_sft covered problems with traces,
@@ -108,12 +123,14 @@ def arithmetic_splits(seed: int, *, n_sft: int, n_rl: int, n_eval: int,
            "eval": n_eval covered + n_eval uncovered problems with reasoning=None}.
   The eval set is drawn first, so it does not change when the training sizes do.
   """
-  buckets = {"covered": covered_digits, "uncovered": uncovered_digits}
+  buckets = {"covered": (covered_digits, covered_operands),
+             "uncovered": (uncovered_digits, uncovered_operands)}
   taken: set[str] = set()
 
   def draw(n, bucket, stream):
-    records = arithmetic_records(n, seed=[seed, stream], min_digits=buckets[bucket][0],
-                                 max_digits=buckets[bucket][1], ops=ops, exclude=taken)
+    (lo, hi), operands = buckets[bucket]
+    records = arithmetic_records(n, seed=[seed, stream], min_digits=lo, max_digits=hi, ops=ops,
+                                 exclude=taken, operands=operands)
     taken.update(r["question"] for r in records)
     return [dict(r, bucket=bucket) for r in records]
 

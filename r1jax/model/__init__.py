@@ -13,22 +13,30 @@ from r1jax.model.params import abstract, declare, init, logical_axes
 
 
 def forward_with_aux(params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=None,
-                     mtp: bool = False):
+                     mtp: bool = False, token_mask=None):
   """Logits [B, T, V] fp32 and aux: expert_counts [L_moe, E], balance (sequence-wise balance
   statistic summed over MoE layers), dropped (dropped expert assignments), and with mtp=True
   mtp_logits [D_mtp, B, T, V] where module k's position i predicts token i + k + 1.
 
   segment_ids [B, T] (packed sequences): attention never crosses segments, and positions
   restart at each segment start unless `positions` is given.
+
+  token_mask [B, T] bool (MoE only): tokens marked False (padding) are routed to no expert, so
+  they take no expert capacity and do not count in expert_counts (nor in the correction-bias
+  update); their outputs are meaningless and must be masked by the loss.
   """
-  impl = deepseek if cfg.is_moe else dense
-  return impl.forward_with_aux(params, tokens, cfg, segment_ids=segment_ids,
-                               positions=positions, mtp=mtp)
+  if cfg.is_moe:
+    return deepseek.forward_with_aux(params, tokens, cfg, segment_ids=segment_ids,
+                                     positions=positions, mtp=mtp, token_mask=token_mask)
+  return dense.forward_with_aux(params, tokens, cfg, segment_ids=segment_ids,
+                                positions=positions, mtp=mtp)
 
 
-def forward(params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=None):
+def forward(params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=None,
+            token_mask=None):
   """Tokens int32 [B, T] -> float32 logits [B, T, V]."""
-  return forward_with_aux(params, tokens, cfg, segment_ids=segment_ids, positions=positions)[0]
+  return forward_with_aux(params, tokens, cfg, segment_ids=segment_ids, positions=positions,
+                          token_mask=token_mask)[0]
 
 
 __all__ = ["forward", "forward_with_aux", "init", "abstract", "declare", "logical_axes",

@@ -90,8 +90,9 @@ def gqa_cached(p, x, cos, sin, mask, c, index, cfg: ModelConfig):
   return out_proj(p, out, dtype, cfg.fp8), c
 
 
-def decoder_layer_cached(p, x, cos, sin, mask, c, index, cfg: ModelConfig):
-  """Pre-norm block with cached attention; the FFN is the dense MLP or the MoE."""
+def decoder_layer_cached(p, x, cos, sin, mask, c, index, cfg: ModelConfig, token_mask=None):
+  """Pre-norm block with cached attention; the FFN is the dense MLP or the MoE (padding routed
+  to no expert)."""
   dtype = cfg.jnp_dtype
   attn = mla_cached if cfg.is_moe else gqa_cached
   h = L.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
@@ -99,7 +100,7 @@ def decoder_layer_cached(p, x, cos, sin, mask, c, index, cfg: ModelConfig):
   x = x + y
   h = L.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
   if "moe" in p:
-    y = moe_lib.moe_block(p["moe"], h, cfg)[0]
+    y = moe_lib.moe_block(p["moe"], h, cfg, token_mask)[0]
   else:
     y = L.swiglu_mlp(p["mlp"], h, dtype, cfg.fp8)
   return x + y, c
@@ -120,13 +121,14 @@ def forward_cached(params, tokens, positions, cache, index, kv_valid, cfg: Model
   query_slot = index + jnp.arange(t, dtype=jnp.int32)
   causal = slots[None, :] <= query_slot[:, None]  # [t, S]; also hides slots >= index + t
   mask = (kv_valid[:, None, :] & causal[None])[:, None]  # [B, 1, t, S]
+  token_mask = jnp.take(kv_valid, jnp.minimum(query_slot, S - 1), axis=1)  # [B, t] real tokens
   cos, sin = L.rope_cos_sin(cfg, positions)
   x = embed(params, tokens, cfg)
   new_cache = {}
   for stack in _stacks(cfg):
     def body(x, layer, stack=stack):
       p, c = layer
-      x, c = decoder_layer_cached(p, x, cos, sin, mask, c, index, cfg)
+      x, c = decoder_layer_cached(p, x, cos, sin, mask, c, index, cfg, token_mask)
       return x, c
     x, new_cache[stack] = jax.lax.scan(body, x, (params[stack], cache[stack]))
   return head(params, L.rms_norm(x, params["final_norm"], cfg.rms_norm_eps), cfg), new_cache

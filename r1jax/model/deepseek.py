@@ -11,7 +11,7 @@ from r1jax.model import mla as mla_lib
 from r1jax.model import moe as moe_lib
 
 
-def decoder_layer(p, x, cos, sin, mask, cfg: ModelConfig):
+def decoder_layer(p, x, cos, sin, mask, cfg: ModelConfig, token_mask=None):
   """Pre-norm block: x + MLA(norm(x)), then + FFN(norm(.)) with a dense MLP or the MoE.
   Returns the new residual stream and MoE stats (zeros for a dense layer)."""
   dtype = cfg.jnp_dtype
@@ -19,16 +19,16 @@ def decoder_layer(p, x, cos, sin, mask, cfg: ModelConfig):
   x = x + mla_lib.mla(p["attn"], h, cos, sin, mask, cfg)
   h = L.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
   if "moe" in p:
-    y, stats = moe_lib.moe_block(p["moe"], h, cfg)
+    y, stats = moe_lib.moe_block(p["moe"], h, cfg, token_mask)
   else:
     y, stats = L.swiglu_mlp(p["mlp"], h, dtype, cfg.fp8), None
   return x + y, stats
 
 
-def _scan_layers(stacked, x, cos, sin, mask, cfg: ModelConfig):
+def _scan_layers(stacked, x, cos, sin, mask, cfg: ModelConfig, token_mask=None):
   """Run a stack of same-shaped layers with lax.scan; returns x and per-layer MoE stats."""
   def body(carry, layer_params):
-    out, stats = decoder_layer(layer_params, carry, cos, sin, mask, cfg)
+    out, stats = decoder_layer(layer_params, carry, cos, sin, mask, cfg, token_mask)
     return out, stats
 
   body = L.maybe_remat(body, cfg.remat)
@@ -46,7 +46,8 @@ def head(params, h, cfg: ModelConfig):
                  preferred_element_type=jnp.float32)
 
 
-def forward_hidden(params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=None):
+def forward_hidden(params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=None,
+                   token_mask=None):
   """Tokens [B, T] -> (last hidden before the final norm [B, T, D], aux dict, rope/mask ctx)."""
   if positions is None:
     positions = L.default_positions(tokens, segment_ids)
@@ -59,11 +60,11 @@ def forward_hidden(params, tokens, cfg: ModelConfig, *, segment_ids=None, positi
   if "dense_layers" in params:
     x, _ = _scan_layers(params["dense_layers"], x, cos, sin, mask, cfg)
   if "moe_layers" in params:
-    x, stats = _scan_layers(params["moe_layers"], x, cos, sin, mask, cfg)
+    x, stats = _scan_layers(params["moe_layers"], x, cos, sin, mask, cfg, token_mask)
     aux["expert_counts"] = stats["counts"]  # [L_moe, E]
     aux["balance"] = stats["balance"].sum()
     aux["dropped"] = stats["dropped"].sum()
-  return x, aux, (cos, sin, mask)
+  return x, aux, (cos, sin, mask, token_mask)
 
 
 def mtp_logits(params, tokens, h, ctx, cfg: ModelConfig):
@@ -73,7 +74,7 @@ def mtp_logits(params, tokens, h, ctx, cfg: ModelConfig):
   The embeddings of the shifted tokens beyond the sequence end are of token 0; those positions
   have no target and are masked by the loss. Returns ([D, B, T, V] fp32 logits, aux).
   """
-  cos, sin, mask = ctx
+  cos, sin, mask, token_mask = ctx
   dtype = cfg.jnp_dtype
   T = tokens.shape[1]
 
@@ -84,7 +85,7 @@ def mtp_logits(params, tokens, h, ctx, cfg: ModelConfig):
     e = L.rms_norm(embed(params, shifted, cfg), p["enorm"], cfg.rms_norm_eps)
     hn = L.rms_norm(h_prev, p["hnorm"], cfg.rms_norm_eps)
     x = L.dense(jnp.concatenate([e, hn], axis=-1), p["eh_proj"], dtype)
-    x, stats = decoder_layer(p["layer"], x, cos, sin, mask, cfg)
+    x, stats = decoder_layer(p["layer"], x, cos, sin, mask, cfg, token_mask)
     logits = head(params, L.rms_norm(x, p["norm"], cfg.rms_norm_eps), cfg)
     return (x, shifted), (logits, stats)
 
@@ -97,8 +98,9 @@ def mtp_logits(params, tokens, h, ctx, cfg: ModelConfig):
 
 
 def forward_with_aux(params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=None,
-                     mtp: bool = False):
-  x, aux, ctx = forward_hidden(params, tokens, cfg, segment_ids=segment_ids, positions=positions)
+                     mtp: bool = False, token_mask=None):
+  x, aux, ctx = forward_hidden(params, tokens, cfg, segment_ids=segment_ids, positions=positions,
+                               token_mask=token_mask)
   logits = head(params, L.rms_norm(x, params["final_norm"], cfg.rms_norm_eps), cfg)
   if mtp and "mtp" in params:
     aux["mtp_logits"], mtp_aux = mtp_logits(params, tokens, x, ctx, cfg)

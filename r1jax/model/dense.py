@@ -28,7 +28,8 @@ def decoder_layer(p, x, cos, sin, mask, cfg: ModelConfig):
   dtype = cfg.jnp_dtype
   h = L.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
   q, k, v = qkv(p["attn"], h, cos, sin, cfg)
-  x = x + out_proj(p["attn"], L.attend(q, k, v, mask, L.softmax_scale(cfg)), dtype, cfg.fp8)
+  out = L.attend(q, k, v, mask, L.softmax_scale(cfg), cfg.attn_chunk)
+  x = x + out_proj(p["attn"], out, dtype, cfg.fp8)
   h = L.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
   return x + L.swiglu_mlp(p["mlp"], h, dtype, cfg.fp8)
 

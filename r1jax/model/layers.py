@@ -120,9 +120,21 @@ def attention_mask(segment_ids_q, segment_ids_k, positions_q, positions_k):
   return (causal & same)[:, None]
 
 
-def attend(q, k, v, mask, scale: float):
+def attend(q, k, v, mask, scale: float, chunk: int | None = None):
   """Softmax attention. q [B,T,H,d], k [B,S,K,d], v [B,S,K,e] with H a multiple of K (GQA);
-  mask bool [B,1,T,S]. Scores and softmax in fp32. Returns [B,T,H,e]."""
+  mask bool [B,1,T,S]. Scores and softmax in fp32. Returns [B,T,H,e].
+
+  `chunk` splits the queries into blocks of that many, one block at a time under
+  `jax.checkpoint`, so the [H, T, S] scores never exist at once (forward or backward): the same
+  result, with score memory divided by T / chunk. Ignored unless it divides T and T > chunk."""
+  T = q.shape[1]
+  if chunk is not None and chunk < T and T % chunk == 0:
+    n = T // chunk
+    split = lambda a, axis: jnp.moveaxis(
+        a.reshape(a.shape[:axis] + (n, chunk) + a.shape[axis + 1:]), axis, 0)
+    block = jax.checkpoint(lambda qm: attend(qm[0], k, v, qm[1], scale))
+    out = jax.lax.map(block, (split(q, 1), split(mask, 2)))   # [n, B, chunk, H, e]
+    return jnp.moveaxis(out, 0, 1).reshape(q.shape[:3] + (v.shape[-1],))
   B, T, H, _ = q.shape
   K = k.shape[2]
   qg = q.reshape(B, T, K, H // K, q.shape[-1])

@@ -187,14 +187,19 @@ def sequence_balance(scores_BTE, ids_BTk, cfg: ModelConfig):
   return (f * P).sum(-1).mean()
 
 
-def moe_block(p, x_BTD, cfg: ModelConfig):
-  """Routed + shared experts. Returns [B, T, D] and stats {counts [E], balance, dropped}."""
+def moe_block(p, x_BTD, cfg: ModelConfig, token_mask=None):
+  """Routed + shared experts. Returns [B, T, D] and stats {counts [E], balance, dropped}.
+  Tokens where token_mask [B, T] is False go to no routed expert (padding)."""
   dtype = cfg.jnp_dtype
   B, T, D = x_BTD.shape
   x = x_BTD.reshape(B * T, D)
   logits = jnp.dot(x.astype(jnp.float32), p["router"].astype(jnp.float32))
   router = route_pallas if cfg.router_impl == "pallas" else route
   weights, ids, scores = router(logits, p["router_bias"], cfg)
+  if token_mask is not None:
+    live = token_mask.reshape(-1, 1)
+    ids = jnp.where(live, ids, cfg.n_routed_experts)  # id E: no expert, no capacity, no count
+    weights = jnp.where(live, weights, 0.0)
   mesh = jax.sharding.get_abstract_mesh()
   if not mesh.empty and mesh.size > 1:
     from r1jax.parallel import expert

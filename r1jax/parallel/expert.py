@@ -10,6 +10,13 @@ over `expert`, so each device owns E_loc = E / |expert| experts. Two strategies
   buffer, `all_to_all` sends them to the expert owners, which run their experts and send the
   results back. C is all assignments (dropless) when capacity_factor is None, else
   ceil(n*k/P * capacity_factor); overflowing assignments are dropped and counted.
+- "ragged_all_to_all": assignments sorted by destination are exchanged with
+  `jax.lax.ragged_all_to_all`, so only the rows actually routed travel (no per-destination
+  padding). The receive buffer holds every row that could arrive (dropless) when capacity_factor
+  is None, else ceil(n*k * capacity_factor) rows, shared among the senders in device order; rows
+  that do not fit are dropped and counted. XLA:CPU has no ragged all-to-all, so on CPU the same
+  offsets drive an emulation built from a dense `all_to_all` (`ragged_exchange`); the native op is
+  used on GPU and TPU.
 
 Both return the combined routed-expert output for the local tokens and the number of dropped
 assignments (summed over the mesh). Results equal the single-device computation up to float
@@ -55,9 +62,9 @@ def _all_to_all_local(p, x, w, ids, cfg: ModelConfig, ep: int):
   E_loc = p["gate"].shape[0]
   A = n * k
   C = A if cfg.capacity_factor is None else min(A, math.ceil(A / ep * cfg.capacity_factor))
-  dest = (ids // E_loc).reshape(-1)
+  dest = (ids // E_loc).reshape(-1)  # ep for masked tokens (id E): sent nowhere
   order = jnp.argsort(dest, stable=True)
-  counts = jnp.bincount(dest, length=ep)
+  counts = jnp.bincount(dest, length=ep + 1)
   starts = jnp.cumsum(counts) - counts
   rank = jnp.zeros((A,), jnp.int32).at[order].set(
       (jnp.arange(A) - starts[dest[order]]).astype(jnp.int32))
@@ -75,12 +82,87 @@ def _all_to_all_local(p, x, w, ids, cfg: ModelConfig, ep: int):
   back = jax.lax.all_to_all(y2.reshape(ep, C, D), "expert", 0, 0, tiled=True)
   y_assign = back.at[dest, rank].get(mode="fill", fill_value=0)  # [A, D]; dropped read 0
   y = jnp.zeros((n, D), jnp.float32).at[token].add(y_assign * w.reshape(-1)[:, None])
-  dropped = jnp.sum(rank >= C).astype(jnp.float32) + dropped2
+  dropped = jnp.sum((rank >= C) & (dest < ep)).astype(jnp.float32) + dropped2
   return y, dropped
 
 
-def dispatch(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig, mesh):
-  """Routed-expert output [N, D] fp32 and dropped-assignment count on a multi-device mesh."""
+def _exclusive_cumsum(a, axis):
+  return jnp.cumsum(a, axis=axis) - a
+
+
+def ragged_exchange(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
+                    axis_name: str, native: bool | None = None):
+  """`jax.lax.ragged_all_to_all` (same contract), or on CPU an emulation with a dense all_to_all.
+
+  Device i sends operand[input_offsets[j] : + send_sizes[j]] to device j, where it is written at
+  output[output_offsets[j] : + ...] (offsets in the receiver's buffer); recv_sizes[j] rows arrive
+  from device j. The emulation pads each chunk to the operand's length, so it costs P times the
+  memory of the native op; it exists so the dispatch logic runs (and is tested) on CPU.
+  """
+  if native is None:
+    native = jax.default_backend() != "cpu"
+  if native:
+    return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
+                                     recv_sizes, axis_name=axis_name)
+  A = operand.shape[0]
+  R = output.shape[0]
+  r = jnp.arange(A)
+  rows = input_offsets[:, None] + r[None, :]                                  # [P, A]
+  valid = r[None, :] < send_sizes[:, None]
+  chunks = jnp.where(valid.reshape(valid.shape + (1,) * (operand.ndim - 1)),
+                     operand[jnp.clip(rows, 0, A - 1)], 0)                     # [P, A, ...]
+  got = jax.lax.all_to_all(chunks, axis_name, 0, 0, tiled=True)               # [P(src), A, ...]
+  at = jax.lax.all_to_all(output_offsets[:, None], axis_name, 0, 0, tiled=True)[:, 0]
+  dest = jnp.where(r[None, :] < recv_sizes[:, None], at[:, None] + r[None, :], R)
+  return output.at[dest.reshape(-1)].set(got.reshape((-1,) + operand.shape[1:]), mode="drop")
+
+
+def _ragged_local(p, x, w, ids, cfg: ModelConfig, ep: int, native: bool | None):
+  n, D = x.shape
+  k = ids.shape[1]
+  E_loc = p["gate"].shape[0]
+  A = n * k
+  R = ep * A if cfg.capacity_factor is None else min(ep * A, math.ceil(A * cfg.capacity_factor))
+  me = jax.lax.axis_index("expert")
+  flat = ids.reshape(-1)
+  order = jnp.argsort(flat, stable=True)            # by destination device, then local expert
+  token = order // k
+  counts_e = jnp.bincount(flat, length=ep * E_loc).reshape(ep, E_loc)  # mine, per dest expert
+  all_e = jax.lax.all_gather(counts_e, "expert")    # [src, dst, E_loc]
+  counts = all_e.sum(-1)                            # [src, dst] assignments
+  # receiver r takes senders in device order until its R rows are full
+  room = jnp.maximum(R - _exclusive_cumsum(counts, 0), 0)
+  allowed = jnp.minimum(counts, room)               # [src, dst] rows actually sent
+  send_off = _exclusive_cumsum(counts, 1)           # sender's chunk starts in its sorted rows
+  recv_off = _exclusive_cumsum(allowed, 0)          # chunk starts in the receiver's buffer
+  sorted_x = x[token]
+  recv_x = ragged_exchange(sorted_x, jnp.zeros((R, D), x.dtype), send_off[me], allowed[me],
+                           recv_off[me], allowed[:, me], "expert", native)
+  # the local expert of every received row follows from the senders' per-expert counts
+  row = jnp.arange(R)
+  src = jnp.clip(jnp.searchsorted(recv_off[:, me], row, side="right") - 1, 0, ep - 1)
+  within = row - recv_off[src, me]
+  bounds = jnp.cumsum(all_e[:, me, :], axis=-1)     # [src, E_loc]
+  expert = jnp.sum(within[:, None] >= bounds[src], axis=-1)
+  expert = jnp.where(within < allowed[src, me], expert, E_loc)
+  # the receive buffer is the only capacity limit: no second drop per local expert
+  cfg1 = dataclasses.replace(cfg, num_experts_per_tok=1, n_routed_experts=E_loc,
+                             capacity_factor=None)
+  y_recv, dropped2 = moe_lib.routed_experts(p, recv_x, jnp.ones((R, 1), jnp.float32),
+                                            expert[:, None], cfg1)
+  y_sorted = ragged_exchange(y_recv, jnp.zeros((A, D), y_recv.dtype), recv_off[:, me],
+                             allowed[:, me], send_off[:, me], allowed[me], "expert", native)
+  y_assign = jnp.zeros((A, D), y_sorted.dtype).at[order].set(y_sorted)  # unsent rows read 0
+  y = jnp.zeros((n, D), jnp.float32).at[jnp.arange(A) // k].add(
+      y_assign * w.reshape(-1)[:, None])
+  dropped = jnp.sum(counts[me] - allowed[me]).astype(jnp.float32) + dropped2
+  return y, dropped
+
+
+def dispatch(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig, mesh, native: bool | None = None):
+  """Routed-expert output [N, D] fp32 and dropped-assignment count on a multi-device mesh.
+
+  `native` (ragged_all_to_all only): None picks the native collective off CPU."""
   bax = batch_axes(mesh)
   n_batch = math.prod(mesh.shape[a] for a in bax)
   tokens_sharded = bool(bax) and x_ND.shape[0] % n_batch == 0
@@ -90,12 +172,14 @@ def dispatch(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig, mesh):
   tok = P(bax) if tokens_sharded else P()
   exp = P("expert") if ep > 1 else P()
   strategy = cfg.expert_dispatch
-  if strategy == "all_to_all" and not (tokens_sharded and ep > 1 and "expert" in bax):
+  if strategy in ("all_to_all", "ragged_all_to_all") and not (tokens_sharded and ep > 1 and "expert" in bax):
     strategy = "allgather"  # nothing to exchange: tokens are already where the experts are
 
   def local(pe, x, w, ids):
     if strategy == "all_to_all":
       y, dropped = _all_to_all_local(pe, x, w, ids, cfg, ep)
+    elif strategy == "ragged_all_to_all":
+      y, dropped = _ragged_local(pe, x, w, ids, cfg, ep, native)
     else:
       y, dropped = _allgather_local(pe, x, w, ids, cfg, ep, tokens_sharded)
     # every device counted drops among distinct (token, expert) pairs of its own

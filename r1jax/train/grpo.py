@@ -73,6 +73,7 @@ def grpo_loss(cfg: ModelConfig, *, loss_type: str = "grpo", eps_low: float = 0.2
 
   def forward(params, batch):
     return model.forward_with_aux(params, batch["tokens"], cfg, segment_ids=batch["segment_ids"],
+                                  token_mask=batch["segment_ids"] > 0,
                                   positions=batch["positions"])
 
   def loss_fn(params, batch, rng, ref_params):
@@ -101,7 +102,7 @@ def grpo_loss(cfg: ModelConfig, *, loss_type: str = "grpo", eps_low: float = 0.2
         "tokens": jnp.sum(mask),
     }
     metrics["clip_frac"] = metrics["clip_frac_low"] + metrics["clip_frac_high"]
-    metrics.update(moe_metrics(aux, cfg, batch["tokens"].size))
+    metrics.update(moe_metrics(aux, cfg, jnp.sum(batch["segment_ids"] > 0)))
     return loss, metrics
 
   return loss_fn

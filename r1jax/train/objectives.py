@@ -18,6 +18,7 @@ MTP_BIAS = "mtp/layer/moe/router_bias"
 
 def _forward(params, batch, cfg: ModelConfig, mtp: bool):
   return model.forward_with_aux(params, batch["tokens"], cfg, segment_ids=batch["segment_ids"],
+                                token_mask=batch["segment_ids"] > 0,
                                 positions=batch["positions"], mtp=mtp)
 
 
@@ -48,7 +49,7 @@ def sft_loss(cfg: ModelConfig, *, mtp_weight: float = 0.0, balance_alpha: float 
       mtp = losses.mtp_loss(aux["mtp_logits"], batch["targets"], batch["loss_mask"],
                             batch["segment_ids"])
       loss, metrics["mtp_loss"] = loss + mtp_weight * mtp, mtp
-    metrics.update(moe_metrics(aux, cfg, batch["tokens"].size))
+    metrics.update(moe_metrics(aux, cfg, jnp.sum(batch["segment_ids"] > 0)))
     if balance_alpha and "balance" in metrics:
       loss = loss + balance_alpha * metrics["balance"]
     return loss, metrics
@@ -72,7 +73,7 @@ def distill_loss(student_cfg: ModelConfig, teacher_cfg: ModelConfig, *, kind: st
     div = losses.distill_divergence(logits, t_logits, mask, kind, temperature)
     ce = losses.cross_entropy(logits, batch["targets"], mask)
     metrics = {"ce": ce, "divergence": div, "tokens": jnp.sum(mask)}
-    metrics.update(moe_metrics(aux, student_cfg, batch["tokens"].size))
+    metrics.update(moe_metrics(aux, student_cfg, jnp.sum(batch["segment_ids"] > 0)))
     return (1 - ce_weight) * div + ce_weight * ce, metrics
 
   return loss_fn
