@@ -1,0 +1,63 @@
+"""The benchmark driver's listing and RESULTS.md writer, and grpo_vs_trl's loss cross-check
+(r1jax's GRPO loss and gradient equal TRL's on identical inputs) at a tiny size."""
+
+import json
+import shutil
+import tempfile
+
+from benchmarks import run_all
+from r1jax import hf
+from r1jax.config import ModelConfig
+from r1jax.run_config import tiny_moe_fields
+import testing
+
+
+def test_list_names_every_benchmark(capsys):
+  assert run_all.main(["--list"]) == 0
+  out = capsys.readouterr().out
+  for b in run_all.BENCHMARKS:
+    assert b.name in out and b.script.exists(), b.name
+
+
+def test_markdown_from_json_and_missing(tmp_path):
+  results = tmp_path / "results"
+  results.mkdir()
+  for path in run_all.RESULTS_DIR.glob("*.json"):
+    shutil.copy(path, results)
+  (results / "rollout.json").unlink(missing_ok=True)
+  text = run_all.write_markdown(tmp_path / "RESULTS.md", results)
+  assert (tmp_path / "RESULTS.md").read_text() == text
+  for b in run_all.BENCHMARKS:
+    assert f"(`{b.name}`)" in text, b.name
+  assert "| rollout | not run |" in text
+  assert "| CPU |" in text and "accelerator" in text
+
+
+def test_markdown_headline_and_verdict(tmp_path):
+  row = {"impl": "capacity", "params_M": 1.0, "step_ms": 100.0, "tokens_per_s": 1.0,
+         "ratio": 1.0, "fwd_bwd_ms": 80.0, "fwd_bwd_ratio": 1.0, "drop_frac_mean": 0.0}
+  d = {"batch": [16, 128], "rounds": 3, "cpu_count": 2, "jax": "x",
+       "rows": [dict(row, experts=8), dict(row, experts=64, step_ms=130.0, ratio=1.3)]}
+  (tmp_path / "moe_scaling.json").write_text(json.dumps(d))
+  text = run_all.write_markdown(tmp_path / "R.md", tmp_path)
+  assert "| moe_scaling | 1.30 |" in text and "not met" in text
+
+
+def test_grpo_loss_and_grad_match_trl():
+  from benchmarks import grpo_vs_trl
+  from r1jax.data.tokenizer import CharTokenizer
+
+  cfg = ModelConfig.from_config(tiny_moe_fields(
+      num_hidden_layers=2, num_nextn_predict_layers=0, capacity_factor=None))
+  params = testing.random_params(cfg, seed=1)
+  hf_tok = grpo_vs_trl.char_hf_tokenizer(CharTokenizer())
+  with tempfile.TemporaryDirectory() as model_dir:
+    hf.save(model_dir, cfg, params)
+    check = grpo_vs_trl.loss_crosscheck(
+        cfg, params, model_dir, hf_tok, prompts=2, group=2, new_tokens=8,
+        variants=(("dr_grpo", 0.0), ("grpo", 0.04)), grad_loss_type="dr_grpo")
+  assert check["max_abs_diff"] < 1e-5, check["variants"]
+  assert check["grad_tensors_compared"] > 10
+  assert check["grad_max_abs_diff"] < 1e-5 * max(check["grad_max_abs"], 1.0), check
+  # TRL's default KL (ratio-weighted) is a different objective: the check must see it
+  assert check["trl_default_kl_bias_correction"]["abs_diff_to_r1jax"] > 1e-7
