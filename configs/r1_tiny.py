@@ -3,12 +3,13 @@
     python -m r1jax.launch --config configs/r1_tiny.py
 
 Task: integer addition with a digit-by-digit chain of thought in <think>, the result in
-<answer>. The cold-start traces cover 1-2 digit operands only; RL prompts (answers only, no
-traces) and the held-out evaluation add 3-digit problems, so evaluation reports problems the
-traces covered and problems they did not.
+<answer>. The cold-start traces cover two-term sums of 1-2 digit operands only; RL prompts
+(answers only, no traces) and the held-out evaluation add three-term sums of digits (3+5+8:
+one column of three terms, a shape the traces show only as a column plus its carry), so
+evaluation reports problems the traces covered and problems they did not.
 
 Stages (each evaluated on the same held-out problems):
-  cold_start      SFT on 400 traced 1-2 digit problems
+  cold_start      SFT on 400 traced two-term problems
   grpo            GRPO with accuracy + format rewards on mixed prompts
   sft_control     control branch: more cold-start SFT for the same wall time as `grpo`,
                   starting from `cold_start`; the recipe continues from `grpo`
@@ -27,18 +28,19 @@ from r1jax.run_config import base_config, stage, tiny_moe_fields, tiny_student_f
 def get_config(arg=None):
   del arg
   c = base_config(**tiny_moe_fields(capacity_factor=2.0))
-  c.data.update(batch_size=32, seq_len=64, num_sft_examples=400, num_rl_prompts=2000,
-                num_eval_problems=50, covered_digits=(1, 2), uncovered_digits=(3, 3))
+  c.data.update(batch_size=32, seq_len=64, num_sft_examples=400, num_rl_prompts=1000,
+                num_eval_problems=50, covered_digits=(1, 2), uncovered_digits=(1, 1),
+                uncovered_operands=3)
   c.optim.update(lr=2e-3, warmup_steps=20)
   c.train.update(mtp_weight=0.1)
-  c.eval.update(k=0, max_new_tokens=40)
+  c.eval.update(k=4, temperature=1.0, top_p=1.0, max_new_tokens=40)
   c.checkpoint.every_steps = 50
-  grpo = dict(lr=1e-4, warmup_steps=0, schedule="constant", weight_decay=0.0,
+  grpo = dict(lr=3e-5, warmup_steps=0, schedule="constant", weight_decay=0.0,
               prompts_per_step=16, group_size=8, max_new_tokens=40, temperature=1.0,
               reward_weights={"accuracy": 1.0, "format": 0.2}, loss_type="grpo", eps_low=0.2,
               eps_high=0.2, beta=0.0, mu=1, ref_refresh_every=0, advantage_scale="group",
-              dynamic_sampling=False, max_refills=2, mask_truncated=False, top_p=1.0)
-  c.stages.cold_start = stage("sft", steps=250)
+              dynamic_sampling=True, max_refills=2, mask_truncated=False, top_p=1.0)
+  c.stages.cold_start = stage("sft", steps=200)
   c.stages.grpo = stage("grpo", steps=60, **grpo)
   c.stages.sft_control = stage("sft", steps=100000, start_from="cold_start", branch=True,
                                match_wall_of="grpo", lr=2e-4, warmup_steps=0,

@@ -18,19 +18,26 @@ from ml_collections import config_flags
 
 from r1jax.errors import UserError
 
-FLAGS = flags.FlagValues()
-config_flags.DEFINE_config_file("config", None, "config file (configs/NAME.py[:ARG])",
-                                flag_values=FLAGS, lock_config=True)
-flags.DEFINE_string("workdir", None, "run directory (default runs/<config>-<timestamp>); an "
-                    "existing one is resumed", flag_values=FLAGS)
-flags.DEFINE_bool("dry_run", False, "compile the first stage's step on abstract inputs and print "
-                  "per-device memory; allocates no model", flag_values=FLAGS)
-flags.DEFINE_integer("dry_run_devices", 0, "devices of the abstract mesh for --dry_run "
-                     "(default: the mesh section's product, or the local devices)",
-                     flag_values=FLAGS)
-flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0 (multi-host)", flag_values=FLAGS)
-flags.DEFINE_integer("num_processes", None, "number of processes (multi-host)", flag_values=FLAGS)
-flags.DEFINE_integer("process_id", None, "this process's index (multi-host)", flag_values=FLAGS)
+
+def _define_flags(fv: flags.FlagValues, sys_argv=None) -> flags.FlagValues:
+  """The launcher's flags on `fv`; `--config.*` overrides are looked up in `sys_argv` (default:
+  sys.argv at parse time, which is what config_flags reads them from)."""
+  config_flags.DEFINE_config_file("config", None, "config file (configs/NAME.py[:ARG])",
+                                  flag_values=fv, lock_config=True, sys_argv=sys_argv)
+  flags.DEFINE_string("workdir", None, "run directory (default runs/<config>-<timestamp>); an "
+                      "existing one is resumed", flag_values=fv)
+  flags.DEFINE_bool("dry_run", False, "compile the first stage's step on abstract inputs and "
+                    "print per-device memory; allocates no model", flag_values=fv)
+  flags.DEFINE_integer("dry_run_devices", 0, "devices of the abstract mesh for --dry_run "
+                       "(default: the mesh section's product, or the local devices)",
+                       flag_values=fv)
+  flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0 (multi-host)", flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "number of processes (multi-host)", flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "this process's index (multi-host)", flag_values=fv)
+  return fv
+
+
+FLAGS = _define_flags(flags.FlagValues())
 
 
 def _fail(msg: str) -> int:
@@ -42,9 +49,22 @@ def _config_name(path: str) -> str:
   return os.path.splitext(os.path.basename(path.split(":")[0]))[0]
 
 
-def _parse(argv):
+def parse_config(argv):
+  """The validated run config of a launcher command line (argv[0] is the program name).
+
+  Raises UserError (one line) for anything wrong with it. Reads overrides from `argv` only (not
+  sys.argv) and parses on fresh flags, so it can be called any number of times in one process.
+  """
+  from r1jax import run_config
+  argv = list(argv)
+  config = _parse(argv, _define_flags(flags.FlagValues(), sys_argv=argv))
+  run_config.validate(config)
+  return config
+
+
+def _parse(argv, fv: flags.FlagValues = FLAGS):
   try:
-    FLAGS(argv)
+    fv(argv)
   except flags.Error as e:
     raise UserError(str(e).splitlines()[0]) from None
   except (AttributeError, KeyError) as e:  # config_flags: override of a key the config lacks
@@ -58,11 +78,11 @@ def _parse(argv):
     raise UserError(_load_error(e)) from None
   except (TypeError, ValueError) as e:  # config_flags override errors
     raise UserError(f"bad config override: {str(e).splitlines()[0]}") from None
-  if FLAGS.config is None:
+  if fv.config is None:
     raise UserError("--config is required (e.g. --config configs/r1_tiny.py)")
-  if type(FLAGS.config).__name__ == "_ErrorConfig":  # config_flags defers load failures
-    raise UserError(_load_error(object.__getattribute__(FLAGS.config, "_error")))
-  return FLAGS.config
+  if type(fv.config).__name__ == "_ErrorConfig":  # config_flags defers load failures
+    raise UserError(_load_error(object.__getattribute__(fv.config, "_error")))
+  return fv.config
 
 
 def _load_error(e: BaseException) -> str:
@@ -78,6 +98,8 @@ def main(argv=None) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   try:
     config = _parse(argv)
+    from r1jax import run_config
+    run_config.validate(config)  # before anything is written to the run directory
     if FLAGS.dry_run and "jax" not in sys.modules:
       _simulate_devices(config)
     from r1jax.parallel import distributed
@@ -86,6 +108,13 @@ def main(argv=None) -> int:
       from r1jax.parallel import memory
       print(memory.report(config, FLAGS.dry_run_devices or None))
       return 0
+    import jax
+    if FLAGS.workdir is None and jax.process_count() > 1:
+      raise UserError(f"--workdir is required with {jax.process_count()} processes (each would "
+                      "name its own default run directory); pass a shared path")
+    if "://" in (FLAGS.workdir or ""):
+      raise UserError(f"--workdir {FLAGS.workdir}: remote URLs are not supported yet; use a "
+                      "shared filesystem path (NFS, or a bucket mounted with gcsfuse)")
     workdir = FLAGS.workdir or os.path.join(
         "runs", f"{_config_name(FLAGS['config'].config_filename)}-"
         f"{datetime.datetime.now():%Y%m%d-%H%M%S}")

@@ -162,7 +162,7 @@ class Pipeline:
                           {"stages": progress["summary"]})
         atomic_write_json(self.progress_path, progress)
         if c.log.plots:
-          ctx.log.plot()
+          ctx.log.plot(progress["summary"])
     ctx.log.close()
     return {"stages": progress["summary"]}
 

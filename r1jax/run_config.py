@@ -7,6 +7,8 @@ steps of every stage).
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from r1jax.config import ConfigError, ModelConfig, model_section
@@ -58,6 +60,8 @@ def validate(c) -> ModelConfig:
       raise ConfigError(f"config has no `{key}` section")
   if int(c.max_steps) < 0:
     raise ConfigError(f"max_steps={c.max_steps} must be >= 0")
+  if int(c.seed) < 0:
+    raise ConfigError(f"seed={c.seed} must be >= 0")
   cfg = ModelConfig.from_config(c.model)
   order = list(c.stage_order)
   if not order:
@@ -75,8 +79,8 @@ def validate(c) -> ModelConfig:
       raise ConfigError(f"stages.{name}.steps={s.steps} must be >= 0")
   if int(c.data.batch_size) <= 0 or int(c.data.seq_len) <= 1:
     raise ConfigError("data.batch_size must be > 0 and data.seq_len > 1")
-  if float(c.optim.lr) <= 0:
-    raise ConfigError(f"optim.lr={c.optim.lr} must be positive")
+  if not 0 < float(c.optim.lr) < math.inf:
+    raise ConfigError(f"optim.lr={c.optim.lr} must be positive and finite")
   if int(c.train.accum_steps) < 1 or int(c.data.batch_size) % int(c.train.accum_steps):
     raise ConfigError(f"train.accum_steps={c.train.accum_steps} must divide "
                       f"data.batch_size={c.data.batch_size}")

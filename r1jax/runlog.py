@@ -82,8 +82,10 @@ class RunLog:
     with open(path) as f:
       return [json.loads(line) for line in f if line.strip()]
 
-  def plot(self):
-    """plots/<metric>.png: each metric against step, one line per stage."""
+  def plot(self, summary: list[dict] | None = None):
+    """plots/<metric>.png: each metric against step, one line per stage; with the summary's
+    stage entries also plots/accuracy_by_stage.png (held-out accuracy after each stage,
+    overall and per bucket)."""
     if not self.enabled:
       return
     import matplotlib
@@ -91,7 +93,7 @@ class RunLog:
     import matplotlib.pyplot as plt
     recs = self.read_metrics()
     os.makedirs(os.path.join(self.workdir, "plots"), exist_ok=True)
-    for key in ("loss", "reward", "eval_accuracy", "kl", "completion_len", "grad_norm"):
+    for key in ("loss", "reward", "kl", "completion_len", "grad_norm"):
       series = {}
       for r in recs:
         if r.get(key) is not None:
@@ -107,6 +109,21 @@ class RunLog:
       ax.legend()
       fig.tight_layout()
       fig.savefig(os.path.join(self.workdir, "plots", f"{key}.png"), dpi=100)
+      plt.close(fig)
+    evaluated = [s for s in summary or () if s.get("eval")]
+    if evaluated:
+      fig, ax = plt.subplots(figsize=(7, 3.5))
+      xs = range(len(evaluated))
+      ax.plot(xs, [s["eval"].get("accuracy") for s in evaluated], marker="o", label="all")
+      buckets = sorted({b for s in evaluated for b in s["eval"].get("by_bucket", {})})
+      for b in buckets:
+        ax.plot(xs, [s["eval"].get("by_bucket", {}).get(b, {}).get("accuracy") for s in evaluated],
+                marker="o", linestyle="--", label=b)
+      ax.set_xticks(list(xs), [s["name"] for s in evaluated], rotation=20)
+      ax.set_ylabel("held-out accuracy (greedy)")
+      ax.legend()
+      fig.tight_layout()
+      fig.savefig(os.path.join(self.workdir, "plots", "accuracy_by_stage.png"), dpi=100)
       plt.close(fig)
 
   def close(self):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from r1jax.rollout import _verify, rewards
+from testing import in_thread
 
 R1_PROMPT = "<｜User｜>What is 1+1?<｜Assistant｜><think>\n"
 ZERO_PROMPT = "User: What is 1+1? Assistant:"
@@ -84,22 +85,6 @@ def test_math_verify_agrees_with_the_fast_path():
     assert _verify.fast_equal("0.5", r"\frac{1}{2}") is True
     assert _verify.fast_equal("72", "73") is False
     assert _verify.fast_equal(r"\frac{1}{3}", "0.333333") is None   # left to math-verify
-
-
-def in_thread(fn):
-    """fn() run on a new (non-main) thread: (its result, wall seconds)."""
-    box = {}
-
-    def work():
-        start = time.monotonic()
-        box["result"] = fn()
-        box["seconds"] = time.monotonic() - start
-
-    thread = threading.Thread(target=work)
-    thread.start()
-    thread.join(60)
-    assert not thread.is_alive() and "result" in box
-    return box["result"], box["seconds"]
 
 
 def test_accuracy_off_the_main_thread_is_correct_and_bounded():

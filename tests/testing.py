@@ -7,6 +7,9 @@ by default, ~3.5 s with both off) and buy nothing at these sizes; the maths is u
 
 from __future__ import annotations
 
+import threading
+import time
+
 import jax
 import numpy as np
 
@@ -37,3 +40,20 @@ def random_params(cfg, seed: int = 0, std: float = 0.1):
     return jax.numpy.asarray(x, s.dtype)
 
   return jax.tree.unflatten(treedef, [make(p, s) for p, s in leaves])
+
+
+def in_thread(fn, join_s: float = 60.0):
+  """fn() on a new (non-main) thread: (its result, wall seconds); fails if the thread is still
+  running after join_s (a call that hangs off the main thread)."""
+  box = {}
+
+  def work():
+    start = time.monotonic()
+    box["result"] = fn()
+    box["seconds"] = time.monotonic() - start
+
+  thread = threading.Thread(target=work)
+  thread.start()
+  thread.join(join_s)
+  assert not thread.is_alive() and "result" in box, "the call hung off the main thread"
+  return box["result"], box["seconds"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 from typing import Iterable, Mapping, Sequence
@@ -54,6 +55,9 @@ def _normalize(raw: Mapping, fields: Mapping[str, str | None], where: str) -> di
       raise DataError(f"{where}: missing field {name!r}")
     value = raw[name]
     if canonical == "answer" and isinstance(value, (int, float)) and not isinstance(value, bool):
+      if not math.isfinite(value):
+        raise DataError(f"{where}: field {name!r} must be a string or a finite number, "
+                        f"got {value}")
       value = str(value)
     if not isinstance(value, str):
       raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
@@ -67,7 +71,8 @@ def read_jsonl(path: str, *, prompt_field: str = "question", completion_field: s
   fields = dict(question=prompt_field, completion=completion_field, answer=answer_field)
   records = []
   try:
-    f = open(path, encoding="utf-8")
+    # Bytes that are not UTF-8 decode to lone surrogates, so they are reported with their line.
+    f = open(path, encoding="utf-8", errors="surrogateescape")
   except OSError as e:
     raise DataError(f"{path}: cannot open ({e.strerror})") from None
   with f:
@@ -75,9 +80,16 @@ def read_jsonl(path: str, *, prompt_field: str = "question", completion_field: s
       if not line.strip():
         continue  # Tolerate blank lines (a trailing newline pair is common).
       try:
+        line.encode("utf-8")
+      except UnicodeEncodeError as e:
+        raise DataError(f"{path}:{line_no}: not UTF-8 (byte {ord(line[e.start]) - 0xDC00:#04x} at "
+                        f"column {e.start + 1})") from None
+      try:
         raw = json.loads(line)
       except json.JSONDecodeError as e:
         raise DataError(f"{path}:{line_no}: malformed JSON ({e.msg} at column {e.colno})") from None
+      except (ValueError, RecursionError) as e:  # e.g. an integer of 5000 digits, deep nesting
+        raise DataError(f"{path}:{line_no}: malformed JSON ({str(e).splitlines()[0]})") from None
       if not isinstance(raw, dict):
         raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(raw).__name__}")
       records.append(_normalize(raw, fields, f"{path}:{line_no}"))
@@ -121,11 +133,13 @@ def write_jsonl(path: str, records: Iterable[Mapping]) -> int:
   """Write records as JSONL atomically (temp file in the same dir + rename); returns the count.
 
   A crash mid-write leaves the previous file (or none), never a truncated one that a resumed
-  run would read as a smaller dataset.
+  run would read as a smaller dataset. The temporary file a killed writer (SIGKILL) left behind is
+  removed by the next successful write of the same path.
   """
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".jsonl")
+  prefix = f".{os.path.basename(path)}.tmp-"
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix)
   count = 0
   try:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -138,6 +152,9 @@ def write_jsonl(path: str, records: Iterable[Mapping]) -> int:
   except BaseException:
     os.unlink(tmp)
     raise
+  for name in os.listdir(directory):
+    if name.startswith(prefix):
+      os.unlink(os.path.join(directory, name))
   return count
 
 

@@ -27,7 +27,7 @@ from r1jax.train import state as state_lib
 
 
 class NonFiniteError(UserError):
-  """The loss or gradients went non-finite and train.nonfinite == "stop"."""
+  """The loss, gradients or updated params went non-finite and train.nonfinite == "stop"."""
 
 
 @dataclasses.dataclass
@@ -79,6 +79,15 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._prev)
 
 
+def _any_process(flag: bool) -> bool:
+  """True on every process if it is true on any: processes stop (preemption, wall budget) at
+  the same step, so they save the same checkpoint and run the same collectives."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
 def shard(ctx: Context, batch):
   """Host batch -> global arrays split over the batch axes (multi-process aware)."""
   if jax.process_count() == 1:
@@ -120,7 +129,7 @@ def train_loop(ctx: Context, name: str, state, *, steps: int,
   t_start = time.time()
   with _Preemption() as pre:
     for step in range(start + 1, steps + 1):
-      if ctx.wall_budget is not None and time.time() - t_start > ctx.wall_budget:
+      if _any_process(ctx.wall_budget is not None and time.time() - t_start > ctx.wall_budget):
         # an equal-wall-time control: stop here (not bit-reproducible: depends on the clock)
         ctx.log.info(f"[{name}] wall-time budget of {ctx.wall_budget:.0f} s spent at step "
                      f"{step - 1}")
@@ -136,15 +145,17 @@ def train_loop(ctx: Context, name: str, state, *, steps: int,
       if "tokens" in metrics:
         metrics["tokens_per_sec"] = metrics["tokens"] / max(metrics["step_seconds"], 1e-9)
       if metrics.get("nonfinite", 0) and c.train.nonfinite == "stop":
-        raise NonFiniteError(f"stage {name}: non-finite loss or gradient at step {step} "
+        ckpt.close()  # an asynchronous save of the last good step must commit before we exit
+        raise NonFiniteError(f"stage {name}: non-finite loss, gradient or update at step {step} "
                              "(train.nonfinite=stop); the last good checkpoint is kept")
       last = metrics
       if step % every == 0 or step == steps or step == 1:
         rec = ctx.log.metrics(name, step, metrics)
         ctx.log.progress(name, step, steps, rec, log_keys)
-      if step == steps or ckpt.should_save(step) or pre.requested:
+      preempted = _any_process(pre.requested)
+      if step == steps or ckpt.should_save(step) or preempted:
         save(step, metrics)
-      if pre.requested:
+      if preempted:
         ckpt.close()
         ctx.log.info(f"[{name}] SIGTERM: saved step {step}, exiting")
         sys.exit(143)

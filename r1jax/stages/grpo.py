@@ -10,6 +10,8 @@ mask_truncated, template, and optim overrides (lr, ...).
 
 from __future__ import annotations
 
+import json
+import os
 import time
 
 import jax
@@ -84,7 +86,8 @@ def run_grpo(ctx: common.Context, name: str, s):
   sampling = dict(max_new_tokens=N, temperature=float(s.get("temperature", 1.0)),
                   top_p=float(s.get("top_p", 1.0)), eos_id=ctx.tokenizer.eos_id,
                   pad_id=ctx.tokenizer.pad_id, vocab_limit=ctx.tokenizer.vocab_size)
-  samples = []
+  samples_path = os.path.join(ctx.workdir, "samples", f"{name}.jsonl")
+  samples = _earlier_samples(samples_path) if ctx.is_main else []
 
   def sample(st, records, key):
     prompt_texts = [template_lib.format_prompt(r["question"], template, ctx.tokenizer.markers)
@@ -125,8 +128,11 @@ def run_grpo(ctx: common.Context, name: str, s):
     batch = rollout_batch(out, mask_truncated=bool(s.get("mask_truncated", False)))
     batch["advantages"] = adv
     if ctx.is_main and step % max(int(c.log.every_steps), 1) == 0:
+      # written as they come, so a run resumed from a checkpoint keeps the samples before it
+      samples[:] = [x for x in samples if x["step"] < step]
       samples.append({"step": step, "question": records[0]["question"], "completion": texts[0],
                       "reward": float(total[0])})
+      pipeline.write_jsonl(samples_path, samples)
     lengths = np.asarray(out.lengths)
     host = dict(reward=float(total.mean()), reward_std=float(total.std()),
                 completion_len=float(lengths.mean()), completion_len_max=float(lengths.max()),
@@ -148,10 +154,16 @@ def run_grpo(ctx: common.Context, name: str, s):
   with jax.set_mesh(ctx.mesh):
     state, metrics = common.train_loop(ctx, name, state, steps=steps, next_batch=next_batch,
                                        data_iter=it, update=update, log_keys=("reward", "loss"))
-  if ctx.is_main and samples:
-    pipeline.write_jsonl(f"{ctx.workdir}/samples/{name}.jsonl", samples)
   ctx.models["policy"] = (cfg, train.full_params(state["train"]))
   return metrics
+
+
+def _earlier_samples(path: str) -> list[dict]:
+  """The samples an interrupted earlier attempt at the stage wrote ([] if none)."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
 
 
 def _replace_rows(out, other, rows, src):

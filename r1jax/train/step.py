@@ -27,14 +27,19 @@ def _microbatches(batch, n: int):
   return jax.tree.map(split, batch)
 
 
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def make_step(loss_fn: Callable, tx, lr_schedule=None, *, accum_steps: int = 1,
               bias_gamma: float = 0.0, nonfinite: str = "skip", donate: bool = True,
               jit: bool = True):
   """Build `step(state, batch, frozen=None) -> (state, metrics)`.
 
   accum_steps: the batch is split into this many micro-batches whose gradients are averaged.
-  nonfinite: "skip" leaves params and optimizer state untouched when the loss or a gradient is
-  not finite (metrics["nonfinite"] = 1); "stop" does the same and the caller stops the run.
+  nonfinite: "skip" leaves params and optimizer state untouched when the loss, a gradient or an
+  updated parameter is not finite (metrics["nonfinite"] = 1); "stop" does the same and the caller
+  stops the run.
   """
   assert nonfinite in ("skip", "stop"), nonfinite
 
@@ -62,9 +67,10 @@ def make_step(loss_fn: Callable, tx, lr_schedule=None, *, accum_steps: int = 1,
       metrics["_counts"] = jax.tree.map(lambda c: c * accum_steps, metrics.get("_counts", {}))
 
     grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # finite gradients can still overflow the update (e.g. a learning rate beyond float32)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(params)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
 

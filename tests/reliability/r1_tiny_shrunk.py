@@ -1,0 +1,43 @@
+"""configs/r1_tiny.py shrunk for the reliability tests: cold-start SFT -> GRPO -> rejection
+sampling -> SFT on the sampled data, 3-4 steps each on a 2-layer MoE, batches of 8, a checkpoint
+every 2 steps, 8 evaluation problems after the last stage.
+
+    python -m r1jax.launch --config tests/reliability/r1_tiny_shrunk.py --workdir /tmp/r1
+
+It is deterministic, so an interrupted run can be compared bit for bit with one that never
+stopped: the SFT control branch (it runs for the GRPO stage's wall time) is left out, as are the
+final GRPO and distillation stages (more compile time, no new kind of stage). Rejection sampling
+keeps every sample (`min_reward=-1`): a policy trained for a few steps is never right, and the
+last stage should train on real generated data rather than skip for want of it.
+"""
+
+import importlib.util
+import os
+
+R1_TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs",
+                       "r1_tiny.py")
+
+
+def get_config(arg=None):
+  del arg
+  spec = importlib.util.spec_from_file_location("r1_tiny", R1_TINY)
+  r1_tiny = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(r1_tiny)
+  c = r1_tiny.get_config()
+  c.model.num_hidden_layers = 2
+  c.data.update(batch_size=8, seq_len=48, num_sft_examples=64, num_rl_prompts=64,
+                num_eval_problems=8)
+  c.optim.warmup_steps = 2
+  c.eval.update(k=2, max_new_tokens=12)
+  c.eval.batch_size = 8  # one compiled generation shape (the default is 64 rows)
+  c.checkpoint.update(every_steps=2, keep=2)
+  c.log.update(every_steps=1, plots=False, tensorboard=False)
+  rollout = dict(prompts_per_step=2, group_size=4, max_new_tokens=12)  # 8 rows, as above
+  c.stages.cold_start.update(steps=4, eval=False)
+  c.stages.grpo.update(steps=4, eval=False, **rollout)
+  c.stages.rejection.update(num_prompts=8, k=2, max_new_tokens=12)
+  c.stages.rejection.batch_size = 8
+  c.stages.rejection.min_reward = -1.0
+  c.stages.sft_rs.steps = 3
+  c.stage_order = ("cold_start", "grpo", "rejection", "sft_rs")
+  return c
