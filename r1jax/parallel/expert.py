@@ -152,9 +152,8 @@ def _ragged_local(p, x, w, ids, cfg: ModelConfig, ep: int, native: bool | None):
                                             expert[:, None], cfg1)
   y_sorted = ragged_exchange(y_recv, jnp.zeros((A, D), y_recv.dtype), recv_off[:, me],
                              allowed[:, me], send_off[:, me], allowed[me], "expert", native)
-  y_assign = jnp.zeros((A, D), y_sorted.dtype).at[order].set(y_sorted)  # unsent rows read 0
-  y = jnp.zeros((n, D), jnp.float32).at[jnp.arange(A) // k].add(
-      y_assign * w.reshape(-1)[:, None])
+  # sorted row i is assignment order[i] of token order[i] // k; unsent rows came back as 0
+  y = jnp.zeros((n, D), jnp.float32).at[token].add(y_sorted * w.reshape(-1)[order][:, None])
   dropped = jnp.sum(counts[me] - allowed[me]).astype(jnp.float32) + dropped2
   return y, dropped
 
