@@ -2,8 +2,11 @@
 
   python benchmarks/kernels.py            # writes benchmarks/results/kernels.json
 
-On GPU/TPU: compiled timings (median of several runs after warmup) in TFLOP/s at DeepSeek-V3
-shapes. On CPU: interpret-mode correctness on small shapes only (timings need an accelerator).
+On GPU/TPU: compiled kernels (interpret=False) checked against their references at ragged
+shapes, then timings (median of several runs after warmup) in TFLOP/s at DeepSeek-V3 shapes. On a
+GPU the Mosaic wgmma FP8 kernel is timed directly for a few tile configurations; with
+R1JAX_MOSAIC_GPU=1 the default `fp8.matmul`/`gmm` paths use it too (else they fall back to
+XLA). On CPU: interpret-mode correctness on small shapes only (timings need an accelerator).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from pallas_kernels import fp8, gmm  # noqa: E402
+from pallas_kernels import _mosaic_gpu, fp8, gmm  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "kernels.json"
 
@@ -42,20 +45,43 @@ def _timed(name, flops, fn, *args):
     return {"name": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
 
 
-def bench_gemm(m, k, n):
-  keys = jax.random.split(jax.random.key(0), 2)
+# Mosaic GPU tile configurations tried on a GPU: (bm, bn, stages, ctas_per_sm).
+GPU_CONFIGS = [(64, 128, 4, 2), (64, 256, 4, 1), (128, 128, 4, 1), (64, 128, 6, 1)]
+
+
+def _operands(m, k, n, key=0):
+  keys = jax.random.split(jax.random.key(key), 2)
   x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
   w = (jax.random.normal(keys[1], (k, n)) * k ** -0.5).astype(jnp.bfloat16)
+  return x, w
+
+
+def bench_gemm(m, k, n):
+  x, w = _operands(m, k, n)
   xq, xs = fp8.quantize_activations(x)
   wq, ws = fp8.quantize_weights(w)
   flops = 2 * m * k * n
-  return [
+  rows = [
       _timed(f"bf16 jnp.dot {m}x{k}x{n}", flops,
              lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype), x, w),
-      _timed(f"fp8 matmul (prequantized) {m}x{k}x{n}", flops,
+      _timed(f"fp8 matmul, default path {m}x{k}x{n}", flops,
              lambda *a: fp8.matmul(*a, out_dtype=jnp.bfloat16), xq, xs, wq, ws),
-      _timed(f"fp8 linear (quantize + matmul) {m}x{k}x{n}", flops, fp8.linear, x, w),
   ]
+  if jax.default_backend() == "gpu":
+    # The kernel on operands already in its layout (w K-major, scales transposed): the GEMM alone.
+    ws_cols = jnp.repeat(ws, 128, axis=1)[:, :n]
+    w_NK, xs_T = wq.T[None], xs.T
+    for bm, bn, stages, ctas in GPU_CONFIGS:
+      bs = _mosaic_gpu.GpuBlockSizes(bm=bm, bn=bn, stages=stages, ctas_per_sm=ctas)
+      if m % bm or n % bn or k % 128:
+        continue
+      rows.append(_timed(
+          f"fp8 mosaic wgmma bm{bm} bn{bn} s{stages} c{ctas} {m}x{k}x{n}", flops,
+          lambda a, b, c, d, bs=bs: _mosaic_gpu.gemm_padded(
+              a, b, c, d, jnp.zeros((m // bs.bm,), jnp.int32), block_sizes=bs),
+          xq, xs_T, w_NK, ws_cols[None]))
+  rows.append(_timed(f"fp8 linear (quantize + matmul) {m}x{k}x{n}", flops, fp8.linear, x, w))
+  return rows
 
 
 def bench_gmm(num_groups, m, k, n):
@@ -68,14 +94,56 @@ def bench_gmm(num_groups, m, k, n):
   sizes = sizes.at[0].add(m - sizes.sum())
   flops = 2 * m * k * n
   shape = f"G={num_groups} {m}x{k}x{n}"
+  lq, ls = fp8.quantize_activations(lhs)
+  rq, rs = fp8.quantize_weights(rhs)
   return [
       _timed(f"ragged_dot bf16 {shape}", flops,
              lambda a, b, s: jax.lax.ragged_dot(a, b, s, preferred_element_type=jnp.float32)
              .astype(a.dtype), lhs, rhs, sizes),
       _timed(f"gmm bf16 {shape}", flops, gmm.gmm, lhs, rhs, sizes),
+      _timed(f"gmm_fp8 (prequantized) {shape}", flops,
+             lambda *a: gmm.gmm_fp8(*a, out_dtype=jnp.bfloat16), lq, ls, rq, rs, sizes),
       _timed(f"gmm fp8 (on the fly) {shape}", flops,
              lambda a, b, s: gmm.gmm(a, b, s, fp8=True), lhs, rhs, sizes),
   ]
+
+
+def check_compiled_correctness():
+  """On a GPU/TPU: the compiled kernels (interpret=False) against their jnp references, at
+  shapes with ragged edges (M, K, N not multiples of the tiles) and empty groups."""
+  rel = lambda a, b: float(jnp.linalg.norm((a - b).astype(jnp.float32))
+                           / jnp.linalg.norm(b.astype(jnp.float32)))
+  out = {}
+  x, w = _operands(1000, 1100, 700, key=3)
+  xq, xs = fp8.quantize_activations(x)
+  wq, ws = fp8.quantize_weights(w)
+  ref = fp8.matmul_reference(xq, xs, wq, ws, out_dtype=jnp.float32)
+  out["fp8_matmul_rel_err"] = rel(fp8.matmul(xq, xs, wq, ws, out_dtype=jnp.float32), ref)
+  if jax.default_backend() == "gpu":
+    for bm, bn, stages, ctas in GPU_CONFIGS:
+      bs = _mosaic_gpu.GpuBlockSizes(bm=bm, bn=bn, stages=stages, ctas_per_sm=ctas)
+      out[f"mosaic_dense_bm{bm}_bn{bn}_rel_err"] = _attempt(lambda bs=bs: rel(_mosaic_gpu.dense(
+          xq, xs, wq, fp8._column_scales(ws, 700), out_dtype=jnp.float32, block_sizes=bs), ref))
+  rhs = jnp.stack([w, -w, 2 * w, w * 0.5])
+  sizes = jnp.array([300, 0, 650, 40], jnp.int32)  # 990 of 1000 rows: 10 spare rows
+  rq, rs = fp8.quantize_weights(rhs)
+  gref = gmm.gmm_fp8_reference(xq, xs, rq, rs, sizes, out_dtype=jnp.float32)
+  out["gmm_fp8_rel_err"] = rel(gmm.gmm_fp8(xq, xs, rq, rs, sizes, out_dtype=jnp.float32), gref)
+  if jax.default_backend() == "gpu":
+    out["mosaic_grouped_rel_err"] = _attempt(lambda: rel(_mosaic_gpu.grouped(
+        xq, xs, rq, jnp.repeat(rs, 128, axis=-1)[..., :700], sizes, out_dtype=jnp.float32),
+        gref))
+  out["gmm_bf16_rel_err"] = rel(gmm.gmm(x, rhs, sizes, preferred_element_type=jnp.float32),
+                                gmm.gmm_reference(x, rhs, sizes,
+                                                  preferred_element_type=jnp.float32))
+  return out
+
+
+def _attempt(fn):
+  try:
+    return fn()
+  except Exception as e:  # a kernel that fails to compile is reported, not fatal
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
 
 
 def check_interpret_correctness():
@@ -106,6 +174,8 @@ def main():
     print(json.dumps(report["interpret_correctness"], indent=2))
     print("CPU: kernels run in interpret mode; timings need a GPU or TPU.")
   else:
+    report["compiled_correctness"] = check_compiled_correctness()
+    print(json.dumps(report["compiled_correctness"], indent=2))
     rows = bench_gemm(4096, 7168, 2048) + bench_gemm(4096, 7168, 18432)
     rows += bench_gmm(32, 8192, 7168, 2048)
     report["results"] = rows

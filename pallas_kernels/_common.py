@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 
@@ -30,6 +32,16 @@ def use_pallas(interpret: bool) -> bool:
   (see the module docstrings).
   """
   return interpret or backend() == "tpu"
+
+
+def use_mosaic_gpu(interpret: bool) -> bool:
+  """Whether the FP8 GEMMs run the Mosaic GPU wgmma kernel (`_mosaic_gpu.py`).
+
+  Opt-in with R1JAX_MOSAIC_GPU=1 until the kernel has been checked on a GPU (it lowers on CPU
+  but has not executed yet); otherwise compiled GPU calls use the XLA fallback.
+  """
+  return (not interpret and backend() == "gpu"
+          and os.environ.get("R1JAX_MOSAIC_GPU", "0") == "1")
 
 
 def round_up(n: int, m: int) -> int:

@@ -12,10 +12,11 @@ scale of its valid elements.
 
 Backends: the GEMM is the grouped Pallas kernel of `_grouped.py` with a single group (Mosaic TPU
 or the interpreter; on TPU the FP8 tiles are widened to bf16 in VMEM since MXUs before v7 have no
-FP8 path, which still halves HBM traffic). Compiled on GPU, `matmul` falls back to XLA: the
-operands are dequantized to bf16 and multiplied with fp32 accumulation (correct, not faster than
-bf16). A Mosaic GPU wgmma kernel (FP8 B operand K-major) is not written yet. Quantization is
-plain jnp, which XLA fuses into the producer. Only interpret mode on CPU has been tested.
+FP8 path, which still halves HBM traffic). On GPU with R1JAX_MOSAIC_GPU=1 it is the Mosaic GPU
+wgmma kernel of `_mosaic_gpu.py` (FP8 operands, B K-major, per-128-K-block promotion in fp32);
+it lowers on CPU but has not yet run on a GPU, so by default compiled GPU calls fall back to XLA
+(operands dequantized to bf16, fp32 accumulation: correct, not faster than bf16). Quantization is
+plain jnp, which XLA fuses into the producer. Numerics are tested in interpret mode on CPU.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import _common as C
 from pallas_kernels import _grouped
+from pallas_kernels import _mosaic_gpu
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +44,12 @@ class BlockSizes:
     backend = backend or C.backend()
     if backend == "tpu":
       return cls(tm=256, tk=512, tn=512)
+    if backend == "gpu":  # one warpgroup per CTA; tk is fixed at the 128 scaling block
+      return cls(tm=64, tk=128, tn=128)
     return cls()  # interpreter: large tiles mean few (slow) interpreted grid steps
+
+  def for_gpu(self) -> _mosaic_gpu.GpuBlockSizes:
+    return _mosaic_gpu.GpuBlockSizes(bm=self.tm, bn=self.tn)
 
 
 def _scale_from_amax(amax, pow2_scale: bool):
@@ -124,7 +131,10 @@ def matmul(xq, xs, wq, ws, *, out_dtype=jnp.bfloat16, block_sizes: BlockSizes | 
   n = wq.shape[1]
   x_MK, xs_MK = xq.reshape(-1, k), xs.reshape(-1, xs.shape[-1])
   ws_KN = _column_scales(ws, n)
-  if not C.use_pallas(interpret):
+  if C.use_mosaic_gpu(interpret):
+    y = _mosaic_gpu.dense(x_MK, xs_MK, wq, ws_KN, out_dtype=out_dtype,
+                          block_sizes=bs.for_gpu())
+  elif not C.use_pallas(interpret):
     y = jnp.dot(dequantize_activations(x_MK, xs_MK).astype(jnp.bfloat16),
                 dequantize_weights_by_column(wq, ws_KN).astype(jnp.bfloat16),
                 preferred_element_type=jnp.float32)

@@ -13,8 +13,10 @@ weight in 128x128 blocks, see `fp8`) for the forward and the dgrad GEMM; the wei
 boundaries. `gmm_fp8` takes operands quantized in advance.
 
 Backends: Pallas kernels of `_grouped.py` on TPU (Mosaic, scalar prefetch) and in the
-interpreter (CPU; the only mode tested). Compiled on GPU, where scalar-prefetch grids are not
-available, these functions call `jax.lax.ragged_dot` (FP8 operands dequantized to bf16 first).
+interpreter (CPU; the only mode tested numerically). Compiled on GPU these functions call
+`jax.lax.ragged_dot` (FP8 operands dequantized to bf16 first), except the FP8 GEMMs with
+R1JAX_MOSAIC_GPU=1: those run the Mosaic GPU wgmma kernel of `_mosaic_gpu.py` over a layout
+that pads every group to a multiple of the row tile (lowered on CPU, not yet run on a GPU).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import _common as C
 from pallas_kernels import _grouped
+from pallas_kernels import _mosaic_gpu
 from pallas_kernels import fp8 as fp8_lib
 
 
@@ -42,6 +45,8 @@ class BlockSizes:
     backend = backend or C.backend()
     if backend == "tpu":
       return cls(tm=128, tk=512, tn=512)  # megablox-like; tm small to waste little per group
+    if backend == "gpu":  # the FP8 wgmma kernel: one warpgroup per CTA, tk fixed at 128
+      return cls(tm=64, tk=128, tn=128)
     return cls()
 
 
@@ -59,6 +64,9 @@ def _kernel_gmm(lhs, rhs, group_sizes, lhs_scale, rhs_scale, out_dtype, bs, inte
     return _grouped.grouped_matmul(lhs, rhs, group_sizes, lhs_scale, rhs_scale,
                                    out_dtype=out_dtype, tm=bs.tm, tk=bs.tk, tn=bs.tn,
                                    interpret=interpret)
+  if lhs_scale is not None and C.use_mosaic_gpu(interpret):
+    return _mosaic_gpu.grouped(lhs, lhs_scale, rhs, rhs_scale, group_sizes, out_dtype=out_dtype,
+                               block_sizes=_mosaic_gpu.GpuBlockSizes(bm=bs.tm, bn=bs.tn))
   if lhs_scale is not None:
     lhs = fp8_lib.dequantize_activations(lhs, lhs_scale).astype(jnp.bfloat16)
     rhs = jax.vmap(fp8_lib.dequantize_weights_by_column)(rhs, rhs_scale).astype(jnp.bfloat16)
