@@ -11,8 +11,8 @@ usage: launch/tpu_pod.sh --name NAME --zone ZONE --accelerator TYPE --config CON
 Creates (or, with --reuse, reuses) the Cloud TPU VM slice NAME, installs r1jax on every worker
 (a Python venv at ~/r1jax-venv with jax[tpu], the source at ~/r1jax), starts
 `python -m r1jax.launch --config CONFIG --workdir DIR` on all workers (on a multi-host slice,
-jax.distributed starts from the VM metadata) and streams worker 0's log until the run ends; the
-exit status is the run's. The run does not depend on this terminal: Ctrl-C stops only the
+r1jax finds its peers in the VM metadata and starts jax.distributed) and streams worker 0's log
+until the run ends; the exit status is the run's. The run does not depend on this terminal: Ctrl-C stops only the
 streaming.
 
 required:
@@ -20,8 +20,9 @@ required:
   --zone ZONE          e.g. us-east5-a
   --accelerator TYPE   accelerator type, e.g. v5p-256, v5litepod-64, v6e-16, v4-32
   --config CONFIG      config file, relative to the repository root (configs/NAME.py[:ARG])
-  --workdir DIR        run directory all workers share (a shared mount such as gcsfuse or NFS:
-                       see launch/README.md); running again with the same DIR resumes the run
+  --workdir DIR        run directory all workers share: gs://BUCKET/PATH, or a shared mount
+                       (NFS, gcsfuse; see launch/README.md); running again with the same DIR
+                       resumes the run
 
 options:
   --project PROJECT    GCP project (default: gcloud's core/project)
@@ -42,7 +43,7 @@ options:
 
 example:
   launch/tpu_pod.sh --name r1-v5p --zone us-east5-a --project my-proj --accelerator v5p-256 \
-      --config configs/deepseek_v3_671b.py --workdir /mnt/gcs/runs/v3 \
+      --config configs/deepseek_v3_671b.py --workdir gs://my-bucket/runs/v3 \
       --config.stages.grpo.steps=100 --delete_after
 EOF
 }
@@ -160,21 +161,16 @@ install+="; command -v uv >/dev/null || [ -x ~/.local/bin/uv ]"
 install+=" || curl -LsSf https://astral.sh/uv/install.sh | sh"
 install+="; export PATH=\$HOME/.local/bin:\$PATH"
 install+="; [ -x ~/r1jax-venv/bin/python ] || uv venv --quiet --python 3.11 ~/r1jax-venv"
-install+="; uv pip install --quiet --python ~/r1jax-venv/bin/python -e ~/r1jax \"jax[tpu]\""
+install+="; uv pip install --quiet --python ~/r1jax-venv/bin/python -e \"\$HOME/r1jax[gcs]\""
+install+=" \"jax[tpu]\""
 run "${tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command="$install"
 
 # 3. The run, on every worker, detached from the ssh session (a previous run started by this
 # script is stopped first: it would hold the TPU). ~/r1jax-run.rc gets the exit status.
-# r1jax starts jax.distributed when it sees a cluster; a GCE TPU VM slice announces itself only
-# in the VM metadata, so on a multi-host slice JAX_COORDINATOR_ADDRESS (worker 0, JAX's TPU
-# port) says so; JAX reads the process count and index from the metadata.
+# On a multi-host slice r1jax reads the worker list from the VM metadata and starts
+# jax.distributed (r1jax/parallel/distributed.py).
 launch=(python -m r1jax.launch --config "$config" --workdir "$workdir" "${overrides[@]}")
-metadata=http://metadata.google.internal/computeMetadata/v1/instance/attributes
 start="cd ~/r1jax"
-start+="; workers=\$(curl -sf --max-time 10 -H Metadata-Flavor:Google"
-start+=" $metadata/worker-network-endpoints || true)"
-start+="; case \$workers in *,*) w0=\${workers%%,*};"
-start+=" export JAX_COORDINATOR_ADDRESS=\${w0##*:}:8476 ;; esac"
 start+="; if [ -f ~/r1jax-run.pid ] && kill -0 \$(cat ~/r1jax-run.pid) 2>/dev/null;"
 start+=" then kill -- -\$(cat ~/r1jax-run.pid); sleep 10; fi"
 start+="; rm -f ~/r1jax-run.rc"

@@ -14,8 +14,10 @@ import re
 import sys
 
 from absl import flags
+from etils import epath
 from ml_collections import config_flags
 
+from r1jax import fileio
 from r1jax.errors import UserError
 
 
@@ -24,8 +26,9 @@ def _define_flags(fv: flags.FlagValues, sys_argv=None) -> flags.FlagValues:
   sys.argv at parse time, which is what config_flags reads them from)."""
   config_flags.DEFINE_config_file("config", None, "config file (configs/NAME.py[:ARG])",
                                   flag_values=fv, lock_config=True, sys_argv=sys_argv)
-  flags.DEFINE_string("workdir", None, "run directory (default runs/<config>-<timestamp>); an "
-                      "existing one is resumed", flag_values=fv)
+  flags.DEFINE_string("workdir", None, "run directory, a filesystem path or gs://BUCKET/PATH "
+                      "(default runs/<config>-<timestamp>); an existing one is resumed",
+                      flag_values=fv)
   flags.DEFINE_bool("dry_run", False, "compile the first stage's step on abstract inputs and "
                     "print per-device memory; allocates no model", flag_values=fv)
   flags.DEFINE_integer("dry_run_devices", 0, "devices of the abstract mesh for --dry_run "
@@ -112,14 +115,12 @@ def main(argv=None) -> int:
     if FLAGS.workdir is None and jax.process_count() > 1:
       raise UserError(f"--workdir is required with {jax.process_count()} processes (each would "
                       "name its own default run directory); pass a shared path")
-    if "://" in (FLAGS.workdir or ""):
-      raise UserError(f"--workdir {FLAGS.workdir}: remote URLs are not supported yet; use a "
-                      "shared filesystem path (NFS, or a bucket mounted with gcsfuse)")
     workdir = FLAGS.workdir or os.path.join(
         "runs", f"{_config_name(FLAGS['config'].config_filename)}-"
         f"{datetime.datetime.now():%Y%m%d-%H%M%S}")
     from r1jax import pipeline
-    os.makedirs(workdir, exist_ok=True)
+    fileio.check_workdir(workdir)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     _write_config(config, workdir)
     summary = pipeline.Pipeline(config, workdir).run()
   except UserError as e:
@@ -143,23 +144,20 @@ def _simulate_devices(config):
 def _write_config(config, workdir: str):
   """config.json: the resolved config. A resumed run must use the same config."""
   import jax
-  path = os.path.join(workdir, "config.json")
+  path = epath.Path(workdir) / "config.json"
   resolved = json.loads(config.to_json_best_effort())
-  if os.path.exists(path):
-    with open(path) as f:
-      try:
-        old = json.load(f)
-      except ValueError:
-        old = None
+  if path.exists():
+    try:
+      old = json.loads(path.read_text())
+    except ValueError:
+      old = None
     if old is not None and old != resolved:
       changed = sorted(k for k in set(old) | set(resolved) if old.get(k) != resolved.get(k))
       raise UserError(f"{workdir} holds a run of a different config (differs in: "
                       f"{', '.join(changed)}); use another --workdir")
     return
   if jax.process_index() == 0:
-    with open(path + ".tmp", "w") as f:
-      json.dump(resolved, f, indent=2)
-    os.replace(path + ".tmp", path)
+    fileio.atomic_write_json(path, resolved)
 
 
 if __name__ == "__main__":

@@ -9,20 +9,20 @@ rewritten after every stage.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
-from r1jax import hf, model, parallel, run_config
+from r1jax import fileio, hf, model, parallel, run_config
 from r1jax.checkpoint import abstract_like
 from r1jax.config import ConfigError
 from r1jax.data import pipeline as data_pipeline
 from r1jax.data import tasks
 from r1jax.data.tokenizer import get_tokenizer
 from r1jax.errors import CheckpointError, DataError
-from r1jax.runlog import RunLog, atomic_write_json
+from r1jax.runlog import RunLog
 from r1jax.stages import common, evaluate, sft
 
 TRAINING_KINDS = ("pretrain", "sft", "grpo", "distill")
@@ -58,19 +58,18 @@ def make_splits(c) -> dict:
   raise ConfigError(f"data.task={d.task!r} must be 'arithmetic' or 'file'")
 
 
-def _save_output(path: str, cfg, params):
+def _save_output(path: epath.Path, cfg, params):
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.join(path, "params"), params, force=True)
+  ckptr.save(path / "params", params, force=True)
   ckptr.wait_until_finished()
   if jax.process_index() == 0:
-    with open(os.path.join(path, "model_config.json"), "w") as f:
-      json.dump(cfg.__dict__, f)
+    (path / "model_config.json").write_text(json.dumps(cfg.__dict__))
 
 
-def _load_output(path: str, like_params):
+def _load_output(path: epath.Path, like_params):
   ckptr = ocp.StandardCheckpointer()
   try:
-    return ckptr.restore(os.path.join(path, "params"), abstract_like(like_params))
+    return ckptr.restore(path / "params", abstract_like(like_params))
   except (FileNotFoundError, ValueError) as e:
     raise CheckpointError(f"{path}: the output of a stage progress.json lists as complete "
                           f"cannot be read ({type(e).__name__}); remove the stage from "
@@ -79,9 +78,9 @@ def _load_output(path: str, like_params):
 
 class Pipeline:
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, workdir):
     self.config = config
-    self.workdir = workdir
+    self.workdir = epath.Path(workdir)  # a filesystem path or gs:// (r1jax.fileio)
     cfg = run_config.validate(config)
     self.is_main = jax.process_index() == 0
     mesh = parallel.make_mesh(config.mesh.to_dict())
@@ -89,11 +88,11 @@ class Pipeline:
     if tokenizer.vocab_size > cfg.vocab_size:
       raise ConfigError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
                         f"vocabulary ({tokenizer.vocab_size})")
-    log = RunLog(workdir, enabled=self.is_main, tensorboard=bool(config.log.tensorboard))
-    self.ctx = common.Context(config=config, workdir=workdir, model_cfg=cfg, tokenizer=tokenizer,
-                              mesh=mesh, log=log, models={}, is_main=self.is_main,
-                              splits=make_splits(config))
-    self.progress_path = os.path.join(workdir, "progress.json")
+    log = RunLog(self.workdir, enabled=self.is_main, tensorboard=bool(config.log.tensorboard))
+    self.ctx = common.Context(config=config, workdir=self.workdir, model_cfg=cfg,
+                              tokenizer=tokenizer, mesh=mesh, log=log, models={},
+                              is_main=self.is_main, splits=make_splits(config))
+    self.progress_path = self.workdir / "progress.json"
 
   def _initial_policy(self):
     c, cfg = self.config, self.ctx.model_cfg
@@ -106,11 +105,10 @@ class Pipeline:
     return cfg, parallel.init_sharded(cfg, self.ctx.mesh, jax.random.PRNGKey(int(c.seed)))
 
   def _progress(self) -> dict:
-    if not os.path.exists(self.progress_path):
+    if not self.progress_path.exists():
       return {"completed": [], "summary": []}
     try:
-      with open(self.progress_path) as f:
-        return json.load(f)
+      return json.loads(self.progress_path.read_text())
     except (OSError, ValueError) as e:
       raise DataError(f"{self.progress_path}: unreadable ({e}); remove it to start over") from None
 
@@ -120,7 +118,7 @@ class Pipeline:
     progress = self._progress()
     for name in c.stage_order:
       stage_cfg = c.stages[name]
-      out_dir = os.path.join(self.workdir, "outputs", name)
+      out_dir = self.workdir / "outputs" / name
       if name in progress["completed"]:
         self._reload(name, stage_cfg.kind, out_dir)
         continue
@@ -158,15 +156,15 @@ class Pipeline:
       progress["completed"].append(name)
       progress["summary"].append(entry)
       if self.is_main:
-        atomic_write_json(os.path.join(self.workdir, "summary.json"),
-                          {"stages": progress["summary"]})
-        atomic_write_json(self.progress_path, progress)
+        ctx.log.flush()
+        fileio.atomic_write_json(self.workdir / "summary.json", {"stages": progress["summary"]})
+        fileio.atomic_write_json(self.progress_path, progress)
         if c.log.plots:
           ctx.log.plot(progress["summary"])
     ctx.log.close()
     return {"stages": progress["summary"]}
 
-  def _reload(self, name: str, kind: str, out_dir: str):
+  def _reload(self, name: str, kind: str, out_dir: epath.Path):
     """Load a finished stage's output model so later stages start from it."""
     ctx = self.ctx
     if kind not in TRAINING_KINDS:

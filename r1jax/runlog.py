@@ -1,6 +1,10 @@
-"""The run directory's logs: metrics.jsonl, TensorBoard events, progress lines, plots, summary.
+"""The run directory's logs: metrics.jsonl, TensorBoard events, progress lines, plots.
 
-Only process 0 writes; other processes get a logger whose writes are no-ops.
+Only process 0 writes; other processes get a logger whose writes are no-ops. On a filesystem each
+record is appended to metrics.jsonl as it comes. An object store (gs://) has no append: there the
+log keeps the file's lines, rewrites it whole at most every FLUSH_SECONDS and on `flush()` (which
+the train loop calls before every checkpoint, so the records up to a checkpoint are never lost),
+and writes TensorBoard events to a local directory that `flush()` copies into the run directory.
 """
 
 from __future__ import annotations
@@ -8,10 +12,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
+from etils import epath
+
+from r1jax import fileio
+
+FLUSH_SECONDS = 30.0
 
 
 def _clean(v):
@@ -19,25 +30,29 @@ def _clean(v):
   return v if math.isfinite(v) else None
 
 
-def atomic_write_json(path: str, obj) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
-
-
 class RunLog:
 
-  def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
-    self.workdir, self.enabled = workdir, enabled
+  def __init__(self, workdir, *, enabled: bool = True, tensorboard: bool = True):
+    self.workdir, self.enabled = epath.Path(workdir), enabled
     self.tty = sys.stderr.isatty()
-    self._tb = None
+    self._metrics_path = self.workdir / "metrics.jsonl"
+    self._remote = fileio.is_remote(workdir)
+    self._lines = None  # object store: metrics.jsonl's lines, uploaded whole by flush()
+    if enabled and self._remote:
+      self._lines = (self._metrics_path.read_text().splitlines(keepends=True)
+                     if self._metrics_path.exists() else [])
+    self._unflushed = False
+    self._flushed_at = time.time()
+    self._tb, self._tb_staging = None, None
     if enabled and tensorboard:
       try:
         from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
       except ImportError:  # optional dependency
-        self._tb = None
+        pass
+      else:
+        if self._remote:
+          self._tb_staging = tempfile.mkdtemp(prefix="r1jax-tensorboard-")
+        self._tb = SummaryWriter(self._tb_staging or os.fspath(self.workdir / "tensorboard"))
     self._t0 = time.time()
 
   def metrics(self, stage: str, step: int, values: dict) -> dict:
@@ -46,14 +61,42 @@ class RunLog:
     rec.update({k: _clean(v) for k, v in values.items() if not k.startswith("_")})
     if not self.enabled:
       return rec
-    with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
-      f.write(json.dumps(rec) + "\n")
+    line = json.dumps(rec) + "\n"
+    if self._remote:
+      self._lines.append(line)
+      self._unflushed = True
+    else:
+      with self._metrics_path.open("a") as f:
+        f.write(line)
     if self._tb is not None:
       for k, v in rec.items():
         if k not in ("stage", "step", "time") and v is not None:
           self._tb.add_scalar(f"{stage}/{k}", v, step)
-      self._tb.flush()
+    if not self._remote or time.time() - self._flushed_at >= FLUSH_SECONDS:
+      self.flush()
     return rec
+
+  def flush(self):
+    """Make every record logged so far durable in the run directory."""
+    if not self.enabled:
+      return
+    if self._tb is not None:
+      self._tb.flush()
+    if not self._remote:
+      return  # appended as they came
+    if self._unflushed:
+      with fileio.atomic_open(self._metrics_path) as f:
+        f.writelines(self._lines)
+      self._unflushed = False
+    self._upload_tensorboard()
+    self._flushed_at = time.time()
+
+  def _upload_tensorboard(self):
+    if self._tb_staging is None:
+      return
+    for name in os.listdir(self._tb_staging):  # event files are small: copied whole each time
+      with open(os.path.join(self._tb_staging, name), "rb") as f:
+        (self.workdir / "tensorboard" / name).write_bytes(f.read())
 
   def progress(self, stage: str, step: int, total: int, rec: dict, keys=("loss", "reward")):
     if not self.enabled:
@@ -76,10 +119,11 @@ class RunLog:
       sys.stderr.flush()
 
   def read_metrics(self) -> list[dict]:
-    path = os.path.join(self.workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    if self._lines is not None:
+      return [json.loads(line) for line in self._lines if line.strip()]
+    if not self._metrics_path.exists():
       return []
-    with open(path) as f:
+    with self._metrics_path.open() as f:
       return [json.loads(line) for line in f if line.strip()]
 
   def plot(self, summary: list[dict] | None = None):
@@ -92,7 +136,8 @@ class RunLog:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     recs = self.read_metrics()
-    os.makedirs(os.path.join(self.workdir, "plots"), exist_ok=True)
+    plots = self.workdir / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
     for key in ("loss", "reward", "kl", "completion_len", "grad_norm"):
       series = {}
       for r in recs:
@@ -108,8 +153,7 @@ class RunLog:
       ax.set_ylabel(key)
       ax.legend()
       fig.tight_layout()
-      fig.savefig(os.path.join(self.workdir, "plots", f"{key}.png"), dpi=100)
-      plt.close(fig)
+      _save_png(fig, plots / f"{key}.png")
     evaluated = [s for s in summary or () if s.get("eval")]
     if evaluated:
       fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -123,9 +167,20 @@ class RunLog:
       ax.set_ylabel("held-out accuracy (greedy)")
       ax.legend()
       fig.tight_layout()
-      fig.savefig(os.path.join(self.workdir, "plots", "accuracy_by_stage.png"), dpi=100)
-      plt.close(fig)
+      _save_png(fig, plots / "accuracy_by_stage.png")
 
   def close(self):
     if self._tb is not None:
       self._tb.close()
+      self._tb = None
+    self.flush()
+    if self._tb_staging is not None:
+      shutil.rmtree(self._tb_staging, ignore_errors=True)
+      self._tb_staging = None
+
+
+def _save_png(fig, path: epath.Path):
+  import matplotlib.pyplot as plt
+  with path.open("wb") as f:
+    fig.savefig(f, format="png", dpi=100)
+  plt.close(fig)

@@ -38,9 +38,9 @@ def run_script(args, env=None, **kw):
 @pytest.fixture
 def fake_tpu(tmp_path):
   """Stand-ins on PATH: `gcloud` logs its arguments and runs `tpu-vm ssh --command=...` locally
-  in a fake worker home (scp copies there); `curl` answers the metadata query with two workers;
-  `uv venv` makes a venv whose `python` records its working directory, the coordinator it was
-  given and its arguments, prints a log line and exits 3."""
+  in a fake worker home (scp copies there); `uv venv` makes a venv whose `python` records its
+  working directory, the coordinator it was given (none: r1jax finds a slice's workers itself)
+  and its arguments, prints a log line and exits 3."""
   home, bin_dir = tmp_path / "home", tmp_path / "bin"
   home.mkdir()
   bin_dir.mkdir()
@@ -53,11 +53,8 @@ case "$4" in
   describe) exit 1 ;;
 esac
 """)
-  write_executable(bin_dir / "curl", r"""#!/usr/bin/env bash
-echo "w-0:1:10.1.0.7,w-1:2:10.1.0.8"
-""")
   write_executable(tmp_path / "worker_python", r"""#!/usr/bin/env bash
-{ echo "cwd=$PWD"; echo "coordinator=$JAX_COORDINATOR_ADDRESS"; printf 'arg=%s\n' "$@"; \
+{ echo "cwd=$PWD"; echo "coordinator=${JAX_COORDINATOR_ADDRESS:-}"; printf 'arg=%s\n' "$@"; \
   } >"$HOME/launched"
 echo "[cold_start] step 1/2 loss=5.35"
 exit 3
@@ -107,7 +104,7 @@ def test_tpu_runs_on_every_worker_streams_and_returns_the_run_status(fake_tpu):
   assert "[cold_start] step 1/2 loss=5.35" in proc.stdout  # worker 0's log, streamed
   launched = (fake_tpu["home"] / "launched").read_text().splitlines()
   assert launched[0] == f"cwd={fake_tpu['home'] / 'r1jax'}"
-  assert launched[1] == "coordinator=10.1.0.7:8476"  # worker 0, from the VM metadata
+  assert launched[1] == "coordinator="  # not exported: r1jax reads the slice from the metadata
   assert launched[2:] == [f"arg={a}" for a in (
       "-m", "r1jax.launch", "--config", "configs/r1_tiny.py", "--workdir", "/mnt/shared/run",
       "--config.max_steps=2", TRICKY_OVERRIDE)]

@@ -9,11 +9,11 @@ the fact is skipped with a warning in favour of the previous one.
 from __future__ import annotations
 
 import logging
-import os
 
 import jax
 import orbax.checkpoint as ocp
 
+from r1jax import fileio
 from r1jax.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -21,9 +21,9 @@ log = logging.getLogger(__name__)
 
 class Checkpointer:
 
-  def __init__(self, directory: str, *, keep: int = 2, every_steps: int = 0,
+  def __init__(self, directory, *, keep: int = 2, every_steps: int = 0,
                async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = fileio.absolute(directory)  # a filesystem path or gs://
     self.every_steps = every_steps
     opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                         enable_async_checkpointing=async_save)

@@ -21,17 +21,18 @@ Both iterators are grain `DatasetIterator`s: `get_state()` is a small JSON-able 
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
-import os
-import tempfile
 from typing import Iterable, Mapping, Sequence
 
 import grain
 import grain.experimental
 import numpy as np
+from etils import epath
 
+from r1jax import fileio
 from r1jax.data import template as template_lib
 from r1jax.data.tokenizer import Tokenizer
 from r1jax.errors import DataError
@@ -65,16 +66,16 @@ def _normalize(raw: Mapping, fields: Mapping[str, str | None], where: str) -> di
   return record
 
 
-def read_jsonl(path: str, *, prompt_field: str = "question", completion_field: str | None = None,
+def read_jsonl(path, *, prompt_field: str = "question", completion_field: str | None = None,
                answer_field: str | None = None) -> list[dict]:
   """Records {question, completion?, answer?} from a JSONL file, one JSON object per line."""
   fields = dict(question=prompt_field, completion=completion_field, answer=answer_field)
   records = []
   try:
     # Bytes that are not UTF-8 decode to lone surrogates, so they are reported with their line.
-    f = open(path, encoding="utf-8", errors="surrogateescape")
+    f = io.TextIOWrapper(epath.Path(path).open("rb"), encoding="utf-8", errors="surrogateescape")
   except OSError as e:
-    raise DataError(f"{path}: cannot open ({e.strerror})") from None
+    raise DataError(f"{path}: cannot open ({e.strerror or e})") from None
   with f:
     for line_no, line in enumerate(f, start=1):
       if not line.strip():
@@ -129,32 +130,18 @@ def read_records(path: str, **fields) -> list[dict]:
   raise DataError(f"{path}: unknown data file type; expected .jsonl or .parquet")
 
 
-def write_jsonl(path: str, records: Iterable[Mapping]) -> int:
-  """Write records as JSONL atomically (temp file in the same dir + rename); returns the count.
+def write_jsonl(path, records: Iterable[Mapping]) -> int:
+  """Write records as JSONL atomically (`fileio.atomic_open`); returns the count.
 
   A crash mid-write leaves the previous file (or none), never a truncated one that a resumed
   run would read as a smaller dataset. The temporary file a killed writer (SIGKILL) left behind is
   removed by the next successful write of the same path.
   """
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  prefix = f".{os.path.basename(path)}.tmp-"
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix)
   count = 0
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      for record in records:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        count += 1
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-  for name in os.listdir(directory):
-    if name.startswith(prefix):
-      os.unlink(os.path.join(directory, name))
+  with fileio.atomic_open(path) as f:
+    for record in records:
+      f.write(json.dumps(record, ensure_ascii=False) + "\n")
+      count += 1
   return count
 
 

@@ -1,27 +1,54 @@
 """Multi-host start: `jax.distributed.initialize` from explicit flags or a detected cluster.
 
 Explicit: --coordinator HOST:PORT --num_processes N --process_id I. Detected: SLURM with more
-than one task, a multi-host Cloud TPU slice, Open MPI, or JAX_COORDINATOR_ADDRESS set; JAX then
-reads the addresses from the environment. A process that dies is noticed by the others through
-the coordination service's heartbeat (R1JAX_HEARTBEAT_TIMEOUT seconds, default 100), which ends
-them with an error instead of a hang.
+than one task, a multi-host Cloud TPU slice (GKE: the worker list in TPU_WORKER_HOSTNAMES or
+TPU_PROCESS_ADDRESSES; a TPU VM: the VM metadata), Open MPI, or JAX_COORDINATOR_ADDRESS set; JAX
+then reads the addresses from the environment or the metadata. A process that dies is noticed by
+the others through the coordination service's heartbeat (R1JAX_HEARTBEAT_TIMEOUT seconds,
+default 100), which ends them with an error instead of a hang.
 """
 
 from __future__ import annotations
 
 import os
+import urllib.request
 
 from r1jax.errors import UserError
 
+# JAX's own GCE metadata address (jax._src.clusters.cloud_tpu_cluster)
+_METADATA = "http://{host}/computeMetadata/v1/instance/attributes/{key}"
 
-def cluster_detected(env=os.environ) -> bool:
+
+def gce_metadata(key: str, env=os.environ, timeout: float = 10.0) -> str | None:
+  """A GCE VM metadata attribute (None if unset or unreachable)."""
+  host = env.get("GCE_METADATA_IP", "metadata.google.internal")
+  request = urllib.request.Request(_METADATA.format(host=host, key=key),
+                                   headers={"Metadata-Flavor": "Google"})
+  try:
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+      return response.read().decode()
+  except OSError:  # URLError, HTTPError (404: not set), timeouts
+    return None
+
+
+def cluster_detected(env=os.environ, metadata=gce_metadata) -> bool:
+  """Whether this process is one of several a cluster started (call after importing jax).
+
+  A Cloud TPU VM shows that it belongs to a multi-host slice only in its metadata; it is asked
+  only where TPU_SKIP_MDS_QUERY is unset, which JAX sets at import on a host without TPU chips
+  (as its own cluster detection does), so other machines make no network call.
+  """
   if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env:
     return True
-  if "," in env.get("TPU_WORKER_HOSTNAMES", ""):
-    return True
+  if "," in env.get("TPU_PROCESS_ADDRESSES", env.get("TPU_WORKER_HOSTNAMES", "")):
+    return True  # a multi-host TPU slice on GKE
   if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
     return True
-  return bool(env.get("JAX_COORDINATOR_ADDRESS"))
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    return True
+  if "TPU_SKIP_MDS_QUERY" not in env:  # a TPU host: a multi-host TPU VM slice lists its workers
+    return "," in (metadata("worker-network-endpoints", env) or "")
+  return False
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,

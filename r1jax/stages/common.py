@@ -8,7 +8,6 @@ exactly where it was; SIGTERM saves a checkpoint and exits with status 143.
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
 import sys
 import time
@@ -17,6 +16,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from r1jax import parallel, run_config
 from r1jax.checkpoint import Checkpointer, abstract_like
@@ -33,7 +33,7 @@ class NonFiniteError(UserError):
 @dataclasses.dataclass
 class Context:
   config: Any  # the ml_collections run config
-  workdir: str
+  workdir: epath.Path  # a filesystem path or gs:// (r1jax.fileio)
   model_cfg: ModelConfig  # the policy's
   tokenizer: Any
   mesh: Any
@@ -44,8 +44,8 @@ class Context:
   outputs: dict = dataclasses.field(default_factory=dict)  # stage name -> (cfg, params)
   wall_budget: float | None = None  # seconds: a control stage stops when they are spent
 
-  def stage_dir(self, name: str) -> str:
-    return os.path.join(self.workdir, "checkpoints", name)
+  def stage_dir(self, name: str) -> epath.Path:
+    return self.workdir / "checkpoints" / name
 
   def seed(self, name: str) -> int:
     """A per-stage seed derived from the run seed (stages do not share random streams)."""
@@ -123,6 +123,7 @@ def train_loop(ctx: Context, name: str, state, *, steps: int,
   def save(step, metrics):
     extra = {"data": data_iter.get_state() if data_iter is not None else None,
              "metrics": metrics}
+    ctx.log.flush()  # the metrics up to a checkpoint outlive a kill (gs:// buffers them)
     ckpt.save(step, state, extra)
 
   every = max(int(c.log.every_steps), 1)
@@ -146,6 +147,7 @@ def train_loop(ctx: Context, name: str, state, *, steps: int,
         metrics["tokens_per_sec"] = metrics["tokens"] / max(metrics["step_seconds"], 1e-9)
       if metrics.get("nonfinite", 0) and c.train.nonfinite == "stop":
         ckpt.close()  # an asynchronous save of the last good step must commit before we exit
+        ctx.log.flush()
         raise NonFiniteError(f"stage {name}: non-finite loss, gradient or update at step {step} "
                              "(train.nonfinite=stop); the last good checkpoint is kept")
       last = metrics

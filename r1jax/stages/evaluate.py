@@ -43,7 +43,8 @@ def generate_texts(ctx: common.Context, cfg, params, prompts, *, rng, batch_size
 
 def evaluate(ctx: common.Context, cfg, params, records, *, seed: int, template: str,
              eval_cfg) -> dict:
-  """{accuracy (greedy), pass@1, cons@k, num_problems, by_bucket: {bucket: same}}."""
+  """{accuracy (greedy), pass@1 (mean over k samples), pass@k (any of k right), cons@k,
+  num_problems, by_bucket: {bucket: same}}."""
   bs = int(eval_cfg.get("batch_size", 64))
   prompts = encode_prompts(ctx, records, template)
   prompt_texts = [template_lib.format_prompt(r["question"], template, ctx.tokenizer.markers)
@@ -68,6 +69,7 @@ def evaluate(ctx: common.Context, cfg, params, records, *, seed: int, template: 
                       [a for a in answers for _ in range(k)])
     correct = correct.reshape(len(records), k)
     per_problem["pass@1"] = correct.mean(1)
+    per_problem["pass@k"] = correct.max(1)  # any of the k samples right: what RL can sharpen
     votes = []
     for i in range(len(records)):
       extracted = [extract_answer(t) for t in texts[i * k:(i + 1) * k]]

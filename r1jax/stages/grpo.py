@@ -11,7 +11,6 @@ mask_truncated, template, and optim overrides (lr, ...).
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import jax
@@ -86,7 +85,7 @@ def run_grpo(ctx: common.Context, name: str, s):
   sampling = dict(max_new_tokens=N, temperature=float(s.get("temperature", 1.0)),
                   top_p=float(s.get("top_p", 1.0)), eos_id=ctx.tokenizer.eos_id,
                   pad_id=ctx.tokenizer.pad_id, vocab_limit=ctx.tokenizer.vocab_size)
-  samples_path = os.path.join(ctx.workdir, "samples", f"{name}.jsonl")
+  samples_path = ctx.workdir / "samples" / f"{name}.jsonl"
   samples = _earlier_samples(samples_path) if ctx.is_main else []
 
   def sample(st, records, key):
@@ -158,11 +157,11 @@ def run_grpo(ctx: common.Context, name: str, s):
   return metrics
 
 
-def _earlier_samples(path: str) -> list[dict]:
+def _earlier_samples(path) -> list[dict]:
   """The samples an interrupted earlier attempt at the stage wrote ([] if none)."""
-  if not os.path.exists(path):
+  if not path.exists():
     return []
-  with open(path) as f:
+  with path.open() as f:
     return [json.loads(line) for line in f if line.strip()]
 
 

@@ -8,8 +8,6 @@ drop rambling completions), keep_per_prompt, template.
 
 from __future__ import annotations
 
-import os
-
 import jax
 import numpy as np
 
@@ -49,7 +47,7 @@ def run_rejection(ctx: common.Context, name: str, s):
     per_prompt[p] += 1
     kept.append({"question": records[p]["question"], "completion": text,
                  "answer": records[p]["answer"], "bucket": records[p].get("bucket")})
-  path = os.path.join(ctx.workdir, "samples", f"{name}.jsonl")
+  path = ctx.workdir / "samples" / f"{name}.jsonl"
   if ctx.is_main:
     pipeline.write_jsonl(path, kept)
   metrics = {"num_samples": len(texts), "num_kept": len(kept),

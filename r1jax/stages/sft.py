@@ -8,7 +8,7 @@ import os
 
 import jax
 
-from r1jax import model, train
+from r1jax import fileio, model, train
 from r1jax.config import ModelConfig
 from r1jax.data import pipeline
 from r1jax.errors import DataError
@@ -22,11 +22,11 @@ def stage_records(ctx: common.Context, stage_cfg) -> list[dict]:
   c = ctx.config
   path = stage_cfg.get("data_file", "")
   if path:
-    path = path if os.path.isabs(path) else os.path.join(ctx.workdir, path)
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
+    path = fileio.under(ctx.workdir, path)
+    if path.is_file() and path.stat().length == 0:
       return []  # e.g. a rejection-sampling stage that kept nothing
-    return pipeline.read_records(path, prompt_field="question", completion_field="completion",
-                                 answer_field="answer")
+    return pipeline.read_records(os.fspath(path), prompt_field="question",
+                                 completion_field="completion", answer_field="answer")
   if c.data.task == "file":
     return pipeline.read_records(c.data.train_file, prompt_field=c.data.prompt_field,
                                  completion_field=c.data.completion_field,
