@@ -92,3 +92,20 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
   (run / "config.json").write_text('{"seed": 123}')
   proc = launch("--config", SFT_TINY, workdir=run)
   assert_user_error(proc, str(run), "different config")
+
+
+def test_compilation_cache_flag(tmp_path, monkeypatch):
+  """--compilation_cache turns on jax's persistent cache there; '' leaves it off; the
+  environment variable wins (the test suite relies on that)."""
+  import jax
+  from r1jax import launch
+  old = jax.config.jax_compilation_cache_dir
+  try:
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/elsewhere")
+    assert launch._compilation_cache(str(tmp_path)) == "/elsewhere"
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    assert launch._compilation_cache("") is None
+    assert launch._compilation_cache(str(tmp_path / "c")) == str(tmp_path / "c")
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "c")
+  finally:
+    jax.config.update("jax_compilation_cache_dir", old)

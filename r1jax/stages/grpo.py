@@ -56,6 +56,10 @@ def score(ctx: common.Context, records, rollout, weights, prompt_texts):
   means = {f"reward_{k}": float(np.mean([0.0 if v is None else v for v in vals]))
            for k, vals in per_fn.items()}
   means.update({f"reward_errors_{k}": float(v) for k, v in errors.items() if v})
+  for bucket in sorted({r.get("bucket") for r in records if r.get("bucket")}):
+    rows = [i for i, r in enumerate(records) if r.get("bucket") == bucket]
+    for k, vals in per_fn.items():
+      means[f"reward_{k}_{bucket}"] = float(np.mean([vals[i] or 0.0 for i in rows]))
   return texts, np.asarray(total, np.float32), means
 
 
@@ -104,6 +108,7 @@ def run_grpo(ctx: common.Context, name: str, s):
     key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
     records = next(it)
     out, texts, total, means = sample(st, records, key)
+    fresh_reward = float(total.mean())  # on-policy: before dynamic sampling swaps groups in
     adv, zero_var = grpo_lib.group_advantages(total, G, s.get("advantage_scale", "group"))
     refills = 0
     while dynamic and zero_var.any() and refills < max_refills:
@@ -133,7 +138,8 @@ def run_grpo(ctx: common.Context, name: str, s):
                       "reward": float(total[0])})
       pipeline.write_jsonl(samples_path, samples)
     lengths = np.asarray(out.lengths)
-    host = dict(reward=float(total.mean()), reward_std=float(total.std()),
+    host = dict(reward=fresh_reward, reward_trained=float(total.mean()),
+                reward_std=float(total.std()),
                 completion_len=float(lengths.mean()), completion_len_max=float(lengths.max()),
                 truncated_frac=float(np.mean(out.truncated)), zero_var_groups=float(zero_var.mean()),
                 refills=float(refills), rollout_seconds=time.time() - t0,

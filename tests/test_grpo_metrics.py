@@ -1,0 +1,32 @@
+"""GRPO stage bookkeeping: the per-bucket reward means `grpo.score` logs."""
+
+import types
+
+import numpy as np
+
+from r1jax.data.tokenizer import CharTokenizer
+from r1jax.stages import grpo
+
+
+def test_score_reports_reward_means_per_bucket():
+  tok = CharTokenizer()
+  records = [{"answer": "8", "bucket": "covered"}, {"answer": "9", "bucket": "covered"},
+             {"answer": "16", "bucket": "uncovered"}, {"answer": "17", "bucket": "uncovered"}]
+  texts = ["4+4=8</think><answer>8</answer>", "no answer", "<answer>16</answer>",
+           "<answer>3</answer>"]
+  ids = [tok.encode(t) for t in texts]
+  width = max(map(len, ids))
+  completion = np.zeros((len(ids), width), np.int32)
+  for i, row in enumerate(ids):
+    completion[i, :len(row)] = row
+  rollout = types.SimpleNamespace(completion=completion,
+                                  lengths=np.array([len(r) for r in ids]))
+  ctx = types.SimpleNamespace(tokenizer=tok)
+  _, total, means = grpo.score(ctx, records, rollout, {"accuracy": 1.0}, ["q"] * 4)
+  np.testing.assert_allclose(total, [1, 0, 1, 0])
+  assert means["reward_accuracy"] == 0.5
+  assert means["reward_accuracy_covered"] == 0.5
+  assert means["reward_accuracy_uncovered"] == 0.5
+  records[3]["answer"] = "3"
+  _, _, means = grpo.score(ctx, records, rollout, {"accuracy": 1.0}, ["q"] * 4)
+  assert means["reward_accuracy_uncovered"] == 1.0 and means["reward_accuracy_covered"] == 0.5
