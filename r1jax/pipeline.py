@@ -46,7 +46,8 @@ def make_splits(c) -> dict:
         int(c.seed), n_sft=int(d.num_sft_examples), n_rl=int(d.num_rl_prompts),
         n_eval=int(d.num_eval_problems), covered_digits=tuple(d.covered_digits),
         uncovered_digits=tuple(d.uncovered_digits), covered_operands=int(d.covered_operands),
-        uncovered_operands=int(d.uncovered_operands))
+        uncovered_operands=int(d.uncovered_operands),
+        rl_uncovered_frac=float(d.rl_uncovered_frac))
   if d.task == "file":
     fields = dict(prompt_field=d.prompt_field, answer_field=d.answer_field)
     splits = {"sft": [], "rl": [], "eval": []}

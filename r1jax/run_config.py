@@ -31,6 +31,7 @@ def base_config(**model_fields) -> ml_collections.ConfigDict:
       # arithmetic task: cold-start traces cover `covered_digits` (`covered_operands` terms);
       # RL/eval add the uncovered ones (longer operands, or chains a+b+c of more terms)
       covered_digits=(1, 2), uncovered_digits=(3, 3), covered_operands=2, uncovered_operands=2,
+      rl_uncovered_frac=0.5,  # share of RL prompts from the uncovered part
       num_sft_examples=400,
       num_rl_prompts=2000, num_eval_problems=100))
   c.optim = ml_collections.ConfigDict(dict(
@@ -79,6 +80,8 @@ def validate(c) -> ModelConfig:
       raise ConfigError(f"stages.{name}.steps={s.steps} must be >= 0")
   if int(c.data.batch_size) <= 0 or int(c.data.seq_len) <= 1:
     raise ConfigError("data.batch_size must be > 0 and data.seq_len > 1")
+  if not 0.0 <= float(c.data.get("rl_uncovered_frac", 0.5)) <= 1.0:
+    raise ConfigError(f"data.rl_uncovered_frac={c.data.rl_uncovered_frac} must be in [0, 1]")
   if not 0 < float(c.optim.lr) < math.inf:
     raise ConfigError(f"optim.lr={c.optim.lr} must be positive and finite")
   if int(c.train.accum_steps) < 1 or int(c.data.batch_size) % int(c.train.accum_steps):

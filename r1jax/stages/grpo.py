@@ -107,6 +107,7 @@ def run_grpo(ctx: common.Context, name: str, s):
     step = int(st["train"].step)
     key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
     records = next(it)
+    group_records = list(records)  # the prompt of each group, as refills swap groups in
     out, texts, total, means = sample(st, records, key)
     fresh_reward = float(total.mean())  # on-policy: before dynamic sampling swaps groups in
     adv, zero_var = grpo_lib.group_advantages(total, G, s.get("advantage_scale", "group"))
@@ -116,8 +117,8 @@ def run_grpo(ctx: common.Context, name: str, s):
       refills += 1
       fresh = next(it)
       idx = np.flatnonzero(zero_var)
-      out2, texts2, total2, _ = sample(st, [fresh[i] for i in idx] + fresh[len(idx):],
-                                       jax.random.fold_in(key, 1000 + refills))
+      candidates = [fresh[i] for i in idx] + fresh[len(idx):]
+      out2, texts2, total2, _ = sample(st, candidates, jax.random.fold_in(key, 1000 + refills))
       _, zv2 = grpo_lib.group_advantages(total2, G)
       if out2.tokens.shape != out.tokens.shape:
         continue  # a different prompt bucket: rows cannot be swapped in
@@ -128,13 +129,15 @@ def run_grpo(ctx: common.Context, name: str, s):
           out = _replace_rows(out, out2, rows, src)
           total[rows] = total2[src]
           texts[rows] = texts2[src]
+          group_records[i] = candidates[j]
       adv, zero_var = grpo_lib.group_advantages(total, G, s.get("advantage_scale", "group"))
     batch = rollout_batch(out, mask_truncated=bool(s.get("mask_truncated", False)))
     batch["advantages"] = adv
     if ctx.is_main and step % max(int(c.log.every_steps), 1) == 0:
       # written as they come, so a run resumed from a checkpoint keeps the samples before it
       samples[:] = [x for x in samples if x["step"] < step]
-      samples.append({"step": step, "question": records[0]["question"], "completion": texts[0],
+      samples.append({"step": step, "question": group_records[0]["question"],
+                      "completion": texts[0],
                       "reward": float(total[0])})
       pipeline.write_jsonl(samples_path, samples)
     lengths = np.asarray(out.lengths)
