@@ -154,6 +154,7 @@ class RunLog:
       ax.legend()
       fig.tight_layout()
       _save_png(fig, plots / f"{key}.png")
+    self._plot_bucket_rewards(recs, plots)
     evaluated = [s for s in summary or () if s.get("eval")]
     if evaluated:
       fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -168,6 +169,30 @@ class RunLog:
       ax.legend()
       fig.tight_layout()
       _save_png(fig, plots / "accuracy_by_stage.png")
+
+  def _plot_bucket_rewards(self, recs, plots, window: int = 10):
+    """plots/reward_by_bucket.png: each RL stage's accuracy reward per data bucket (fresh
+    rollouts, moving average over `window` logged steps): where RL finds its signal."""
+    import matplotlib.pyplot as plt
+    prefix = "reward_accuracy_"
+    series = {}
+    for r in recs:
+      for k, v in r.items():
+        if k.startswith(prefix) and v is not None:
+          series.setdefault((r["stage"], k[len(prefix):]), []).append((r["step"], v))
+    if not series:
+      return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for (stage, bucket), pts in series.items():
+      xs, ys = map(np.asarray, zip(*pts))
+      w = min(window, len(ys))
+      smooth = np.convolve(ys, np.ones(w) / w, mode="valid")
+      ax.plot(xs[w - 1:], smooth, label=f"{stage} {bucket}")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"accuracy reward ({window}-step mean)")
+    ax.legend()
+    fig.tight_layout()
+    _save_png(fig, plots / "reward_by_bucket.png")
 
   def close(self):
     if self._tb is not None:

@@ -30,3 +30,18 @@ def test_score_reports_reward_means_per_bucket():
   records[3]["answer"] = "3"
   _, _, means = grpo.score(ctx, records, rollout, {"accuracy": 1.0}, ["q"] * 4)
   assert means["reward_accuracy_uncovered"] == 1.0 and means["reward_accuracy_covered"] == 0.5
+
+
+def test_bucket_reward_plot(tmp_path):
+  """The run log draws reward_by_bucket.png from the per-bucket GRPO records (and nothing when
+  there are none)."""
+  from r1jax import runlog
+  log = runlog.RunLog(str(tmp_path), tensorboard=False)
+  log.plot()
+  assert not (tmp_path / "plots" / "reward_by_bucket.png").exists()
+  for step in range(1, 13):
+    log.metrics("grpo", step, {"reward": 0.5, "reward_accuracy_covered": 0.6,
+                               "reward_accuracy_uncovered": step / 100})
+  log.plot()
+  assert (tmp_path / "plots" / "reward_by_bucket.png").stat().st_size > 1000
+  log.close()
