@@ -10,7 +10,7 @@ evaluation reports problems the traces covered and problems they did not.
 
 Stages (each evaluated on the same held-out problems):
   cold_start      SFT on 400 traced two-term problems
-  grpo            GRPO with accuracy + format rewards on mixed prompts
+  grpo            GRPO with accuracy + format rewards on mixed prompts (3/4 uncovered)
   sft_control     control branch: more cold-start SFT for the same wall time as `grpo`,
                   starting from `cold_start`; the recipe continues from `grpo`
   rejection       sample 4 answers per RL prompt, keep correct + well-formed ones
@@ -30,18 +30,19 @@ def get_config(arg=None):
   c = base_config(**tiny_moe_fields(capacity_factor=2.0))
   c.data.update(batch_size=32, seq_len=64, num_sft_examples=400, num_rl_prompts=1000,
                 num_eval_problems=50, covered_digits=(1, 2), uncovered_digits=(1, 1),
-                uncovered_operands=3)
+                uncovered_operands=3, rl_uncovered_frac=0.75)
   c.optim.update(lr=2e-3, warmup_steps=20)
   c.train.update(mtp_weight=0.1)
   c.eval.update(k=4, temperature=1.0, top_p=1.0, max_new_tokens=40)
   c.checkpoint.every_steps = 50
-  grpo = dict(lr=3e-5, warmup_steps=0, schedule="constant", weight_decay=0.0,
+  c.log.every_steps = 1  # per-step GRPO records for the per-bucket reward curves
+  grpo = dict(lr=5e-5, warmup_steps=0, schedule="constant", weight_decay=0.0,
               prompts_per_step=16, group_size=8, max_new_tokens=40, temperature=1.0,
               reward_weights={"accuracy": 1.0, "format": 0.2}, loss_type="grpo", eps_low=0.2,
               eps_high=0.2, beta=0.0, mu=1, ref_refresh_every=0, advantage_scale="group",
               dynamic_sampling=True, max_refills=2, mask_truncated=False, top_p=1.0)
   c.stages.cold_start = stage("sft", steps=200)
-  c.stages.grpo = stage("grpo", steps=60, **grpo)
+  c.stages.grpo = stage("grpo", steps=100, **grpo)
   c.stages.sft_control = stage("sft", steps=100000, start_from="cold_start", branch=True,
                                match_wall_of="grpo", lr=2e-4, warmup_steps=0,
                                schedule="constant")
