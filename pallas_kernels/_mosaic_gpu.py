@@ -136,14 +136,15 @@ def gemm_padded_emulated(x, xs_T, w_GNK, ws_GKbN, tile_group, *, out_dtype=jnp.b
   del num_sms
   bm, tk = block_sizes.bm, C.QUANT_TILE
   mp, k = x.shape
-  g_rows = jnp.repeat(tile_group, bm)  # [Mp]
-  w_rows = w_GNK[jnp.maximum(g_rows, 0)].astype(jnp.float32)  # [Mp, N, K] (tests: tiny)
-  ws_rows = ws_GKbN[jnp.maximum(g_rows, 0)]  # [Mp, Kb, N]
-  xb = x.astype(jnp.float32).reshape(mp, k // tk, tk)
-  wb = w_rows.reshape(mp, -1, k // tk, tk)
-  part = jnp.einsum("mbt,mnbt->mbn", xb, wb, precision=lax.Precision.HIGHEST)
-  y = jnp.einsum("mbn,bm,mbn->mn", part, xs_T, ws_rows, precision=lax.Precision.HIGHEST)
-  return jnp.where((g_rows >= 0)[:, None], y, 0).astype(out_dtype)
+  t, kb = mp // bm, k // tk
+  g = jnp.maximum(tile_group, 0)
+  w = w_GNK[g].astype(jnp.float32).reshape(t, -1, kb, tk)  # [T, N, Kb, tk]
+  xb = x.astype(jnp.float32).reshape(t, bm, kb, tk)
+  part = jnp.einsum("tmbk,tnbk->tbmn", xb, w, precision=lax.Precision.HIGHEST)
+  scale = xs_T.reshape(kb, t, bm).transpose(1, 0, 2)[..., None] * ws_GKbN[g][:, :, None, :]
+  y = (part * scale).sum(1).reshape(mp, -1)
+  valid = jnp.repeat(tile_group >= 0, bm)
+  return jnp.where(valid[:, None], y, 0).astype(out_dtype)
 
 
 def grouped_padded_layout(group_sizes, m: int, bm: int):

@@ -10,6 +10,8 @@ Neither XLA:CPU nor the Pallas interpreters run wgmma, so this checks what can b
 Numerics of the compiled kernel are checked by benchmarks/kernels.py on a GPU.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,8 +89,9 @@ def _quantized(m, k, n, seed=0):
 def test_dense_layout_matches_reference(bm):
   xq, xs, wq, ws = _quantized(200, 300, 260)
   ref = fp8.matmul_reference(xq, xs, wq, ws, out_dtype=jnp.float32)
-  y = MG.dense(xq, xs, wq, fp8._column_scales(ws, 260), out_dtype=jnp.float32,
-               block_sizes=MG.GpuBlockSizes(bm=bm), impl=MG.gemm_padded_emulated)
+  dense = jax.jit(functools.partial(MG.dense, out_dtype=jnp.float32, impl=MG.gemm_padded_emulated,
+                                    block_sizes=MG.GpuBlockSizes(bm=bm)))
+  y = dense(xq, xs, wq, fp8._column_scales(ws, 260))
   np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -100,16 +103,17 @@ def test_grouped_layout_matches_reference(sizes):
   rq, rs = fp8.quantize_weights(jax.random.normal(jax.random.key(5), (5, k, n)) * k ** -0.5)
   sizes = jnp.array(sizes, jnp.int32)
   ref = gmm.gmm_fp8_reference(xq, xs, rq, rs, sizes, out_dtype=jnp.float32)
-  y = MG.grouped(xq, xs, rq, jnp.repeat(rs, 128, axis=-1)[..., :n], sizes,
-                 out_dtype=jnp.float32, impl=MG.gemm_padded_emulated)
+  grouped = jax.jit(functools.partial(MG.grouped, out_dtype=jnp.float32,
+                                      impl=MG.gemm_padded_emulated))
+  y = grouped(xq, xs, rq, jnp.repeat(rs, 128, axis=-1)[..., :n], sizes)
   np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
   assert not bool(jnp.any(y[int(sizes.sum()):]))
 
 
 def test_padded_layout_tables():
   sizes = jnp.array([70, 0, 3, 64], jnp.int32)
-  dest, tile_group, mp = MG.grouped_padded_layout(sizes, 150, 64)
-  assert mp == (3 + 4) * 64
+  dest, tile_group = jax.jit(lambda s: MG.grouped_padded_layout(s, 150, 64)[:2])(sizes)
+  mp = (3 + 4) * 64  # ceil(150 / 64) + G tiles
   # Groups start on tile boundaries: group 0 -> tiles 0-1, group 2 -> tile 2, group 3 -> tile 3.
   np.testing.assert_array_equal(tile_group, [0, 0, 2, 3, -1, -1, -1])
   np.testing.assert_array_equal(dest[:70], np.arange(70))
