@@ -158,6 +158,14 @@ def test_data_mesh_equals_single_device(moe, prompts, moe_sampled):
   np.testing.assert_allclose(out.logprobs, moe_sampled.logprobs, atol=1e-4, rtol=0)
 
 
+def test_decode_config_keeps_capacity_dropless(moe, student):
+  cfg = moe[0].replace(capacity_factor=1.25)  # a training config that drops assignments
+  dec = sampler.decode_config(cfg)
+  assert (dec.moe_impl, dec.capacity_factor) == ("capacity", None)
+  for other in (cfg.replace(moe_impl="ragged_dot", capacity_factor=None), student[0]):
+    assert sampler.decode_config(other) == other
+
+
 def test_truncate_at_stop_strings():
   texts = ["a</answer>b</s>", "no stop", "x</s>y</answer>"]
   stops = ["</answer>", "</s>"]
