@@ -48,9 +48,6 @@ class BlockSizes:
       return cls(tm=64, tk=128, tn=128)
     return cls()  # interpreter: large tiles mean few (slow) interpreted grid steps
 
-  def for_gpu(self) -> _mosaic_gpu.GpuBlockSizes:
-    return _mosaic_gpu.GpuBlockSizes(bm=self.tm, bn=self.tn)
-
 
 def _scale_from_amax(amax, pow2_scale: bool):
   scale = jnp.maximum(amax, 1e-4) / C.FP8_MAX
@@ -133,7 +130,7 @@ def matmul(xq, xs, wq, ws, *, out_dtype=jnp.bfloat16, block_sizes: BlockSizes | 
   ws_KN = _column_scales(ws, n)
   if C.use_mosaic_gpu(interpret):
     y = _mosaic_gpu.dense(x_MK, xs_MK, wq, ws_KN, out_dtype=out_dtype,
-                          block_sizes=bs.for_gpu())
+                          block_sizes=_mosaic_gpu.GpuBlockSizes(bm=bs.tm, bn=bs.tn))
   elif not C.use_pallas(interpret):
     y = jnp.dot(dequantize_activations(x_MK, xs_MK).astype(jnp.bfloat16),
                 dequantize_weights_by_column(wq, ws_KN).astype(jnp.bfloat16),
