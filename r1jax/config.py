@@ -86,6 +86,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   moe_impl: str = "ragged_dot"
   capacity_factor: float | None = None  # None = dropless
+  # dropless capacity path: buffers of this factor x the mean expert load when every expert's
+  # load fits, else N slots (exact either way; the sampler's decode steps use it)
+  dropless_fast_factor: float | None = None
   router_impl: str = "jnp"
   expert_dispatch: str = "allgather"  # on a mesh: allgather | all_to_all | ragged_all_to_all
   fp8: bool = False
@@ -191,6 +194,8 @@ class ModelConfig:
            f"router_impl={self.router_impl!r} is not one of {ROUTER_IMPLS}")
       need(self.capacity_factor is None or self.capacity_factor > 0,
            f"capacity_factor={self.capacity_factor} must be positive or None")
+      need(self.dropless_fast_factor is None or self.dropless_fast_factor > 0,
+           f"dropless_fast_factor={self.dropless_fast_factor} must be positive or None")
     else:
       need(self.num_attention_heads % self.kv_heads == 0,
            f"num_key_value_heads={self.kv_heads} must divide "

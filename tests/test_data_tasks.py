@@ -117,3 +117,27 @@ def test_three_term_uncovered_bucket():
     for r in chains:
       terms = [int(x) for x in r["question"].split("+")]
       assert len(terms) == 3 and all(t < 10 for t in terms) and int(r["answer"]) == sum(terms)
+
+
+def test_pretrain_corpus_tags_a_seeded_share():
+  """R1-Zero's base corpus: bare answers, and a `tagged_frac` share in the think/answer markup
+  with no worked steps (the think block restates the question); the markup passes the format
+  reward once the R1-Zero prompt has opened <think>."""
+  from r1jax.data import template
+  from r1jax.rollout import rewards
+  from r1jax.stages import sft
+  records = [{"question": f"{i}+{i + 1}", "answer": str(2 * i + 1)} for i in range(400)]
+  out = sft.pretrain_records(records, 0.25, seed=0)
+  assert out == sft.pretrain_records(records, 0.25, seed=0)
+  tagged = [r for r in out if "</think>" in r["completion"]]
+  assert 70 <= len(tagged) <= 130
+  for r in out:
+    if r in tagged:
+      assert r["completion"] == f"{r['question']}\n</think>\n<answer>{r['answer']}</answer>"
+    else:
+      assert r["completion"] == r["answer"]
+  prompt = template.format_prompt(tagged[0]["question"], "r1_zero_short")
+  assert rewards.get("format")([prompt], [tagged[0]["completion"]]) == [1.0]
+  bare = next(r for r in out if r not in tagged)
+  assert rewards.get("format")([prompt], [bare["completion"]]) == [0.0]
+  assert all("</think>" not in r["completion"] for r in sft.pretrain_records(records, 0.0, 0))

@@ -150,6 +150,23 @@ def test_capacity_drops_exactly_the_overflow(params, tokens):
   np.testing.assert_allclose(dropless_logits, ragged_logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fast", [0.5, 3.0])
+def test_dropless_fast_path_is_exact_in_both_branches(params, tokens, fast):
+  """dropless_fast_factor: small buffers when every expert's load fits them (3.0 here), the full
+  N-slot buffers when one overflows (0.5: an expert gets more than half the mean load); either
+  way the logits are the dropless ones and nothing drops."""
+  dropless = CFG.replace(moe_impl="capacity", capacity_factor=None)
+  logits, aux = forward(dropless.replace(dropless_fast_factor=fast), mtp=False)(params, tokens)
+  ref, _ = forward(dropless, mtp=False)(params, tokens)
+  np.testing.assert_allclose(logits, ref, rtol=1e-5, atol=1e-6)
+  assert float(aux["dropped"]) == 0
+  # which branch ran: the small buffers would have dropped at 0.5 and do not at 3.0
+  small = moe_lib.capacity(CFG.replace(capacity_factor=fast), B * T)
+  assert small < B * T
+  overflow = np.asarray(aux["expert_counts"]).max() > small
+  assert overflow == (fast == 0.5)
+
+
 def test_masked_tokens_take_no_expert_capacity(params, tokens):
   """token_mask=False tokens (padding) route to no expert: they are not counted (so they do not
   move the correction bias), take no capacity, and the real tokens' logits are unchanged when

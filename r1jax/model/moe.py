@@ -5,7 +5,9 @@ Expert compute paths (`cfg.moe_impl`), all dropless unless `cfg.capacity_factor`
   (the fast path on GPU/TPU);
 - "pallas": the same with the Pallas grouped matmul (`pallas_kernels.gmm`; interpreted on CPU);
 - "capacity": sort + per-expert buffers [E, C, D] + batched einsum (the fast path on CPU, where
-  XLA expands ragged_dot densely); C = ceil(N*k/E * capacity_factor), or N (dropless) if None;
+  XLA expands ragged_dot densely); C = ceil(N*k/E * capacity_factor), or N (dropless) if None
+  (with `dropless_fast_factor`, dropless runs C = ceil(N*k/E * that) whenever no expert's load
+  exceeds it, and N otherwise);
 - "dense": every expert on every token, weighted by the (mostly zero) combine matrix; a
   reference for tests, never fast.
 Shapes: N tokens, D width, E experts, k experts per token, I expert width, C capacity.
@@ -128,11 +130,29 @@ def capacity(cfg: ModelConfig, num_tokens: int) -> int:
 
 
 def experts_capacity(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig):
-  dtype = cfg.jnp_dtype
-  N, D = x_ND.shape
+  N = x_ND.shape[0]
   E = p["gate"].shape[0]  # local experts; ids >= E belong to other devices
   C = capacity(cfg, N)
   order, token, group_sizes = _sort_assignments(ids_Nk, E)
+  run = functools.partial(_capacity_buffers, p, x_ND, weights_Nk, ids_Nk, order, token,
+                          group_sizes, cfg=cfg)
+  fast = cfg.dropless_fast_factor
+  if cfg.capacity_factor is None and fast:
+    # dropless with small buffers in the common case: C = N wastes E/k of the expert FLOPs
+    # (a 128-row decode step of the tiny MoE spends most of its time there)
+    C_fast = min(N, max(1, math.ceil(N * cfg.num_experts_per_tok / cfg.n_routed_experts * fast)))
+    if C_fast < N:
+      return jax.lax.cond(jnp.max(group_sizes) <= C_fast, functools.partial(run, C=C_fast),
+                          functools.partial(run, C=N))
+  return run(C=C)
+
+
+def _capacity_buffers(p, x_ND, weights_Nk, ids_Nk, order, token, group_sizes, *, C,
+                      cfg: ModelConfig):
+  """The capacity path with C slots per expert: (y [N, D] fp32, dropped assignments)."""
+  dtype = cfg.jnp_dtype
+  N, D = x_ND.shape
+  E = p["gate"].shape[0]
   expert = ids_Nk.reshape(-1)[order]
   starts = jnp.cumsum(group_sizes) - group_sizes
   rank = jnp.arange(order.shape[0]) - starts[expert]  # slot within the expert's buffer

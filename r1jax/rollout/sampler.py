@@ -165,11 +165,12 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, bucket: int = PROMPT
 
 def decode_config(cfg: ModelConfig) -> ModelConfig:
   """The config generation runs with: inference never drops expert assignments, so the
-  capacity path (the CPU fast path) runs dropless (C = tokens per step). On CPU this beats
-  ragged_dot, which XLA:CPU expands into a dense dot over all experts plus sort/mask overhead:
-  a 16-sequence decode step of configs/tiny_moe.py is ~1.4x faster."""
+  capacity path (the CPU fast path) runs dropless. On CPU this beats ragged_dot, which XLA:CPU
+  expands into a dense dot over all experts plus sort/mask overhead: a 16-sequence decode step of
+  configs/tiny_moe.py is ~1.4x faster. Dropless buffers hold 4x the mean expert load when every
+  expert fits (else all N tokens): same tokens, log-probs within 1e-6, ~1.2x faster at 16 rows."""
   if cfg.is_moe and cfg.moe_impl == "capacity":
-    return cfg.replace(capacity_factor=None)
+    return cfg.replace(capacity_factor=None, dropless_fast_factor=4.0)
   return cfg
 
 

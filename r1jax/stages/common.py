@@ -173,10 +173,10 @@ def new_state(ctx: Context, params, tx, name: str):
   The copy: the step donates its state, and the stage's input model may still be needed (a
   control branch, the GRPO reference model). Leaves created outside jit (step, rng, optimizer
   counts) sit on one device; they are replicated over the mesh, so that a state restored from a
-  checkpoint (which keeps each leaf's sharding) can enter the jitted step under the mesh."""
+  checkpoint (which keeps each leaf's sharding) can enter the jitted step under the mesh. This
+  holds on a one-device mesh too: the step returns those leaves with a mesh sharding, and a
+  first step fed single-device leaves would compile the step a second time at step 2."""
   state = state_lib.create(jax.tree.map(jnp.copy, params), tx, ctx.seed(name))
-  if ctx.mesh.size == 1:
-    return state
   replicated = jax.sharding.NamedSharding(ctx.mesh, jax.sharding.PartitionSpec())
   return jax.tree.map(lambda x: jax.device_put(x, replicated)
                       if isinstance(x.sharding, jax.sharding.SingleDeviceSharding) else x, state)

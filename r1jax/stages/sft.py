@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 
 from r1jax import fileio, model, train
 from r1jax.config import ModelConfig
@@ -33,9 +34,24 @@ def stage_records(ctx: common.Context, stage_cfg) -> list[dict]:
                                  answer_field=c.data.answer_field)
   records = ctx.splits["sft"]
   if stage_cfg.kind == "pretrain":
-    # the answer straight after the prompt: no reasoning to imitate (R1-Zero's base model)
-    return [dict(r, completion=r["answer"]) for r in records]
+    return pretrain_records(records, float(stage_cfg.get("tagged_frac", 0.0)), c.seed)
   return records
+
+
+def pretrain_records(records, tagged_frac: float, seed: int) -> list[dict]:
+  """R1-Zero's base-model corpus: each problem followed by its answer, with no reasoning.
+
+  Most documents give the bare answer. A `tagged_frac` share (a seeded choice) writes the same
+  answer in the think/answer markup, `{question}\\n</think>\\n<answer>{answer}</answer>`: the think
+  block only restates the question, so no worked step is shown. A real base model has met such
+  markup in its web data, which is why it follows the R1-Zero template some of the time; a
+  char-level base trained on bare answers never emits a tag, leaving GRPO's format reward
+  nothing to reinforce."""
+  tagged = np.random.default_rng(seed).random(len(records)) < tagged_frac
+  # eos is appended when the SFT example is built (template.completion_text)
+  return [dict(r, completion=(f"{r['question']}\n</think>\n<answer>{r['answer']}</answer>"
+                              if t else str(r["answer"])))
+          for r, t in zip(records, tagged)]
 
 
 def sft_iterator(ctx: common.Context, records, stage_cfg, name: str):
