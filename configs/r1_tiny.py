@@ -13,11 +13,13 @@ Stages (each evaluated on the same held-out problems):
   grpo            GRPO with accuracy + format rewards on mixed prompts (3/4 uncovered)
   sft_control     control branch: more cold-start SFT for the same wall time as `grpo`,
                   starting from `cold_start`; the recipe continues from `grpo`
-  rejection       sample 4 answers per RL prompt, keep correct + well-formed ones
+  rejection       sample 4 answers for each of the 1000 RL prompts, keep one correct +
+                  well-formed answer per prompt
   sft_rs          SFT on the rejection-sampled data
   grpo_final      GRPO again (all-scenario RL reduced to the same rule rewards)
-  distill         a dense Qwen2-style student learns from the rejection-sampled data (R1's
-                  distillation is plain SFT on the teacher's samples)
+  distill         a dense Qwen2-style student trained from scratch on the rejection-sampled data
+                  plus the cold-start traces (R1 distils by plain SFT on its curated SFT set:
+                  rejection-sampled reasoning plus the earlier SFT data)
 """
 
 import ml_collections
@@ -40,20 +42,21 @@ def get_config(arg=None):
               prompts_per_step=16, group_size=8, max_new_tokens=40, temperature=1.0,
               reward_weights={"accuracy": 1.0, "format": 0.2}, loss_type="grpo", eps_low=0.2,
               eps_high=0.2, beta=0.0, mu=1, ref_refresh_every=0, advantage_scale="group",
-              dynamic_sampling=True, max_refills=2, mask_truncated=False, top_p=1.0)
+              dynamic_sampling=True, max_refills=1, mask_truncated=False, top_p=1.0)
   c.stages.cold_start = stage("sft", steps=200)
   c.stages.grpo = stage("grpo", steps=100, **grpo)
   c.stages.sft_control = stage("sft", steps=100000, start_from="cold_start", branch=True,
                                match_wall_of="grpo", lr=2e-4, warmup_steps=0,
                                schedule="constant")
-  c.stages.rejection = stage("rejection_sampling", steps=0, num_prompts=512, k=4,
+  c.stages.rejection = stage("rejection_sampling", steps=0, num_prompts=1000, k=4,
                              max_new_tokens=40, temperature=1.0, keep_per_prompt=1,
                              reward_weights={"accuracy": 1.0, "format": 1.0})
   c.stages.sft_rs = stage("sft", steps=100, data_file="samples/rejection.jsonl", lr=2e-4,
                           warmup_steps=0, schedule="constant")
   c.stages.grpo_final = stage("grpo", steps=30, **grpo)
   c.stages.distill = stage("distill", steps=250, mode="sequence",
-                           data_file="samples/rejection.jsonl", lr=3e-3, warmup_steps=20,
+                           data_file="samples/rejection.jsonl", with_sft_split=True, lr=3e-3,
+                           warmup_steps=20,
                            student=ml_collections.ConfigDict(tiny_student_fields()))
   c.stage_order = ("cold_start", "grpo", "sft_control", "rejection", "sft_rs", "grpo_final",
                    "distill")

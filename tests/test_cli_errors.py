@@ -85,6 +85,12 @@ def test_bad_stage_order(tmp_path):
   assert_user_error(proc, "stage_order", "'nope'")
 
 
+def test_pretrain_tagged_frac_out_of_range(tmp_path):
+  proc = launch("--config", os.path.join(ROOT, "configs", "r1_zero_tiny.py"),
+                "--config.stages.pretrain.tagged_frac=1.5", workdir=tmp_path / "run")
+  assert_user_error(proc, "stages.pretrain.tagged_frac=1.5", "[0, 1]")
+
+
 def test_resume_with_a_different_config_is_refused(tmp_path):
   """A workdir holds one config; reusing it with another one is a user error, not a resume."""
   run = tmp_path / "run"

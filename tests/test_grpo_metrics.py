@@ -45,3 +45,14 @@ def test_bucket_reward_plot(tmp_path):
   log.plot()
   assert (tmp_path / "plots" / "reward_by_bucket.png").stat().st_size > 1000
   log.close()
+
+
+def test_refill_pairs_use_every_mixed_candidate():
+  """Each zero-variance slot gets the next mixed fresh group, wherever it sits in the refill
+  batch; slots beyond the mixed supply stay, and so do mixed slots."""
+  zero_var = np.array([False, True, True, False, True])
+  candidates = np.array([True, False, True, True, False])
+  assert grpo.refill_pairs(zero_var, candidates) == [(1, 1), (2, 4)]
+  assert grpo.refill_pairs(zero_var, np.array([False] * 5)) == [(1, 0), (2, 1), (4, 2)]
+  assert grpo.refill_pairs(zero_var, np.array([True] * 5)) == []
+  assert grpo.refill_pairs(np.array([False, False]), np.array([False, False])) == []

@@ -116,20 +116,17 @@ def run_grpo(ctx: common.Context, name: str, s):
       # DAPO dynamic sampling: groups with equal rewards carry no signal; resample them
       refills += 1
       fresh = next(it)
-      idx = np.flatnonzero(zero_var)
-      candidates = [fresh[i] for i in idx] + fresh[len(idx):]
-      out2, texts2, total2, _ = sample(st, candidates, jax.random.fold_in(key, 1000 + refills))
-      _, zv2 = grpo_lib.group_advantages(total2, G)
+      out2, texts2, total2, _ = sample(st, fresh, jax.random.fold_in(key, 1000 + refills))
       if out2.tokens.shape != out.tokens.shape:
         continue  # a different prompt bucket: rows cannot be swapped in
-      for j, i in enumerate(idx):
-        if not zv2[j]:
-          rows = slice(i * G, (i + 1) * G)
-          src = slice(j * G, (j + 1) * G)
-          out = _replace_rows(out, out2, rows, src)
-          total[rows] = total2[src]
-          texts[rows] = texts2[src]
-          group_records[i] = candidates[j]
+      _, zv2 = grpo_lib.group_advantages(total2, G)
+      for i, j in refill_pairs(zero_var, zv2):
+        rows = slice(i * G, (i + 1) * G)
+        src = slice(j * G, (j + 1) * G)
+        out = _replace_rows(out, out2, rows, src)
+        total[rows] = total2[src]
+        texts[rows] = texts2[src]
+        group_records[i] = fresh[j]
       adv, zero_var = grpo_lib.group_advantages(total, G, s.get("advantage_scale", "group"))
     batch = rollout_batch(out, mask_truncated=bool(s.get("mask_truncated", False)))
     batch["advantages"] = adv
@@ -164,6 +161,15 @@ def run_grpo(ctx: common.Context, name: str, s):
                                        data_iter=it, update=update, log_keys=("reward", "loss"))
   ctx.models["policy"] = (cfg, train.full_params(state["train"]))
   return metrics
+
+
+def refill_pairs(zero_var, candidate_zero_var) -> list[tuple[int, int]]:
+  """DAPO dynamic sampling's swap: (slot, candidate) group pairs giving each zero-variance slot,
+  in order, the next freshly sampled group whose rewards vary. Every mixed candidate is used
+  while slots remain, so one refill batch fills as many slots as it has mixed groups."""
+  slots = np.flatnonzero(np.asarray(zero_var))
+  mixed = np.flatnonzero(~np.asarray(candidate_zero_var))
+  return list(zip(slots.tolist(), mixed.tolist()))
 
 
 def _earlier_samples(path) -> list[dict]:

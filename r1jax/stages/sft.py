@@ -18,16 +18,23 @@ from r1jax.stages import common
 
 def stage_records(ctx: common.Context, stage_cfg) -> list[dict]:
   """The stage's training records: `stage.data_file` (relative paths are under the workdir,
-  e.g. the samples/<stage>.jsonl a rejection-sampling stage wrote), data.train_file when
-  data.task == "file", or the built-in task's SFT split."""
+  e.g. the samples/<stage>.jsonl a rejection-sampling stage wrote), plus the built-in task's SFT
+  split when `stage.with_sft_split`; data.train_file when data.task == "file"; or the built-in
+  task's SFT split."""
   c = ctx.config
   path = stage_cfg.get("data_file", "")
   if path:
     path = fileio.under(ctx.workdir, path)
-    if path.is_file() and path.stat().length == 0:
-      return []  # e.g. a rejection-sampling stage that kept nothing
-    return pipeline.read_records(os.fspath(path), prompt_field="question",
-                                 completion_field="completion", answer_field="answer")
+    records = []
+    if not (path.is_file() and path.stat().length == 0):  # empty: a stage that kept nothing
+      records = pipeline.read_records(os.fspath(path), prompt_field="question",
+                                      completion_field="completion", answer_field="answer")
+    if stage_cfg.get("with_sft_split", False):
+      if not (ctx.splits and ctx.splits.get("sft")):
+        raise DataError("with_sft_split needs the built-in task's SFT split (data.task is "
+                        f"{c.data.task!r})")
+      records = records + list(ctx.splits["sft"])
+    return records
   if c.data.task == "file":
     return pipeline.read_records(c.data.train_file, prompt_field=c.data.prompt_field,
                                  completion_field=c.data.completion_field,
