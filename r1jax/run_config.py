@@ -80,6 +80,9 @@ def validate(c) -> ModelConfig:
       raise ConfigError(f"stages.{name}.steps={s.steps} must be >= 0")
     if not 0.0 <= float(s.get("tagged_frac", 0.0)) <= 1.0:
       raise ConfigError(f"stages.{name}.tagged_frac={s.tagged_frac} must be in [0, 1]")
+    if s.get("with_sft_split", False) and c.data.task == "file":
+      raise ConfigError(f"stages.{name}.with_sft_split needs the built-in task's SFT split, "
+                        "and data.task is 'file'")
   if int(c.data.batch_size) <= 0 or int(c.data.seq_len) <= 1:
     raise ConfigError("data.batch_size must be > 0 and data.seq_len > 1")
   if not 0.0 <= float(c.data.get("rl_uncovered_frac", 0.5)) <= 1.0:

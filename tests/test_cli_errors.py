@@ -91,6 +91,12 @@ def test_pretrain_tagged_frac_out_of_range(tmp_path):
   assert_user_error(proc, "stages.pretrain.tagged_frac=1.5", "[0, 1]")
 
 
+def test_with_sft_split_needs_the_builtin_task(tmp_path):
+  proc = launch("--config", os.path.join(ROOT, "configs", "r1_tiny.py"), "--config.data.task=file",
+                f"--config.data.train_file={tmp_path / 'train.jsonl'}", workdir=tmp_path / "run")
+  assert_user_error(proc, "stages.distill.with_sft_split", "data.task is 'file'")
+
+
 def test_resume_with_a_different_config_is_refused(tmp_path):
   """A workdir holds one config; reusing it with another one is a user error, not a resume."""
   run = tmp_path / "run"
