@@ -136,11 +136,10 @@ def experts_capacity(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig):
   order, token, group_sizes = _sort_assignments(ids_Nk, E)
   run = functools.partial(_capacity_buffers, p, x_ND, weights_Nk, ids_Nk, order, token,
                           group_sizes, cfg=cfg)
-  fast = cfg.dropless_fast_factor
-  if cfg.capacity_factor is None and fast:
+  if cfg.capacity_factor is None and cfg.dropless_fast_factor:
     # dropless with small buffers in the common case: C = N wastes E/k of the expert FLOPs
     # (a 128-row decode step of the tiny MoE spends most of its time there)
-    C_fast = min(N, max(1, math.ceil(N * cfg.num_experts_per_tok / cfg.n_routed_experts * fast)))
+    C_fast = capacity(cfg.replace(capacity_factor=cfg.dropless_fast_factor), N)
     if C_fast < N:
       return jax.lax.cond(jnp.max(group_sizes) <= C_fast, functools.partial(run, C=C_fast),
                           functools.partial(run, C=N))
