@@ -11,8 +11,9 @@ evaluation reports problems the traces covered and problems they did not.
 Stages (each evaluated on the same held-out problems):
   cold_start      SFT on 400 traced two-term problems
   grpo            GRPO with accuracy + format rewards on mixed prompts (3/4 uncovered)
-  sft_control     control branch: more cold-start SFT for the same wall time as `grpo`,
-                  starting from `cold_start`; the recipe continues from `grpo`
+  sft_control     control branch: more cold-start SFT for the model FLOPs `grpo` spent
+                  (generation + updates), starting from `cold_start`; the recipe continues
+                  from `grpo`
   rejection       sample 4 answers for each of the 1000 RL prompts, keep one correct +
                   well-formed answer per prompt
   sft_rs          SFT on the rejection-sampled data
@@ -45,8 +46,8 @@ def get_config(arg=None):
               dynamic_sampling=True, max_refills=1, mask_truncated=False, top_p=1.0)
   c.stages.cold_start = stage("sft", steps=200)
   c.stages.grpo = stage("grpo", steps=100, **grpo)
-  c.stages.sft_control = stage("sft", steps=100000, start_from="cold_start", branch=True,
-                               match_wall_of="grpo", lr=2e-4, warmup_steps=0,
+  c.stages.sft_control = stage("sft", steps=0, start_from="cold_start", branch=True,
+                               match_compute_of="grpo", lr=2e-4, warmup_steps=0,
                                schedule="constant")
   c.stages.rejection = stage("rejection_sampling", steps=0, num_prompts=1000, k=4,
                              max_new_tokens=40, temperature=1.0, keep_per_prompt=1,

@@ -31,9 +31,10 @@ def is_remote(path) -> bool:
 
 
 def absolute(path) -> epath.Path:
-  """`path` as an absolute epath.Path (URLs are absolute already)."""
-  path = epath.Path(path)
-  return path if is_remote(path) else path.resolve()
+  """`path` as an absolute epath.Path (URLs are absolute already; `~` is expanded)."""
+  if is_remote(path):
+    return epath.Path(path)
+  return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
 
 
 def under(directory, path) -> epath.Path:

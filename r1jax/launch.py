@@ -124,11 +124,13 @@ def main(argv=None) -> int:
     workdir = FLAGS.workdir or os.path.join(
         "runs", f"{_config_name(FLAGS['config'].config_filename)}-"
         f"{datetime.datetime.now():%Y%m%d-%H%M%S}")
-    from r1jax import pipeline
     fileio.check_workdir(workdir)
+    # resolved once, here: everything below (orbax above all) sees an absolute path or a URL
+    workdir = os.fspath(fileio.absolute(workdir))
+    from r1jax import recipe
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     _write_config(config, workdir)
-    summary = pipeline.Pipeline(config, workdir).run()
+    summary = recipe.Recipe(config, workdir).run()
   except UserError as e:
     return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
   print(json.dumps({"workdir": workdir, "stages": [

@@ -80,6 +80,18 @@ def validate(c) -> ModelConfig:
       raise ConfigError(f"stages.{name}.steps={s.steps} must be >= 0")
     if not 0.0 <= float(s.get("tagged_frac", 0.0)) <= 1.0:
       raise ConfigError(f"stages.{name}.tagged_frac={s.tagged_frac} must be in [0, 1]")
+    ref = s.get("match_compute_of", "")
+    if ref and (ref not in order or name not in order or order.index(ref) >= order.index(name)
+                or c.stages[ref].get("kind") not in ("pretrain", "sft", "grpo", "distill")):
+      raise ConfigError(f"stages.{name}.match_compute_of={ref!r} must name a training stage "
+                        "that runs before it")
+    if ref and s.kind not in ("sft", "pretrain"):
+      raise ConfigError(f"stages.{name}.match_compute_of is for SFT stages (kind is {s.kind!r})")
+    start = s.get("start_from", "")
+    if start and (start not in order or name not in order or order.index(start) >= order.index(name)
+                  or c.stages[start].get("kind") not in ("pretrain", "sft", "grpo")):
+      raise ConfigError(f"stages.{name}.start_from={start!r} must name a policy training stage "
+                        "that runs before it")
     if s.get("with_sft_split", False) and c.data.task == "file":
       raise ConfigError(f"stages.{name}.with_sft_split needs the built-in task's SFT split, "
                         "and data.task is 'file'")

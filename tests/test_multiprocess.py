@@ -57,20 +57,18 @@ def _worker(args):
   state = jax.jit(lambda p: train.create(p, tx, 0), out_shardings=state_sh)(params)
   step = train.make_step(train.sft_loss(cfg), tx, lr, bias_gamma=1e-2)
 
-  # the global batch, of which this process loads only its rows
+  # the global batch, the same on every process; each places only its devices' rows
   rng = np.random.default_rng(0)
   tokens = rng.integers(2, cfg.vocab_size, (B, T)).astype(np.int32)
   batch = dict(tokens=tokens, targets=np.roll(tokens, -1, 1),
                loss_mask=np.ones((B, T), np.float32),
                segment_ids=np.ones((B, T), np.int32),
                positions=np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy())
-  n = B // jax.process_count()
-  local = {k: v[jax.process_index() * n:(jax.process_index() + 1) * n] for k, v in batch.items()}
   ctx = argparse.Namespace(mesh=mesh)
   from jax.experimental import multihost_utils
   losses = []
   with jax.set_mesh(mesh):
-    sharded = common.shard(ctx, local)
+    sharded = common.shard(ctx, batch)
     step = step.lower(state, sharded).compile()
     # gloo connects the processes at their first collective and gives up after ~30 s; on a
     # loaded machine one process can finish compiling far later than the other

@@ -9,6 +9,7 @@ dropped for a dimension it does not divide (small models on big meshes stay corr
 from __future__ import annotations
 
 import jax
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from r1jax.model import params as param_lib
@@ -70,8 +71,37 @@ def shard_batch(batch, mesh):
   return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(x.shape, mesh)), batch)
 
 
+def global_batch(batch, mesh):
+  """The global batch (host arrays, the same on every process) as global arrays split over the
+  batch axes; each process places only the rows of its own devices. Which rows a device gets
+  depends on the mesh, never on how many processes drive it, so a run moved from one host to
+  several trains on the same data in the same order."""
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, batch_sharding(x.shape, mesh),
+                                        lambda index: x[index])
+  return jax.tree.map(put, batch)
+
+
+def to_host(tree):
+  """numpy copies of a pytree of (possibly multi-process) global arrays. An array that spans
+  other processes' devices is gathered (a collective every process must join)."""
+  def get(x):
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+      from jax.experimental import multihost_utils
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+  return jax.tree.map(get, tree)
+
+
 def shard_params(params, cfg, mesh):
   return jax.device_put(params, param_shardings(cfg, mesh))
+
+
+def abstract_params(cfg, mesh, rules=RULES):
+  """ShapeDtypeStructs of the parameters with their shardings (restore targets; no memory)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      param_lib.abstract(cfg), param_shardings(cfg, mesh, rules))
 
 
 def init_sharded(cfg, mesh, rng):

@@ -39,6 +39,7 @@ from jax.sharding import PartitionSpec
 
 from r1jax.config import ModelConfig
 from r1jax.model import decode
+from r1jax.parallel.rules import to_host
 
 PROMPT_BUCKET = 16
 
@@ -203,9 +204,11 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
                      f"{max_new_tokens} exceeds max_position_embeddings="
                      f"{cfg.max_position_embeddings}")
   core = _jitted_core(tuple(sorted((compiler_options or {}).items())))
-  out = core(params, jnp.asarray(prompt_BP), jnp.asarray(pad_B), rng, knobs,
+  out = core(params, prompt_BP, pad_B.astype(np.int32), rng, knobs,
              cfg=decode_config(cfg), max_new_tokens=int(max_new_tokens), filtered=filtered)
-  completion, logprobs, lengths, stopped = jax.tree.map(np.asarray, out)
+  # every process gets every row (gathered when the batch spans several processes), so all of
+  # them score the same completions and make the same decisions
+  completion, logprobs, lengths, stopped = to_host(out)
   return Rollout(tokens=np.concatenate([prompt_BP, completion], axis=1), completion=completion,
                  logprobs=logprobs,
                  completion_mask=np.arange(max_new_tokens)[None, :] < lengths[:, None],

@@ -1,1 +1,1 @@
-"""Stage runners of the R1 recipe; `r1jax.pipeline` chains them."""
+"""Stage runners of the R1 recipe; `r1jax.recipe` chains them."""

@@ -8,6 +8,7 @@ exactly where it was; SIGTERM saves a checkpoint and exits with status 143.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import signal
 import sys
 import time
@@ -42,18 +43,21 @@ class Context:
   is_main: bool = True
   splits: dict | None = None  # task splits: sft / rl / eval records
   outputs: dict = dataclasses.field(default_factory=dict)  # stage name -> (cfg, params)
-  wall_budget: float | None = None  # seconds: a control stage stops when they are spent
+  peak_flops: float = float("nan")  # the job's peak FLOP/s (r1jax.flops), for MFU
 
   def stage_dir(self, name: str) -> epath.Path:
     return self.workdir / "checkpoints" / name
 
   def seed(self, name: str) -> int:
-    """A per-stage seed derived from the run seed (stages do not share random streams)."""
-    return int(np.random.default_rng([int(self.config.seed), _stable_hash(name)]).integers(2**31))
+    """A per-stage seed derived from the run seed and the whole stage name (stages do not share
+    random streams: `grpo` and `grpo_final` draw different prompts and samples)."""
+    return derived_seed(int(self.config.seed), name)
 
 
-def _stable_hash(s: str) -> int:
-  return int.from_bytes(s.encode()[:8].ljust(8, b"\0"), "little") % (2**31)
+def derived_seed(seed: int, name: str) -> int:
+  digest = hashlib.sha256(name.encode("utf-8")).digest()
+  words = [int.from_bytes(digest[i:i + 4], "little") for i in range(0, 32, 4)]
+  return int(np.random.default_rng([seed, *words]).integers(2**31))
 
 
 class _Preemption:
@@ -89,12 +93,17 @@ def _any_process(flag: bool) -> bool:
 
 
 def shard(ctx: Context, batch):
-  """Host batch -> global arrays split over the batch axes (multi-process aware)."""
-  if jax.process_count() == 1:
-    return parallel.shard_batch(batch, ctx.mesh)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
-      parallel.batch_sharding((x.shape[0] * jax.process_count(),) + x.shape[1:], ctx.mesh), x),
-      batch)
+  """The global host batch (the same on every process) -> global arrays split over the batch
+  axes; each process places the rows of its own devices (`parallel.global_batch`)."""
+  return parallel.global_batch(batch, ctx.mesh)
+
+
+def barrier(name: str) -> None:
+  """Every process waits here for the others (no-op with one process): files process 0 wrote
+  before it are there for everyone after it."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 def train_loop(ctx: Context, name: str, state, *, steps: int,
@@ -127,24 +136,15 @@ def train_loop(ctx: Context, name: str, state, *, steps: int,
     ckpt.save(step, state, extra)
 
   every = max(int(c.log.every_steps), 1)
-  t_start = time.time()
   with _Preemption() as pre:
     for step in range(start + 1, steps + 1):
-      if _any_process(ctx.wall_budget is not None and time.time() - t_start > ctx.wall_budget):
-        # an equal-wall-time control: stop here (not bit-reproducible: depends on the clock)
-        ctx.log.info(f"[{name}] wall-time budget of {ctx.wall_budget:.0f} s spent at step "
-                     f"{step - 1}")
-        if step - 1 > 0 and ckpt.latest_step() != step - 1:
-          save(step - 1, last)
-        break
       t0 = time.time()
       batch, host_metrics = next_batch(state)
       state, metrics = update(state, batch)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       metrics.update(host_metrics)
       metrics["step_seconds"] = time.time() - t0
-      if "tokens" in metrics:
-        metrics["tokens_per_sec"] = metrics["tokens"] / max(metrics["step_seconds"], 1e-9)
+      _throughput(metrics, last.get("flops_total", 0.0), ctx.peak_flops)
       if metrics.get("nonfinite", 0) and c.train.nonfinite == "stop":
         ckpt.close()  # an asynchronous save of the last good step must commit before we exit
         ctx.log.flush()
@@ -165,6 +165,18 @@ def train_loop(ctx: Context, name: str, state, *, steps: int,
     save(steps, last)
   ckpt.close()
   return state, last
+
+
+def _throughput(metrics: dict, flops_before: float, peak_flops: float) -> None:
+  """tokens_per_sec, model FLOP/s, MFU and the stage's running FLOP total, in place. `flops` is
+  the step's model FLOPs (r1jax.flops), set by the stage."""
+  seconds = max(metrics["step_seconds"], 1e-9)
+  if "tokens" in metrics:
+    metrics["tokens_per_sec"] = metrics["tokens"] / seconds
+  if "flops" in metrics:
+    metrics["flops_total"] = flops_before + metrics["flops"]
+    metrics["model_flops_per_sec"] = metrics["flops"] / seconds
+    metrics["mfu"] = metrics["model_flops_per_sec"] / peak_flops
 
 
 def new_state(ctx: Context, params, tx, name: str):

@@ -8,6 +8,7 @@ import collections
 import jax
 import numpy as np
 
+from r1jax.data import pipeline
 from r1jax.data import template as template_lib
 from r1jax.rollout import rewards, sampler
 from r1jax.rollout._verify import extract_answer
@@ -42,9 +43,10 @@ def generate_texts(ctx: common.Context, cfg, params, prompts, *, rng, batch_size
 
 
 def evaluate(ctx: common.Context, cfg, params, records, *, seed: int, template: str,
-             eval_cfg) -> dict:
+             eval_cfg, stage: str | None = None) -> dict:
   """{accuracy (greedy), pass@1 (mean over k samples), pass@k (any of k right), cons@k,
-  num_problems, by_bucket: {bucket: same}}."""
+  num_problems, by_bucket: {bucket: same}}. With `stage`, the greedy completions go to
+  samples/eval_<stage>.jsonl (question, answer, completion, correct, bucket)."""
   bs = int(eval_cfg.get("batch_size", 64))
   prompts = encode_prompts(ctx, records, template)
   prompt_texts = [template_lib.format_prompt(r["question"], template, ctx.tokenizer.markers)
@@ -58,6 +60,11 @@ def evaluate(ctx: common.Context, cfg, params, records, *, seed: int, template: 
     texts, _ = generate_texts(ctx, cfg, params, prompts, rng=rng, batch_size=bs,
                               max_new_tokens=int(eval_cfg.max_new_tokens), greedy=True)
     per_problem["accuracy"] = _scores(acc_fn, prompt_texts, texts, answers)
+    if stage is not None and ctx.is_main:
+      pipeline.write_jsonl(ctx.workdir / "samples" / f"eval_{stage}.jsonl", [
+          {"question": r["question"], "answer": r["answer"], "completion": t,
+           "correct": bool(ok), "bucket": r.get("bucket")}
+          for r, t, ok in zip(records, texts, per_problem["accuracy"])])
   k = int(eval_cfg.get("k", 0))
   if k > 0:
     rep = [p for p in prompts for _ in range(k)]
@@ -100,4 +107,4 @@ def run_eval(ctx: common.Context, name: str, stage_cfg):
   cfg, params = ctx.models[which]
   return {}, evaluate(ctx, cfg, params, ctx.splits["eval"], seed=ctx.seed(name),
                       template=stage_cfg.get("template", ctx.config.data.template),
-                      eval_cfg=common.merged(ctx.config.eval, stage_cfg))
+                      eval_cfg=common.merged(ctx.config.eval, stage_cfg), stage=name)

@@ -16,7 +16,7 @@ import time
 import jax
 import numpy as np
 
-from r1jax import train
+from r1jax import flops, train
 from r1jax.data import pipeline
 from r1jax.data import template as template_lib
 from r1jax.rollout import rewards, sampler
@@ -100,10 +100,15 @@ def run_grpo(ctx: common.Context, name: str, s):
       out = sampler.generate(train.full_params(st["train"]), cfg, prompts, rng=key, **sampling)
     grouped = [r for r in records for _ in range(G)]
     texts, total, means = score(ctx, grouped, out, weights, prompt_texts)
+    B, L = out.tokens.shape
+    gen_flops[0] += flops.generate_flops(cfg, B, L - N, int(np.max(out.lengths)))
     return out, texts, total, means
+
+  gen_flops = [0.0]  # model FLOPs of this step's generation (with refills)
 
   def next_batch(st):
     t0 = time.time()
+    gen_flops[0] = 0.0
     step = int(st["train"].step)
     key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
     records = next(it)
@@ -145,6 +150,9 @@ def run_grpo(ctx: common.Context, name: str, s):
                 refills=float(refills), rollout_seconds=time.time() - t0,
                 rollout_tokens_per_sec=float(lengths.sum()) / max(time.time() - t0, 1e-9))
     host.update(means)
+    B, T = batch["tokens"].shape
+    host["flops"] = gen_flops[0] + mu * flops.train_flops(cfg, B * T, T) + (
+        flops.forward_flops(cfg, B * T, T) if beta > 0 else 0.0)
     return common.shard(ctx, batch), host
 
   def update(st, batch):

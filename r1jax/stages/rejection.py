@@ -50,6 +50,7 @@ def run_rejection(ctx: common.Context, name: str, s):
   path = ctx.workdir / "samples" / f"{name}.jsonl"
   if ctx.is_main:
     pipeline.write_jsonl(path, kept)
+  common.barrier(f"{name}: samples written")  # the next stage may read them on any process
   metrics = {"num_samples": len(texts), "num_kept": len(kept),
              "acceptance": len(kept) / max(len(texts), 1),
              "prompts_with_a_sample": float(np.mean(per_prompt > 0))}

@@ -9,7 +9,7 @@ import os
 import jax
 import numpy as np
 
-from r1jax import fileio, model, train
+from r1jax import fileio, flops, parallel, train
 from r1jax.config import ModelConfig
 from r1jax.data import pipeline
 from r1jax.errors import DataError
@@ -62,20 +62,17 @@ def pretrain_records(records, tagged_frac: float, seed: int) -> list[dict]:
 
 
 def sft_iterator(ctx: common.Context, records, stage_cfg, name: str):
+  """The stage's global batches. Every process builds the same global batch and places its own
+  rows (`common.shard`): the data and its order do not depend on the number of processes."""
   c = ctx.config
-  n_proc = jax.process_count()
-  if int(c.data.batch_size) % n_proc:
-    raise DataError(f"data.batch_size={c.data.batch_size} must be divisible by the "
-                    f"{n_proc} processes")
   template = stage_cfg.get("template", c.data.template)
   return pipeline.sft_batches(records, ctx.tokenizer, seq_len=int(c.data.seq_len),
-                              batch_size=int(c.data.batch_size) // n_proc, seed=ctx.seed(name),
-                              template=template, pack=bool(c.data.pack),
-                              shard=(jax.process_index(), n_proc))
+                              batch_size=int(c.data.batch_size), seed=ctx.seed(name),
+                              template=template, pack=bool(c.data.pack))
 
 
 def _run(ctx: common.Context, name: str, stage_cfg, cfg: ModelConfig, params, loss_fn,
-         frozen=None):
+         frozen=None, *, step_flops: float):
   c = ctx.config
   steps = common.stage_steps(ctx, stage_cfg)
   optim_cfg = common.merged(c.optim, stage_cfg)
@@ -93,7 +90,7 @@ def _run(ctx: common.Context, name: str, stage_cfg, cfg: ModelConfig, params, lo
 
   def next_batch(state):
     del state
-    return common.shard(ctx, next(it)), {}
+    return common.shard(ctx, next(it)), {"flops": step_flops}
 
   with jax.set_mesh(ctx.mesh):
     state, metrics = common.train_loop(ctx, name, state, steps=steps, next_batch=next_batch,
@@ -104,11 +101,21 @@ def _run(ctx: common.Context, name: str, stage_cfg, cfg: ModelConfig, params, lo
 def run_sft(ctx: common.Context, name: str, stage_cfg):
   cfg, params = ctx.models["policy"]
   t = ctx.config.train
-  loss = train.sft_loss(cfg, mtp_weight=float(stage_cfg.get("mtp_weight", t.mtp_weight)),
-                        balance_alpha=float(t.balance_alpha))
-  params, metrics = _run(ctx, name, stage_cfg, cfg, params, loss)
+  mtp_weight = float(stage_cfg.get("mtp_weight", t.mtp_weight))
+  loss = train.sft_loss(cfg, mtp_weight=mtp_weight, balance_alpha=float(t.balance_alpha))
+  use_mtp = mtp_weight > 0 and cfg.is_moe and cfg.num_nextn_predict_layers > 0
+  params, metrics = _run(ctx, name, stage_cfg, cfg, params, loss,
+                         step_flops=sft_step_flops(ctx, cfg, use_mtp=use_mtp))
   ctx.models["policy"] = (cfg, params)
   return metrics
+
+
+def sft_step_flops(ctx: common.Context, cfg: ModelConfig, *, use_mtp: bool = False) -> float:
+  """Model FLOPs of one SFT step: every position of the [batch, seq_len] batch (packed rows are
+  nearly full; padding costs what a token costs)."""
+  c = ctx.config
+  T = int(c.data.seq_len)
+  return flops.train_flops(cfg, int(c.data.batch_size) * T, T, mtp=use_mtp)
 
 
 def student_config(ctx: common.Context, stage_cfg) -> ModelConfig:
@@ -123,17 +130,22 @@ def run_distill(ctx: common.Context, name: str, stage_cfg):
   logits on the same data, optionally mixed with CE)."""
   t_cfg, t_params = ctx.models["policy"]
   s_cfg = student_config(ctx, stage_cfg)
-  s_params = model.init(s_cfg, jax.random.PRNGKey(ctx.seed(name + "/init")))
+  # created on the mesh: every process holds its shards of the same values
+  s_params = parallel.init_sharded(s_cfg, ctx.mesh, jax.random.PRNGKey(ctx.seed(name + "/init")))
   mode = stage_cfg.get("mode", "sequence")
+  step_flops = sft_step_flops(ctx, s_cfg)
   if mode == "sequence":
     loss, frozen = train.sft_loss(s_cfg), None
   elif mode == "logit":
+    T = int(ctx.config.data.seq_len)
+    step_flops += flops.forward_flops(t_cfg, int(ctx.config.data.batch_size) * T, T)
     loss = train.distill_loss(s_cfg, t_cfg, kind=stage_cfg.get("divergence", "forward_kl"),
                               temperature=float(stage_cfg.get("temperature", 1.0)),
                               ce_weight=float(stage_cfg.get("ce_weight", 0.0)))
     frozen = t_params
   else:
     raise DataError(f"stages.{name}.mode={mode!r} must be 'sequence' or 'logit'")
-  params, metrics = _run(ctx, name, stage_cfg, s_cfg, s_params, loss, frozen)
+  params, metrics = _run(ctx, name, stage_cfg, s_cfg, s_params, loss, frozen,
+                         step_flops=step_flops)
   ctx.models["student"] = (s_cfg, params)
   return metrics

@@ -4,24 +4,29 @@ Each finished stage writes its output model under `outputs/<stage>/` and is reco
 `progress.json`; a run started again with the same workdir skips finished stages (loading their
 outputs) and resumes the unfinished one from its last complete checkpoint. `summary.json` is
 rewritten after every stage.
+
+Every process runs the same recipe on the same global data and reaches the same decisions;
+process 0 alone writes the shared files (summary, progress, samples, logs), and the processes
+meet at a barrier after each stage, so a stage never reads a file another process has yet to
+write.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import jax
-import orbax.checkpoint as ocp
 from etils import epath
 
-from r1jax import fileio, hf, model, parallel, run_config
-from r1jax.checkpoint import abstract_like
+from r1jax import fileio, flops, hf, model, parallel, run_config
+from r1jax.checkpoint import load_model, save_model
 from r1jax.config import ConfigError
 from r1jax.data import pipeline as data_pipeline
 from r1jax.data import tasks
 from r1jax.data.tokenizer import get_tokenizer
-from r1jax.errors import CheckpointError, DataError
+from r1jax.errors import DataError
 from r1jax.runlog import RunLog
 from r1jax.stages import common, evaluate, sft
 
@@ -59,29 +64,24 @@ def make_splits(c) -> dict:
   raise ConfigError(f"data.task={d.task!r} must be 'arithmetic' or 'file'")
 
 
-def _save_output(path: epath.Path, cfg, params):
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(path / "params", params, force=True)
-  ckptr.wait_until_finished()
-  if jax.process_index() == 0:
-    (path / "model_config.json").write_text(json.dumps(cfg.__dict__))
+def split_sizes(splits: dict) -> dict:
+  """{split: {"total": n, bucket: n, ...}} for summary.json."""
+  out = {}
+  for name, records in splits.items():
+    entry = {"total": len(records)}
+    for r in records:
+      if r.get("bucket"):
+        entry[r["bucket"]] = entry.get(r["bucket"], 0) + 1
+    out[name] = entry
+  return out
 
 
-def _load_output(path: epath.Path, like_params):
-  ckptr = ocp.StandardCheckpointer()
-  try:
-    return ckptr.restore(path / "params", abstract_like(like_params))
-  except (FileNotFoundError, ValueError) as e:
-    raise CheckpointError(f"{path}: the output of a stage progress.json lists as complete "
-                          f"cannot be read ({type(e).__name__}); remove the stage from "
-                          "progress.json to rerun it") from None
-
-
-class Pipeline:
+class Recipe:
 
   def __init__(self, config, workdir):
     self.config = config
-    self.workdir = epath.Path(workdir)  # a filesystem path or gs:// (r1jax.fileio)
+    # absolute (orbax needs it) whatever the caller passed; a URL stays as it is
+    self.workdir = fileio.absolute(workdir)
     cfg = run_config.validate(config)
     self.is_main = jax.process_index() == 0
     mesh = parallel.make_mesh(config.mesh.to_dict())
@@ -92,7 +92,8 @@ class Pipeline:
     log = RunLog(self.workdir, enabled=self.is_main, tensorboard=bool(config.log.tensorboard))
     self.ctx = common.Context(config=config, workdir=self.workdir, model_cfg=cfg,
                               tokenizer=tokenizer, mesh=mesh, log=log, models={},
-                              is_main=self.is_main, splits=make_splits(config))
+                              is_main=self.is_main, splits=make_splits(config),
+                              peak_flops=flops.device_peak_flops())
     self.progress_path = self.workdir / "progress.json"
 
   def _initial_policy(self):
@@ -113,6 +114,9 @@ class Pipeline:
     except (OSError, ValueError) as e:
       raise DataError(f"{self.progress_path}: unreadable ({e}); remove it to start over") from None
 
+  def _summary(self, progress) -> dict:
+    return {"splits": split_sizes(self.ctx.splits), "stages": progress["summary"]}
+
   def run(self) -> dict:
     ctx, c = self.ctx, self.config
     ctx.models["policy"] = self._initial_policy()
@@ -128,11 +132,9 @@ class Pipeline:
       policy = ctx.models["policy"]
       if stage_cfg.get("start_from", ""):
         ctx.models["policy"] = ctx.outputs[stage_cfg.start_from]
-      if stage_cfg.get("match_wall_of", ""):
-        ctx.wall_budget = next(e["wall_seconds"] for e in progress["summary"]
-                               if e["name"] == stage_cfg.match_wall_of)
+      if stage_cfg.get("match_compute_of", ""):
+        stage_cfg = self._compute_matched(name, stage_cfg, progress)
       result = _runner(stage_cfg.kind)(ctx, name, stage_cfg)
-      ctx.wall_budget = None
       metrics, eval_out = result if isinstance(result, tuple) else (result, None)
       which = "student" if stage_cfg.kind == "distill" else "policy"
       if stage_cfg.kind in TRAINING_KINDS:
@@ -141,13 +143,15 @@ class Pipeline:
           eval_out = evaluate.evaluate(ctx, cfg, params, ctx.splits["eval"],
                                        seed=ctx.seed(name + "/eval"),
                                        template=stage_cfg.get("template", c.data.template),
-                                       eval_cfg=c.eval)
-        _save_output(out_dir, *ctx.models[which])  # every process writes its shards
+                                       eval_cfg=c.eval, stage=name)
+        save_model(out_dir, *ctx.models[which])  # every process writes its shards
         ctx.outputs[name] = ctx.models[which]
       if stage_cfg.get("branch", False):
         ctx.models["policy"] = policy  # a control branch: the recipe continues from before it
       entry = {"name": name, "kind": stage_cfg.kind, "wall_seconds": round(time.time() - t0, 2),
                "metrics": {k: v for k, v in (metrics or {}).items() if not k.startswith("_")}}
+      if stage_cfg.kind in TRAINING_KINDS:
+        entry["steps"] = int(run_config.stage_steps(c, stage_cfg))
       if eval_out is not None:
         entry["eval"] = eval_out
         ctx.log.metrics(name, int(run_config.stage_steps(c, stage_cfg)),
@@ -158,12 +162,35 @@ class Pipeline:
       progress["summary"].append(entry)
       if self.is_main:
         ctx.log.flush()
-        fileio.atomic_write_json(self.workdir / "summary.json", {"stages": progress["summary"]})
+        fileio.atomic_write_json(self.workdir / "summary.json", self._summary(progress))
         fileio.atomic_write_json(self.progress_path, progress)
         if c.log.plots:
           ctx.log.plot(progress["summary"])
+      common.barrier(f"stage {name} done")
     ctx.log.close()
-    return {"stages": progress["summary"]}
+    return self._summary(progress)
+
+  def _compute_matched(self, name: str, stage_cfg, progress):
+    """An SFT control stage given the model FLOPs that stage `match_compute_of` spent
+    (generation + updates for GRPO): its step count is that total over one SFT step's FLOPs.
+    Deterministic: the FLOPs come from token counts, not from a clock."""
+    ref = stage_cfg.match_compute_of
+    entry = next((e for e in progress["summary"] if e["name"] == ref), None)
+    if entry is None or "flops_total" not in entry.get("metrics", {}):
+      raise ConfigError(f"stages.{name}.match_compute_of={ref!r} names no finished training "
+                        "stage before it")
+    c = self.config
+    cfg = self.ctx.models["policy"][0]
+    tokens = int(c.data.batch_size) * int(c.data.seq_len)
+    mtp = float(stage_cfg.get("mtp_weight", c.train.mtp_weight)) > 0
+    per_step = flops.train_flops(cfg, tokens, int(c.data.seq_len), mtp=mtp)
+    steps = max(1, math.ceil(entry["metrics"]["flops_total"] / per_step))
+    self.ctx.log.info(f"[{name}] {steps} steps: the {entry['metrics']['flops_total']:.3g} model "
+                      f"FLOPs of {ref} at {per_step:.3g} per SFT step")
+    out = stage_cfg.copy_and_resolve_references()
+    with out.unlocked():
+      out.steps = steps
+    return out
 
   def _reload(self, name: str, kind: str, out_dir: epath.Path):
     """Load a finished stage's output model so later stages start from it."""
@@ -172,11 +199,11 @@ class Pipeline:
       return
     if kind == "distill":
       s_cfg = sft.student_config(ctx, self.config.stages[name])
-      like = model.init(s_cfg, jax.random.PRNGKey(0))
-      ctx.models["student"] = ctx.outputs[name] = (s_cfg, _load_output(out_dir, like))
+      like = parallel.abstract_params(s_cfg, ctx.mesh)
+      ctx.models["student"] = ctx.outputs[name] = (s_cfg, load_model(out_dir, like))
     else:
       cfg, like = ctx.models["policy"]
-      ctx.outputs[name] = (cfg, _load_output(out_dir, like))
+      ctx.outputs[name] = (cfg, load_model(out_dir, like))
       if not self.config.stages[name].get("branch", False):
         ctx.models["policy"] = ctx.outputs[name]
     ctx.log.info(f"[{name}] already complete; loaded its output")
