@@ -1,7 +1,8 @@
 """Fused MoE router: scores, correction bias, group-limited top-k, gate weights, dispatch order.
 
   weights, expert_ids, sort_idx, group_sizes = route(logits, bias, top_k=8, n_group=8,
-      topk_group=4, scoring_func="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5)
+      topk_group=4, scoring_func="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5,
+      group_fill="neg_inf")
 
   logits [T, E] (fp32 router logits), bias [E] or None (e_score_correction_bias)
   -> weights [T, k] f32, expert_ids [T, k] int32 (in descending selection score),
@@ -11,9 +12,12 @@
 Semantics (REFERENCE.md section 2, HF DeepseekV3 "noaux_tc"): scores = sigmoid(logits) or
 softmax(logits); selection = scores + bias (selection only); group score = sum of the top-2
 selection scores per group (sigmoid) or their max (softmax, V2 style); the topk_group best
-groups are kept and the other experts' selection scores are replaced by 0.0 as HF does; the top_k
-experts by that score are chosen, ties to the lowest index as jax.lax.top_k does; weights are the
-unbiased scores, divided by (sum + 1e-20) if norm_topk_prob, times routed_scaling_factor.
+groups are kept and the other experts' selection scores are replaced by `group_fill`: "neg_inf"
+(DeepSeek's own code: they are never chosen) or "zero" (the masked_fill(.., 0.0) of transformers'
+DeepseekV2, and of its DeepseekV3 before huggingface/transformers#45441: it chooses them over
+kept experts whose biased score is negative); the top_k experts by that score are chosen, ties
+to the lowest index as jax.lax.top_k does; weights are the unbiased scores, divided by
+(sum + 1e-20) if norm_topk_prob, times routed_scaling_factor.
 
 The Pallas kernel fuses everything per block of `tt` tokens (top-k as k rounds of argmax, group
 scores with per-group masks, so no in-kernel reshapes). The sort and the per-expert counts run
@@ -33,6 +37,9 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _common as C
 
+# selection score of the experts in dropped groups
+GROUP_FILLS = {"neg_inf": float("-inf"), "zero": 0.0}
+
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
@@ -44,7 +51,7 @@ class BlockSizes:
     return cls()
 
 
-def _check(logits, bias, top_k, n_group, topk_group, scoring_func):
+def _check(logits, bias, top_k, n_group, topk_group, scoring_func, group_fill):
   if logits.ndim != 2:
     raise ValueError(f"router logits must be [T, E]; got {logits.shape}")
   num_experts = logits.shape[1]
@@ -52,6 +59,8 @@ def _check(logits, bias, top_k, n_group, topk_group, scoring_func):
     raise ValueError(f"bias must be [{num_experts}]; got {bias.shape}")
   if scoring_func not in ("sigmoid", "softmax"):
     raise ValueError(f"scoring_func must be 'sigmoid' or 'softmax'; got {scoring_func!r}")
+  if group_fill not in GROUP_FILLS:
+    raise ValueError(f"group_fill must be one of {tuple(GROUP_FILLS)}; got {group_fill!r}")
   if num_experts % n_group:
     raise ValueError(f"n_group={n_group} must divide the {num_experts} experts")
   if not 1 <= topk_group <= n_group:
@@ -111,7 +120,7 @@ def _argmax_lowest(x_TE, col_TE, num_experts):
 
 
 def _router_kernel(logits_ref, bias_ref, weights_ref, ids_ref, *, top_k, n_group, topk_group,
-                   scoring_func, norm_topk_prob, routed_scaling_factor):
+                   scoring_func, group_fill, norm_topk_prob, routed_scaling_factor):
   scores_TE = _scores(logits_ref[...], scoring_func)
   select_TE = scores_TE + bias_ref[...]
   tt, num_experts = select_TE.shape
@@ -140,7 +149,7 @@ def _router_kernel(logits_ref, bias_ref, weights_ref, ids_ref, *, top_k, n_group
       best, best_g = jnp.where(better, group_scores[g], best), jnp.where(better, g, best_g)
     taken = [t | (best_g == g) for g, t in enumerate(taken)]
     keep_TE = keep_TE | (group_TE == best_g)
-  masked_TE = jnp.where(keep_TE, select_TE, 0.0)
+  masked_TE = jnp.where(keep_TE, select_TE, GROUP_FILLS[group_fill])
 
   # Top-k experts by k rounds of argmax; the chosen entry drops to -inf for the next round.
   weights, ids = [], []
@@ -163,16 +172,16 @@ def _dispatch(expert_ids_TK, num_experts):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "top_k", "n_group", "topk_group", "scoring_func", "norm_topk_prob", "routed_scaling_factor",
-    "block_sizes", "interpret"))
-def _route(logits, bias, *, top_k, n_group, topk_group, scoring_func, norm_topk_prob,
+    "top_k", "n_group", "topk_group", "scoring_func", "group_fill", "norm_topk_prob",
+    "routed_scaling_factor", "block_sizes", "interpret"))
+def _route(logits, bias, *, top_k, n_group, topk_group, scoring_func, group_fill, norm_topk_prob,
            routed_scaling_factor, block_sizes, interpret):
   t, num_experts = logits.shape
   tt = C.fit_tile(block_sizes.tt, t, 8)
   t_pad = C.round_up(t, tt)
   kernel = functools.partial(
       _router_kernel, top_k=top_k, n_group=n_group, topk_group=topk_group,
-      scoring_func=scoring_func, norm_topk_prob=norm_topk_prob,
+      scoring_func=scoring_func, group_fill=group_fill, norm_topk_prob=norm_topk_prob,
       routed_scaling_factor=routed_scaling_factor)
   weights, ids = pl.pallas_call(
       kernel,
@@ -191,20 +200,20 @@ def _route(logits, bias, *, top_k, n_group, topk_group, scoring_func, norm_topk_
 
 def route(logits, bias=None, *, top_k: int, n_group: int = 1, topk_group: int = 1,
           scoring_func: str = "sigmoid", norm_topk_prob: bool = True,
-          routed_scaling_factor: float = 1.0, block_sizes: BlockSizes | None = None,
-          interpret: bool | None = None):
+          routed_scaling_factor: float = 1.0, group_fill: str = "neg_inf",
+          block_sizes: BlockSizes | None = None, interpret: bool | None = None):
   """Router kernel; see the module docstring for shapes and semantics.
 
   Differentiable in `logits` through the weights (as route_reference is); not in `bias`, which
   steers the selection only.
   """
-  _check(logits, bias, top_k, n_group, topk_group, scoring_func)
+  _check(logits, bias, top_k, n_group, topk_group, scoring_func, group_fill)
   if bias is None:
     bias = jnp.zeros((logits.shape[1],), jnp.float32)
   weights, expert_ids, sort_idx, group_sizes = _route(
       jax.lax.stop_gradient(logits), jax.lax.stop_gradient(bias), top_k=top_k, n_group=n_group,
-      topk_group=topk_group, scoring_func=scoring_func, norm_topk_prob=norm_topk_prob,
-      routed_scaling_factor=float(routed_scaling_factor),
+      topk_group=topk_group, scoring_func=scoring_func, group_fill=group_fill,
+      norm_topk_prob=norm_topk_prob, routed_scaling_factor=float(routed_scaling_factor),
       block_sizes=block_sizes or BlockSizes.default(), interpret=C.resolve_interpret(interpret))
   static = (scoring_func, norm_topk_prob, float(routed_scaling_factor))
   weights = _with_weight_grad(logits, expert_ids, weights, static)
@@ -213,9 +222,9 @@ def route(logits, bias=None, *, top_k: int, n_group: int = 1, topk_group: int = 
 
 def route_reference(logits, bias=None, *, top_k: int, n_group: int = 1, topk_group: int = 1,
                     scoring_func: str = "sigmoid", norm_topk_prob: bool = True,
-                    routed_scaling_factor: float = 1.0):
+                    routed_scaling_factor: float = 1.0, group_fill: str = "neg_inf"):
   """Plain-jnp router, written the way HF's DeepseekV3 MoEGate reads (reshape + top_k)."""
-  _check(logits, bias, top_k, n_group, topk_group, scoring_func)
+  _check(logits, bias, top_k, n_group, topk_group, scoring_func, group_fill)
   t, num_experts = logits.shape
   scores_TE = _scores(logits, scoring_func)
   select_TE = scores_TE if bias is None else scores_TE + bias.astype(jnp.float32)
@@ -227,7 +236,7 @@ def route_reference(logits, bias=None, *, top_k: int, n_group: int = 1, topk_gro
   _, top_groups = jax.lax.top_k(group_scores_TG, topk_group)
   keep_TG = jnp.zeros((t, n_group), jnp.bool_).at[jnp.arange(t)[:, None], top_groups].set(True)
   keep_TE = jnp.repeat(keep_TG, num_experts // n_group, axis=1)
-  _, expert_ids = jax.lax.top_k(jnp.where(keep_TE, select_TE, 0.0), top_k)
+  _, expert_ids = jax.lax.top_k(jnp.where(keep_TE, select_TE, GROUP_FILLS[group_fill]), top_k)
   expert_ids = expert_ids.astype(jnp.int32)
   weights = _gate_weights(logits, expert_ids, scoring_func, norm_topk_prob, routed_scaling_factor)
   return (weights, expert_ids, *_dispatch(expert_ids, num_experts))

@@ -27,6 +27,7 @@ class ConfigError(UserError, ValueError):
 MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "qwen2", "llama")
 MOE_IMPLS = ("ragged_dot", "capacity", "pallas", "dense")
 ROUTER_IMPLS = ("jnp", "pallas")
+ROUTER_GROUP_FILLS = ("neg_inf", "zero")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -90,6 +91,11 @@ class ModelConfig:
   # load fits, else N slots (exact either way; the sampler's decode steps use it)
   dropless_fast_factor: float | None = None
   router_impl: str = "jnp"
+  # selection score given to the experts of dropped groups before the top-k (model/moe.py
+  # `route`): "neg_inf" as DeepSeek's own code, so they are never chosen; "zero" as the
+  # masked_fill(.., 0.0) of transformers' DeepseekV2 (and its DeepseekV3 before the -inf fix),
+  # which picks them over kept experts whose bias-corrected score is negative
+  router_group_fill: str = "neg_inf"
   expert_dispatch: str = "allgather"  # on a mesh: allgather | all_to_all | ragged_all_to_all
   fp8: bool = False
   remat: str = "none"
@@ -192,6 +198,8 @@ class ModelConfig:
            "'ragged_all_to_all'")
       need(self.router_impl in ROUTER_IMPLS,
            f"router_impl={self.router_impl!r} is not one of {ROUTER_IMPLS}")
+      need(self.router_group_fill in ROUTER_GROUP_FILLS,
+           f"router_group_fill={self.router_group_fill!r} is not one of {ROUTER_GROUP_FILLS}")
       need(self.capacity_factor is None or self.capacity_factor > 0,
            f"capacity_factor={self.capacity_factor} must be positive or None")
       need(self.dropless_fast_factor is None or self.dropless_fast_factor > 0,

@@ -64,9 +64,10 @@ def qwen2_config(**kw):
 
 
 @torch.no_grad()
-def randomize_(hf_model, seed: int, bias_scale: float = 0.0):
+def randomize_(hf_model, seed: int, bias_scale: float = 0.0, bias_offset: float = 0.0):
   """Re-draw every parameter: norms 1 + 0.1*randn, everything else 0.1*randn. Router
-  correction biases get uniform [0, bias_scale) values (0 keeps them zero)."""
+  correction biases get uniform [bias_offset, bias_offset + bias_scale) values (0, 0 keeps
+  them zero)."""
   g = torch.Generator().manual_seed(seed)
   for name, p in hf_model.named_parameters():
     noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
@@ -76,17 +77,17 @@ def randomize_(hf_model, seed: int, bias_scale: float = 0.0):
       p.copy_(0.1 * noise)
   for name, b in hf_model.named_buffers():
     if name.endswith("e_score_correction_bias"):
-      b.copy_(bias_scale * torch.rand(b.shape, generator=g, dtype=torch.float32))
+      b.copy_(bias_offset + bias_scale * torch.rand(b.shape, generator=g, dtype=torch.float32))
   return hf_model
 
 
-def make_model(hf_config, seed: int = 0, bias_scale: float = 0.0):
+def make_model(hf_config, seed: int = 0, bias_scale: float = 0.0, bias_offset: float = 0.0):
   """A random float32 transformers causal LM in eval mode."""
   transformers.set_seed(seed)
   config = hf_config
   config._attn_implementation = "eager"
   m = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-  return randomize_(m, seed, bias_scale).eval()
+  return randomize_(m, seed, bias_scale, bias_offset).eval()
 
 
 def save_model(hf_model, path) -> str:

@@ -96,6 +96,7 @@ def load_shipped(name: str) -> ModelConfig:
     (TINY_MOE, dict(qk_rope_head_dim=5), "qk_rope_head_dim"),
     (TINY_MOE, dict(model_type="gpt2"), "model_type"),
     (TINY_MOE, dict(moe_impl="loop"), "moe_impl"),
+    (TINY_MOE, dict(router_group_fill="-inf"), "router_group_fill"),
     (TINY_MOE, dict(remat="some"), "remat"),
     (TINY_MOE, dict(capacity_factor=0.0), "capacity_factor"),
     (TINY_MOE, dict(hiden_size=32), "hiden_size"),  # unknown field (typo)
@@ -163,6 +164,20 @@ def test_from_hf_overrides_execution_fields():
   assert (cfg.moe_impl, cfg.dtype) == ("capacity", "bfloat16")
   with pytest.raises(ConfigError, match="moe_impl"):
     ModelConfig.from_hf(HUB_DEEPSEEK_V3, moe_impl="nope")
+
+
+def test_router_group_fill_is_an_execution_field():
+  """Default "neg_inf" (DeepSeek's rule); one line naming the field and its values otherwise;
+  never written to config.json, so a saved checkpoint loads with the default again."""
+  cfg = ModelConfig.from_hf(HUB_DEEPSEEK_V3)
+  assert cfg.router_group_fill == "neg_inf"
+  zero = ModelConfig.from_hf(HUB_DEEPSEEK_V3, router_group_fill="zero")
+  assert zero.router_group_fill == "zero"
+  assert "router_group_fill" not in zero.to_hf()
+  assert ModelConfig.from_hf(zero.to_hf()).router_group_fill == "neg_inf"
+  with pytest.raises(ConfigError) as e:
+    ModelConfig.from_config(dict(TINY_MOE, router_group_fill="0.0"))
+  assert str(e.value) == ("model.router_group_fill='0.0' is not one of ('neg_inf', 'zero')")
 
 
 # ---------------------------------------------------------- shipped configs

@@ -45,6 +45,11 @@ DEEPSEEK_CASES = {
 V2_CASE = dict(rope={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 24,
                      "mscale": 0.707, "mscale_all_dim": 0.707}, max_position_embeddings=48)
 QWEN_CASES = {"untied": dict(tie_word_embeddings=False), "tied": dict(tie_word_embeddings=True)}
+# Correction biases uniform in [-0.9, -0.5), where aux-loss-free updates can drive them: with
+# sigmoid scores in ~(0.2, 0.8) many selection scores are negative, and the score given to the
+# dropped groups' experts (router_group_fill) decides selections. 16 experts, 4 groups keep 2.
+NEGATIVE_BIAS_CASE = dict(n_routed_experts=16, num_experts_per_tok=4)
+NEGATIVE_BIAS_OFFSET, NEGATIVE_BIAS_SCALE = -0.9, 0.4
 
 
 class Checkpoint:
@@ -73,6 +78,11 @@ def checkpoints(tmp_path_factory):
       if name in DEEPSEEK_CASES:
         kw, bias, T = DEEPSEEK_CASES[name]
         m = H.make_model(H.deepseek_config(**kw), seed=len(cache), bias_scale=bias)
+      elif name == "negative_bias":
+        # a fixed seed (not the fixture's order-dependent one): the test counts changed tokens
+        m = H.make_model(H.deepseek_config(**NEGATIVE_BIAS_CASE), seed=11,
+                         bias_scale=NEGATIVE_BIAS_SCALE, bias_offset=NEGATIVE_BIAS_OFFSET)
+        T = 32
       elif name == "deepseek_v2":
         m = H.make_model(H.deepseek_v2_config(**V2_CASE), seed=len(cache))
         T = 48
@@ -126,12 +136,9 @@ def test_case_settings_reach_our_config(checkpoints):
   assert cfg.tie_word_embeddings and "lm_head" not in params
 
 
-@pytest.mark.parametrize("name", ["qlora_groups_yarn", "direct_q_group1_nonorm"])
-def test_correction_bias_changes_selection(checkpoints, name):
-  """The nonzero e_score_correction_bias changes which experts are picked on the real router
-  inputs, and our selection with the bias equals transformers' in every MoE layer."""
-  ck = checkpoints(name)
-  cfg, params = ck.load()
+def _router_inputs(ck, cfg, params):
+  """Per MoE layer of transformers' forward on ck.tokens: (router logits [N, E] and correction
+  bias [E], both computed with our params, and transformers' expert ids [N, k])."""
   captured = []
 
   def hook(module, inputs, outputs):
@@ -147,17 +154,79 @@ def test_correction_bias_changes_selection(checkpoints, name):
     for h in handles:
       h.remove()
   assert len(captured) == cfg.num_moe_layers
+  moe = params["moe_layers"]["moe"]
+  return [(jnp.asarray(x) @ moe["router"][j], moe["router_bias"][j], hf_ids)
+          for j, (x, hf_ids) in enumerate(captured)]
+
+
+@pytest.mark.parametrize("name", ["qlora_groups_yarn", "direct_q_group1_nonorm"])
+def test_correction_bias_changes_selection(checkpoints, name):
+  """The nonzero e_score_correction_bias changes which experts are picked on the real router
+  inputs, and our selection with the bias equals transformers' in every MoE layer."""
+  ck = checkpoints(name)
+  cfg, params = ck.load()
   route = jax.jit(lambda logits, bias: moe_lib.route(logits, bias, cfg)[1])
   changed = 0
-  for j, (x, hf_ids) in enumerate(captured):
-    logits = jnp.asarray(x) @ params["moe_layers"]["moe"]["router"][j]
-    bias = params["moe_layers"]["moe"]["router_bias"][j]
+  for logits, bias, hf_ids in _router_inputs(ck, cfg, params):
     assert float(jnp.abs(bias).max()) > 0.05
     ids, ids_nobias = route(logits, bias), route(logits, jnp.zeros_like(bias))
     np.testing.assert_array_equal(np.sort(np.asarray(ids), 1), np.sort(hf_ids, 1))
     changed += int(np.any(np.sort(np.asarray(ids), 1) != np.sort(np.asarray(ids_nobias), 1),
                           axis=1).sum())
   assert changed > 0, "the correction bias changed no expert selection"
+
+
+def _numpy_router_ids(logits, bias, cfg, fill):
+  """Expert ids [N, k], sorted, of DeepSeek-V3's noaux_tc router written out in numpy: the
+  dropped groups' experts get selection score `fill`; ties go to the lowest index."""
+  logits, bias = np.asarray(logits, np.float32), np.asarray(bias, np.float32)
+  N, E = logits.shape
+  choice = 1 / (1 + np.exp(-logits)) + bias
+  group_scores = np.sort(choice.reshape(N, cfg.n_group, -1), axis=-1)[..., -2:].sum(-1)
+  kept = np.argsort(-group_scores, axis=1, kind="stable")[:, :cfg.topk_group]
+  keep = np.zeros((N, cfg.n_group), bool)
+  np.put_along_axis(keep, kept, True, axis=1)
+  masked = np.where(np.repeat(keep, E // cfg.n_group, axis=1), choice, fill)
+  return np.sort(np.argsort(-masked, axis=1, kind="stable")[:, :cfg.num_experts_per_tok], 1)
+
+
+def test_negative_correction_bias_selection(checkpoints):
+  """With most selection scores negative, the -inf fill (the default) picks what transformers'
+  DeepseekV3 picks; the 0.0 fill picks experts of dropped groups on many tokens. Both of our
+  fills equal a numpy transcription of their rule on every MoE layer's real router inputs."""
+  ck = checkpoints("negative_bias")
+  cfg, params = ck.load()
+  assert cfg.router_group_fill == "neg_inf" and (cfg.n_group, cfg.topk_group) == (4, 2)
+  fills = {"neg_inf": -np.inf, "zero": 0.0}
+  routes = {f: jax.jit(lambda l, b, c=cfg.replace(router_group_fill=f): moe_lib.route(l, b, c)[1])
+            for f in fills}
+  tokens = changed = 0
+  for logits, bias, hf_ids in _router_inputs(ck, cfg, params):
+    assert float(((jax.nn.sigmoid(logits) + bias) < 0).mean()) > 0.3
+    want = {f: _numpy_router_ids(logits, bias, cfg, v) for f, v in fills.items()}
+    for f in fills:
+      np.testing.assert_array_equal(np.sort(np.asarray(routes[f](logits, bias)), 1), want[f],
+                                    err_msg=f)
+    # transformers before huggingface/transformers#45441 filled 0.0 (and broke its ties in
+    # torch's unspecified top-k order): this needs a release with the -inf fill
+    np.testing.assert_array_equal(np.sort(hf_ids, 1), want["neg_inf"])
+    tokens += len(hf_ids)
+    changed += int(np.any(want["zero"] != want["neg_inf"], axis=1).sum())
+  assert changed > 0.25 * tokens, f"the fills disagree on only {changed} of {tokens} tokens"
+
+
+@pytest.mark.parametrize("group_fill", ["neg_inf", "zero"])
+def test_negative_correction_bias_logits(checkpoints, group_fill):
+  """router_group_fill reaches the forward: the default matches transformers within TOL, "zero"
+  (its selections above) moves the logits far off."""
+  ck = checkpoints("negative_bias")
+  cfg, params = hf.load(ck.path, dtype=jnp.float32, router_group_fill=group_fill)
+  assert cfg.router_group_fill == group_fill and np.abs(ck.ref).max() > 0.5
+  err = H.max_err(H.our_logits(cfg, params, ck.tokens), ck.ref)
+  if group_fill == "neg_inf":
+    assert err < TOL, f"max abs logit error {err}"
+  else:
+    assert err > 0.1, f"max abs logit error {err}"
 
 
 @pytest.mark.parametrize("impl", ["capacity", "dense"])  # ragged_dot: the default, above

@@ -17,7 +17,9 @@ Shapes: N tokens, D width, E experts, k experts per token, I expert width, C cap
 over the experts. Only "pallas" runs the Pallas interpreter on CPU; the others keep the FP8 GEMMs
 compiled (the Mosaic kernels on TPU, XLA on dequantized operands on CPU and GPU).
 `cfg.router_impl = "pallas"` selects experts with the fused router kernel
-(`pallas_kernels.routing`); the router itself stays fp32.
+(`pallas_kernels.routing`); the router itself stays fp32. Both routers give the experts of
+dropped groups the selection score `cfg.router_group_fill` (-inf as DeepSeek, or 0.0 as
+transformers' DeepseekV2).
 """
 
 from __future__ import annotations
@@ -53,7 +55,16 @@ def route(logits_NE, bias_E, cfg: ModelConfig):
       group_score = grouped.max(-1)
     _, keep = jax.lax.top_k(group_score, cfg.topk_group)
     group_mask = jnp.zeros((N, G), bool).at[jnp.arange(N)[:, None], keep].set(True)
-    choice = jnp.where(jnp.repeat(group_mask, E // G, axis=1), choice, -jnp.inf)
+    # Dropped groups' experts: -inf never wins (DeepSeek-V3's inference/model.py; transformers'
+    # DeepseekV3 since huggingface/transformers#45441); 0.0 beats every kept expert whose
+    # bias-corrected score went negative (transformers' DeepseekV3 before that fix). The softmax
+    # "group_limited_greedy" path (V2) takes the same fill: DeepSeek-V2's modeling code and
+    # transformers' DeepseekV2 fill 0.0, but softmax scores are > 0, so the fills differ only
+    # on ties with scores that underflowed to exactly 0 (torch's top-k tie order is unspecified
+    # there anyway; a dropped group's expert picked on such a tie weighs 0 in V2, its unmasked
+    # score here).
+    fill = -jnp.inf if cfg.router_group_fill == "neg_inf" else 0.0
+    choice = jnp.where(jnp.repeat(group_mask, E // G, axis=1), choice, fill)
   _, ids = jax.lax.top_k(choice, cfg.num_experts_per_tok)
   weights = jnp.take_along_axis(scores, ids, axis=1)
   if cfg.norm_topk_prob:
@@ -73,7 +84,8 @@ def route_pallas(logits_NE, bias_E, cfg: ModelConfig):
   weights, ids = routing.route(
       logits_NE, bias, top_k=cfg.num_experts_per_tok, n_group=cfg.n_group,
       topk_group=cfg.topk_group, scoring_func=cfg.scoring_func,
-      norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor)[:2]
+      norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor,
+      group_fill=cfg.router_group_fill)[:2]
   return weights, ids, _scores(logits_NE, cfg)
 
 
