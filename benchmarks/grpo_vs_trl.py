@@ -8,7 +8,7 @@ comparison) at configs/grpo_tiny.py's shapes: P=16 prompts x G=8 completions of 
 tokens after 16-token prompts, temperature 1, loss "grpo", eps 0.2, beta 0, one update per
 rollout (mu = 1), AdamW lr 1e-4 (betas 0.9/0.95, clip 1.0), float32. One step = sample P*G
 completions, decode, score, group-normalize, forward + backward + optimizer update:
-- r1jax: sampler.generate -> decode -> reward -> group_advantages -> stages.grpo.rollout_batch
+- r1jax: sampler.generate -> decode -> reward -> group_advantages -> stages.grpo.grpo_batch
   -> make_step(grpo_loss), i.e. the GRPO stage's step without its logging; capacity-buffer
   experts with capacity_factor 2.0 as in configs/grpo_tiny.py (`--capacity_factor`).
 - TRL: GRPOTrainer.train() (transformers `generate` with a KV cache, its loss, the Trainer's
@@ -64,7 +64,7 @@ from r1jax import hf, model, run_config, train  # noqa: E402
 from r1jax.config import ModelConfig  # noqa: E402
 from r1jax.data.tokenizer import CHAR_SPECIALS, CharTokenizer  # noqa: E402
 from r1jax.rollout import sampler  # noqa: E402
-from r1jax.stages.grpo import rollout_batch  # noqa: E402
+from r1jax.stages.grpo import grpo_batch  # noqa: E402
 from r1jax.train import grpo as grpo_lib  # noqa: E402
 from r1jax.train import losses  # noqa: E402
 
@@ -173,8 +173,7 @@ class R1jaxGRPO:
     texts = [tok.decode(c, skip_special=True) for c in out.completion]
     rewards = digit_fraction(texts)
     adv, _ = grpo_lib.group_advantages(rewards, a.group, "group")
-    batch = rollout_batch(out, mask_truncated=False)
-    batch["advantages"] = adv
+    batch = grpo_batch(out, adv, mask_truncated=False)
     t1 = time.perf_counter()
     self.state, metrics = self.step_fn(self.state, batch)
     jax.block_until_ready(metrics["loss"])
@@ -272,8 +271,7 @@ def crosscheck_inputs(cfg, params, *, prompts: int, group: int, prompt_len: int,
   rollout = sampler.Rollout(tokens=tokens, completion=completion, logprobs=old,
                             completion_mask=comp_mask, lengths=lengths, truncated=truncated,
                             prompt_lengths=np.full(B, P, np.int32))
-  batch = rollout_batch(rollout, mask_truncated=False)
-  batch["advantages"] = adv
+  batch = grpo_batch(rollout, adv, mask_truncated=False)
   return batch, rollout, ref.astype(np.float32), ref_params
 
 
@@ -336,7 +334,7 @@ def loss_crosscheck(cfg, params, model_dir, hf_tok, *, prompts: int = 4, group: 
             "prompt_mask": torch.ones((rollout.tokens.shape[0], prompt_len), dtype=torch.long),
             "completion_ids": torch.as_tensor(rollout.completion, dtype=torch.long),
             "completion_mask": comp_mask,
-            "advantages": torch.as_tensor(batch["advantages"]),
+            "advantages": torch.as_tensor(batch.advantages),
             "old_per_token_logps": torch.as_tensor(rollout.logprobs),
             "ref_per_token_logps": torch.as_tensor(ref),
             "num_items_in_batch": comp_mask.sum()}

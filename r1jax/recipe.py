@@ -13,6 +13,7 @@ write.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -20,7 +21,7 @@ import time
 import jax
 from etils import epath
 
-from r1jax import fileio, flops, hf, model, parallel, run_config
+from r1jax import fileio, flops, hf, parallel, run_config
 from r1jax.checkpoint import load_model, save_model
 from r1jax.config import ConfigError
 from r1jax.data import pipeline as data_pipeline
@@ -83,6 +84,7 @@ class Recipe:
     # absolute (orbax needs it) whatever the caller passed; a URL stays as it is
     self.workdir = fileio.absolute(workdir)
     cfg = run_config.validate(config)
+    self.stages = run_config.stage_configs(config)  # typed (r1jax.stages.configs)
     self.is_main = jax.process_index() == 0
     mesh = parallel.make_mesh(config.mesh.to_dict())
     tokenizer = get_tokenizer(config.data.tokenizer)
@@ -122,7 +124,7 @@ class Recipe:
     ctx.models["policy"] = self._initial_policy()
     progress = self._progress()
     for name in c.stage_order:
-      stage_cfg = c.stages[name]
+      stage_cfg = self.stages[name]
       out_dir = self.workdir / "outputs" / name
       if name in progress["completed"]:
         self._reload(name, stage_cfg.kind, out_dir)
@@ -130,23 +132,23 @@ class Recipe:
       t0 = time.time()
       ctx.log.info(f"== stage {name} ({stage_cfg.kind}) ==")
       policy = ctx.models["policy"]
-      if stage_cfg.get("start_from", ""):
+      if stage_cfg.start_from:
         ctx.models["policy"] = ctx.outputs[stage_cfg.start_from]
-      if stage_cfg.get("match_compute_of", ""):
+      if run_config.s_get(stage_cfg, "match_compute_of"):
         stage_cfg = self._compute_matched(name, stage_cfg, progress)
       result = _runner(stage_cfg.kind)(ctx, name, stage_cfg)
       metrics, eval_out = result if isinstance(result, tuple) else (result, None)
       which = "student" if stage_cfg.kind == "distill" else "policy"
       if stage_cfg.kind in TRAINING_KINDS:
-        if eval_out is None and stage_cfg.get("eval", True) and ctx.splits["eval"]:
+        if eval_out is None and stage_cfg.eval and ctx.splits["eval"]:
           cfg, params = ctx.models[which]
           eval_out = evaluate.evaluate(ctx, cfg, params, ctx.splits["eval"],
                                        seed=ctx.seed(name + "/eval"),
-                                       template=stage_cfg.get("template", c.data.template),
+                                       template=stage_cfg.template or c.data.template,
                                        eval_cfg=c.eval, stage=name)
         save_model(out_dir, *ctx.models[which])  # every process writes its shards
         ctx.outputs[name] = ctx.models[which]
-      if stage_cfg.get("branch", False):
+      if stage_cfg.branch:
         ctx.models["policy"] = policy  # a control branch: the recipe continues from before it
       entry = {"name": name, "kind": stage_cfg.kind, "wall_seconds": round(time.time() - t0, 2),
                "metrics": {k: v for k, v in (metrics or {}).items() if not k.startswith("_")}}
@@ -181,16 +183,13 @@ class Recipe:
                         "stage before it")
     c = self.config
     cfg = self.ctx.models["policy"][0]
-    tokens = int(c.data.batch_size) * int(c.data.seq_len)
-    mtp = float(stage_cfg.get("mtp_weight", c.train.mtp_weight)) > 0
-    per_step = flops.train_flops(cfg, tokens, int(c.data.seq_len), mtp=mtp)
+    weight = c.train.mtp_weight if stage_cfg.mtp_weight is None else stage_cfg.mtp_weight
+    mtp = float(weight) > 0 and cfg.is_moe and cfg.num_nextn_predict_layers > 0
+    per_step = sft.sft_step_flops(self.ctx, cfg, use_mtp=mtp)
     steps = max(1, math.ceil(entry["metrics"]["flops_total"] / per_step))
     self.ctx.log.info(f"[{name}] {steps} steps: the {entry['metrics']['flops_total']:.3g} model "
                       f"FLOPs of {ref} at {per_step:.3g} per SFT step")
-    out = stage_cfg.copy_and_resolve_references()
-    with out.unlocked():
-      out.steps = steps
-    return out
+    return dataclasses.replace(stage_cfg, steps=steps)
 
   def _reload(self, name: str, kind: str, out_dir: epath.Path):
     """Load a finished stage's output model so later stages start from it."""
@@ -198,12 +197,12 @@ class Recipe:
     if kind not in TRAINING_KINDS:
       return
     if kind == "distill":
-      s_cfg = sft.student_config(ctx, self.config.stages[name])
+      s_cfg = sft.student_config(ctx, self.stages[name])
       like = parallel.abstract_params(s_cfg, ctx.mesh)
       ctx.models["student"] = ctx.outputs[name] = (s_cfg, load_model(out_dir, like))
     else:
       cfg, like = ctx.models["policy"]
       ctx.outputs[name] = (cfg, load_model(out_dir, like))
-      if not self.config.stages[name].get("branch", False):
+      if not self.stages[name].branch:
         ctx.models["policy"] = ctx.outputs[name]
     ctx.log.info(f"[{name}] already complete; loaded its output")

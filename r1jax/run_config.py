@@ -14,6 +14,7 @@ import ml_collections
 from r1jax.config import ConfigError, ModelConfig, model_section
 
 STAGE_KINDS = ("pretrain", "sft", "grpo", "rejection_sampling", "distill", "eval")
+TRAINING_KINDS = ("pretrain", "sft", "grpo", "distill")
 
 
 def base_config(**model_fields) -> ml_collections.ConfigDict:
@@ -73,28 +74,20 @@ def validate(c) -> ModelConfig:
                         f"({', '.join(c.stages.keys())})")
   if len(set(order)) != len(order):
     raise ConfigError("stage_order names a stage twice")
-  for name, s in c.stages.items():
-    if "kind" not in s or s.kind not in STAGE_KINDS:
-      raise ConfigError(f"stages.{name}.kind={s.get('kind')!r} is not one of {STAGE_KINDS}")
-    if int(s.get("steps", 0)) < 0:
-      raise ConfigError(f"stages.{name}.steps={s.steps} must be >= 0")
-    if not 0.0 <= float(s.get("tagged_frac", 0.0)) <= 1.0:
-      raise ConfigError(f"stages.{name}.tagged_frac={s.tagged_frac} must be in [0, 1]")
-    ref = s.get("match_compute_of", "")
-    if ref and (ref not in order or name not in order or order.index(ref) >= order.index(name)
-                or c.stages[ref].get("kind") not in ("pretrain", "sft", "grpo", "distill")):
-      raise ConfigError(f"stages.{name}.match_compute_of={ref!r} must name a training stage "
-                        "that runs before it")
-    if ref and s.kind not in ("sft", "pretrain"):
-      raise ConfigError(f"stages.{name}.match_compute_of is for SFT stages (kind is {s.kind!r})")
-    start = s.get("start_from", "")
-    if start and (start not in order or name not in order or order.index(start) >= order.index(name)
-                  or c.stages[start].get("kind") not in ("pretrain", "sft", "grpo")):
-      raise ConfigError(f"stages.{name}.start_from={start!r} must name a policy training stage "
-                        "that runs before it")
-    if s.get("with_sft_split", False) and c.data.task == "file":
+  stages = stage_configs(c)
+  for name, s in stages.items():
+    for field, ref, kinds in (("match_compute_of", s_get(s, "match_compute_of"), TRAINING_KINDS),
+                              ("start_from", s.start_from, ("pretrain", "sft", "grpo"))):
+      if ref and (ref not in order or name not in order or order.index(ref) >= order.index(name)
+                  or stages[ref].kind not in kinds):
+        raise ConfigError(f"stages.{name}.{field}={ref!r} must name a "
+                          f"{'/'.join(kinds)} stage that runs before it")
+    if s_get(s, "with_sft_split") and c.data.task == "file":
       raise ConfigError(f"stages.{name}.with_sft_split needs the built-in task's SFT split, "
                         "and data.task is 'file'")
+    if s.kind == "grpo" and s.rows % int(c.train.accum_steps):
+      raise ConfigError(f"train.accum_steps={c.train.accum_steps} must divide stages.{name}'s "
+                        f"prompts_per_step x group_size = {s.rows}")
   if int(c.data.batch_size) <= 0 or int(c.data.seq_len) <= 1:
     raise ConfigError("data.batch_size must be > 0 and data.seq_len > 1")
   if not 0.0 <= float(c.data.get("rl_uncovered_frac", 0.5)) <= 1.0:
@@ -111,8 +104,21 @@ def validate(c) -> ModelConfig:
   return cfg
 
 
+def s_get(stage, field: str, default=None):
+  """A field of a typed stage config that only some kinds have."""
+  return getattr(stage, field, default)
+
+
+def stage_configs(c) -> dict:
+  """{name: typed stage config (r1jax.stages.configs)} of every entry of `stages`."""
+  from r1jax.stages import configs
+  optim_keys, eval_keys = tuple(c.optim.keys()), tuple(c.eval.keys()) + ("batch_size",)
+  return {name: configs.parse(name, section, optim_keys, eval_keys)
+          for name, section in c.stages.items()}
+
+
 def stage_steps(c, stage_cfg) -> int:
-  steps = int(stage_cfg.get("steps", 0))
+  steps = int(stage_cfg.steps)
   return min(steps, int(c.max_steps)) if int(c.max_steps) else steps
 
 

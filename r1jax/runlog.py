@@ -23,6 +23,9 @@ from etils import epath
 from r1jax import fileio
 
 FLUSH_SECONDS = 30.0
+# metrics that measure time: two runs of the same config legitimately differ in them
+TIMING_KEYS = frozenset({"time", "step_seconds", "tokens_per_sec", "rollout_seconds",
+                         "rollout_tokens_per_sec", "wall_seconds", "model_flops_per_sec", "mfu"})
 
 
 def _clean(v):

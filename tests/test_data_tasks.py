@@ -1,5 +1,6 @@
 """Arithmetic chain-of-thought task, its covered/uncovered splits, and the reasoning-gym adapter."""
 
+import dataclasses
 import sys
 import types
 
@@ -148,18 +149,18 @@ def test_stage_records_with_sft_split(tmp_path):
   set of r1_tiny: rejection samples + cold-start traces); an empty file leaves just the split."""
   import ml_collections
   from r1jax import fileio
-  from r1jax.stages import sft
+  from r1jax.stages import configs, sft
   (tmp_path / "rs.jsonl").write_text('{"question": "1+2", "completion": "x", "answer": "3"}\n')
   (tmp_path / "empty.jsonl").write_text("")
   split = [{"question": "4+4", "reasoning": "4+4=8", "answer": "8"}]
   ctx = types.SimpleNamespace(workdir=fileio.absolute(tmp_path), splits={"sft": split},
                               config=ml_collections.ConfigDict({"data": {"task": "arithmetic"},
                                                                 "seed": 0}))
-  stage = ml_collections.ConfigDict({"kind": "distill", "data_file": "rs.jsonl"})
+  stage = configs.parse("distill", {"kind": "distill", "data_file": "rs.jsonl"})
   assert [r["question"] for r in sft.stage_records(ctx, stage)] == ["1+2"]
-  stage.with_sft_split = True
+  stage = dataclasses.replace(stage, with_sft_split=True)
   assert [r["question"] for r in sft.stage_records(ctx, stage)] == ["1+2", "4+4"]
-  stage.data_file = "empty.jsonl"
+  stage = dataclasses.replace(stage, data_file="empty.jsonl")
   assert [r["question"] for r in sft.stage_records(ctx, stage)] == ["4+4"]
   ctx.splits = {"sft": []}
   with pytest.raises(DataError, match="with_sft_split"):

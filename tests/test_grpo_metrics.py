@@ -1,34 +1,30 @@
-"""GRPO stage bookkeeping: the per-bucket reward means `grpo.score` logs."""
-
-import types
+"""GRPO stage bookkeeping: per-bucket reward means, the reward plot, dynamic-sampling refills."""
 
 import numpy as np
 
-from r1jax.data.tokenizer import CharTokenizer
-from r1jax.stages import grpo
+from r1jax.rollout import engine
+
+
+def _scored(records, texts):
+  total, per_fn, errors = engine.score(records, ["q"] * len(texts), texts, {"accuracy": 1.0})
+  return engine.ScoredRollout(records=records, prompts=["q"] * len(texts), completions=texts,
+                              rollout=None, rewards=total, per_reward=per_fn,
+                              reward_errors=errors, flops=0.0)
 
 
 def test_score_reports_reward_means_per_bucket():
-  tok = CharTokenizer()
   records = [{"answer": "8", "bucket": "covered"}, {"answer": "9", "bucket": "covered"},
              {"answer": "16", "bucket": "uncovered"}, {"answer": "17", "bucket": "uncovered"}]
   texts = ["4+4=8</think><answer>8</answer>", "no answer", "<answer>16</answer>",
            "<answer>3</answer>"]
-  ids = [tok.encode(t) for t in texts]
-  width = max(map(len, ids))
-  completion = np.zeros((len(ids), width), np.int32)
-  for i, row in enumerate(ids):
-    completion[i, :len(row)] = row
-  rollout = types.SimpleNamespace(completion=completion,
-                                  lengths=np.array([len(r) for r in ids]))
-  ctx = types.SimpleNamespace(tokenizer=tok)
-  _, total, means = grpo.score(ctx, records, rollout, {"accuracy": 1.0}, ["q"] * 4)
-  np.testing.assert_allclose(total, [1, 0, 1, 0])
+  scored = _scored(records, texts)
+  np.testing.assert_allclose(scored.rewards, [1, 0, 1, 0])
+  means = scored.reward_means()
   assert means["reward_accuracy"] == 0.5
   assert means["reward_accuracy_covered"] == 0.5
   assert means["reward_accuracy_uncovered"] == 0.5
   records[3]["answer"] = "3"
-  _, _, means = grpo.score(ctx, records, rollout, {"accuracy": 1.0}, ["q"] * 4)
+  means = _scored(records, texts).reward_means()
   assert means["reward_accuracy_uncovered"] == 1.0 and means["reward_accuracy_covered"] == 0.5
 
 
@@ -52,7 +48,7 @@ def test_refill_pairs_use_every_mixed_candidate():
   batch; slots beyond the mixed supply stay, and so do mixed slots."""
   zero_var = np.array([False, True, True, False, True])
   candidates = np.array([True, False, True, True, False])
-  assert grpo.refill_pairs(zero_var, candidates) == [(1, 1), (2, 4)]
-  assert grpo.refill_pairs(zero_var, np.array([False] * 5)) == [(1, 0), (2, 1), (4, 2)]
-  assert grpo.refill_pairs(zero_var, np.array([True] * 5)) == []
-  assert grpo.refill_pairs(np.array([False, False]), np.array([False, False])) == []
+  assert engine.refill_pairs(zero_var, candidates) == [(1, 1), (2, 4)]
+  assert engine.refill_pairs(zero_var, np.array([False] * 5)) == [(1, 0), (2, 1), (4, 2)]
+  assert engine.refill_pairs(zero_var, np.array([True] * 5)) == []
+  assert engine.refill_pairs(np.array([False, False]), np.array([False, False])) == []

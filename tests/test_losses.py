@@ -283,12 +283,13 @@ def _grpo_inputs(seed=0, B=2, T=4, V=5):
   logits = rng.standard_normal((B, T, V)).astype(np.float32)
   targets = rng.integers(0, V, (B, T)).astype(np.int32)
   logp = np.take_along_axis(np_log_softmax(logits), targets[..., None], -1)[..., 0]
-  batch = {"tokens": jnp.zeros((B, T), jnp.int32), "targets": jnp.asarray(targets),
-           "segment_ids": jnp.ones((B, T), jnp.int32), "positions": jnp.tile(jnp.arange(T), (B, 1)),
-           "loss_mask": jnp.asarray(CLIP_MASK),
-           # mu > 1: the policy moved since sampling, old != current
-           "old_logprobs": jnp.asarray(logp - np.log(RATIOS), jnp.float32),
-           "advantages": jnp.asarray([1.0, -1.0], jnp.float32)}
+  old = jnp.asarray(logp - np.log(RATIOS), jnp.float32)
+  batch = grpo.GRPOBatch(
+      tokens=jnp.zeros((B, T), jnp.int32), targets=jnp.asarray(targets),
+      segment_ids=jnp.ones((B, T), jnp.int32), positions=jnp.tile(jnp.arange(T), (B, 1)),
+      loss_mask=jnp.asarray(CLIP_MASK),
+      # mu > 1: the policy moved since sampling, old != current
+      rollout_logprobs=old, old_logprobs=old, advantages=jnp.asarray([1.0, -1.0], jnp.float32))
   return jnp.asarray(logits), batch, logp
 
 
@@ -322,7 +323,7 @@ def test_grpo_loss_with_reference_kl(monkeypatch):
   logits, batch, logp = _grpo_inputs(seed=1)
   ref_logits = logits + jnp.asarray(np.random.default_rng(2).standard_normal(logits.shape),
                                     jnp.float32)
-  targets = np.asarray(batch["targets"])
+  targets = np.asarray(batch.targets)
   ref_logp = np.take_along_axis(np_log_softmax(ref_logits), targets[..., None], -1)[..., 0]
   d = ref_logp - logp
   k3 = np.exp(d) - d - 1
@@ -382,6 +383,53 @@ def test_grad_accumulation_equals_full_batch():
   state, _ = train.make_step(_linear_loss, tx, accum_steps=2)(state, jax.tree.map(jnp.asarray,
                                                                                    batch))
   np.testing.assert_allclose(np.asarray(state.params["w"]), w1, rtol=1e-5)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "sft"])
+def test_grad_accumulation_with_unequal_masks_equals_the_full_batch(monkeypatch, loss_type):
+  """Micro-batches whose masks count different numbers of tokens: the accumulated loss and
+  gradient are the full batch's (a token mean over all tokens for bnpo and SFT, a mean over
+  all sequences for grpo, the budget sum for dr_grpo), not a mean of micro-batch means; the
+  token count adds up."""
+  B, T, V = 4, 6, 5
+  rng = np.random.default_rng(3)
+  logits = rng.standard_normal((B, T, V)).astype(np.float32)
+  mask = np.zeros((B, T), np.float32)
+  mask[0, :1] = 1  # micro-batch 1 (rows 0, 1): 1 + 6 tokens; micro-batch 2: 3 + 2
+  mask[1, :] = 1
+  mask[2, 1:4] = 1
+  mask[3, 4:] = 1
+  targets = rng.integers(0, V, (B, T)).astype(np.int32)
+  rows = np.broadcast_to(np.arange(B, dtype=np.int32)[:, None], (B, T)).copy()
+
+  def forward_with_aux(params, tokens, cfg, **kw):  # the logits of the batch's own rows
+    del cfg, kw
+    return params["logits"][tokens[:, 0]], {}
+  if loss_type == "sft":
+    monkeypatch.setattr(objectives.model, "forward_with_aux", forward_with_aux)
+    loss_fn = objectives.sft_loss(TINY_MOE)
+    batch = {"tokens": rows, "targets": targets, "loss_mask": mask,
+             "segment_ids": np.ones((B, T), np.int32), "positions": rows * 0}
+  else:
+    monkeypatch.setattr(grpo.model, "forward_with_aux", forward_with_aux)
+    loss_fn = grpo.grpo_loss(TINY_MOE, loss_type=loss_type, budget=T)
+    old = np.take_along_axis(np_log_softmax(logits), targets[..., None], -1)[..., 0] - 0.1
+    batch = grpo.GRPOBatch(tokens=rows, targets=targets, segment_ids=np.ones((B, T), np.int32),
+                           positions=rows * 0, loss_mask=mask, rollout_logprobs=old,
+                           old_logprobs=old, advantages=np.array([1.0, -0.5, 2.0, -1.0],
+                                                                 np.float32))
+  tx = optax.sgd(1.0)
+  out = {}
+  for accum in (1, 2):
+    state = state_lib.create({"logits": jnp.asarray(logits)}, tx, seed=0)
+    step = train.make_step(loss_fn, tx, accum_steps=accum)
+    state, metrics = step(state, jax.tree.map(jnp.asarray, batch))
+    out[accum] = (np.asarray(state.params["logits"]), float(metrics["loss"]),
+                  float(metrics["tokens"]))
+  np.testing.assert_allclose(out[2][0], out[1][0], rtol=1e-6, atol=1e-7)
+  assert not np.allclose(out[1][0], logits)
+  assert out[2][1] == pytest.approx(out[1][1], rel=1e-6)
+  assert out[2][2] == out[1][2] == mask.sum()
 
 
 def test_nonfinite_loss_leaves_params_and_optimizer_untouched():

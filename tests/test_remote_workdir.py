@@ -31,7 +31,7 @@ ARGS = ["--config", os.path.join(ROOT, "configs", "sft_tiny.py"),
         "--config.data.batch_size=8", "--config.data.seq_len=48",
         "--config.data.num_eval_problems=0", "--config.model.num_hidden_layers=2",
         "--config.log.every_steps=1", "--config.log.plots=True", "--config.log.tensorboard=True"]
-TIMING_KEYS = ("time", "step_seconds", "tokens_per_sec")
+from r1jax.runlog import TIMING_KEYS
 
 
 def _free_port() -> int:

@@ -32,7 +32,7 @@ ARGS = ["--config", os.path.join(ROOT, "configs", "sft_tiny.py"),
         "--config.model.num_hidden_layers=2", "--config.log.every_steps=1",
         "--config.log.plots=False", "--config.log.tensorboard=False"]
 TIMEOUT = 300
-TIMING_KEYS = ("time", "step_seconds", "tokens_per_sec")
+from r1jax.runlog import TIMING_KEYS
 
 
 def start(workdir, *extra):

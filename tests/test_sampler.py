@@ -158,12 +158,57 @@ def test_data_mesh_equals_single_device(moe, prompts, moe_sampled):
   np.testing.assert_allclose(out.logprobs, moe_sampled.logprobs, atol=1e-4, rtol=0)
 
 
-def test_decode_config_keeps_capacity_dropless(moe, student):
+def test_policy_config_keeps_the_moe_dropless(moe, student):
   cfg = moe[0].replace(capacity_factor=1.25)  # a training config that drops assignments
-  dec = sampler.decode_config(cfg)
+  dec = sampler.policy_config(cfg)
   assert (dec.moe_impl, dec.capacity_factor) == ("capacity", None)
-  for other in (cfg.replace(moe_impl="ragged_dot", capacity_factor=None), student[0]):
-    assert sampler.decode_config(other) == other
+  ragged = cfg.replace(moe_impl="ragged_dot", capacity_factor=1.25)
+  assert sampler.policy_config(ragged).capacity_factor is None
+  assert sampler.policy_config(student[0]) == student[0]
+
+
+def _replay_inputs(out):
+  """The update's view of a rollout: input tokens (all but the last), their segment ids and
+  positions, and the recorded expert ids aligned with them."""
+  toks = out.tokens[:, :-1]
+  P = out.tokens.shape[1] - N_NEW
+  t = np.arange(toks.shape[1])[None]
+  pad = (P - out.prompt_lengths)[:, None]
+  seg = (t >= pad).astype(np.int32)
+  return toks, seg, np.maximum(t - pad, 0).astype(np.int32), out.routing[:, :-1]
+
+
+def test_routing_replay_records_and_replays_the_samplers_experts(moe, prompts):
+  """R3: the sampler records the experts of every input token (prefill and decode); the
+  training forward given them uses exactly those, also after a parameter update that changes
+  the router's own top-k, while the router still receives a gradient through the gate
+  weights of the replayed experts."""
+  cfg, params = moe
+  pcfg = sampler.policy_config(cfg)
+  out = _gen(moe, prompts, record_routing=True)
+  L_moe, k = cfg.num_moe_layers, cfg.num_experts_per_tok
+  assert out.routing.shape == (len(prompts), out.tokens.shape[1], L_moe, k)
+  toks, seg, pos, routing = _replay_inputs(out)
+  real = seg > 0
+  fwd = testing.jit(lambda p, r: model.forward_with_aux(
+      p, toks, pcfg, segment_ids=seg, positions=pos, token_mask=real, routing=r)[1]["expert_ids"])
+  recorded = np.moveaxis(np.asarray(fwd(params, None)), 0, 2)
+  np.testing.assert_array_equal(recorded[real], routing[real])  # sampler == trainer, untouched
+  # an update: perturb the routers, so the top-k changes for many tokens
+  moved = jax.tree_util.tree_map_with_path(
+      lambda path, x: x + 0.5 * jax.random.normal(jax.random.key(1), x.shape, x.dtype)
+      if "router" in jax.tree_util.keystr(path) and x.ndim > 1 else x, params)
+  fresh = np.moveaxis(np.asarray(fwd(moved, None)), 0, 2)
+  assert np.mean(np.any(fresh[real] != routing[real], -1)) > 0.2
+  replayed = np.moveaxis(np.asarray(fwd(moved, jnp.asarray(routing))), 0, 2)
+  np.testing.assert_array_equal(replayed[real], routing[real])
+
+  def loss(p):
+    logits = model.forward(p, toks, pcfg, segment_ids=seg, positions=pos, token_mask=real,
+                           routing=jnp.asarray(routing))
+    return jnp.sum(jnp.where(real[..., None], logits, 0.0) ** 2) * 1e-6
+  grad = testing.jit(jax.grad(loss))(moved)
+  assert float(jnp.abs(grad["moe_layers"]["moe"]["router"]).max()) > 0
 
 
 def test_truncate_at_stop_strings():

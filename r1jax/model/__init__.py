@@ -13,7 +13,7 @@ from r1jax.model.params import abstract, declare, init, logical_axes
 
 
 def forward_with_aux(params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=None,
-                     mtp: bool = False, token_mask=None):
+                     mtp: bool = False, token_mask=None, routing=None):
   """Logits [B, T, V] fp32 and aux: expert_counts [L_moe, E], balance (sequence-wise balance
   statistic summed over MoE layers), dropped (dropped expert assignments), and with mtp=True
   mtp_logits [D_mtp, B, T, V] where module k's position i predicts token i + k + 1.
@@ -24,19 +24,25 @@ def forward_with_aux(params, tokens, cfg: ModelConfig, *, segment_ids=None, posi
   token_mask [B, T] bool (MoE only): tokens marked False (padding) are routed to no expert, so
   they take no expert capacity and do not count in expert_counts (nor in the correction-bias
   update); their outputs are meaningless and must be masked by the loss.
+
+  routing [B, T, L_moe, k] int (MoE only): routing replay (R3): each MoE layer uses these
+  expert ids instead of its top-k (the ids the sampler recorded, or `aux["expert_ids"]` of an
+  earlier forward); gate weights still come from the current router. aux["expert_ids"]
+  [L_moe, B, T, k] holds the experts each token went to (id E for padding).
   """
   if cfg.is_moe:
     return deepseek.forward_with_aux(params, tokens, cfg, segment_ids=segment_ids,
-                                     positions=positions, mtp=mtp, token_mask=token_mask)
+                                     positions=positions, mtp=mtp, token_mask=token_mask,
+                                     routing=routing)
   return dense.forward_with_aux(params, tokens, cfg, segment_ids=segment_ids,
                                 positions=positions, mtp=mtp)
 
 
 def forward(params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=None,
-            token_mask=None):
+            token_mask=None, routing=None):
   """Tokens int32 [B, T] -> float32 logits [B, T, V]."""
   return forward_with_aux(params, tokens, cfg, segment_ids=segment_ids, positions=positions,
-                          token_mask=token_mask)[0]
+                          token_mask=token_mask, routing=routing)[0]
 
 
 __all__ = ["forward", "forward_with_aux", "init", "abstract", "declare", "logical_axes",

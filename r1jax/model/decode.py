@@ -77,7 +77,14 @@ def mla_cached(p, x, cos, sin, mask, c, layer, index, cfg: ModelConfig):
   c = {"latent": _write(c["latent"], latent, layer, index),
        "k_pe": _write(c["k_pe"], k_pe, layer, index)}
   latent_S, k_pe_S = _read(c["latent"], layer, dtype), _read(c["k_pe"], layer, dtype)
-  w_k, w_v = p["kv_b"][..., :nope].astype(dtype), p["kv_b"][..., nope:].astype(dtype)  # [R, H, .]
+  kv_b = p["kv_b"]
+  if cfg.fp8:
+    # the training forward runs kv_b as an FP8 GEMM: e4m3 latent in 1x128 tiles (per token,
+    # so the rounded latent can be cached) and e4m3 weights in 128x128 blocks. The absorbed
+    # form computes the same products from the same rounded operands (fp32 accumulation), so
+    # the sampler is the policy the trainer scores.
+    latent_S, kv_b = _fp8_round_activations(latent_S), _fp8_round_weights(kv_b)
+  w_k, w_v = kv_b[..., :nope].astype(dtype), kv_b[..., nope:].astype(dtype)  # [R, H, .]
   q_lat = jnp.einsum("bthn,rhn->bthr", q_nope, w_k, preferred_element_type=jnp.float32)
   # queries (t, h) flattened into one dim q: plain batched matmuls, 2x faster on XLA:CPU than
   # einsums that keep t and h apart (a decode step has t = 1 and few heads per row)
@@ -92,8 +99,24 @@ def mla_cached(p, x, cos, sin, mask, c, layer, index, cfg: ModelConfig):
                        preferred_element_type=jnp.float32).reshape(B, t, H, R)
   out = jnp.einsum("bthr,rhv->bthv", out_lat.astype(dtype), w_v,
                    preferred_element_type=jnp.float32).astype(dtype)
-  y = jnp.einsum("bthv,hvd->btd", out, p["o"].astype(dtype), preferred_element_type=jnp.float32)
+  # the output projection as in the training forward (mla.mla): heads and head_dim flattened
+  # into one contraction, through layers.dense (an FP8 GEMM when cfg.fp8)
+  y = L.dense(out.reshape(B, t, -1), p["o"].reshape(-1, p["o"].shape[-1]), dtype, cfg.fp8)
   return y.astype(dtype), c
+
+
+def _fp8_round_activations(x):
+  """x rounded as the FP8 GEMM rounds its activations: e4m3 in 1x128 tiles of the last dim."""
+  from pallas_kernels import fp8
+  return fp8.dequantize_activations(*fp8.quantize_activations(x)).astype(x.dtype)
+
+
+def _fp8_round_weights(w):
+  """w [R, *out] rounded as the FP8 GEMM rounds its weights: e4m3 in 128x128 blocks of the
+  [R, prod(out)] matrix."""
+  from pallas_kernels import fp8
+  w2 = w.reshape(w.shape[0], -1)
+  return fp8.dequantize_weights(*fp8.quantize_weights(w2)).astype(w.dtype).reshape(w.shape)
 
 
 def gqa_cached(p, x, cos, sin, mask, c, layer, index, cfg: ModelConfig):
@@ -110,22 +133,26 @@ def gqa_cached(p, x, cos, sin, mask, c, layer, index, cfg: ModelConfig):
 def decoder_layer_cached(p, x, cos, sin, mask, c, layer, index, cfg: ModelConfig,
                          token_mask=None):
   """Pre-norm block with cached attention (layer `layer` of the stacked cache `c`); the FFN is
-  the dense MLP or the MoE (padding routed to no expert)."""
+  the dense MLP or the MoE (padding routed to no expert). Returns (x, cache, expert ids
+  [B, t, k] of a MoE layer, else None)."""
   dtype = cfg.jnp_dtype
   attn = mla_cached if cfg.is_moe else gqa_cached
   h = L.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
   y, c = attn(p["attn"], h, cos, sin, mask, c, layer, index, cfg)
   x = x + y
   h = L.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+  ids = None
   if "moe" in p:
-    y = moe_lib.moe_block(p["moe"], h, cfg, token_mask)[0]
+    y, stats = moe_lib.moe_block(p["moe"], h, cfg, token_mask)
+    ids = stats["ids"]
   else:
     y = L.swiglu_mlp(p["mlp"], h, dtype, cfg.fp8)
-  return x + y, c
+  return x + y, c, ids
 
 
 def forward_cached(params, tokens, positions, cache, index, kv_valid, cfg: ModelConfig):
-  """Logits [B, t, V] fp32 of `tokens` [B, t] at `positions` [B, t], and the updated cache.
+  """Logits [B, t, V] fp32 of `tokens` [B, t] at `positions` [B, t], the updated cache, and
+  the expert ids each MoE layer chose, [L_moe, B, t, k] (None for a dense model).
 
   index: int scalar (may be traced), the cache slot of tokens[:, 0] for every row.
   kv_valid: bool [B, S], which cache slots hold real tokens, or int pad lengths [B] (slots
@@ -142,11 +169,15 @@ def forward_cached(params, tokens, positions, cache, index, kv_valid, cfg: Model
   token_mask = jnp.take(kv_valid, jnp.minimum(query_slot, S - 1), axis=1)  # [B, t] real tokens
   cos, sin = L.rope_cos_sin(cfg, positions)
   x = embed(params, tokens, cfg)
-  new_cache = {}
+  new_cache, expert_ids = {}, None
   for stack, depth in _stacks(cfg).items():
     def body(carry, layer_in):
       (x, c), (p, layer) = carry, layer_in
-      return decoder_layer_cached(p, x, cos, sin, mask, c, layer, index, cfg, token_mask), None
-    (x, new_cache[stack]), _ = jax.lax.scan(body, (x, cache[stack]),
-                                            (params[stack], jnp.arange(depth)))
-  return head(params, L.rms_norm(x, params["final_norm"], cfg.rms_norm_eps), cfg), new_cache
+      x, c, ids = decoder_layer_cached(p, x, cos, sin, mask, c, layer, index, cfg, token_mask)
+      return (x, c), ids
+    (x, new_cache[stack]), ids = jax.lax.scan(body, (x, cache[stack]),
+                                              (params[stack], jnp.arange(depth)))
+    if stack == "moe_layers":
+      expert_ids = ids
+  logits = head(params, L.rms_norm(x, params["final_norm"], cfg.rms_norm_eps), cfg)
+  return logits, new_cache, expert_ids

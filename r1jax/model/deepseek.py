@@ -11,28 +11,30 @@ from r1jax.model import mla as mla_lib
 from r1jax.model import moe as moe_lib
 
 
-def decoder_layer(p, x, cos, sin, mask, cfg: ModelConfig, token_mask=None):
+def decoder_layer(p, x, cos, sin, mask, cfg: ModelConfig, token_mask=None, replay_ids=None):
   """Pre-norm block: x + MLA(norm(x)), then + FFN(norm(.)) with a dense MLP or the MoE.
-  Returns the new residual stream and MoE stats (zeros for a dense layer)."""
+  Returns the new residual stream and MoE stats (None for a dense layer)."""
   dtype = cfg.jnp_dtype
   h = L.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
   x = x + mla_lib.mla(p["attn"], h, cos, sin, mask, cfg)
   h = L.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
   if "moe" in p:
-    y, stats = moe_lib.moe_block(p["moe"], h, cfg, token_mask)
+    y, stats = moe_lib.moe_block(p["moe"], h, cfg, token_mask, replay_ids)
   else:
     y, stats = L.swiglu_mlp(p["mlp"], h, dtype, cfg.fp8), None
   return x + y, stats
 
 
-def _scan_layers(stacked, x, cos, sin, mask, cfg: ModelConfig, token_mask=None):
-  """Run a stack of same-shaped layers with lax.scan; returns x and per-layer MoE stats."""
-  def body(carry, layer_params):
-    out, stats = decoder_layer(layer_params, carry, cos, sin, mask, cfg, token_mask)
+def _scan_layers(stacked, x, cos, sin, mask, cfg: ModelConfig, token_mask=None, routing=None):
+  """Run a stack of same-shaped layers with lax.scan; returns x and per-layer MoE stats.
+  routing [L, B, T, k]: each layer's replayed expert ids (R3), or None."""
+  def body(carry, inputs):
+    layer_params, replay_ids = inputs
+    out, stats = decoder_layer(layer_params, carry, cos, sin, mask, cfg, token_mask, replay_ids)
     return out, stats
 
   body = L.maybe_remat(body, cfg.remat)
-  return jax.lax.scan(body, x, stacked)
+  return jax.lax.scan(body, x, (stacked, routing))
 
 
 def embed(params, tokens, cfg: ModelConfig):
@@ -47,8 +49,9 @@ def head(params, h, cfg: ModelConfig):
 
 
 def forward_hidden(params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=None,
-                   token_mask=None):
-  """Tokens [B, T] -> (last hidden before the final norm [B, T, D], aux dict, rope/mask ctx)."""
+                   token_mask=None, routing=None):
+  """Tokens [B, T] -> (last hidden before the final norm [B, T, D], aux dict, rope/mask ctx).
+  routing [B, T, L_moe, k]: expert ids to replay in the MoE layers (R3), or None."""
   if positions is None:
     positions = L.default_positions(tokens, segment_ids)
   if segment_ids is None:
@@ -60,8 +63,10 @@ def forward_hidden(params, tokens, cfg: ModelConfig, *, segment_ids=None, positi
   if "dense_layers" in params:
     x, _ = _scan_layers(params["dense_layers"], x, cos, sin, mask, cfg)
   if "moe_layers" in params:
-    x, stats = _scan_layers(params["moe_layers"], x, cos, sin, mask, cfg, token_mask)
+    replay = None if routing is None else jnp.moveaxis(routing, 2, 0)  # [L_moe, B, T, k]
+    x, stats = _scan_layers(params["moe_layers"], x, cos, sin, mask, cfg, token_mask, replay)
     aux["expert_counts"] = stats["counts"]  # [L_moe, E]
+    aux["expert_ids"] = stats["ids"]  # [L_moe, B, T, k]
     aux["balance"] = stats["balance"].sum()
     aux["dropped"] = stats["dropped"].sum()
   return x, aux, (cos, sin, mask, token_mask)
@@ -98,9 +103,9 @@ def mtp_logits(params, tokens, h, ctx, cfg: ModelConfig):
 
 
 def forward_with_aux(params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=None,
-                     mtp: bool = False, token_mask=None):
+                     mtp: bool = False, token_mask=None, routing=None):
   x, aux, ctx = forward_hidden(params, tokens, cfg, segment_ids=segment_ids, positions=positions,
-                               token_mask=token_mask)
+                               token_mask=token_mask, routing=routing)
   logits = head(params, L.rms_norm(x, params["final_norm"], cfg.rms_norm_eps), cfg)
   if mtp and "mtp" in params:
     aux["mtp_logits"], mtp_aux = mtp_logits(params, tokens, x, ctx, cfg)

@@ -72,6 +72,18 @@ def route(logits_NE, bias_E, cfg: ModelConfig):
   return weights * cfg.routed_scaling_factor, ids.astype(jnp.int32), scores
 
 
+def route_replay(logits_NE, ids_Nk, cfg: ModelConfig):
+  """Routing replay (R3): the given experts ids [N, k] instead of a top-k; their gate weights
+  come from the current router's scores (normalized and scaled as in `route`), so the router
+  still gets its gradient through them. Returns (weights [N, k], ids [N, k], scores [N, E])."""
+  scores = _scores(logits_NE, cfg)
+  ids = ids_Nk.astype(jnp.int32)
+  weights = jnp.take_along_axis(scores, jnp.minimum(ids, logits_NE.shape[1] - 1), axis=1)
+  if cfg.norm_topk_prob:
+    weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+  return weights * cfg.routed_scaling_factor, ids, scores
+
+
 def route_pallas(logits_NE, bias_E, cfg: ModelConfig):
   """`route` through the fused Pallas router; same outputs, differentiable in the logits."""
   from pallas_kernels import routing
@@ -218,15 +230,20 @@ def sequence_balance(scores_BTE, ids_BTk, cfg: ModelConfig):
   return (f * P).sum(-1).mean()
 
 
-def moe_block(p, x_BTD, cfg: ModelConfig, token_mask=None):
-  """Routed + shared experts. Returns [B, T, D] and stats {counts [E], balance, dropped}.
-  Tokens where token_mask [B, T] is False go to no routed expert (padding)."""
+def moe_block(p, x_BTD, cfg: ModelConfig, token_mask=None, replay_ids=None):
+  """Routed + shared experts. Returns [B, T, D] and stats {counts [E], balance, dropped,
+  ids [B, T, k] (the chosen experts; E for padding)}. Tokens where token_mask [B, T] is False
+  go to no routed expert (padding). replay_ids [B, T, k]: use these experts (R3,
+  `route_replay`) instead of the router's top-k."""
   dtype = cfg.jnp_dtype
   B, T, D = x_BTD.shape
   x = x_BTD.reshape(B * T, D)
   logits = jnp.dot(x.astype(jnp.float32), p["router"].astype(jnp.float32))
-  router = route_pallas if cfg.router_impl == "pallas" else route
-  weights, ids, scores = router(logits, p["router_bias"], cfg)
+  if replay_ids is not None:
+    weights, ids, scores = route_replay(logits, replay_ids.reshape(B * T, -1), cfg)
+  else:
+    router = route_pallas if cfg.router_impl == "pallas" else route
+    weights, ids, scores = router(logits, p["router_bias"], cfg)
   if token_mask is not None:
     live = token_mask.reshape(-1, 1)
     ids = jnp.where(live, ids, cfg.n_routed_experts)  # id E: no expert, no capacity, no count
@@ -244,5 +261,5 @@ def moe_block(p, x_BTD, cfg: ModelConfig, token_mask=None):
                                   ).astype(jnp.float32),
            "balance": sequence_balance(scores.reshape(B, T, -1),
                                        ids.reshape(B, T, -1), cfg),
-           "dropped": dropped}
+           "dropped": dropped, "ids": ids.reshape(B, T, -1)}
   return y, stats

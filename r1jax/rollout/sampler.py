@@ -54,6 +54,9 @@ class Rollout:
   lengths: np.ndarray  # int32 [B], completion lengths including the stop token
   truncated: np.ndarray  # bool [B], no stop token within N
   prompt_lengths: np.ndarray  # int32 [B]
+  # int16 [B, P + N, L_moe, k]: the experts each MoE layer chose for the token at each slot
+  # (record_routing=True, MoE models; routing replay, R3), else None
+  routing: np.ndarray | None = None
 
 
 def filter_logits(logits_BV, temperature, top_k, top_p):
@@ -98,10 +101,14 @@ def _batch_constraint(x):
   return jax.lax.with_sharding_constraint(x, spec)
 
 
+ROUTING_DTYPE = jnp.int16  # expert ids (< 32768 experts); 2 bytes per token, layer and choice
+
+
 def _generate_core(params, prompt_BP, pad_B, rng, knobs, *, cfg: ModelConfig,
-                   max_new_tokens: int, filtered: bool):
+                   max_new_tokens: int, filtered: bool, record_routing: bool = False):
   """Prefill + while-loop decode. Returns completion [B, N], logprobs [B, N], lengths [B],
-  stopped [B]. `knobs`: traced sampling settings and stop ids (changing them does not
+  stopped [B], and with record_routing the expert ids [B, P + N, L_moe, k] of every input
+  slot (else None). `knobs`: traced sampling settings and stop ids (changing them does not
   recompile)."""
   B, P = prompt_BP.shape
   N = max_new_tokens
@@ -109,7 +116,12 @@ def _generate_core(params, prompt_BP, pad_B, rng, knobs, *, cfg: ModelConfig,
   prompt_len_B = P - pad_B
   cache = jax.tree.map(_batch_constraint, decode.init_cache(cfg, B, P + N))
   positions = jnp.maximum(jnp.arange(P, dtype=jnp.int32)[None, :] - pad_B[:, None], 0)
-  logits, cache = decode.forward_cached(params, prompt_BP, positions, cache, 0, pad_B, cfg)
+  logits, cache, ids = decode.forward_cached(params, prompt_BP, positions, cache, 0, pad_B, cfg)
+  routing = None
+  if record_routing and ids is not None:
+    L_moe, _, _, k = ids.shape
+    routing = jnp.zeros((B, P + N, L_moe, k), ROUTING_DTYPE)
+    routing = routing.at[:, :P].set(jnp.moveaxis(ids, 0, 2).astype(ROUTING_DTYPE))
   # one key per step, drawn before the loop (keys[i] == fold_in(rng, i) with JAX's default
   # partitionable threefry); a fold_in inside the loop runs threefry's rolled loop every step
   keys = jax.random.split(rng, N)
@@ -129,25 +141,29 @@ def _generate_core(params, prompt_BP, pad_B, rng, knobs, *, cfg: ModelConfig,
   state = jax.tree.map(_batch_constraint, emit(state, logits[:, -1], 0))
 
   def cond(carry):
-    i, _, state = carry
+    i, _, state, _ = carry
     return (i < N) & ~jnp.all(state[3])
 
   def body(carry):
-    i, cache, state = carry
+    i, cache, state, routing = carry
     prev = state[0][:, i - 1][:, None]
-    logits, cache = decode.forward_cached(params, prev, (prompt_len_B + i - 1)[:, None], cache,
-                                          P + i - 1, pad_B, cfg)
-    return i + 1, cache, emit(state, logits[:, 0], i)
+    logits, cache, ids = decode.forward_cached(params, prev, (prompt_len_B + i - 1)[:, None],
+                                               cache, P + i - 1, pad_B, cfg)
+    if routing is not None:  # the token at slot P + i - 1 went to these experts
+      routing = jax.lax.dynamic_update_slice(
+          routing, jnp.moveaxis(ids, 0, 2).astype(ROUTING_DTYPE), (0, P + i - 1, 0, 0))
+    return i + 1, cache, emit(state, logits[:, 0], i), routing
 
-  _, _, state = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, state))
-  return state
+  _, _, state, routing = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, state, routing))
+  return state + (routing,)
 
 
 @functools.lru_cache(maxsize=None)
 def _jitted_core(compiler_options: tuple = ()):
   """The jitted core, one per set of XLA compiler options; jax.jit caches the compiles per
   (cfg, shapes, filtered)."""
-  return jax.jit(_generate_core, static_argnames=("cfg", "max_new_tokens", "filtered"),
+  return jax.jit(_generate_core,
+                 static_argnames=("cfg", "max_new_tokens", "filtered", "record_routing"),
                  compiler_options=dict(compiler_options) or None)
 
 
@@ -164,24 +180,31 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, bucket: int = PROMPT
   return out, P - lens
 
 
-def decode_config(cfg: ModelConfig) -> ModelConfig:
-  """The config generation runs with: inference never drops expert assignments, so the
-  capacity path (the CPU fast path) runs dropless. On CPU this beats ragged_dot, which XLA:CPU
-  expands into a dense dot over all experts plus sort/mask overhead: a 16-sequence decode step of
-  configs/tiny_moe.py is ~1.4x faster. Dropless buffers hold 4x the mean expert load when every
-  expert fits (else all N tokens): same tokens, log-probs within 1e-6, ~1.2x faster at 16 rows."""
+def policy_config(cfg: ModelConfig) -> ModelConfig:
+  """The config of the policy: what generation runs and what the RL update must score with, so
+  that the tokens are scored by the policy that sampled them. The MoE never drops an expert
+  assignment (a dropped assignment changes a token's output depending on the other tokens in
+  the batch, which differ between a decode step and a training forward). The capacity path
+  (the CPU fast path) runs dropless: buffers of 4x the mean expert load when every expert fits,
+  else all N tokens (exact either way; on CPU this beats ragged_dot, which XLA:CPU expands into
+  a dense dot over all experts)."""
   if cfg.is_moe and cfg.moe_impl == "capacity":
     return cfg.replace(capacity_factor=None, dropless_fast_factor=4.0)
+  if cfg.is_moe:
+    return cfg.replace(capacity_factor=None)
   return cfg
+
 
 
 def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              rng: jax.Array, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              greedy: bool = False, eos_id: int | None, stop_ids: Sequence[int] = (),
-             pad_id: int = 0, vocab_limit: int | None = None,
+             pad_id: int = 0, vocab_limit: int | None = None, record_routing: bool = False,
              compiler_options: dict | None = None) -> Rollout:
   """Sample up to `max_new_tokens` tokens after each prompt (lists of token ids).
 
+  record_routing: also return the experts every MoE layer chose for every token
+  (`Rollout.routing`), for routing replay in the update.
   vocab_limit: sample only ids below it (the tokenizer's vocabulary when the model's embedding
   is padded); log-probs stay those of the model's full distribution.
   compiler_options: XLA options for the jitted core (tests pass fast-compile options on CPU).
@@ -205,15 +228,16 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
                      f"{cfg.max_position_embeddings}")
   core = _jitted_core(tuple(sorted((compiler_options or {}).items())))
   out = core(params, prompt_BP, pad_B.astype(np.int32), rng, knobs,
-             cfg=decode_config(cfg), max_new_tokens=int(max_new_tokens), filtered=filtered)
+             cfg=policy_config(cfg), max_new_tokens=int(max_new_tokens), filtered=filtered,
+             record_routing=bool(record_routing and cfg.is_moe))
   # every process gets every row (gathered when the batch spans several processes), so all of
   # them score the same completions and make the same decisions
-  completion, logprobs, lengths, stopped = to_host(out)
+  completion, logprobs, lengths, stopped, routing = to_host(out)
   return Rollout(tokens=np.concatenate([prompt_BP, completion], axis=1), completion=completion,
                  logprobs=logprobs,
                  completion_mask=np.arange(max_new_tokens)[None, :] < lengths[:, None],
                  lengths=lengths, truncated=~stopped,
-                 prompt_lengths=(prompt_BP.shape[1] - pad_B).astype(np.int32))
+                 prompt_lengths=(prompt_BP.shape[1] - pad_B).astype(np.int32), routing=routing)
 
 
 def truncate_at_stop_strings(texts: Sequence[str], stops: Sequence[str], *,

@@ -199,7 +199,7 @@ def stage_steps(ctx: Context, stage_cfg) -> int:
 
 
 def merged(base, override):
-  """`base` ConfigDict section with the stage's override values (e.g. stage.lr -> optim.lr)."""
+  """`base` ConfigDict section with override values (a stage's optim or eval overrides)."""
   out = base.copy_and_resolve_references()
   for k, v in (override or {}).items():
     if k in out:

@@ -14,22 +14,23 @@ from r1jax.config import ModelConfig
 from r1jax.data import pipeline
 from r1jax.errors import DataError
 from r1jax.stages import common
+from r1jax.stages.configs import DistillConfig, SFTConfig
 
 
-def stage_records(ctx: common.Context, stage_cfg) -> list[dict]:
+def stage_records(ctx: common.Context, stage_cfg: SFTConfig) -> list[dict]:
   """The stage's training records: `stage.data_file` (relative paths are under the workdir,
   e.g. the samples/<stage>.jsonl a rejection-sampling stage wrote), plus the built-in task's SFT
   split when `stage.with_sft_split`; data.train_file when data.task == "file"; or the built-in
   task's SFT split."""
   c = ctx.config
-  path = stage_cfg.get("data_file", "")
+  path = stage_cfg.data_file
   if path:
     path = fileio.under(ctx.workdir, path)
     records = []
     if not (path.is_file() and path.stat().length == 0):  # empty: a stage that kept nothing
       records = pipeline.read_records(os.fspath(path), prompt_field="question",
                                       completion_field="completion", answer_field="answer")
-    if stage_cfg.get("with_sft_split", False):
+    if stage_cfg.with_sft_split:
       if not (ctx.splits and ctx.splits.get("sft")):
         raise DataError("with_sft_split needs the built-in task's SFT split (data.task is "
                         f"{c.data.task!r})")
@@ -41,7 +42,7 @@ def stage_records(ctx: common.Context, stage_cfg) -> list[dict]:
                                  answer_field=c.data.answer_field)
   records = ctx.splits["sft"]
   if stage_cfg.kind == "pretrain":
-    return pretrain_records(records, float(stage_cfg.get("tagged_frac", 0.0)), c.seed)
+    return pretrain_records(records, stage_cfg.tagged_frac, c.seed)
   return records
 
 
@@ -65,7 +66,7 @@ def sft_iterator(ctx: common.Context, records, stage_cfg, name: str):
   """The stage's global batches. Every process builds the same global batch and places its own
   rows (`common.shard`): the data and its order do not depend on the number of processes."""
   c = ctx.config
-  template = stage_cfg.get("template", c.data.template)
+  template = stage_cfg.template or c.data.template
   return pipeline.sft_batches(records, ctx.tokenizer, seq_len=int(c.data.seq_len),
                               batch_size=int(c.data.batch_size), seed=ctx.seed(name),
                               template=template, pack=bool(c.data.pack))
@@ -75,7 +76,7 @@ def _run(ctx: common.Context, name: str, stage_cfg, cfg: ModelConfig, params, lo
          frozen=None, *, step_flops: float):
   c = ctx.config
   steps = common.stage_steps(ctx, stage_cfg)
-  optim_cfg = common.merged(c.optim, stage_cfg)
+  optim_cfg = common.merged(c.optim, stage_cfg.optim)
   tx, lr = train.make_optimizer(optim_cfg, steps)
   records = stage_records(ctx, stage_cfg)
   if not records:
@@ -101,7 +102,7 @@ def _run(ctx: common.Context, name: str, stage_cfg, cfg: ModelConfig, params, lo
 def run_sft(ctx: common.Context, name: str, stage_cfg):
   cfg, params = ctx.models["policy"]
   t = ctx.config.train
-  mtp_weight = float(stage_cfg.get("mtp_weight", t.mtp_weight))
+  mtp_weight = float(t.mtp_weight if stage_cfg.mtp_weight is None else stage_cfg.mtp_weight)
   loss = train.sft_loss(cfg, mtp_weight=mtp_weight, balance_alpha=float(t.balance_alpha))
   use_mtp = mtp_weight > 0 and cfg.is_moe and cfg.num_nextn_predict_layers > 0
   params, metrics = _run(ctx, name, stage_cfg, cfg, params, loss,
@@ -118,8 +119,8 @@ def sft_step_flops(ctx: common.Context, cfg: ModelConfig, *, use_mtp: bool = Fal
   return flops.train_flops(cfg, int(c.data.batch_size) * T, T, mtp=use_mtp)
 
 
-def student_config(ctx: common.Context, stage_cfg) -> ModelConfig:
-  fields = stage_cfg.student.to_dict() if "student" in stage_cfg else {}
+def student_config(ctx: common.Context, stage_cfg: DistillConfig) -> ModelConfig:
+  fields = dict(stage_cfg.student)
   fields.setdefault("vocab_size", ctx.model_cfg.vocab_size)
   return ModelConfig.from_config(fields)
 
@@ -132,16 +133,15 @@ def run_distill(ctx: common.Context, name: str, stage_cfg):
   s_cfg = student_config(ctx, stage_cfg)
   # created on the mesh: every process holds its shards of the same values
   s_params = parallel.init_sharded(s_cfg, ctx.mesh, jax.random.PRNGKey(ctx.seed(name + "/init")))
-  mode = stage_cfg.get("mode", "sequence")
+  mode = stage_cfg.mode
   step_flops = sft_step_flops(ctx, s_cfg)
   if mode == "sequence":
     loss, frozen = train.sft_loss(s_cfg), None
   elif mode == "logit":
     T = int(ctx.config.data.seq_len)
     step_flops += flops.forward_flops(t_cfg, int(ctx.config.data.batch_size) * T, T)
-    loss = train.distill_loss(s_cfg, t_cfg, kind=stage_cfg.get("divergence", "forward_kl"),
-                              temperature=float(stage_cfg.get("temperature", 1.0)),
-                              ce_weight=float(stage_cfg.get("ce_weight", 0.0)))
+    loss = train.distill_loss(s_cfg, t_cfg, kind=stage_cfg.divergence,
+                              temperature=stage_cfg.temperature, ce_weight=stage_cfg.ce_weight)
     frozen = t_params
   else:
     raise DataError(f"stages.{name}.mode={mode!r} must be 'sequence' or 'logit'")

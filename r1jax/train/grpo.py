@@ -1,18 +1,25 @@
 """GRPO and its variants as a loss plug-in for the generic step, plus group advantages.
 
-Batch (B rollouts of length T = prompt + completion, left-padded prompts):
-  tokens, targets, segment_ids, positions  int32 [B, T]
-  loss_mask     float32 [B, T]  1 where targets[t] is a generated (non-pad) completion token
-  old_logprobs  float32 [B, T]  log pi_old(targets[t]) from the sampler (0 elsewhere)
-  advantages    float32 [B]
-Per token: rho = exp(logp - old), l = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)
-+ beta * k3(ref, logp), k3 = exp(ref - logp) - (ref - logp) - 1; aggregated by `loss_type`:
-  grpo: mean over sequences of the per-sequence token mean;  bnpo / dapo: token mean over the
-  batch;  dr_grpo: token sum / (B * completion budget).
+The batch is a `GRPOBatch` (B rollouts of T = prompt + completion positions, prompts
+left-padded). Per token, with the registries of `r1jax.train.policy_loss`:
+  l = policy_loss(ratio, A) * w_is + beta * k3(ref, logp),  k3 = exp(ref - logp) - (ref - logp) - 1
+aggregated by `loss_type` over the completion tokens kept by the importance correction.
+
+Mismatch metrics (names with "mismatch"), computed at the parameters the loss is evaluated at;
+at the first update of a rollout batch those are the sampler's parameters, so they measure how
+far the trainer's log-probs are from the sampler's for the same tokens:
+  logp_mismatch_mean / _max   mean / max |logp_train - logp_rollout| over completion tokens
+  mismatch_ratio_mean/min/max exp(logp_train - logp_rollout) over completion tokens
+  mismatch_clip_frac          share of those ratios outside [1 - eps_low, 1 + eps_high]
+On-policy (r1jax samples with the trainer's own model code, dropless MoE, same precision) these
+are float noise: |ratio - 1| < 1e-5 and no token clipped.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,9 +27,36 @@ import numpy as np
 from r1jax import model
 from r1jax.config import ModelConfig
 from r1jax.train import losses
+from r1jax.train import policy_loss as pl
 from r1jax.train.objectives import moe_metrics
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = tuple(pl.AGGREGATIONS)
+
+
+@flax.struct.dataclass
+class GRPOBatch:
+  """One GRPO update batch. Row b holds a left-padded prompt and its completion; position t
+  predicts targets[b, t].
+
+  Attributes:
+    tokens, targets, segment_ids, positions: int32 [B, T].
+    loss_mask: float32 [B, T], 1 where targets[b, t] is a generated completion token.
+    rollout_logprobs: float32 [B, T], the sampler's log p(targets[b, t]) (0 elsewhere).
+    old_logprobs: float32 [B, T], pi_old of the clipped ratio: the sampler's log-probs, or the
+      trainer's own at the sampler's parameters when an importance correction is on.
+    advantages: float32 [B].
+    routing: int [B, T, L_moe, k] expert ids the sampler chose for each input token (R3), or
+      None.
+  """
+  tokens: Any
+  targets: Any
+  segment_ids: Any
+  positions: Any
+  loss_mask: Any
+  rollout_logprobs: Any
+  old_logprobs: Any
+  advantages: Any
+  routing: Any = None
 
 
 def group_advantages(rewards, group_size: int, scale: str = "group", eps: float = 1e-4):
@@ -42,22 +76,21 @@ def group_advantages(rewards, group_size: int, scale: str = "group", eps: float 
 
 
 def aggregate(per_tok, mask, loss_type: str, budget: int):
-  if loss_type == "grpo":
-    per_seq = jnp.sum(per_tok * mask, 1) / jnp.maximum(jnp.sum(mask, 1), 1.0)
-    return jnp.mean(per_seq)
-  if loss_type in ("bnpo", "dapo"):
-    return jnp.sum(per_tok * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-  if loss_type == "dr_grpo":
-    return jnp.sum(per_tok * mask) / (mask.shape[0] * budget)
-  raise ValueError(f"loss_type {loss_type!r} must be one of {LOSS_TYPES}")
+  """The loss value of `loss_type` (policy_loss.AGGREGATIONS)."""
+  if loss_type not in pl.AGGREGATIONS:
+    raise ValueError(f"loss_type {loss_type!r} must be one of {LOSS_TYPES}")
+  return pl.AGGREGATIONS[loss_type](per_tok, mask, budget)[0]
 
 
 def per_token_terms(logp, old_logp, ref_logp, adv_B, *, eps_low: float, eps_high: float,
-                    beta: float):
-  """Per-token loss and its parts: (loss, ratio, kl)."""
-  ratio = jnp.exp(logp - old_logp)
-  a = adv_B[:, None]
-  pg = -jnp.minimum(ratio * a, jnp.clip(ratio, 1 - eps_low, 1 + eps_high) * a)
+                    beta: float, policy_loss: str = "grpo", mask=None):
+  """Per-token loss and its parts: (loss, ratio, kl). `mask` is needed by sequence-level
+  ratios."""
+  level, fn = pl.POLICY_LOSSES[policy_loss]
+  if mask is None:
+    mask = jnp.ones_like(logp)
+  ratio = jnp.exp(pl.log_ratio(logp, old_logp, mask, level))
+  pg = fn(ratio, adv_B[:, None], eps_low, eps_high)
   kl = jnp.zeros_like(logp)
   if ref_logp is not None:
     d = ref_logp - logp
@@ -65,44 +98,85 @@ def per_token_terms(logp, old_logp, ref_logp, adv_B, *, eps_low: float, eps_high
   return pg + beta * kl, ratio, kl
 
 
-def grpo_loss(cfg: ModelConfig, *, loss_type: str = "grpo", eps_low: float = 0.2,
-              eps_high: float = 0.2, beta: float = 0.0, budget: int = 1):
-  """Loss plug-in; `frozen` is the reference model's params when beta > 0 (else None).
-  `budget` is the completion token budget (Dr. GRPO's constant normalizer)."""
-  assert loss_type in LOSS_TYPES, loss_type
+def _masked_stats(x, mask, n):
+  big = jnp.finfo(jnp.float32).max
+  return (jnp.sum(x * mask) / n, jnp.min(jnp.where(mask > 0, x, big)),
+          jnp.max(jnp.where(mask > 0, x, -big)))
 
-  def forward(params, batch):
-    return model.forward_with_aux(params, batch["tokens"], cfg, segment_ids=batch["segment_ids"],
-                                  token_mask=batch["segment_ids"] > 0,
-                                  positions=batch["positions"])
 
-  def loss_fn(params, batch, rng, ref_params):
+def grpo_loss(cfg: ModelConfig, *, loss_type: str = "grpo", policy_loss: str = "grpo",
+              eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.0, budget: int = 1,
+              is_correction: str = "none", is_threshold: float = 2.0,
+              is_threshold_low: float = 0.5):
+  """Loss plug-in over `GRPOBatch`es; `frozen` is the reference model's params when beta > 0
+  (else None). `budget` is the completion token budget (Dr. GRPO's constant normalizer). `cfg`
+  must be the policy config the sampler ran (`rollout.sampler.policy_config`)."""
+  assert loss_type in pl.AGGREGATIONS, loss_type
+  assert policy_loss in pl.POLICY_LOSSES, policy_loss
+  assert is_correction in pl.IS_CORRECTIONS, is_correction
+
+  def forward(params, batch: GRPOBatch):
+    return model.forward_with_aux(params, batch.tokens, cfg, segment_ids=batch.segment_ids,
+                                  token_mask=batch.segment_ids > 0, positions=batch.positions,
+                                  routing=batch.routing)
+
+  def loss_fn(params, batch: GRPOBatch, rng, ref_params):
     del rng
     logits, aux = forward(params, batch)
-    logp = losses.token_logprobs(logits, batch["targets"])
+    logp = losses.token_logprobs(logits, batch.targets)
     ref_logp = None
     if beta > 0:
       ref_logits, _ = forward(jax.lax.stop_gradient(ref_params), batch)
-      ref_logp = losses.token_logprobs(ref_logits, batch["targets"])
-    mask = batch["loss_mask"]
-    per_tok, ratio, kl = per_token_terms(logp, batch["old_logprobs"], ref_logp,
-                                         batch["advantages"], eps_low=eps_low,
-                                         eps_high=eps_high, beta=beta)
-    loss = aggregate(per_tok, mask, loss_type, budget)
-    n = jnp.maximum(jnp.sum(mask), 1.0)
-    a = batch["advantages"][:, None]
+      ref_logp = losses.token_logprobs(ref_logits, batch.targets)
+    w_is, keep = pl.is_correction(batch.old_logprobs, batch.rollout_logprobs, batch.loss_mask,
+                                  is_correction, is_threshold, is_threshold_low)
+    mask = batch.loss_mask * keep
+    per_tok, ratio, kl = per_token_terms(logp, batch.old_logprobs, ref_logp, batch.advantages,
+                                         eps_low=eps_low, eps_high=eps_high, beta=beta,
+                                         policy_loss=policy_loss, mask=mask)
+    pg = per_tok - beta * kl
+    per_tok = pg * w_is + beta * kl
+    loss, weight = pl.AGGREGATIONS[loss_type](per_tok, mask, budget)
+    full = batch.loss_mask
+    n = jnp.maximum(jnp.sum(full), 1.0)
+    a = batch.advantages[:, None]
     probs = jax.nn.softmax(logits.astype(jnp.float32), -1)
     entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), -1)
+    lo, hi = 1 - eps_low, 1 + eps_high
     metrics = {
-        "pg_loss": aggregate(per_tok - beta * kl, mask, loss_type, budget),
-        "kl": jnp.sum(kl * mask) / n,
-        "clip_frac_low": jnp.sum(((ratio < 1 - eps_low) & (a < 0)) * mask) / n,
-        "clip_frac_high": jnp.sum(((ratio > 1 + eps_high) & (a > 0)) * mask) / n,
-        "entropy": jnp.sum(entropy * mask) / n,
-        "tokens": jnp.sum(mask),
+        "pg_loss": pl.AGGREGATIONS[loss_type](pg * w_is, mask, budget)[0],
+        "kl": jnp.sum(kl * full) / n,
+        "clip_frac_low": jnp.sum(((ratio < lo) & (a < 0)) * full) / n,
+        "clip_frac_high": jnp.sum(((ratio > hi) & (a > 0)) * full) / n,
+        "entropy": jnp.sum(entropy * full) / n,
+        "tokens": jnp.sum(full),
+        "is_kept_frac": jnp.sum(mask) / n,
+        "_weight": weight,
     }
     metrics["clip_frac"] = metrics["clip_frac_low"] + metrics["clip_frac_high"]
-    metrics.update(moe_metrics(aux, cfg, jnp.sum(batch["segment_ids"] > 0)))
+    metrics["ratio_mean"], metrics["ratio_min"], metrics["ratio_max"] = _masked_stats(
+        ratio, full, n)
+    diff = jax.lax.stop_gradient(logp - batch.rollout_logprobs)
+    metrics["logp_mismatch_mean"], _, metrics["logp_mismatch_max"] = _masked_stats(
+        jnp.abs(diff), full, n)
+    mismatch = jnp.exp(diff)
+    (metrics["mismatch_ratio_mean"], metrics["mismatch_ratio_min"],
+     metrics["mismatch_ratio_max"]) = _masked_stats(mismatch, full, n)
+    metrics["mismatch_clip_frac"] = jnp.sum(((mismatch < lo) | (mismatch > hi)) * full) / n
+    if is_correction != "none":
+      metrics["is_weight_mean"] = jnp.sum(w_is * full) / n
+    metrics.update(moe_metrics(aux, cfg, jnp.sum(batch.segment_ids > 0)))
     return loss, metrics
 
   return loss_fn
+
+
+def old_logprobs_fn(cfg: ModelConfig):
+  """jitted (params, batch) -> the trainer's log p(targets) [B, T] at `params`, no gradient: the
+  old log-probs of an importance-corrected update."""
+  def fn(params, batch: GRPOBatch):
+    logits, _ = model.forward_with_aux(params, batch.tokens, cfg, segment_ids=batch.segment_ids,
+                                       token_mask=batch.segment_ids > 0,
+                                       positions=batch.positions, routing=batch.routing)
+    return losses.token_logprobs(logits, batch.targets) * batch.loss_mask
+  return jax.jit(fn)

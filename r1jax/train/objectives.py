@@ -44,7 +44,8 @@ def sft_loss(cfg: ModelConfig, *, mtp_weight: float = 0.0, balance_alpha: float 
     del rng, frozen
     logits, aux = _forward(params, batch, cfg, use_mtp)
     ce = losses.cross_entropy(logits, batch["targets"], batch["loss_mask"])
-    loss, metrics = ce, {"ce": ce, "tokens": jnp.sum(batch["loss_mask"])}
+    n = jnp.sum(batch["loss_mask"])
+    loss, metrics = ce, {"ce": ce, "tokens": n, "_weight": n}  # a token mean
     if use_mtp:
       mtp = losses.mtp_loss(aux["mtp_logits"], batch["targets"], batch["loss_mask"],
                             batch["segment_ids"])
@@ -72,7 +73,7 @@ def distill_loss(student_cfg: ModelConfig, teacher_cfg: ModelConfig, *, kind: st
     mask = batch["loss_mask"]
     div = losses.distill_divergence(logits, t_logits, mask, kind, temperature)
     ce = losses.cross_entropy(logits, batch["targets"], mask)
-    metrics = {"ce": ce, "divergence": div, "tokens": jnp.sum(mask)}
+    metrics = {"ce": ce, "divergence": div, "tokens": jnp.sum(mask), "_weight": jnp.sum(mask)}
     metrics.update(moe_metrics(aux, student_cfg, jnp.sum(batch["segment_ids"] > 0)))
     return (1 - ce_weight) * div + ce_weight * ce, metrics
 

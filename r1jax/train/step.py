@@ -3,7 +3,8 @@
     loss_fn(params, batch, rng, frozen) -> (loss, metrics)
       params: the full model tree (correction biases merged in); frozen: teacher / reference
       params or None; metrics may hold "_counts": {bias path: expert counts [L, E]} for the
-      aux-loss-free bias update.
+      aux-loss-free bias update, and "_weight": the loss's normalizer (how micro-batches of
+      gradient accumulation are weighted; default 1).
     step = make_step(loss_fn, tx, lr_schedule, ...)
     state, metrics = step(state, batch, frozen)
 """
@@ -18,6 +19,10 @@ import optax
 
 from r1jax.train import losses
 from r1jax.train.state import TrainState, merge_router_bias
+
+
+# metrics that add up over micro-batches (the rest are weighted means)
+SUMMED_METRICS = ("tokens",)
 
 
 def _microbatches(batch, n: int):
@@ -36,7 +41,9 @@ def make_step(loss_fn: Callable, tx, lr_schedule=None, *, accum_steps: int = 1,
               jit: bool = True):
   """Build `step(state, batch, frozen=None) -> (state, metrics)`.
 
-  accum_steps: the batch is split into this many micro-batches whose gradients are averaged.
+  accum_steps: the batch is split into this many micro-batches, run one after another; their
+  losses and gradients combine into the full batch's (weighted by the loss's normalizer, the
+  metric "_weight" a loss may return: e.g. its token count for a token mean).
   nonfinite: "skip" leaves params and optimizer state untouched when the loss, a gradient or an
   updated parameter is not finite (metrics["nonfinite"] = 1); "stop" does the same and the caller
   stops the run.
@@ -52,19 +59,35 @@ def make_step(loss_fn: Callable, tx, lr_schedule=None, *, accum_steps: int = 1,
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
     if accum_steps == 1:
       (loss, metrics), grads = grad_fn(state.params, batch, sub)
+      metrics.pop("_weight", None)
     else:
+      # micro-batch values combine as sum(value * weight) / sum(weight), where a loss's weight
+      # is its normalizer (tokens for a token mean, sequences for a sequence mean): the full
+      # batch's loss and gradient whatever the masks of the micro-batches
       def body(acc, inp):
         mb, r = inp
         (l, m), g = grad_fn(state.params, mb, r)
-        return jax.tree.map(jnp.add, acc, (l, m, g)), None
+        w = m.pop("_weight", jnp.float32(1.0))
+        counts = m.pop("_counts", {})
+        summed = {k: m.pop(k) for k in SUMMED_METRICS if k in m}
+        scaled = jax.tree.map(lambda x: x * w, (l, m, g))
+        return jax.tree.map(jnp.add, acc, (*scaled, summed, counts, w)), None
       mbs = _microbatches(batch, accum_steps)
       rs = jax.random.split(sub, accum_steps)
       first = jax.tree.map(lambda x: x[0], mbs)
-      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params, first, rs[0]))
-      zeros = (zeros[0][0], zeros[0][1], zeros[1])
-      (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (mbs, rs))
-      loss, metrics, grads = jax.tree.map(lambda x: x / accum_steps, (loss, metrics, grads))
-      metrics["_counts"] = jax.tree.map(lambda c: c * accum_steps, metrics.get("_counts", {}))
+      (_, m0), g0 = jax.eval_shape(grad_fn, state.params, first, rs[0])
+      m0 = dict(m0)
+      m0.pop("_weight", None)
+      counts0 = m0.pop("_counts", {})
+      summed0 = {k: m0.pop(k) for k in SUMMED_METRICS if k in m0}
+      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                           (jax.ShapeDtypeStruct((), jnp.float32), m0, g0, summed0, counts0,
+                            jax.ShapeDtypeStruct((), jnp.float32)))
+      (loss, metrics, grads, summed, counts, weight), _ = jax.lax.scan(body, zeros, (mbs, rs))
+      total = jnp.maximum(weight, 1e-30)
+      loss, metrics, grads = jax.tree.map(lambda x: x / total, (loss, metrics, grads))
+      metrics.update(summed)
+      metrics["_counts"] = counts
 
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

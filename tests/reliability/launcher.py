@@ -16,24 +16,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHRUNK_R1 = os.path.join(HERE, "r1_tiny_shrunk.py")
 SFT_TINY = os.path.join(ROOT, "configs", "sft_tiny.py")
-# Metrics that measure time: they legitimately differ between two runs of the same config.
-TIMING_KEYS = frozenset({"time", "step_seconds", "tokens_per_sec", "rollout_seconds",
-                         "rollout_tokens_per_sec", "wall_seconds"})
+from r1jax.runlog import TIMING_KEYS  # noqa: F401  (the reliability tests import it from here)
 
 
-def env(devices: int = 2) -> dict:
-  out = dict(os.environ)
+def env(devices: int = 2, **extra: str) -> dict:
+  out = dict(os.environ, **extra)
   flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", out.get("XLA_FLAGS", ""))
   out["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
   return out
 
 
-def start(args, log_path: str, devices: int = 2) -> subprocess.Popen:
+def start(args, log_path: str, devices: int = 2, **extra_env: str) -> subprocess.Popen:
   """The launcher in the background, stdout and stderr appended to `log_path`."""
   log = open(log_path, "ab")
   try:
     return subprocess.Popen([sys.executable, "-m", "r1jax.launch", *args], cwd=ROOT,
-                            env=env(devices), stdout=log, stderr=subprocess.STDOUT)
+                            env=env(devices, **extra_env), stdout=log,
+                            stderr=subprocess.STDOUT)
   finally:
     log.close()  # the child holds its own descriptor
 

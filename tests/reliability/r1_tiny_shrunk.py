@@ -1,14 +1,15 @@
-"""configs/r1_tiny.py shrunk for the reliability tests: cold-start SFT -> GRPO -> rejection
-sampling -> SFT on the sampled data, 3-4 steps each on a 2-layer MoE, batches of 8, a checkpoint
-every 2 steps, 8 evaluation problems after the last stage.
+"""configs/r1_tiny.py shrunk for the reliability and multi-process tests: every stage of the
+recipe but the final GRPO (cold-start SFT -> GRPO -> the compute-matched SFT control -> rejection
+sampling -> SFT on the sampled data -> distillation), 3-4 steps each on a 2-layer MoE, batches of
+8, a checkpoint every 2 steps, 8 evaluation problems after the stages that evaluate.
 
     python -m r1jax.launch --config tests/reliability/r1_tiny_shrunk.py --workdir /tmp/r1
 
 It is deterministic, so an interrupted run can be compared bit for bit with one that never
-stopped: the SFT control branch (it runs for the GRPO stage's wall time) is left out, as are the
-final GRPO and distillation stages (more compile time, no new kind of stage). Rejection sampling
-keeps every sample (`min_reward=-1`): a policy trained for a few steps is never right, and the
-last stage should train on real generated data rather than skip for want of it.
+stopped. `grpo_final` is left out: it is a second stage of the kind `grpo` already covers, and
+its compile would only add time. Rejection sampling keeps every sample (`min_reward=-1`): a
+policy trained for a few steps is never right, and the next stages should train on real
+generated data rather than skip for want of it.
 """
 
 import importlib.util
@@ -38,6 +39,10 @@ def get_config(arg=None):
   c.stages.rejection.update(num_prompts=8, k=2, max_new_tokens=12)
   c.stages.rejection.batch_size = 8
   c.stages.rejection.min_reward = -1.0
+  c.stages.sft_control.update(eval=False)  # its step count comes from grpo's FLOPs: capped
   c.stages.sft_rs.steps = 3
-  c.stage_order = ("cold_start", "grpo", "rejection", "sft_rs")
+  c.stages.distill.update(steps=3)
+  c.stages.distill.student.num_hidden_layers = 1
+  c.max_steps = 4  # caps the compute-matched control (every other stage is shorter already)
+  c.stage_order = ("cold_start", "grpo", "sft_control", "rejection", "sft_rs", "distill")
   return c

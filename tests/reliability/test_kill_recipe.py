@@ -2,7 +2,8 @@
 uninterrupted one does.
 
 One launcher run of the shrunk recipe (tests/reliability/r1_tiny_shrunk.py: cold-start SFT ->
-GRPO -> rejection sampling -> SFT on the sampled data) is SIGKILLed at four points in turn and
+GRPO -> the compute-matched SFT control -> rejection sampling -> SFT on the sampled data ->
+distillation; every stage of configs/r1_tiny.py but the second GRPO) is SIGKILLed at four points in turn and
 restarted after each: inside SFT, between two stages, inside GRPO and inside rejection sampling.
 An uninterrupted reference run of the same config runs beside it. Compared afterwards: summary.json
 (metrics and evaluation), every training stage's output params (bit for bit), every logged step
@@ -27,8 +28,9 @@ import launcher
 from r1jax.data import pipeline as data_pipeline
 
 ARGS = ["--config", launcher.SHRUNK_R1]
-ORDER = ("cold_start", "grpo", "rejection", "sft_rs")
-TRAIN_STEPS = {"cold_start": 4, "grpo": 4, "sft_rs": 3}  # as in r1_tiny_shrunk.py
+ORDER = ("cold_start", "grpo", "sft_control", "rejection", "sft_rs", "distill")
+# as in r1_tiny_shrunk.py (sft_control: grpo's FLOPs capped by max_steps=4)
+TRAIN_STEPS = {"cold_start": 4, "grpo": 4, "sft_control": 4, "sft_rs": 3, "distill": 3}
 TIMEOUT = 600
 
 

@@ -1,0 +1,170 @@
+"""The one rollout path: records -> prompts -> generation -> text -> rewards, as a typed record.
+
+GRPO, rejection sampling and evaluation all call `rollout(...)`:
+
+    scored = engine.rollout(params, cfg, records, tokenizer=tok, mesh=mesh, template="r1",
+                            sampling=engine.Sampling(max_new_tokens=40), repeats=8, rng=key,
+                            reward_weights={"accuracy": 1.0, "format": 0.2})
+    scored.completions, scored.rewards, scored.per_reward, scored.rollout.logprobs
+
+Rows are the records each repeated `repeats` times, in order (row r is records[r // repeats]),
+so GRPO's groups are contiguous. Generation runs in calls of `batch_size` rows (the last one
+padded with copies of its last row, so one compiled shape serves every call); with
+batch_size=None all rows go in one call and `rollout` holds the token-level outputs (what a
+GRPO update needs). Every process computes every row (`sampler.generate` gathers across
+processes), so all processes score the same texts and reach the same decisions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+
+from r1jax import flops
+from r1jax.config import ModelConfig
+from r1jax.data import template as template_lib
+from r1jax.rollout import rewards as rewards_lib
+from r1jax.rollout import sampler
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  max_new_tokens: int
+  temperature: float = 1.0
+  top_p: float = 1.0
+  greedy: bool = False
+  record_routing: bool = False
+
+
+@dataclasses.dataclass
+class ScoredRollout:
+  """Rows of one rollout (row r is `records[r]`, its prompt `prompts[r]`).
+
+  Attributes:
+    records: the problem record of each row (question, answer, bucket, ...).
+    prompts: formatted prompt text per row.
+    completions: decoded completion per row (pad/bos/eos dropped).
+    rollout: token-level sampler outputs of all rows (one generate call), else None.
+    rewards: float32 [rows] weighted total reward (None when no rewards were asked for).
+    per_reward: {reward name: [score or None per row]}.
+    reward_errors: {reward name: rows whose scorer failed}.
+    flops: model FLOPs the generation cost (`r1jax.flops.generate_flops`).
+  """
+  records: list
+  prompts: list
+  completions: list
+  rollout: sampler.Rollout | None
+  rewards: np.ndarray | None
+  per_reward: dict
+  reward_errors: dict
+  flops: float
+
+  @property
+  def size(self) -> int:
+    return len(self.records)
+
+  def reward_means(self) -> dict:
+    """reward_<fn> over all rows and reward_<fn>_<bucket> per data bucket (None counts 0)."""
+    out = {f"reward_{k}": float(np.mean([v or 0.0 for v in vals]))
+           for k, vals in self.per_reward.items()}
+    out.update({f"reward_errors_{k}": float(v) for k, v in self.reward_errors.items() if v})
+    for bucket in sorted({r.get("bucket") for r in self.records if r.get("bucket")}):
+      rows = [i for i, r in enumerate(self.records) if r.get("bucket") == bucket]
+      for k, vals in self.per_reward.items():
+        out[f"reward_{k}_{bucket}"] = float(np.mean([vals[i] or 0.0 for i in rows]))
+    return out
+
+
+def format_prompts(records, template: str, tokenizer) -> list[str]:
+  return [template_lib.format_prompt(r["question"], template, tokenizer.markers)
+          for r in records]
+
+
+def score(records, prompts, completions, reward_weights: Mapping[str, float],
+          completion_lengths=None):
+  """(total [rows] float32, {name: per-row scores}, {name: error count})."""
+  total, per_fn, errors = rewards_lib.combine(
+      dict(reward_weights), prompts, completions, answer=[r.get("answer") for r in records],
+      completion_lengths=completion_lengths)
+  return np.asarray(total, np.float32), per_fn, errors
+
+
+def rollout(params, cfg: ModelConfig, records: Sequence[Mapping], *, tokenizer, mesh,
+            template: str, sampling: Sampling, rng, repeats: int = 1,
+            batch_size: int | None = None,
+            reward_weights: Mapping[str, float] | None = None) -> ScoredRollout:
+  """Generate `repeats` completions per record and score them (module docstring)."""
+  rows = [r for r in records for _ in range(repeats)]
+  prompts = format_prompts(rows, template, tokenizer)
+  ids = [tokenizer.encode(p) for p in prompts]
+  kw = dict(max_new_tokens=sampling.max_new_tokens, eos_id=tokenizer.eos_id,
+            pad_id=tokenizer.pad_id, vocab_limit=tokenizer.vocab_size)
+  if sampling.greedy:
+    kw["greedy"] = True
+  else:
+    kw.update(temperature=sampling.temperature, top_p=sampling.top_p)
+  size = batch_size or len(ids)
+  completions, lengths, outs, cost = [], [], [], 0.0
+  for start in range(0, len(ids), size):
+    chunk = ids[start:start + size]
+    real = len(chunk)
+    chunk = chunk + [chunk[-1]] * (size - real)  # pad: keeps the compiled shape
+    key = rng if batch_size is None else jax.random.fold_in(rng, start)
+    with jax.set_mesh(mesh):
+      out = sampler.generate(params, cfg, chunk, rng=key,
+                             record_routing=sampling.record_routing, **kw)
+    B, L = out.tokens.shape
+    cost += flops.generate_flops(cfg, B, L - sampling.max_new_tokens, int(np.max(out.lengths)))
+    for b in range(real):
+      completions.append(tokenizer.decode(out.completion[b, :int(out.lengths[b])].tolist(),
+                                          skip_special=True))
+      lengths.append(int(out.lengths[b]))
+    outs.append(out)
+  total, per_fn, errors = None, {}, {}
+  if reward_weights:
+    total, per_fn, errors = score(rows, prompts, completions, reward_weights,
+                                  completion_lengths=lengths)
+  return ScoredRollout(records=rows, prompts=prompts, completions=completions,
+                       rollout=outs[0] if len(outs) == 1 else None, rewards=total,
+                       per_reward=per_fn, reward_errors=errors, flops=cost)
+
+
+def refill_pairs(zero_var, candidate_zero_var) -> list[tuple[int, int]]:
+  """DAPO dynamic sampling's swap: (slot, candidate) group pairs giving each zero-variance slot,
+  in order, the next freshly sampled group whose rewards vary. Every mixed candidate is used
+  while slots remain, so one refill batch fills as many slots as it has mixed groups."""
+  slots = np.flatnonzero(np.asarray(zero_var))
+  mixed = np.flatnonzero(~np.asarray(candidate_zero_var))
+  return list(zip(slots.tolist(), mixed.tolist()))
+
+
+def swap_groups(scored: ScoredRollout, fresh: ScoredRollout, pairs, group_size: int):
+  """`scored` with group slot i replaced by `fresh`'s group j for each (i, j) in pairs (the
+  token-level outputs included). Both must come from one generate call of the same shape."""
+  assert scored.rollout is not None and fresh.rollout is not None
+  assert scored.rollout.tokens.shape == fresh.rollout.tokens.shape
+  out = dataclasses.replace(
+      scored, records=list(scored.records), prompts=list(scored.prompts),
+      completions=list(scored.completions), rewards=scored.rewards.copy(),
+      per_reward={k: list(v) for k, v in scored.per_reward.items()},
+      flops=scored.flops + fresh.flops)
+  arrays = {f.name: None if getattr(scored.rollout, f.name) is None
+            else np.array(getattr(scored.rollout, f.name))
+            for f in dataclasses.fields(scored.rollout)}
+  for i, j in pairs:
+    rows, src = slice(i * group_size, (i + 1) * group_size), slice(j * group_size,
+                                                                  (j + 1) * group_size)
+    for lst_out, lst_in in ((out.records, fresh.records), (out.prompts, fresh.prompts),
+                            (out.completions, fresh.completions)):
+      lst_out[rows] = lst_in[src]
+    out.rewards[rows] = fresh.rewards[src]
+    for k in out.per_reward:
+      out.per_reward[k][rows] = fresh.per_reward[k][src]
+    for name, a in arrays.items():
+      if a is not None:
+        a[rows] = np.asarray(getattr(fresh.rollout, name))[src]
+  out.rollout = sampler.Rollout(**arrays)
+  return out

@@ -1,0 +1,316 @@
+"""Typed stage configs: one frozen dataclass per stage kind, with its defaults and its rules.
+
+A stage entry of the run config (`config.stages.NAME`, an ml_collections section) is parsed once,
+by `parse(name, section, optim_keys)` during `run_config.validate`, into the dataclass of its
+`kind`. An unknown key or a bad value is a ConfigError naming `stages.NAME.FIELD` (the launcher
+prints it as one line and exits 2). Stage code reads attributes of the parsed config; no default
+lives anywhere else.
+
+Keys of the run config's `optim` section (lr, warmup_steps, schedule, ...) may be set on any
+training stage; they override `optim` for that stage (`StageConfig.optim`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+from r1jax.config import ConfigError
+
+KINDS = ("pretrain", "sft", "grpo", "rejection_sampling", "distill", "eval")
+TRAINING_KINDS = ("pretrain", "sft", "grpo", "distill")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+  """Fields every stage has.
+
+  Attributes:
+    kind: the stage kind (`KINDS`).
+    steps: training steps (0 for stages that do not train; capped by the run's max_steps).
+    start_from: the name of an earlier stage whose output model this stage starts from (default:
+      the current policy).
+    branch: a control branch: the recipe continues from the policy as it was before this stage.
+    eval: evaluate the stage's model on the held-out problems after a training stage.
+    template: the prompt template ("" = data.template).
+    optim: overrides of the run config's optim section for this stage (lr, schedule, ...).
+  """
+  name: str
+  kind: str
+  steps: int = 0
+  start_from: str = ""
+  branch: bool = False
+  eval: bool = True
+  template: str = ""
+  optim: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def check(self, need):
+    need(self.steps >= 0, "steps", f"{self.steps} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig(StageConfig):
+  """`sft` and `pretrain`: next-token loss on completions.
+
+  Attributes:
+    data_file: a JSONL/Parquet file of {question, completion|reasoning, answer} (relative paths
+      are under the run directory, e.g. samples/rejection.jsonl); "" = the built-in task's SFT
+      split (or data.train_file when data.task is "file").
+    with_sft_split: train on data_file plus the built-in task's SFT split.
+    mtp_weight: weight of the MTP loss (None = train.mtp_weight).
+    tagged_frac: (pretrain) share of documents written in the think/answer markup.
+    match_compute_of: an earlier training stage; this stage then trains for that stage's model
+      FLOPs (its step count is derived, `steps` is ignored): the equal-compute SFT control.
+  """
+  data_file: str = ""
+  with_sft_split: bool = False
+  mtp_weight: float | None = None
+  tagged_frac: float = 0.0
+  match_compute_of: str = ""
+
+  def check(self, need):
+    super().check(need)
+    need(0.0 <= self.tagged_frac <= 1.0, "tagged_frac", f"{self.tagged_frac} must be in [0, 1]")
+    need(self.mtp_weight is None or self.mtp_weight >= 0, "mtp_weight",
+         f"{self.mtp_weight} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig(SFTConfig):
+  """`distill`: a fresh dense student learns from the policy.
+
+  Attributes:
+    mode: "sequence" (SFT on the stage's data, as R1 distils) or "logit" (divergence to the
+      teacher's logits on the same data).
+    divergence: forward_kl | reverse_kl | jsd (logit mode).
+    temperature: softmax temperature of both distributions (logit mode).
+    ce_weight: weight of the plain CE term mixed into the logit loss.
+    student: ModelConfig fields of the student.
+  """
+  mode: str = "sequence"
+  divergence: str = "forward_kl"
+  temperature: float = 1.0
+  ce_weight: float = 0.0
+  student: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def check(self, need):
+    super().check(need)
+    need(self.mode in ("sequence", "logit"), "mode", f"{self.mode!r} must be 'sequence' or "
+         "'logit'")
+    need(self.divergence in ("forward_kl", "reverse_kl", "jsd"), "divergence",
+         f"{self.divergence!r} must be forward_kl, reverse_kl or jsd")
+    need(self.temperature > 0, "temperature", f"{self.temperature} must be > 0")
+    need(0.0 <= self.ce_weight <= 1.0, "ce_weight", f"{self.ce_weight} must be in [0, 1]")
+
+
+def _check_sampling(need, max_new_tokens, temperature, top_p):
+  need(max_new_tokens >= 1, "max_new_tokens", f"{max_new_tokens} must be >= 1")
+  need(temperature > 0 and math.isfinite(temperature), "temperature",
+       f"{temperature} must be positive and finite")
+  need(0 < top_p <= 1, "top_p", f"{top_p} must be in (0, 1]")
+
+
+def _check_rewards(need, weights):
+  from r1jax.rollout import rewards
+  need(len(weights) > 0, "reward_weights", "must name at least one reward")
+  for name, w in weights.items():
+    need(name in rewards.names(), "reward_weights",
+         f"names {name!r}, which is not a reward ({', '.join(rewards.names())})")
+    need(math.isfinite(float(w)), "reward_weights", f"{name}={w} must be finite")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig(StageConfig):
+  """`grpo`: sample G completions per prompt, score them with rule rewards, update the policy
+  on group-normalized advantages.
+
+  Attributes:
+    prompts_per_step, group_size: prompts per step and completions per prompt (G).
+    max_new_tokens, temperature, top_p: rollout sampling.
+    reward_weights: {reward name: weight}; the total reward is the weighted sum.
+    policy_loss: a registered policy loss (`r1jax.train.policy_loss`): "grpo" (PPO clip of the
+      token ratio) or "gspo" (clip of the length-normalized sequence ratio).
+    loss_type: aggregation over tokens: grpo | bnpo | dr_grpo | dapo.
+    eps_low, eps_high: clip range [1 - eps_low, 1 + eps_high].
+    beta: k3 KL coefficient to the reference model (0 keeps no reference model).
+    ref_refresh_every: copy the policy into the reference every this many steps (0 = never).
+    mu: policy updates per rollout batch.
+    advantage_scale: group | batch | none (Dr. GRPO).
+    dynamic_sampling: DAPO: swap zero-variance groups for fresh ones, up to max_refills batches.
+    mask_truncated: drop completions that hit max_new_tokens from the loss.
+    routing_replay: MoE routing replay (R3): the update's forward uses the experts the sampler
+      chose for each token (gate weights still from the current router).
+    is_correction: rollout-vs-trainer importance correction: none | token_tis | seq_tis |
+      token_mis | seq_mis (truncated importance sampling or masking, per token or sequence).
+    is_threshold: TIS: the weight's upper bound C; MIS: the upper bound of kept ratios.
+    is_threshold_low: MIS: the lower bound of kept ratios.
+  """
+  prompts_per_step: int = 16
+  group_size: int = 8
+  max_new_tokens: int = 64
+  temperature: float = 1.0
+  top_p: float = 1.0
+  reward_weights: Mapping[str, float] = dataclasses.field(
+      default_factory=lambda: {"accuracy": 1.0, "format": 0.5})
+  policy_loss: str = "grpo"
+  loss_type: str = "grpo"
+  eps_low: float = 0.2
+  eps_high: float = 0.2
+  beta: float = 0.0
+  ref_refresh_every: int = 0
+  mu: int = 1
+  advantage_scale: str = "group"
+  dynamic_sampling: bool = False
+  max_refills: int = 2
+  mask_truncated: bool = False
+  routing_replay: bool = False
+  is_correction: str = "none"
+  is_threshold: float = 2.0
+  is_threshold_low: float = 0.5
+
+  def check(self, need):
+    super().check(need)
+    from r1jax.train import policy_loss
+    need(self.prompts_per_step >= 1, "prompts_per_step", f"{self.prompts_per_step} must be >= 1")
+    need(self.group_size >= 2, "group_size", f"{self.group_size} must be >= 2 (advantages are "
+         "relative to the group)")
+    _check_sampling(need, self.max_new_tokens, self.temperature, self.top_p)
+    _check_rewards(need, self.reward_weights)
+    need(self.policy_loss in policy_loss.POLICY_LOSSES, "policy_loss",
+         f"{self.policy_loss!r} is not one of {tuple(policy_loss.POLICY_LOSSES)}")
+    need(self.loss_type in policy_loss.AGGREGATIONS, "loss_type",
+         f"{self.loss_type!r} is not one of {tuple(policy_loss.AGGREGATIONS)}")
+    need(0 <= self.eps_low < 1, "eps_low", f"{self.eps_low} must be in [0, 1)")
+    need(self.eps_high >= 0, "eps_high", f"{self.eps_high} must be >= 0")
+    need(self.beta >= 0, "beta", f"{self.beta} must be >= 0")
+    need(self.ref_refresh_every >= 0, "ref_refresh_every", "must be >= 0")
+    need(self.mu >= 1, "mu", f"{self.mu} must be >= 1")
+    need(self.advantage_scale in ("group", "batch", "none"), "advantage_scale",
+         f"{self.advantage_scale!r} must be group, batch or none")
+    need(self.max_refills >= 0, "max_refills", f"{self.max_refills} must be >= 0")
+    need(self.is_correction in policy_loss.IS_CORRECTIONS, "is_correction",
+         f"{self.is_correction!r} is not one of {policy_loss.IS_CORRECTIONS}")
+    need(self.is_threshold > 0, "is_threshold", f"{self.is_threshold} must be > 0")
+    need(0 <= self.is_threshold_low < self.is_threshold, "is_threshold_low",
+         f"{self.is_threshold_low} must be in [0, is_threshold)")
+
+  @property
+  def rows(self) -> int:
+    return self.prompts_per_step * self.group_size
+
+
+@dataclasses.dataclass(frozen=True)
+class RejectionConfig(StageConfig):
+  """`rejection_sampling`: k answers per prompt from the policy; keep the correct, readable ones
+  as an SFT dataset at samples/<stage>.jsonl.
+
+  Attributes:
+    num_prompts: RL prompts to sample for (the first ones of the RL split).
+    k, max_new_tokens, temperature, top_p: sampling.
+    reward_weights: the rewards a kept sample must reach `min_reward` in (weights unused).
+    max_chars: readability: drop longer completions.
+    keep_per_prompt: at most this many distinct samples per prompt.
+    batch_size: rows per generate call.
+  """
+  num_prompts: int = 256
+  k: int = 4
+  max_new_tokens: int = 64
+  temperature: float = 1.0
+  top_p: float = 1.0
+  reward_weights: Mapping[str, float] = dataclasses.field(
+      default_factory=lambda: {"accuracy": 1.0, "format": 1.0})
+  min_reward: float = 1.0
+  max_chars: int = 10_000
+  keep_per_prompt: int = 1
+  batch_size: int = 64
+
+  def check(self, need):
+    super().check(need)
+    need(self.num_prompts >= 1, "num_prompts", f"{self.num_prompts} must be >= 1")
+    need(self.k >= 1, "k", f"{self.k} must be >= 1")
+    _check_sampling(need, self.max_new_tokens, self.temperature, self.top_p)
+    _check_rewards(need, self.reward_weights)
+    need(self.max_chars >= 1, "max_chars", f"{self.max_chars} must be >= 1")
+    need(self.keep_per_prompt >= 1, "keep_per_prompt", f"{self.keep_per_prompt} must be >= 1")
+    need(self.batch_size >= 1, "batch_size", f"{self.batch_size} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig(StageConfig):
+  """`eval`: evaluate a model on the held-out problems.
+
+  Attributes:
+    model: "policy" or "student".
+    overrides: of the run config's eval section (k, temperature, max_new_tokens, ...).
+  """
+  model: str = "policy"
+  overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def check(self, need):
+    super().check(need)
+    need(self.model in ("policy", "student"), "model", f"{self.model!r} must be 'policy' or "
+         "'student'")
+
+
+CLASSES = {"pretrain": SFTConfig, "sft": SFTConfig, "distill": DistillConfig,
+           "grpo": GRPOConfig, "rejection_sampling": RejectionConfig, "eval": EvalConfig}
+
+
+def _plain(v):
+  return v.to_dict() if hasattr(v, "to_dict") else v
+
+
+def parse(name: str, section, optim_keys=(), eval_keys=()) -> StageConfig:
+  """The typed config of stage `name` from its run-config section. Raises ConfigError."""
+  raw = {k: _plain(v) for k, v in dict(section).items()}
+  kind = raw.get("kind")
+  if kind not in CLASSES:
+    raise ConfigError(f"stages.{name}.kind={kind!r} is not one of {KINDS}")
+  cls = CLASSES[kind]
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  kw: dict[str, Any] = {"name": name}
+  optim, overrides = {}, {}
+  for key, value in raw.items():
+    if key in optim_keys and kind in TRAINING_KINDS:
+      optim[key] = value
+    elif cls is EvalConfig and key in eval_keys:
+      overrides[key] = value
+    elif key in fields and key not in ("name", "optim", "overrides"):
+      kw[key] = _coerce(name, key, value, fields[key])
+    else:
+      raise ConfigError(f"stages.{name}.{key} is not a field of a {kind} stage")
+  kw["optim"] = optim
+  if cls is EvalConfig:
+    kw["overrides"] = overrides
+  stage = cls(**kw)
+
+  def need(ok, field, msg):
+    if not ok:
+      raise ConfigError(f"stages.{name}.{field}: {msg}")
+
+  stage.check(need)
+  return stage
+
+
+def _coerce(stage: str, key: str, value, field: dataclasses.Field):
+  """Values as the field's type (ml_collections keeps ints where a float field is meant)."""
+  t = str(field.type)
+  try:
+    if t in ("int",) and not isinstance(value, bool):
+      if isinstance(value, float) and not value.is_integer():
+        raise ValueError
+      return int(value)
+    if t in ("float", "float | None") and value is not None and not isinstance(value, bool):
+      return float(value)
+    if t == "bool":
+      if not isinstance(value, bool):
+        raise ValueError
+      return value
+    if t == "str":
+      if not isinstance(value, str):
+        raise ValueError
+      return value
+  except (TypeError, ValueError):
+    raise ConfigError(f"stages.{stage}.{key}={value!r} must be of type {t}") from None
+  return value
