@@ -32,7 +32,7 @@ def get_config(arg=None):
   del arg
   c = base_config(**tiny_moe_fields(capacity_factor=2.0))
   c.data.update(batch_size=32, seq_len=64, num_sft_examples=400, num_rl_prompts=1000,
-                num_eval_problems=50, covered_digits=(1, 2), uncovered_digits=(1, 1),
+                num_eval_problems=50, covered_digits=(1, 2), uncovered_digits=(1, 2),
                 uncovered_operands=3, rl_uncovered_frac=0.75)
   c.optim.update(lr=2e-3, warmup_steps=20)
   c.train.update(mtp_weight=0.1)

@@ -76,9 +76,11 @@ def validate(c) -> ModelConfig:
     raise ConfigError("stage_order names a stage twice")
   stages = stage_configs(c)
   for name, s in stages.items():
+    if name not in order:
+      continue  # defined but not run: its references need not resolve
     for field, ref, kinds in (("match_compute_of", s_get(s, "match_compute_of"), TRAINING_KINDS),
                               ("start_from", s.start_from, ("pretrain", "sft", "grpo"))):
-      if ref and (ref not in order or name not in order or order.index(ref) >= order.index(name)
+      if ref and (ref not in order or order.index(ref) >= order.index(name)
                   or stages[ref].kind not in kinds):
         raise ConfigError(f"stages.{name}.{field}={ref!r} must name a "
                           f"{'/'.join(kinds)} stage that runs before it")

@@ -336,6 +336,62 @@ def test_grpo_loss_with_reference_kl(monkeypatch):
   np.testing.assert_allclose(float(metrics["pg_loss"]), (PG * CLIP_MASK).sum() / n, rtol=1e-5)
 
 
+def test_gspo_clips_the_length_normalized_sequence_ratio(monkeypatch):
+  """GSPO: one ratio per sequence, s = exp(mean over its completion tokens of log(pi/pi_old)),
+  clipped like PPO's; hand values from the RATIOS table. A clipped sequence passes no
+  gradient; an unclipped one spreads A * s / |y| over its tokens."""
+  fake_forward(monkeypatch, grpo)
+  logits, batch, _ = _grpo_inputs()
+  s = np.exp([np.log(RATIOS[b, :3]).mean() for b in range(2)])  # 3 counted tokens per row
+  np.testing.assert_allclose(s, [0.937889, 0.935609], rtol=1e-5)
+  for eps, clipped in ((0.2, [False, False]), (0.05, [False, True])):
+    adv = np.array([1.0, -1.0])
+    expected = -np.minimum(s * adv, np.clip(s, 1 - eps, 1 + eps) * adv).mean()
+    loss_fn = grpo.grpo_loss(TINY_MOE, policy_loss="gspo", loss_type="grpo", eps_low=eps,
+                             eps_high=eps)
+    (loss, metrics), grad = jax.value_and_grad(loss_fn, has_aux=True)(logits, batch, None, None)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(float(metrics["ratio_mean"]), s.mean(), rtol=1e-5)
+    g = np.abs(np.asarray(grad)).sum((1, 2))
+    for b in range(2):
+      assert (g[b] == 0) == clipped[b], (eps, b, g)
+
+
+# importance weights exp(logp_old - logp_rollout) per token; the last column is masked
+IS_W = np.array([[1.0, 3.0, 0.4, 9.0], [1.5, 0.8, 1.2, 9.0]], np.float64)
+
+
+@pytest.mark.parametrize("kind", ["token_tis", "seq_tis", "token_mis", "seq_mis"])
+def test_importance_corrections_against_hand_values(monkeypatch, kind):
+  """TIS multiplies each token's policy loss by min(w, C); MIS drops tokens (sequences) whose
+  w (product of token w) falls outside [C_low, C]. C = 2, C_low = 0.5, bnpo aggregation."""
+  fake_forward(monkeypatch, grpo)
+  logits, batch, _ = _grpo_inputs()
+  batch = batch.replace(rollout_logprobs=batch.old_logprobs - jnp.asarray(np.log(IS_W),
+                                                                          jnp.float32))
+  m = CLIP_MASK.astype(np.float64)
+  if kind == "token_tis":
+    per_tok, keep = PG * np.minimum(IS_W, 2.0), m
+  elif kind == "seq_tis":
+    w = np.prod(np.where(m > 0, IS_W, 1.0), 1, keepdims=True)  # 1.2 and 1.44
+    per_tok, keep = PG * np.minimum(w, 2.0), m
+  elif kind == "token_mis":
+    per_tok, keep = PG, m * ((IS_W >= 0.5) & (IS_W <= 2.0))  # drops 3.0 and 0.4
+  else:
+    w = np.prod(np.where(m > 0, IS_W, 1.0), 1, keepdims=True)
+    per_tok, keep = PG, m * ((w >= 0.5) & (w <= 2.0))  # both rows kept (1.2, 1.44)
+  expected = (per_tok * keep).sum() / keep.sum()
+  loss_fn = grpo.grpo_loss(TINY_MOE, loss_type="bnpo", is_correction=kind, is_threshold=2.0,
+                           is_threshold_low=0.5)
+  loss, metrics = loss_fn(logits, batch, None, None)
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["is_kept_frac"]), keep.sum() / m.sum(), rtol=1e-6)
+  # the mismatch metrics see the sampler-vs-trainer gap: |log w| of the counted tokens
+  ratio = np.exp(np.log(RATIOS) + np.log(IS_W))  # pi_train / pi_rollout
+  np.testing.assert_allclose(float(metrics["logp_mismatch_max"]),
+                             np.abs(np.log(ratio))[m > 0].max(), rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- generic step
 
 def _linear_loss(params, batch, rng, frozen):

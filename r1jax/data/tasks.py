@@ -11,8 +11,9 @@ putting the larger operand first.
 The honest control of the R1 recipe needs problems that the cold-start traces never cover:
 `arithmetic_splits` draws "covered" problems (operands of `covered_digits`, `covered_operands`
 terms) and "uncovered" ones (longer operands, or chains such as 3+5+8 -> "3+5+8=16", whose
-columns have the shape of the carry columns the traces do show); SFT traces exist only for covered problems, RL prompts carry
-answers only, and the held-out evaluation holds both buckets. No question is in two splits.
+columns have the shape of the carry columns the traces do show); SFT traces exist only for covered
+problems, RL prompts carry answers only, and the held-out evaluation holds both buckets. No
+problem is in two splits, up to operand order (`problem_key`: 3+5+8 and 8+5+3 are one problem).
 """
 
 from __future__ import annotations
@@ -77,14 +78,27 @@ def _problem(a: int, b: int, op: str, more: tuple[int, ...] = ()) -> dict:
               difficulty=max(len(str(a)), len(str(b))))
 
 
+def problem_key(question: str) -> tuple:
+  """What makes two arithmetic problems the same problem: the operator and the multiset of
+  operands of a sum (3+5+8, 8+5+3 and 5+3+8 are one problem: same operands, same answer), the
+  ordered pair of a difference. Splits are disjoint in these keys, not only as strings."""
+  if "+" in question:
+    return ("+",) + tuple(sorted(int(x) for x in question.split("+")))
+  if "-" in question:
+    a, b = question.split("-")
+    return ("-", int(a), int(b))
+  return ("?", question)
+
+
 def arithmetic_records(n: int, seed: int, min_digits: int = 1, max_digits: int = 3,
                        ops: tuple[str, ...] = ("+",), exclude=frozenset(),
                        operands: int = 2) -> list[dict]:
   """`n` distinct problems, each operand with a digit count uniform in [min_digits, max_digits];
   `operands` > 2 makes chains a+b+c... (addition only).
 
-  Deterministic in (n, seed, min_digits, max_digits, ops, exclude, operands); questions in
-  `exclude` are never drawn. Raises ValueError when the space cannot supply `n` distinct problems.
+  Deterministic in (n, seed, min_digits, max_digits, ops, exclude, operands); problems whose
+  `problem_key` is in `exclude` are never drawn, and no two drawn problems share a key. Raises
+  ValueError when the space cannot supply `n` distinct problems.
   """
   if not 1 <= min_digits <= max_digits:
     raise ValueError(f"need 1 <= min_digits={min_digits} <= max_digits={max_digits}")
@@ -102,8 +116,9 @@ def arithmetic_records(n: int, seed: int, min_digits: int = 1, max_digits: int =
     more = tuple(_operand(rng, int(rng.integers(min_digits, max_digits + 1)))
                  for _ in range(operands - 2))
     record = _problem(a, b, op, more)
-    if record["question"] not in seen:
-      seen.add(record["question"])
+    key = problem_key(record["question"])
+    if key not in seen:
+      seen.add(key)
       records.append(record)
   if len(records) < n:
     raise ValueError(f"only {len(records)} distinct problems of {min_digits}-{max_digits} digits "
@@ -125,13 +140,13 @@ def arithmetic_splits(seed: int, *, n_sft: int, n_rl: int, n_eval: int,
   """
   buckets = {"covered": (covered_digits, covered_operands),
              "uncovered": (uncovered_digits, uncovered_operands)}
-  taken: set[str] = set()
+  taken: set[tuple] = set()
 
   def draw(n, bucket, stream):
     (lo, hi), operands = buckets[bucket]
     records = arithmetic_records(n, seed=[seed, stream], min_digits=lo, max_digits=hi, ops=ops,
                                  exclude=taken, operands=operands)
-    taken.update(r["question"] for r in records)
+    taken.update(problem_key(r["question"]) for r in records)
     return [dict(r, bucket=bucket) for r in records]
 
   def answers_only(records):

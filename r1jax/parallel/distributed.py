@@ -70,4 +70,24 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     jax.distributed.initialize(coordinator, num_processes, process_id, **kw)
   else:
     jax.distributed.initialize(**kw)
+  connect_collectives(kw["initialization_timeout"])
   return True
+
+
+def connect_collectives(timeout_s: int) -> None:
+  """Open the processes' collective connections now, all together.
+
+  CPU collectives (gloo) connect at the first collective and give up when a peer is not there
+  within ~30 s: processes that reach their first collective at different times (one compiled a
+  step from the persistent cache, the other from scratch, on a loaded host) would fail. So the
+  processes first meet at a barrier of the coordination service (which waits `timeout_s`), then
+  run one small collective over every device, which connects them."""
+  import jax
+  from jax.experimental import multihost_utils
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed  # the coordination client; no public API
+  client = jax_distributed.global_state.client
+  if client is not None:
+    client.wait_at_barrier("r1jax_connect_collectives", timeout_s * 1000)
+  multihost_utils.sync_global_devices("r1jax: collectives connected")

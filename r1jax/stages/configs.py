@@ -46,7 +46,7 @@ class StageConfig:
   optim: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   def check(self, need):
-    need(self.steps >= 0, "steps", f"{self.steps} must be >= 0")
+    need(self.steps >= 0, "steps", "must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +71,9 @@ class SFTConfig(StageConfig):
 
   def check(self, need):
     super().check(need)
-    need(0.0 <= self.tagged_frac <= 1.0, "tagged_frac", f"{self.tagged_frac} must be in [0, 1]")
+    need(0.0 <= self.tagged_frac <= 1.0, "tagged_frac", "must be in [0, 1]")
     need(self.mtp_weight is None or self.mtp_weight >= 0, "mtp_weight",
-         f"{self.mtp_weight} must be >= 0")
+         "must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,19 +96,19 @@ class DistillConfig(SFTConfig):
 
   def check(self, need):
     super().check(need)
-    need(self.mode in ("sequence", "logit"), "mode", f"{self.mode!r} must be 'sequence' or "
+    need(self.mode in ("sequence", "logit"), "mode", "must be 'sequence' or "
          "'logit'")
     need(self.divergence in ("forward_kl", "reverse_kl", "jsd"), "divergence",
-         f"{self.divergence!r} must be forward_kl, reverse_kl or jsd")
-    need(self.temperature > 0, "temperature", f"{self.temperature} must be > 0")
-    need(0.0 <= self.ce_weight <= 1.0, "ce_weight", f"{self.ce_weight} must be in [0, 1]")
+         "must be forward_kl, reverse_kl or jsd")
+    need(self.temperature > 0, "temperature", "must be > 0")
+    need(0.0 <= self.ce_weight <= 1.0, "ce_weight", "must be in [0, 1]")
 
 
 def _check_sampling(need, max_new_tokens, temperature, top_p):
-  need(max_new_tokens >= 1, "max_new_tokens", f"{max_new_tokens} must be >= 1")
+  need(max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
   need(temperature > 0 and math.isfinite(temperature), "temperature",
-       f"{temperature} must be positive and finite")
-  need(0 < top_p <= 1, "top_p", f"{top_p} must be in (0, 1]")
+       "must be positive and finite")
+  need(0 < top_p <= 1, "top_p", "must be in (0, 1]")
 
 
 def _check_rewards(need, weights):
@@ -117,7 +117,7 @@ def _check_rewards(need, weights):
   for name, w in weights.items():
     need(name in rewards.names(), "reward_weights",
          f"names {name!r}, which is not a reward ({', '.join(rewards.names())})")
-    need(math.isfinite(float(w)), "reward_weights", f"{name}={w} must be finite")
+    need(math.isfinite(float(w)), "reward_weights", f"has {name}={w}: weights must be finite")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,28 +172,28 @@ class GRPOConfig(StageConfig):
   def check(self, need):
     super().check(need)
     from r1jax.train import policy_loss
-    need(self.prompts_per_step >= 1, "prompts_per_step", f"{self.prompts_per_step} must be >= 1")
-    need(self.group_size >= 2, "group_size", f"{self.group_size} must be >= 2 (advantages are "
+    need(self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
+    need(self.group_size >= 2, "group_size", "must be >= 2 (advantages are "
          "relative to the group)")
     _check_sampling(need, self.max_new_tokens, self.temperature, self.top_p)
     _check_rewards(need, self.reward_weights)
     need(self.policy_loss in policy_loss.POLICY_LOSSES, "policy_loss",
-         f"{self.policy_loss!r} is not one of {tuple(policy_loss.POLICY_LOSSES)}")
+         f"is not one of {tuple(policy_loss.POLICY_LOSSES)}")
     need(self.loss_type in policy_loss.AGGREGATIONS, "loss_type",
-         f"{self.loss_type!r} is not one of {tuple(policy_loss.AGGREGATIONS)}")
-    need(0 <= self.eps_low < 1, "eps_low", f"{self.eps_low} must be in [0, 1)")
-    need(self.eps_high >= 0, "eps_high", f"{self.eps_high} must be >= 0")
-    need(self.beta >= 0, "beta", f"{self.beta} must be >= 0")
+         f"is not one of {tuple(policy_loss.AGGREGATIONS)}")
+    need(0 <= self.eps_low < 1, "eps_low", "must be in [0, 1)")
+    need(self.eps_high >= 0, "eps_high", "must be >= 0")
+    need(self.beta >= 0, "beta", "must be >= 0")
     need(self.ref_refresh_every >= 0, "ref_refresh_every", "must be >= 0")
-    need(self.mu >= 1, "mu", f"{self.mu} must be >= 1")
+    need(self.mu >= 1, "mu", "must be >= 1")
     need(self.advantage_scale in ("group", "batch", "none"), "advantage_scale",
-         f"{self.advantage_scale!r} must be group, batch or none")
-    need(self.max_refills >= 0, "max_refills", f"{self.max_refills} must be >= 0")
+         "must be group, batch or none")
+    need(self.max_refills >= 0, "max_refills", "must be >= 0")
     need(self.is_correction in policy_loss.IS_CORRECTIONS, "is_correction",
-         f"{self.is_correction!r} is not one of {policy_loss.IS_CORRECTIONS}")
-    need(self.is_threshold > 0, "is_threshold", f"{self.is_threshold} must be > 0")
+         f"is not one of {policy_loss.IS_CORRECTIONS}")
+    need(self.is_threshold > 0, "is_threshold", "must be > 0")
     need(0 <= self.is_threshold_low < self.is_threshold, "is_threshold_low",
-         f"{self.is_threshold_low} must be in [0, is_threshold)")
+         "must be in [0, is_threshold)")
 
   @property
   def rows(self) -> int:
@@ -227,13 +227,13 @@ class RejectionConfig(StageConfig):
 
   def check(self, need):
     super().check(need)
-    need(self.num_prompts >= 1, "num_prompts", f"{self.num_prompts} must be >= 1")
-    need(self.k >= 1, "k", f"{self.k} must be >= 1")
+    need(self.num_prompts >= 1, "num_prompts", "must be >= 1")
+    need(self.k >= 1, "k", "must be >= 1")
     _check_sampling(need, self.max_new_tokens, self.temperature, self.top_p)
     _check_rewards(need, self.reward_weights)
-    need(self.max_chars >= 1, "max_chars", f"{self.max_chars} must be >= 1")
-    need(self.keep_per_prompt >= 1, "keep_per_prompt", f"{self.keep_per_prompt} must be >= 1")
-    need(self.batch_size >= 1, "batch_size", f"{self.batch_size} must be >= 1")
+    need(self.max_chars >= 1, "max_chars", "must be >= 1")
+    need(self.keep_per_prompt >= 1, "keep_per_prompt", "must be >= 1")
+    need(self.batch_size >= 1, "batch_size", "must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,7 +249,7 @@ class EvalConfig(StageConfig):
 
   def check(self, need):
     super().check(need)
-    need(self.model in ("policy", "student"), "model", f"{self.model!r} must be 'policy' or "
+    need(self.model in ("policy", "student"), "model", "must be 'policy' or "
          "'student'")
 
 
@@ -285,9 +285,11 @@ def parse(name: str, section, optim_keys=(), eval_keys=()) -> StageConfig:
     kw["overrides"] = overrides
   stage = cls(**kw)
 
-  def need(ok, field, msg):
+  def need(ok, field, rule):
     if not ok:
-      raise ConfigError(f"stages.{name}.{field}: {msg}")
+      value = getattr(stage, field)
+      shown = dict(value) if isinstance(value, Mapping) else value
+      raise ConfigError(f"stages.{name}.{field}={shown!r} {rule}")
 
   stage.check(need)
   return stage
