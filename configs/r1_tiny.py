@@ -31,9 +31,9 @@ from r1jax.run_config import base_config, stage, tiny_moe_fields, tiny_student_f
 def get_config(arg=None):
   del arg
   c = base_config(**tiny_moe_fields(capacity_factor=2.0))
-  c.data.update(batch_size=32, seq_len=64, num_sft_examples=400, num_rl_prompts=1000,
-                num_eval_problems=50, covered_digits=(1, 2), uncovered_digits=(1, 2),
-                uncovered_operands=3, rl_uncovered_frac=0.75)
+  c.data.update(batch_size=32, seq_len=64, num_sft_examples=400, num_rl_prompts=280,
+                num_eval_problems=50, covered_digits=(1, 2), uncovered_digits=(1, 1),
+                uncovered_operands=3, uncovered_traces=20, rl_uncovered_frac=0.5)
   c.optim.update(lr=2e-3, warmup_steps=20)
   c.train.update(mtp_weight=0.1)
   c.eval.update(k=4, temperature=1.0, top_p=1.0, max_new_tokens=40)

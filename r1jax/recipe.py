@@ -53,7 +53,8 @@ def make_splits(c) -> dict:
         n_eval=int(d.num_eval_problems), covered_digits=tuple(d.covered_digits),
         uncovered_digits=tuple(d.uncovered_digits), covered_operands=int(d.covered_operands),
         uncovered_operands=int(d.uncovered_operands),
-        rl_uncovered_frac=float(d.rl_uncovered_frac))
+        rl_uncovered_frac=float(d.rl_uncovered_frac),
+        uncovered_traces=int(d.get("uncovered_traces", 0)))
   if d.task == "file":
     fields = dict(prompt_field=d.prompt_field, answer_field=d.answer_field)
     splits = {"sft": [], "rl": [], "eval": []}

@@ -33,6 +33,7 @@ def base_config(**model_fields) -> ml_collections.ConfigDict:
       # RL/eval add the uncovered ones (longer operands, or chains a+b+c of more terms)
       covered_digits=(1, 2), uncovered_digits=(3, 3), covered_operands=2, uncovered_operands=2,
       rl_uncovered_frac=0.5,  # share of RL prompts from the uncovered part
+      uncovered_traces=0,  # traced uncovered problems in the SFT split (a kind seen rarely)
       num_sft_examples=400,
       num_rl_prompts=2000, num_eval_problems=100))
   c.optim = ml_collections.ConfigDict(dict(
@@ -40,6 +41,9 @@ def base_config(**model_fields) -> ml_collections.ConfigDict:
       clip_norm=1.0, b1=0.9, b2=0.95, eps=1e-8, mu_dtype=""))
   c.train = ml_collections.ConfigDict(dict(
       accum_steps=1, mtp_weight=0.0, balance_alpha=0.0, bias_gamma=1e-3, nonfinite="skip"))
+  # LoRA for the policy's training stages (rank 0 = full fine-tuning): adapters on `targets`
+  # (empty = every attention and MLP projection), alpha / rank scaling (r1jax.model.lora)
+  c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets=(), experts=False))
   c.stages = ml_collections.ConfigDict()
   c.stage_order = ()
   c.eval = ml_collections.ConfigDict(dict(
@@ -101,6 +105,15 @@ def validate(c) -> ModelConfig:
                       f"data.batch_size={c.data.batch_size}")
   if c.train.nonfinite not in ("skip", "stop"):
     raise ConfigError(f"train.nonfinite={c.train.nonfinite!r} must be 'skip' or 'stop'")
+  if "lora" in c:
+    if int(c.lora.rank) < 0:
+      raise ConfigError(f"lora.rank={c.lora.rank} must be >= 0 (0 = full fine-tuning)")
+    if int(c.lora.rank):
+      from r1jax.model import lora
+      lcfg = lora.LoraConfig(rank=int(c.lora.rank), alpha=float(c.lora.alpha),
+                             targets=tuple(c.lora.targets) or lora.DEFAULT_TARGETS,
+                             experts=bool(c.lora.experts))
+      lora.declare(cfg, lcfg)  # raises for targets this model lacks
   if int(c.checkpoint.keep) < 1:
     raise ConfigError(f"checkpoint.keep={c.checkpoint.keep} must be >= 1")
   return cfg

@@ -130,10 +130,12 @@ def arithmetic_splits(seed: int, *, n_sft: int, n_rl: int, n_eval: int,
                       covered_digits: tuple[int, int] = (1, 2),
                       uncovered_digits: tuple[int, int] = (3, 3), ops: tuple[str, ...] = ("+",),
                       rl_uncovered_frac: float = 0.5, covered_operands: int = 2,
-                      uncovered_operands: int = 2) -> dict[str, list[dict]]:
+                      uncovered_operands: int = 2,
+                      uncovered_traces: int = 0) -> dict[str, list[dict]]:
   """Disjoint splits for the R1 recipe and its control; each record gains `bucket`.
 
-  Returns {"sft": n_sft covered problems with traces,
+  Returns {"sft": n_sft covered problems with traces (plus `uncovered_traces` traced
+           uncovered ones: a kind the cold start sees only a few times),
            "rl": n_rl problems (a `rl_uncovered_frac` share uncovered) with reasoning=None,
            "eval": n_eval covered + n_eval uncovered problems with reasoning=None}.
   The eval set is drawn first, so it does not change when the training sizes do.
@@ -155,6 +157,9 @@ def arithmetic_splits(seed: int, *, n_sft: int, n_rl: int, n_eval: int,
   n_rl_uncovered = round(n_rl * rl_uncovered_frac)
   eval_ = answers_only(draw(n_eval, "covered", 0) + draw(n_eval, "uncovered", 1))
   sft = draw(n_sft, "covered", 2)
+  if uncovered_traces:
+    sft = sft + draw(uncovered_traces, "uncovered", 6)
+    sft = [sft[i] for i in np.random.default_rng([seed, 7]).permutation(len(sft))]
   rl = answers_only(draw(n_rl - n_rl_uncovered, "covered", 3) +
                     draw(n_rl_uncovered, "uncovered", 4))
   # Interleave covered and uncovered RL prompts so any prefix of the list mixes both.

@@ -44,6 +44,8 @@ class Context:
   splits: dict | None = None  # task splits: sft / rl / eval records
   outputs: dict = dataclasses.field(default_factory=dict)  # stage name -> (cfg, params)
   peak_flops: float = float("nan")  # the job's peak FLOP/s (r1jax.flops), for MFU
+  # LoRA stages: name -> (LoraConfig, {"adapters", "router_bias"}): what the stage's output holds
+  lora_outputs: dict = dataclasses.field(default_factory=dict)
 
   def stage_dir(self, name: str) -> epath.Path:
     return self.workdir / "checkpoints" / name
@@ -121,9 +123,10 @@ def train_loop(ctx: Context, name: str, state, *, steps: int,
                       every_steps=int(c.checkpoint.every_steps),
                       async_save=bool(c.checkpoint.async_save))
   start, last = 0, {}
-  restored = ckpt.restore(abstract_like(state))
+  # a LoRA state's frozen base is not checkpointed: it is where the stage started from
+  restored = ckpt.restore(abstract_like(_saved_part(state)))
   if restored is not None:
-    state, extra, start = restored
+    state, extra, start = _with_base(restored[0], state), restored[1], restored[2]
     if data_iter is not None and extra.get("data") is not None:
       data_iter.set_state(extra["data"])
     last = extra.get("metrics", {})
@@ -133,7 +136,7 @@ def train_loop(ctx: Context, name: str, state, *, steps: int,
     extra = {"data": data_iter.get_state() if data_iter is not None else None,
              "metrics": metrics}
     ctx.log.flush()  # the metrics up to a checkpoint outlive a kill (gs:// buffers them)
-    ckpt.save(step, state, extra)
+    ckpt.save(step, _saved_part(state), extra)
 
   every = max(int(c.log.every_steps), 1)
   with _Preemption() as pre:
@@ -167,6 +170,21 @@ def train_loop(ctx: Context, name: str, state, *, steps: int,
   return state, last
 
 
+def _saved_part(state):
+  """What a checkpoint holds of a stage's state (a TrainState, or GRPO's {train, ref})."""
+  if isinstance(state, dict):
+    return {k: _saved_part(v) for k, v in state.items()}
+  return state_lib.without_base(state) if isinstance(state, state_lib.TrainState) else state
+
+
+def _with_base(restored, like):
+  if isinstance(like, dict):
+    return {k: _with_base(restored[k], v) for k, v in like.items()}
+  if isinstance(like, state_lib.TrainState) and like.base is not None:
+    return restored.replace(base=like.base)
+  return restored
+
+
 def _throughput(metrics: dict, flops_before: float, peak_flops: float) -> None:
   """tokens_per_sec, model FLOP/s, MFU and the stage's running FLOP total, in place. `flops` is
   the step's model FLOPs (r1jax.flops), set by the stage."""
@@ -179,7 +197,26 @@ def _throughput(metrics: dict, flops_before: float, peak_flops: float) -> None:
     metrics["mfu"] = metrics["model_flops_per_sec"] / peak_flops
 
 
-def new_state(ctx: Context, params, tx, name: str):
+def lora_config(ctx: Context):
+  """The run's LoRA settings (config section `lora`; rank 0 = full fine-tuning), or None."""
+  section = ctx.config.get("lora")
+  if section is None or int(section.rank) == 0:
+    return None
+  from r1jax.model import lora
+  return lora.LoraConfig(rank=int(section.rank), alpha=float(section.alpha),
+                         targets=tuple(section.targets) or lora.DEFAULT_TARGETS,
+                         experts=bool(section.experts))
+
+
+def record_lora_output(ctx: Context, name: str, state) -> None:
+  """A LoRA stage's output is its adapters and correction biases, on top of its base."""
+  if state.lora is not None:
+    ctx.lora_outputs[name] = (state.lora, {"adapters": state.params,
+                                           "router_bias": state.router_bias})
+
+
+def new_state(ctx: Context, params, tx, name: str, cfg: ModelConfig | None = None,
+              lora_cfg=None):
   """A fresh train state, on a copy of `params`, placed on the mesh.
 
   The copy: the step donates its state, and the stage's input model may still be needed (a
@@ -188,7 +225,13 @@ def new_state(ctx: Context, params, tx, name: str):
   checkpoint (which keeps each leaf's sharding) can enter the jitted step under the mesh. This
   holds on a one-device mesh too: the step returns those leaves with a mesh sharding, and a
   first step fed single-device leaves would compile the step a second time at step 2."""
-  state = state_lib.create(jax.tree.map(jnp.copy, params), tx, ctx.seed(name))
+  adapters = None
+  if lora_cfg is not None:
+    from r1jax.model import lora
+    adapters = lora.init_sharded(cfg, lora_cfg, params,
+                                 jax.random.PRNGKey(ctx.seed(name + "/lora")), ctx.mesh)
+  state = state_lib.create(jax.tree.map(jnp.copy, params), tx, ctx.seed(name), adapters=adapters,
+                           lora_cfg=lora_cfg)
   replicated = jax.sharding.NamedSharding(ctx.mesh, jax.sharding.PartitionSpec())
   return jax.tree.map(lambda x: jax.device_put(x, replicated)
                       if isinstance(x.sharding, jax.sharding.SingleDeviceSharding) else x, state)

@@ -62,12 +62,15 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
                             eps_low=s.eps_low, eps_high=s.eps_high, beta=s.beta, budget=N,
                             is_correction=s.is_correction, is_threshold=s.is_threshold,
                             is_threshold_low=s.is_threshold_low)
+  lora_cfg = common.lora_config(ctx)
+  # the reference policy: with LoRA the frozen base itself, else a copy of the start params
   step_fn = train.make_step(loss, tx, lr, accum_steps=int(c.train.accum_steps),
                             bias_gamma=float(c.train.bias_gamma) if cfg.is_moe else 0.0,
-                            nonfinite=c.train.nonfinite)
+                            nonfinite=c.train.nonfinite,
+                            reference_is_base=lora_cfg is not None and s.beta > 0)
   old_logprobs = grpo_lib.old_logprobs_fn(pcfg) if s.is_correction != "none" else None
-  state = {"train": common.new_state(ctx, params, tx, name),
-           "ref": params if s.beta > 0 else None}
+  state = {"train": common.new_state(ctx, params, tx, name, cfg, lora_cfg),
+           "ref": params if s.beta > 0 and lora_cfg is None else None}
   seed = ctx.seed(name)
   it = pipeline.prompt_batches(ctx.splits["rl"], batch_size=s.prompts_per_step, seed=seed)
   sampling = engine.Sampling(max_new_tokens=N, temperature=s.temperature, top_p=s.top_p,
@@ -117,7 +120,7 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
                 rollout_tokens_per_sec=float(lengths.sum()) / max(time.time() - t0, 1e-9))
     host.update(fresh.reward_means())
     B, T = batch.tokens.shape
-    update_flops = s.mu * flops.train_flops(pcfg, B * T, T)
+    update_flops = s.mu * flops.train_flops(pcfg, B * T, T, frozen_weights=lora_cfg is not None)
     if s.beta > 0:
       update_flops += s.mu * flops.forward_flops(pcfg, B * T, T)
     batch = common.shard(ctx, batch)
@@ -137,12 +140,13 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
     ref = st["ref"]
     if ref is not None and s.ref_refresh_every and \
         (int(train_state.step) // s.mu) % s.ref_refresh_every == 0:
-      ref = train.full_params(train_state)
+      ref = train.full_params(train_state)  # (a LoRA reference is the base: never refreshed)
     return {"train": train_state, "ref": ref}, metrics
 
   with jax.set_mesh(ctx.mesh):
     state, metrics = common.train_loop(ctx, name, state, steps=steps, next_batch=next_batch,
                                        data_iter=it, update=update, log_keys=("reward", "loss"))
+  common.record_lora_output(ctx, name, state["train"])
   ctx.models["policy"] = (cfg, train.full_params(state["train"]))
   return metrics
 

@@ -73,7 +73,7 @@ def sft_iterator(ctx: common.Context, records, stage_cfg, name: str):
 
 
 def _run(ctx: common.Context, name: str, stage_cfg, cfg: ModelConfig, params, loss_fn,
-         frozen=None, *, step_flops: float):
+         frozen=None, *, step_flops: float, lora_cfg=None):
   c = ctx.config
   steps = common.stage_steps(ctx, stage_cfg)
   optim_cfg = common.merged(c.optim, stage_cfg.optim)
@@ -83,7 +83,7 @@ def _run(ctx: common.Context, name: str, stage_cfg, cfg: ModelConfig, params, lo
     ctx.log.info(f"[{name}] WARNING: no training records (the data file is empty); the stage "
                  "leaves the model unchanged")
     return params, {"skipped_no_data": 1.0}
-  state = common.new_state(ctx, params, tx, name)
+  state = common.new_state(ctx, params, tx, name, cfg, lora_cfg)
   it = sft_iterator(ctx, records, stage_cfg, name)
   step_fn = train.make_step(loss_fn, tx, lr, accum_steps=int(c.train.accum_steps),
                             bias_gamma=float(c.train.bias_gamma) if cfg.is_moe else 0.0,
@@ -96,6 +96,7 @@ def _run(ctx: common.Context, name: str, stage_cfg, cfg: ModelConfig, params, lo
   with jax.set_mesh(ctx.mesh):
     state, metrics = common.train_loop(ctx, name, state, steps=steps, next_batch=next_batch,
                                        data_iter=it, update=lambda s, b: step_fn(s, b, frozen))
+  common.record_lora_output(ctx, name, state)
   return train.full_params(state), metrics
 
 
@@ -105,18 +106,22 @@ def run_sft(ctx: common.Context, name: str, stage_cfg):
   mtp_weight = float(t.mtp_weight if stage_cfg.mtp_weight is None else stage_cfg.mtp_weight)
   loss = train.sft_loss(cfg, mtp_weight=mtp_weight, balance_alpha=float(t.balance_alpha))
   use_mtp = mtp_weight > 0 and cfg.is_moe and cfg.num_nextn_predict_layers > 0
+  lora_cfg = common.lora_config(ctx)
   params, metrics = _run(ctx, name, stage_cfg, cfg, params, loss,
-                         step_flops=sft_step_flops(ctx, cfg, use_mtp=use_mtp))
+                         step_flops=sft_step_flops(ctx, cfg, use_mtp=use_mtp,
+                                                   lora=lora_cfg is not None),
+                         lora_cfg=lora_cfg)
   ctx.models["policy"] = (cfg, params)
   return metrics
 
 
-def sft_step_flops(ctx: common.Context, cfg: ModelConfig, *, use_mtp: bool = False) -> float:
+def sft_step_flops(ctx: common.Context, cfg: ModelConfig, *, use_mtp: bool = False,
+                   lora: bool = False) -> float:
   """Model FLOPs of one SFT step: every position of the [batch, seq_len] batch (packed rows are
   nearly full; padding costs what a token costs)."""
   c = ctx.config
   T = int(c.data.seq_len)
-  return flops.train_flops(cfg, int(c.data.batch_size) * T, T, mtp=use_mtp)
+  return flops.train_flops(cfg, int(c.data.batch_size) * T, T, mtp=use_mtp, frozen_weights=lora)
 
 
 def student_config(ctx: common.Context, stage_cfg: DistillConfig) -> ModelConfig:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from r1jax.train import losses
-from r1jax.train.state import TrainState, merge_router_bias
+from r1jax.train.state import TrainState, model_params, reference_params
 
 
 # metrics that add up over micro-batches (the rest are weighted means)
@@ -38,12 +38,14 @@ def _all_finite(tree) -> jax.Array:
 
 def make_step(loss_fn: Callable, tx, lr_schedule=None, *, accum_steps: int = 1,
               bias_gamma: float = 0.0, nonfinite: str = "skip", donate: bool = True,
-              jit: bool = True):
+              jit: bool = True, reference_is_base: bool = False):
   """Build `step(state, batch, frozen=None) -> (state, metrics)`.
 
   accum_steps: the batch is split into this many micro-batches, run one after another; their
   losses and gradients combine into the full batch's (weighted by the loss's normalizer, the
   metric "_weight" a loss may return: e.g. its token count for a token mean).
+  reference_is_base: the loss's `frozen` argument is the state's LoRA base (GRPO's reference
+  policy without a second copy of the model).
   nonfinite: "skip" leaves params and optimizer state untouched when the loss, a gradient or an
   updated parameter is not finite (metrics["nonfinite"] = 1); "stop" does the same and the caller
   stops the run.
@@ -53,8 +55,10 @@ def make_step(loss_fn: Callable, tx, lr_schedule=None, *, accum_steps: int = 1,
   def step(state: TrainState, batch, frozen=None):
     rng, sub = jax.random.split(state.rng)
 
-    def loss_of(params, mb, r):
-      return loss_fn(merge_router_bias(params, state.router_bias), mb, r, frozen)
+    ref = reference_params(state) if reference_is_base else frozen
+
+    def loss_of(trainable, mb, r):
+      return loss_fn(model_params(state, trainable), mb, r, ref)
 
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
     if accum_steps == 1:
