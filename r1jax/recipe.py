@@ -22,7 +22,7 @@ import jax
 from etils import epath
 
 from r1jax import fileio, flops, hf, parallel, run_config
-from r1jax.checkpoint import load_model, save_model
+from r1jax.checkpoint import load_model, save_model, saved_lora_config, sources
 from r1jax.config import ConfigError
 from r1jax.data import pipeline as data_pipeline
 from r1jax.data import tasks
@@ -55,6 +55,11 @@ def make_splits(c) -> dict:
         uncovered_operands=int(d.uncovered_operands),
         rl_uncovered_frac=float(d.rl_uncovered_frac),
         uncovered_traces=int(d.get("uncovered_traces", 0)))
+  if d.task == "word_arithmetic":
+    lo, hi = tuple(d.covered_digits)
+    return tasks.word_problem_splits(int(c.seed), n_rl=int(d.num_rl_prompts),
+                                     n_eval=int(d.num_eval_problems), min_digits=lo,
+                                     max_digits=hi)
   if d.task == "file":
     fields = dict(prompt_field=d.prompt_field, answer_field=d.answer_field)
     splits = {"sft": [], "rl": [], "eval": []}
@@ -63,7 +68,7 @@ def make_splits(c) -> dict:
     if d.eval_file:
       splits["eval"] = data_pipeline.read_records(d.eval_file, **fields)
     return splits
-  raise ConfigError(f"data.task={d.task!r} must be 'arithmetic' or 'file'")
+  raise ConfigError(f"data.task={d.task!r} must be 'arithmetic', 'word_arithmetic' or 'file'")
 
 
 def split_sizes(splits: dict) -> dict:
@@ -88,7 +93,7 @@ class Recipe:
     self.stages = run_config.stage_configs(config)  # typed (r1jax.stages.configs)
     self.is_main = jax.process_index() == 0
     mesh = parallel.make_mesh(config.mesh.to_dict())
-    tokenizer = get_tokenizer(config.data.tokenizer)
+    tokenizer = get_tokenizer(sources.resolve(config.data.tokenizer))
     if tokenizer.vocab_size > cfg.vocab_size:
       raise ConfigError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
                         f"vocabulary ({tokenizer.vocab_size})")
@@ -102,7 +107,7 @@ class Recipe:
   def _initial_policy(self):
     c, cfg = self.config, self.ctx.model_cfg
     if c.init_from:
-      loaded_cfg, params = hf.load(c.init_from, dtype=cfg.jnp_param_dtype)
+      loaded_cfg, params = hf.load(sources.resolve(c.init_from), dtype=cfg.jnp_param_dtype)
       cfg = loaded_cfg.replace(**{k: getattr(cfg, k) for k in
                                   ("dtype", "moe_impl", "capacity_factor", "remat", "attn_chunk",
                                    "expert_dispatch", "fp8", "router_impl", "router_group_fill")})
@@ -147,7 +152,11 @@ class Recipe:
                                        seed=ctx.seed(name + "/eval"),
                                        template=stage_cfg.template or c.data.template,
                                        eval_cfg=c.eval, stage=name)
-        save_model(out_dir, *ctx.models[which])  # every process writes its shards
+        if name in ctx.lora_outputs:  # adapters and biases only; the base is the stage's input
+          lora_cfg, trained = ctx.lora_outputs[name]
+          save_model(out_dir, ctx.models[which][0], trained, lora=lora_cfg)
+        else:
+          save_model(out_dir, *ctx.models[which])  # every process writes its shards
         ctx.outputs[name] = ctx.models[which]
       if stage_cfg.branch:
         ctx.models["policy"] = policy  # a control branch: the recipe continues from before it
@@ -202,8 +211,20 @@ class Recipe:
       like = parallel.abstract_params(s_cfg, ctx.mesh)
       ctx.models["student"] = ctx.outputs[name] = (s_cfg, load_model(out_dir, like))
     else:
-      cfg, like = ctx.models["policy"]
-      ctx.outputs[name] = (cfg, load_model(out_dir, like))
-      if not self.stages[name].branch:
+      s = self.stages[name]
+      cfg, base = ctx.outputs[s.start_from] if s.start_from else ctx.models["policy"]
+      lora_cfg = saved_lora_config(out_dir)
+      if lora_cfg is None:
+        params = load_model(out_dir, base)
+      else:  # a LoRA stage: its adapters and correction biases on top of its input model
+        from r1jax.model import lora
+        from r1jax.train import state as state_lib
+        model_part, bias = state_lib.split_router_bias(base)
+        trained = load_model(out_dir, {"adapters": lora.abstract_sharded(cfg, lora_cfg, ctx.mesh),
+                                       "router_bias": bias})
+        params = state_lib.merge_router_bias(lora.merge(model_part, trained["adapters"], lora_cfg),
+                                             trained["router_bias"])
+      ctx.outputs[name] = (cfg, params)
+      if not s.branch:
         ctx.models["policy"] = ctx.outputs[name]
     ctx.log.info(f"[{name}] already complete; loaded its output")

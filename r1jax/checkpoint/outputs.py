@@ -18,14 +18,27 @@ from r1jax.checkpoint.manager import abstract_like
 from r1jax.errors import CheckpointError
 
 
-def save_model(directory, cfg, params) -> None:
-  """Every process writes its shards of `params`; process 0 writes the model config."""
+def save_model(directory, cfg, params, lora=None) -> None:
+  """Every process writes its shards of `params`; process 0 writes the model config (and, for a
+  LoRA stage whose `params` are {"adapters", "router_bias"}, its LoRA config as lora.json)."""
   directory = fileio.absolute(directory)
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(directory / "params", params, force=True)
   ckptr.wait_until_finished()
   if jax.process_index() == 0:
     fileio.atomic_write_json(directory / "model_config.json", dataclasses.asdict(cfg))
+    if lora is not None:
+      fileio.atomic_write_json(directory / "lora.json", dataclasses.asdict(lora))
+
+
+def saved_lora_config(directory):
+  """The LoRA config of a stage output that holds adapters, else None."""
+  path = fileio.absolute(directory) / "lora.json"
+  if not path.exists():
+    return None
+  from r1jax.model import lora
+  fields = json.loads(path.read_text())
+  return lora.LoraConfig(**dict(fields, targets=tuple(fields["targets"])))
 
 
 def load_model(directory, like_params):

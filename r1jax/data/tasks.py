@@ -78,10 +78,16 @@ def _problem(a: int, b: int, op: str, more: tuple[int, ...] = ()) -> dict:
               difficulty=max(len(str(a)), len(str(b))))
 
 
-def problem_key(question: str) -> tuple:
+def problem_key(question) -> tuple:
   """What makes two arithmetic problems the same problem: the operator and the multiset of
   operands of a sum (3+5+8, 8+5+3 and 5+3+8 are one problem: same operands, same answer), the
-  ordered pair of a difference. Splits are disjoint in these keys, not only as strings."""
+  ordered pair of a difference. Splits are disjoint in these keys, not only as strings. A record
+  (dict) may carry its key (word problems: the same sum told about other names or objects is
+  the same problem)."""
+  if isinstance(question, dict):
+    if "key" in question:
+      return tuple(question["key"])
+    question = question["question"]
   if "+" in question:
     return ("+",) + tuple(sorted(int(x) for x in question.split("+")))
   if "-" in question:
@@ -165,6 +171,67 @@ def arithmetic_splits(seed: int, *, n_sft: int, n_rl: int, n_eval: int,
   # Interleave covered and uncovered RL prompts so any prefix of the list mixes both.
   order = np.random.default_rng([seed, 5]).permutation(len(rl))
   return {"sft": sft, "rl": [rl[i] for i in order], "eval": eval_}
+
+
+# word problems: (template, operator); {a} and {b} are the operands, the answer a+b or a-b
+_WORD_TEMPLATES = (
+    ("{name} has {a} {things}. {pronoun} gets {b} more. How many {things} does {name} have now?",
+     "+"),
+    ("There are {a} {things} in a box and {b} {things} on the table. How many {things} are there "
+     "in all?", "+"),
+    ("{name} read {a} pages on Monday and {b} pages on Tuesday. How many pages did {name} read?",
+     "+"),
+    ("{name} had {a} {things} and gave {b} of them away. How many {things} does {name} have "
+     "left?", "-"),
+    ("A shelf holds {a} {things}. {b} of them are sold. How many {things} are still on the "
+     "shelf?", "-"),
+)
+_NAMES = (("Sam", "He"), ("Mia", "She"), ("Tom", "He"), ("Ana", "She"), ("Leo", "He"),
+          ("Zoe", "She"))
+_THINGS = ("apples", "marbles", "stickers", "books", "coins", "shells")
+
+
+def word_problem_records(n: int, seed, *, min_digits: int = 1, max_digits: int = 2,
+                         exclude=frozenset()) -> list[dict]:
+  """`n` one-step arithmetic word problems (sums and differences of two operands, each of
+  min..max digits; differences keep the larger operand first). Each record's `key` is its
+  arithmetic (`problem_key`): no two share one, and keys in `exclude` are never drawn. The
+  answer is the number alone."""
+  rng = np.random.default_rng(seed)
+  seen, records = set(exclude), []
+  for _ in range(50 * n + 1000):
+    if len(records) == n:
+      break
+    template, op = _WORD_TEMPLATES[int(rng.integers(len(_WORD_TEMPLATES)))]
+    a = _operand(rng, int(rng.integers(min_digits, max_digits + 1)))
+    b = _operand(rng, int(rng.integers(min_digits, max_digits + 1)))
+    if op == "-":
+      a, b = max(a, b), min(a, b)
+    key = problem_key(f"{a}{op}{b}")
+    if key in seen:
+      continue
+    seen.add(key)
+    name, pronoun = _NAMES[int(rng.integers(len(_NAMES)))]
+    things = _THINGS[int(rng.integers(len(_THINGS)))]
+    records.append(dict(question=template.format(name=name, pronoun=pronoun, things=things, a=a,
+                                                 b=b),
+                        reasoning=None, answer=str(a + b if op == "+" else a - b),
+                        difficulty=max(len(str(a)), len(str(b))), key=list(key),
+                        bucket="sum" if op == "+" else "difference"))
+  if len(records) < n:
+    raise ValueError(f"only {len(records)} distinct word problems of {min_digits}-{max_digits} "
+                     f"digits could be drawn, {n} requested")
+  return records
+
+
+def word_problem_splits(seed: int, *, n_rl: int, n_eval: int, min_digits: int = 1,
+                        max_digits: int = 2) -> dict[str, list[dict]]:
+  """R1-Zero's data: RL prompts and held-out problems (answers only, no traces), disjoint in
+  their arithmetic (`problem_key`), whatever the wording. The held-out set is drawn first."""
+  eval_ = word_problem_records(n_eval, [seed, 10], min_digits=min_digits, max_digits=max_digits)
+  rl = word_problem_records(n_rl, [seed, 11], min_digits=min_digits, max_digits=max_digits,
+                            exclude={problem_key(r) for r in eval_})
+  return {"sft": [], "rl": rl, "eval": eval_}
 
 
 def reasoning_gym_records(name: str, n: int, seed: int, **task_config) -> list[dict]:

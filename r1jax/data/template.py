@@ -6,6 +6,8 @@ Templates (all text; the tokenizer turns each marker into one token where its vo
                    Assistant: <think>                                 (the R1-Zero paper prompt)
   "r1_zero_short": {bos}User: {question}. Reply <think> </think> <answer> </answer>.
                    Assistant: <think>
+  "r1_zero_chat":  {bos}{user}<R1-Zero instruction>\n{question}{assistant}<think>
+                   (the R1-Zero instruction in a chat model's user turn, e.g. SmolLM2-Instruct)
 "r1_zero_short" keeps the R1-Zero shape (instruction, plain-text roles, tags named in the prompt)
 in ~40 char-tokens instead of ~400, so a 3-digit arithmetic example stays under ~96 tokens with
 the char tokenizer.
@@ -27,7 +29,7 @@ R1_ZERO_INSTRUCTION = (
     "<think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning process "
     "here </think> <answer> answer here </answer>. ")
 
-TEMPLATES = ("r1", "r1_zero", "r1_zero_short")
+TEMPLATES = ("r1", "r1_zero", "r1_zero_short", "r1_zero_chat")
 
 
 def format_prompt(question: str, template: str = "r1", markers: ChatMarkers = CHAR_MARKERS) -> str:
@@ -36,6 +38,9 @@ def format_prompt(question: str, template: str = "r1", markers: ChatMarkers = CH
     return f"{markers.bos}{markers.user}{question}{markers.assistant}<think>\n"
   if template == "r1_zero":
     return f"{markers.bos}{R1_ZERO_INSTRUCTION}User: {question}. Assistant: <think>"
+  if template == "r1_zero_chat":  # R1-Zero's instruction as the user turn of a chat model
+    return (f"{markers.bos}{markers.user}{R1_ZERO_INSTRUCTION}\n{question}{markers.assistant}"
+            "<think>")
   if template == "r1_zero_short":
     return (f"{markers.bos}User: {question}. Reply <think> </think> <answer> </answer>. "
             "Assistant: <think>")

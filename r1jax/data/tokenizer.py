@@ -98,12 +98,16 @@ def _token_text(value) -> str | None:
   return value
 
 
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+
 class HFTokenizer:
   """A HF `tokenizer.json` (tokenizers library) with eos/bos/pad from `tokenizer_config.json`.
 
   `path` is a directory holding `tokenizer.json` or the file itself. `eos_token` / `bos_token` /
   `pad_token` override the config. eos is required; pad falls back to eos; bos may be absent
-  (Qwen2 has none), then `bos_id` is None and the template writes no bos.
+  (Qwen2 has none), then `bos_id` is None and the template writes no bos. A ChatML vocabulary
+  (<|im_start|>, <|im_end|>) gets ChatML role markers and <|im_end|> as eos.
   """
 
   def __init__(self, path: str, *, eos_token: str | None = None, bos_token: str | None = None,
@@ -125,9 +129,17 @@ class HFTokenizer:
           config = json.load(f)
       except json.JSONDecodeError as e:
         raise DataError(f"{config_file}: line {e.lineno}: invalid JSON ({e.msg})") from None
+    chatml = all(self._tok.token_to_id(t) is not None for t in CHATML_TOKENS)
     eos = eos_token or _token_text(config.get("eos_token"))
     bos = bos_token or _token_text(config.get("bos_token"))
     pad = pad_token or _token_text(config.get("pad_token")) or eos
+    if chatml:
+      # ChatML (SmolLM2, Qwen): <|im_start|> opens every turn, so it is no bos to strip, and a
+      # turn ends with <|im_end|>; a pad distinct from eos where the vocab has <|endoftext|>
+      bos = bos_token
+      eos = eos_token or "<|im_end|>"
+      if not pad_token and pad == eos and self._tok.token_to_id("<|endoftext|>") is not None:
+        pad = "<|endoftext|>"
     if not eos:
       raise DataError(f"{config_file}: no eos_token (needed to end completions); "
                       "add it to tokenizer_config.json")
@@ -136,8 +148,12 @@ class HFTokenizer:
     self.bos_id = self._id_of(bos, "bos_token", config_file) if bos else None
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     self.special = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
-    self.markers = ChatMarkers(bos=bos or "", eos=eos, user=self._marker("User"),
-                               assistant=self._marker("Assistant"))
+    if chatml:
+      self.markers = ChatMarkers(bos=bos or "", eos=eos, user="<|im_start|>user\n",
+                                 assistant="<|im_end|>\n<|im_start|>assistant\n")
+    else:
+      self.markers = ChatMarkers(bos=bos or "", eos=eos, user=self._marker("User"),
+                                 assistant=self._marker("Assistant"))
 
   def _id_of(self, token: str, field: str, config_file: str) -> int:
     i = self._tok.token_to_id(token)

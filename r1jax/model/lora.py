@@ -177,6 +177,12 @@ def shardings(cfg: ModelConfig, lora_cfg: LoraConfig, mesh):
               lora_cfg)
 
 
+def abstract_sharded(cfg: ModelConfig, lora_cfg: LoraConfig, mesh):
+  """ShapeDtypeStructs of the adapters with their shardings on `mesh` (restore targets)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract(cfg, lora_cfg), shardings(cfg, lora_cfg, mesh))
+
+
 def num_params(cfg: ModelConfig, lora_cfg: LoraConfig) -> int:
   return sum(math.prod(s.shape) for s in jax.tree.leaves(abstract(cfg, lora_cfg)))
 
