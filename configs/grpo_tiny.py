@@ -11,7 +11,7 @@ from r1jax.run_config import base_config, stage, tiny_moe_fields
 
 def get_config(arg=None):
   del arg
-  c = base_config(**tiny_moe_fields(capacity_factor=2.0))
+  c = base_config(**tiny_moe_fields())
   c.data.update(batch_size=32, seq_len=64, num_sft_examples=400, num_eval_problems=50)
   c.optim.update(lr=2e-3, warmup_steps=20)
   c.eval.update(k=0, max_new_tokens=40)

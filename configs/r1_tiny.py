@@ -30,7 +30,7 @@ from r1jax.run_config import base_config, stage, tiny_moe_fields, tiny_student_f
 
 def get_config(arg=None):
   del arg
-  c = base_config(**tiny_moe_fields(capacity_factor=2.0))
+  c = base_config(**tiny_moe_fields())
   c.data.update(batch_size=32, seq_len=64, num_sft_examples=400, num_rl_prompts=280,
                 num_eval_problems=50, covered_digits=(1, 2), uncovered_digits=(1, 1),
                 uncovered_operands=3, uncovered_traces=20, rl_uncovered_frac=0.5)

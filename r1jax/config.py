@@ -25,7 +25,7 @@ class ConfigError(UserError, ValueError):
 
 
 MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "qwen2", "llama")
-MOE_IMPLS = ("ragged_dot", "capacity", "pallas", "dense")
+MOE_IMPLS = ("ragged_dot", "capacity", "blocked", "pallas", "dense")
 ROUTER_IMPLS = ("jnp", "pallas")
 ROUTER_GROUP_FILLS = ("neg_inf", "zero")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")

@@ -153,7 +153,7 @@ def tiny_moe_fields(**overrides) -> dict:
       max_position_embeddings=1024, original_max_position_embeddings=256, rope_factor=4.0,
       # mtp
       num_nextn_predict_layers=1,
-      moe_impl="capacity", capacity_factor=None,  # dropless; the fast path on CPU
+      moe_impl="blocked", capacity_factor=None,  # dropless; the fast path on CPU
       dtype="float32", param_dtype="float32")
   fields.update(overrides)
   return fields

@@ -92,11 +92,12 @@ def test_first_update_is_exactly_on_policy(path, stage):
 
 
 def test_scoring_with_the_capacity_limited_training_config_is_off_policy():
-  """The negative control: r1_tiny's model section trains with capacity_factor=2.0, which drops
-  expert assignments in a full-sequence forward; scored with it, the sampled tokens' log-probs
-  move (the fault the shared policy config removes)."""
+  """The negative control: a capacity-buffer training config (what r1_tiny trained with before:
+  capacity_factor=2.0; 0.5 here, so that a small batch drops too) drops expert assignments in a
+  full-sequence forward; scored with it, the sampled tokens' log-probs move (the fault the
+  shared policy config removes)."""
   path = os.path.join(ROOT, "configs", "r1_tiny.py")
-  c, cfg, params = _setup(path, {"capacity_factor": 0.5})
+  c, cfg, params = _setup(path, {"moe_impl": "capacity", "capacity_factor": 0.5})
   assert cfg.capacity_factor == 0.5
   m = _first_update_metrics(c, cfg, params, "grpo", score_cfg=cfg)
   assert m["moe_drop_frac"] > 0 and m["logp_mismatch_max"] > 1e-3, m

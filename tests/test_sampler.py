@@ -159,9 +159,9 @@ def test_data_mesh_equals_single_device(moe, prompts, moe_sampled):
 
 
 def test_policy_config_keeps_the_moe_dropless(moe, student):
-  cfg = moe[0].replace(capacity_factor=1.25)  # a training config that drops assignments
+  cfg = moe[0].replace(moe_impl="capacity", capacity_factor=1.25)  # drops assignments
   dec = sampler.policy_config(cfg)
-  assert (dec.moe_impl, dec.capacity_factor) == ("capacity", None)
+  assert (dec.moe_impl, dec.capacity_factor) == ("blocked", None)
   ragged = cfg.replace(moe_impl="ragged_dot", capacity_factor=1.25)
   assert sampler.policy_config(ragged).capacity_factor is None
   assert sampler.policy_config(student[0]) == student[0]

@@ -184,12 +184,11 @@ def policy_config(cfg: ModelConfig) -> ModelConfig:
   """The config of the policy: what generation runs and what the RL update must score with, so
   that the tokens are scored by the policy that sampled them. The MoE never drops an expert
   assignment (a dropped assignment changes a token's output depending on the other tokens in
-  the batch, which differ between a decode step and a training forward). The capacity path
-  (the CPU fast path) runs dropless: buffers of 4x the mean expert load when every expert fits,
-  else all N tokens (exact either way; on CPU this beats ragged_dot, which XLA:CPU expands into
-  a dense dot over all experts)."""
+  the batch, which differ between a decode step and a training forward): a capacity-buffer
+  config runs the blocked dropless path instead (`moe.experts_blocked`, plain XLA, the CPU fast
+  path; XLA:CPU expands ragged_dot into a dense dot over all experts)."""
   if cfg.is_moe and cfg.moe_impl == "capacity":
-    return cfg.replace(capacity_factor=None, dropless_fast_factor=4.0)
+    return cfg.replace(moe_impl="blocked", capacity_factor=None)
   if cfg.is_moe:
     return cfg.replace(capacity_factor=None)
   return cfg
