@@ -17,12 +17,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from r1jax.errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A user-facing configuration error (the launcher reports it as one line, exit code 2)."""
-
+from r1jax.errors import ConfigError  # noqa: F401  (re-exported: r1jax.config.ConfigError)
 
 MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "qwen2", "llama")
 MOE_IMPLS = ("ragged_dot", "capacity", "blocked", "pallas", "dense")

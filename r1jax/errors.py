@@ -1,4 +1,4 @@
-"""User-facing errors: the launcher prints `error: <message>` as one line and exits with 2."""
+"""Every user-facing error: the launcher prints `error: <message>` as one line and exits with 2."""
 
 
 class UserError(Exception):
@@ -11,3 +11,11 @@ class CheckpointError(UserError):
 
 class DataError(UserError):
   """A data file or record is malformed."""
+
+
+class ConfigError(UserError, ValueError):
+  """A config value breaks a rule (the message names the field and the rule)."""
+
+
+class NonFiniteError(UserError):
+  """The loss, gradients or updated params went non-finite and train.nonfinite == "stop"."""
