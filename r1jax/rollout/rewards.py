@@ -63,40 +63,40 @@ DEFAULT_TIMEOUT_S = 30.0
 
 @dataclasses.dataclass(frozen=True)
 class _Entry:
-    fn: RewardFn
-    timeout_s: float | None   # None: run inline (built-ins are bounded by construction)
+  fn: RewardFn
+  timeout_s: float | None   # None: run inline (built-ins are bounded by construction)
 
 
 _REGISTRY: dict[str, _Entry] = {}
 
 
 def register(name: str, *, timeout_s: float | None = DEFAULT_TIMEOUT_S, replace: bool = False):
-    """Decorator registering `fn(prompts, completions, **fields) -> list[float | None]` as `name`.
+  """Decorator registering `fn(prompts, completions, **fields) -> list[float | None]` as `name`.
 
-    `timeout_s` bounds one call inside `combine` (None: run inline, no bound). Registering an
-    existing name raises unless `replace=True`.
-    """
-    def decorator(fn: RewardFn) -> RewardFn:
-        if not callable(fn):
-            raise TypeError(f"reward {name!r} must be callable, got {type(fn).__name__}")
-        if name in _REGISTRY and not replace and _REGISTRY[name].fn is not fn:
-            raise ValueError(f"reward {name!r} is already registered (pass replace=True)")
-        _REGISTRY[name] = _Entry(fn, timeout_s)
-        return fn
-    return decorator
+  `timeout_s` bounds one call inside `combine` (None: run inline, no bound). Registering an
+  existing name raises unless `replace=True`.
+  """
+  def decorator(fn: RewardFn) -> RewardFn:
+    if not callable(fn):
+      raise TypeError(f"reward {name!r} must be callable, got {type(fn).__name__}")
+    if name in _REGISTRY and not replace and _REGISTRY[name].fn is not fn:
+      raise ValueError(f"reward {name!r} is already registered (pass replace=True)")
+    _REGISTRY[name] = _Entry(fn, timeout_s)
+    return fn
+  return decorator
 
 
 def get(name: str, **params) -> RewardFn:
-    """The reward function registered as `name`, with keyword `params` bound if given."""
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown reward {name!r}; registered: {', '.join(names())}")
-    fn = _REGISTRY[name].fn
-    return functools.partial(fn, **params) if params else fn
+  """The reward function registered as `name`, with keyword `params` bound if given."""
+  if name not in _REGISTRY:
+    raise KeyError(f"unknown reward {name!r}; registered: {', '.join(names())}")
+  fn = _REGISTRY[name].fn
+  return functools.partial(fn, **params) if params else fn
 
 
 def names() -> list[str]:
-    """Registered reward names, sorted."""
-    return sorted(_REGISTRY)
+  """Registered reward names, sorted."""
+  return sorted(_REGISTRY)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,87 +105,87 @@ def names() -> list[str]:
 
 def combine(weights: Mapping[str, float], prompts: Sequence, completions: Sequence, **fields
             ) -> tuple[list[float], dict[str, list[float | None]], dict[str, int]]:
-    """Weighted sum of rewards: (total per completion, scores per function, errors per function).
+  """Weighted sum of rewards: (total per completion, scores per function, errors per function).
 
-    `errors[name]` counts the completions whose score is missing because the function raised,
-    timed out, returned the wrong number of scores, or returned a non-finite or non-numeric
-    value; those scores are None in `per_fn` and add 0 to `total`. A None returned on purpose
-    (e.g. accuracy without a gold answer) also adds 0 but is not an error.
-    """
-    unknown = [name for name in weights if name not in _REGISTRY]
-    if unknown:
-        raise KeyError(f"unknown reward(s) {unknown}; registered: {', '.join(names())}")
-    n = len(completions)
-    total = [0.0] * n
-    per_fn: dict[str, list[float | None]] = {}
-    errors: dict[str, int] = {}
-    for name, weight in weights.items():
-        scores, errors[name] = _scores_or_none(name, prompts, completions, fields)
-        per_fn[name] = scores
-        for i, score in enumerate(scores):
-            if score is not None:
-                total[i] += float(weight) * score
-    return total, per_fn, errors
+  `errors[name]` counts the completions whose score is missing because the function raised,
+  timed out, returned the wrong number of scores, or returned a non-finite or non-numeric
+  value; those scores are None in `per_fn` and add 0 to `total`. A None returned on purpose
+  (e.g. accuracy without a gold answer) also adds 0 but is not an error.
+  """
+  unknown = [name for name in weights if name not in _REGISTRY]
+  if unknown:
+    raise KeyError(f"unknown reward(s) {unknown}; registered: {', '.join(names())}")
+  n = len(completions)
+  total = [0.0] * n
+  per_fn: dict[str, list[float | None]] = {}
+  errors: dict[str, int] = {}
+  for name, weight in weights.items():
+    scores, errors[name] = _scores_or_none(name, prompts, completions, fields)
+    per_fn[name] = scores
+    for i, score in enumerate(scores):
+      if score is not None:
+        total[i] += float(weight) * score
+  return total, per_fn, errors
 
 
 def _scores_or_none(name: str, prompts, completions, fields) -> tuple[list[float | None], int]:
-    """Calls one registered function under its bound; returns its checked scores and error count."""
-    n = len(completions)
-    entry = _REGISTRY[name]
-    try:
-        raw = _call_bounded(name, entry, prompts, completions, fields)
-    except Exception as e:  # the run must survive any reward bug
-        log.warning("reward %r failed with %s: %s", name, type(e).__name__, _short(e))
-        return [None] * n, n
-    # Any sized iterable of scores will do (a list, a tuple, a numpy array).
-    if isinstance(raw, (str, bytes, Mapping)) or not hasattr(raw, "__len__") or len(raw) != n:
-        log.warning("reward %r returned %s instead of %d scores", name, _describe(raw), n)
-        return [None] * n, n
-    scores, bad = [], 0
-    for value in list(raw):
-        if value is None:
-            scores.append(None)
-        elif isinstance(value, numbers.Real) and math.isfinite(float(value)):
-            scores.append(float(value))
-        else:
-            scores.append(None)
-            bad += 1
-    if bad:
-        log.warning("reward %r returned %d non-finite or non-numeric score(s)", name, bad)
-    return scores, bad
+  """Calls one registered function under its bound; returns its checked scores and error count."""
+  n = len(completions)
+  entry = _REGISTRY[name]
+  try:
+    raw = _call_bounded(name, entry, prompts, completions, fields)
+  except Exception as e:  # the run must survive any reward bug
+    log.warning("reward %r failed with %s: %s", name, type(e).__name__, _short(e))
+    return [None] * n, n
+# Any sized iterable of scores will do (a list, a tuple, a numpy array).
+  if isinstance(raw, (str, bytes, Mapping)) or not hasattr(raw, "__len__") or len(raw) != n:
+    log.warning("reward %r returned %s instead of %d scores", name, _describe(raw), n)
+    return [None] * n, n
+  scores, bad = [], 0
+  for value in list(raw):
+    if value is None:
+      scores.append(None)
+    elif isinstance(value, numbers.Real) and math.isfinite(float(value)):
+      scores.append(float(value))
+    else:
+      scores.append(None)
+      bad += 1
+  if bad:
+    log.warning("reward %r returned %d non-finite or non-numeric score(s)", name, bad)
+  return scores, bad
 
 
 def _call_bounded(name: str, entry: _Entry, prompts, completions, fields):
-    """Runs entry.fn inline, or in a daemon thread when it has a timeout (TimeoutError past it)."""
-    if entry.timeout_s is None:
-        return entry.fn(prompts, completions, **fields)
-    box: dict[str, Any] = {}
+  """Runs entry.fn inline, or in a daemon thread when it has a timeout (TimeoutError past it)."""
+  if entry.timeout_s is None:
+    return entry.fn(prompts, completions, **fields)
+  box: dict[str, Any] = {}
 
-    def target():
-        try:
-            box["value"] = entry.fn(prompts, completions, **fields)
-        except BaseException as e:  # reported to the caller's thread below
-            box["error"] = e
+  def target():
+    try:
+      box["value"] = entry.fn(prompts, completions, **fields)
+    except BaseException as e:  # reported to the caller's thread below
+      box["error"] = e
 
-    thread = threading.Thread(target=target, name=f"reward-{name}", daemon=True)
-    thread.start()
-    thread.join(entry.timeout_s)
-    if thread.is_alive():
-        raise TimeoutError(f"no result within {entry.timeout_s} s (thread left running)")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+  thread = threading.Thread(target=target, name=f"reward-{name}", daemon=True)
+  thread.start()
+  thread.join(entry.timeout_s)
+  if thread.is_alive():
+    raise TimeoutError(f"no result within {entry.timeout_s} s (thread left running)")
+  if "error" in box:
+    raise box["error"]
+  return box["value"]
 
 
 def _short(e: BaseException) -> str:
-    text = str(e)
-    return text if len(text) <= 200 else text[:200] + "..."
+  text = str(e)
+  return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _describe(value) -> str:
-    if hasattr(value, "__len__") and not isinstance(value, (str, bytes, Mapping)):
-        return f"{len(value)} values"
-    return type(value).__name__
+  if hasattr(value, "__len__") and not isinstance(value, (str, bytes, Mapping)):
+    return f"{len(value)} values"
+  return type(value).__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,64 +195,64 @@ def _describe(value) -> str:
 @register("accuracy", timeout_s=None)
 def accuracy(prompts, completions, answer=None, task=None, entry=None,
              timeout_s: float = _verify.DEFAULT_TIMEOUT_S, **_) -> list[float | None]:
-    """1.0 if the completion's final answer equals the gold `answer`, 0.0 if not, None if no gold.
+  """1.0 if the completion's final answer equals the gold `answer`, 0.0 if not, None if no gold.
 
-    The final answer is the last balanced `\\boxed{...}`, else the last `<answer>...</answer>`.
-    Equality: exact for plain numbers, else math-verify `verify(parse(gold), parse(pred))` in a
-    child process bounded by `timeout_s` per comparison (timeouts score 0.0).
-    Reasoning-gym: a `task` that has `score_answer(answer, entry)` (a dataset object), or a
-    dataset name in `task` or in `entry["metadata"]["source_dataset"]`, is scored by that
-    dataset's verifier when reasoning_gym is installed (else by the gold answer as above).
-    """
-    n = len(completions)
-    golds = per_completion(answer, n, "answer")
-    tasks = per_completion(task, n, "task")
-    entries = per_completion(entry, n, "entry")
-    return [_accuracy_one(text_of(c), g, t, e, timeout_s)
-            for c, g, t, e in zip(completions, golds, tasks, entries)]
+  The final answer is the last balanced `\\boxed{...}`, else the last `<answer>...</answer>`.
+  Equality: exact for plain numbers, else math-verify `verify(parse(gold), parse(pred))` in a
+  child process bounded by `timeout_s` per comparison (timeouts score 0.0).
+  Reasoning-gym: a `task` that has `score_answer(answer, entry)` (a dataset object), or a
+  dataset name in `task` or in `entry["metadata"]["source_dataset"]`, is scored by that
+  dataset's verifier when reasoning_gym is installed (else by the gold answer as above).
+  """
+  n = len(completions)
+  golds = per_completion(answer, n, "answer")
+  tasks = per_completion(task, n, "task")
+  entries = per_completion(entry, n, "entry")
+  return [_accuracy_one(text_of(c), g, t, e, timeout_s)
+          for c, g, t, e in zip(completions, golds, tasks, entries)]
 
 
 def _accuracy_one(completion: str, gold, task, entry, timeout_s: float) -> float | None:
-    scorer = _task_scorer(task, entry)
-    if scorer is not None:
-        if not isinstance(entry, Mapping):
-            entry = {"answer": gold, "metadata": {}}
-        return float(scorer(_verify.extract_answer(completion), entry))
-    if gold is None and isinstance(entry, Mapping):
-        gold = entry.get("answer")
-    if gold is None:
-        return None
-    pred = _verify.extract_answer(completion)
-    if pred is None:
-        return 0.0
-    gold = str(gold)
-    gold = (_verify.last_boxed(gold) or gold).strip()
-    return 1.0 if _verify.is_equivalent(gold, pred, timeout_s) else 0.0
+  scorer = _task_scorer(task, entry)
+  if scorer is not None:
+    if not isinstance(entry, Mapping):
+      entry = {"answer": gold, "metadata": {}}
+    return float(scorer(_verify.extract_answer(completion), entry))
+  if gold is None and isinstance(entry, Mapping):
+    gold = entry.get("answer")
+  if gold is None:
+    return None
+  pred = _verify.extract_answer(completion)
+  if pred is None:
+    return 0.0
+  gold = str(gold)
+  gold = (_verify.last_boxed(gold) or gold).strip()
+  return 1.0 if _verify.is_equivalent(gold, pred, timeout_s) else 0.0
 
 
 def _task_scorer(task, entry) -> Callable | None:
-    """`score_answer(answer, entry)` for a reasoning-gym task, or None to use the gold answer."""
-    if callable(getattr(task, "score_answer", None)):
-        return task.score_answer
-    name = task if isinstance(task, str) else None
-    if name is None and isinstance(entry, Mapping):
-        metadata = entry.get("metadata")
-        if isinstance(metadata, Mapping) and isinstance(metadata.get("source_dataset"), str):
-            name = metadata["source_dataset"]
-    return None if name is None else _reasoning_gym_scorer(name)
+  """`score_answer(answer, entry)` for a reasoning-gym task, or None to use the gold answer."""
+  if callable(getattr(task, "score_answer", None)):
+    return task.score_answer
+  name = task if isinstance(task, str) else None
+  if name is None and isinstance(entry, Mapping):
+    metadata = entry.get("metadata")
+    if isinstance(metadata, Mapping) and isinstance(metadata.get("source_dataset"), str):
+      name = metadata["source_dataset"]
+  return None if name is None else _reasoning_gym_scorer(name)
 
 
 @functools.lru_cache(maxsize=None)
 def _reasoning_gym_scorer(name: str) -> Callable | None:
-    """The named reasoning-gym dataset's `score_answer`, or None if the package is missing."""
-    try:
-        import reasoning_gym
-    except ImportError:
-        return None
-    factory = getattr(reasoning_gym, "factory", None)
-    if hasattr(factory, "get_score_answer_fn"):
-        return factory.get_score_answer_fn(name)
-    return reasoning_gym.create_dataset(name, size=1, seed=0).score_answer
+  """The named reasoning-gym dataset's `score_answer`, or None if the package is missing."""
+  try:
+    import reasoning_gym
+  except ImportError:
+    return None
+  factory = getattr(reasoning_gym, "factory", None)
+  if hasattr(factory, "get_score_answer_fn"):
+    return factory.get_score_answer_fn(name)
+  return reasoning_gym.create_dataset(name, size=1, seed=0).score_answer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,24 +264,24 @@ def cosine(prompts, completions, answer=None, task=None, entry=None, completion_
            min_value_wrong: float = -1.0, max_value_wrong: float = -0.5,
            min_value_correct: float = 0.5, max_value_correct: float = 1.0,
            max_len: int = 1000, **_) -> list[float | None]:
-    """Correctness scaled by length along a half cosine (defaults of open-r1's reward function).
+  """Correctness scaled by length along a half cosine (defaults of open-r1's reward function).
 
-    Correct: max_value_correct at length 0 down to min_value_correct at max_len (short and right
-    is best). Wrong: min_value_wrong at length 0 up to max_value_wrong at max_len (a long wrong
-    attempt is punished less than a short one). Lengths past max_len count as max_len. Length in
-    tokens from `completion_lengths` if given, else in characters. None where accuracy is None.
-    """
-    correct = accuracy(prompts, completions, answer=answer, task=task, entry=entry)
-    scores = []
-    for ok, length in zip(correct, _text_rewards.lengths(completions, completion_lengths)):
-        if ok is None:
-            scores.append(None)
-            continue
-        at_zero, at_max = ((max_value_correct, min_value_correct) if ok >= 1.0
-                           else (min_value_wrong, max_value_wrong))
-        progress = min(length / max_len, 1.0)
-        scores.append(at_max + 0.5 * (at_zero - at_max) * (1.0 + math.cos(math.pi * progress)))
-    return scores
+  Correct: max_value_correct at length 0 down to min_value_correct at max_len (short and right
+  is best). Wrong: min_value_wrong at length 0 up to max_value_wrong at max_len (a long wrong
+  attempt is punished less than a short one). Lengths past max_len count as max_len. Length in
+  tokens from `completion_lengths` if given, else in characters. None where accuracy is None.
+  """
+  correct = accuracy(prompts, completions, answer=answer, task=task, entry=entry)
+  scores = []
+  for ok, length in zip(correct, _text_rewards.lengths(completions, completion_lengths)):
+    if ok is None:
+      scores.append(None)
+      continue
+    at_zero, at_max = ((max_value_correct, min_value_correct) if ok >= 1.0
+                       else (min_value_wrong, max_value_wrong))
+    progress = min(length / max_len, 1.0)
+    scores.append(at_max + 0.5 * (at_zero - at_max) * (1.0 + math.cos(math.pi * progress)))
+  return scores
 
 
 # Linear-time text scans: bounded by construction, so they run inline in `combine`.
@@ -291,4 +291,4 @@ for _name, _fn in [("format", _text_rewards.format_reward),
                    ("language", _text_rewards.language),
                    ("repetition", _text_rewards.repetition),
                    ("soft_overlong", _text_rewards.soft_overlong)]:
-    register(_name, timeout_s=None)(_fn)
+  register(_name, timeout_s=None)(_fn)
