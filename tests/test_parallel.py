@@ -12,13 +12,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib.util
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from r1jax import model, parallel, run_config, train
 from r1jax.config import ConfigError, ModelConfig
@@ -30,7 +32,7 @@ from testing import jit, random_params
 
 # 1 dense + 1 MoE layer and one MTP module (itself an MoE layer): 16 experts, top-2, 4 groups
 CFG = ModelConfig.from_config(run_config.tiny_moe_fields(
-    num_hidden_layers=2, capacity_factor=None, num_nextn_predict_layers=1))
+    num_hidden_layers=2, moe_impl="capacity", capacity_factor=None, num_nextn_predict_layers=1))
 B, T = 8, 32  # B divides every mesh's batch split (8 or 4 devices)
 MESHES = {"data8": dict(data=8), "data2_expert4": dict(data=2, expert=4),
           "fsdp2_expert2_tensor2": dict(fsdp=2, expert=2, tensor=2)}
@@ -173,6 +175,45 @@ def test_rules_put_experts_on_expert_and_dense_weights_on_fsdp():
   # an axis that does not divide a dimension is dropped instead of failing
   odd = parallel.spec_for(("exp", "embed"), (6, 128), parallel.make_mesh(dict(expert=4, fsdp=2)))
   assert odd == P(None, ("fsdp", "expert"))
+
+
+def _shipped_config(name):
+  """configs/NAME.py's get_config()."""
+  path = os.path.join(os.path.dirname(__file__), os.pardir, "configs", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+LARGE = 2**20  # bytes: a parameter this big must not sit whole on every device
+
+
+@pytest.mark.parametrize("name,num_devices", [("deepseek_v3_671b", 256), ("deepseek_v2_lite", 64)])
+def test_full_size_parameters_split_over_the_whole_mesh(name, num_devices):
+  """The shipped configs on their default meshes (abstract: spec_for reads only the axis sizes):
+  every parameter over 1 MiB is split over all devices (none replicated, as MLA's q_b / kv_b and
+  the stacked norms were), so a device holds 1/num_devices of the parameters, and of their
+  gradients and AdamW moments, which take the same specs."""
+  config = _shipped_config(name)
+  cfg = ModelConfig.from_config(config.model)
+  mesh = parallel.abstract_mesh(config.mesh.to_dict(), num_devices)
+  shapes, specs = model.abstract(cfg), parallel.param_specs(cfg, mesh)
+  total = per_device = 0
+  replicated, partly_split = [], []
+  for (path, x), spec in zip(jax.tree.flatten_with_path(shapes)[0], jax.tree.leaves(
+      specs, is_leaf=lambda s: isinstance(s, P))):
+    nbytes = x.size * x.dtype.itemsize
+    shard_bytes = math.prod(NamedSharding(mesh, spec).shard_shape(x.shape)) * x.dtype.itemsize
+    total, per_device = total + nbytes, per_device + shard_bytes
+    if nbytes > LARGE and shard_bytes == nbytes:
+      replicated.append(jax.tree_util.keystr(path))
+    elif nbytes > LARGE and shard_bytes * num_devices != nbytes:
+      partly_split.append((jax.tree_util.keystr(path), spec))
+  assert not replicated, replicated
+  assert not partly_split, partly_split
+  assert total > (1000 if name == "deepseek_v3_671b" else 50) * 2**30  # the real sizes (fp32)
+  assert per_device <= 1.05 * total / num_devices, (per_device / 2**30, total / num_devices / 2**30)
 
 
 @pytest.mark.parametrize("mesh_cfg,match", [

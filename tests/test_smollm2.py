@@ -99,8 +99,12 @@ def test_r1jax_tokenizer_reads_the_converted_tokenizer(converted, loaded, chat_i
   tok = get_tokenizer(converted)
   assert tok.encode(text) == ids
   assert tok.decode(ids) == text
-  assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == (49152, 1, 2, 2)
+  # ChatML: <|im_start|> opens every turn (no bos to strip), <|im_end|> ends one (eos), and
+  # padding is <|endoftext|>, not eos
+  assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == (49152, None, 2, 0)
   assert tok.eos_id == cfg.eos_token_id and tok.special["<|im_end|>"] == tok.eos_id
+  assert tok.markers.user == "<|im_start|>user\n"
+  assert tok.markers.assistant == "<|im_end|>\n<|im_start|>assistant\n"
 
 
 def test_ensure_reuses_the_cache(converted, monkeypatch):

@@ -49,6 +49,10 @@ def _close(values, expected, where):
     assert sorted(values) == sorted(expected), where
     for k in expected:
       _close(values[k], expected[k], f"{where}.{k}")
+  elif isinstance(expected, list):
+    assert isinstance(values, list) and len(values) == len(expected), where
+    for i, (v, e) in enumerate(zip(values, expected)):
+      _close(v, e, f"{where}[{i}]")
   elif isinstance(expected, float) and isinstance(values, float):
     assert math.isclose(values, expected, rel_tol=RTOL, abs_tol=ATOL), (where, values, expected)
   else:
