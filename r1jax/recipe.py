@@ -54,7 +54,8 @@ def make_splits(c) -> dict:
         uncovered_digits=tuple(d.uncovered_digits), covered_operands=int(d.covered_operands),
         uncovered_operands=int(d.uncovered_operands),
         rl_uncovered_frac=float(d.rl_uncovered_frac),
-        uncovered_traces=int(d.get("uncovered_traces", 0)))
+        uncovered_traces=int(d.get("uncovered_traces", 0)),
+        covered_long_operands=d.get("covered_long_operands", None))
   if d.task == "word_arithmetic":
     lo, hi = tuple(d.covered_digits)
     return tasks.word_problem_splits(int(c.seed), n_rl=int(d.num_rl_prompts),

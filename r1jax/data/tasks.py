@@ -98,9 +98,10 @@ def problem_key(question) -> tuple:
 
 def arithmetic_records(n: int, seed: int, min_digits: int = 1, max_digits: int = 3,
                        ops: tuple[str, ...] = ("+",), exclude=frozenset(),
-                       operands: int = 2) -> list[dict]:
+                       operands: int = 2, long_operands: int | None = None) -> list[dict]:
   """`n` distinct problems, each operand with a digit count uniform in [min_digits, max_digits];
-  `operands` > 2 makes chains a+b+c... (addition only).
+  `operands` > 2 makes chains a+b+c... (addition only). `long_operands` caps how many operands
+  may have more than min_digits digits (1: 7+45 but not 23+45).
 
   Deterministic in (n, seed, min_digits, max_digits, ops, exclude, operands); problems whose
   `problem_key` is in `exclude` are never drawn, and no two drawn problems share a key. Raises
@@ -121,6 +122,9 @@ def arithmetic_records(n: int, seed: int, min_digits: int = 1, max_digits: int =
     b = _operand(rng, int(rng.integers(min_digits, max_digits + 1)))
     more = tuple(_operand(rng, int(rng.integers(min_digits, max_digits + 1)))
                  for _ in range(operands - 2))
+    if long_operands is not None and sum(
+        len(str(x)) > min_digits for x in (a, b) + more) > long_operands:
+      continue
     record = _problem(a, b, op, more)
     key = problem_key(record["question"])
     if key not in seen:
@@ -136,8 +140,8 @@ def arithmetic_splits(seed: int, *, n_sft: int, n_rl: int, n_eval: int,
                       covered_digits: tuple[int, int] = (1, 2),
                       uncovered_digits: tuple[int, int] = (3, 3), ops: tuple[str, ...] = ("+",),
                       rl_uncovered_frac: float = 0.5, covered_operands: int = 2,
-                      uncovered_operands: int = 2,
-                      uncovered_traces: int = 0) -> dict[str, list[dict]]:
+                      uncovered_operands: int = 2, uncovered_traces: int = 0,
+                      covered_long_operands: int | None = None) -> dict[str, list[dict]]:
   """Disjoint splits for the R1 recipe and its control; each record gains `bucket`.
 
   Returns {"sft": n_sft covered problems with traces (plus `uncovered_traces` traced
@@ -146,14 +150,14 @@ def arithmetic_splits(seed: int, *, n_sft: int, n_rl: int, n_eval: int,
            "eval": n_eval covered + n_eval uncovered problems with reasoning=None}.
   The eval set is drawn first, so it does not change when the training sizes do.
   """
-  buckets = {"covered": (covered_digits, covered_operands),
-             "uncovered": (uncovered_digits, uncovered_operands)}
+  buckets = {"covered": (covered_digits, covered_operands, covered_long_operands),
+             "uncovered": (uncovered_digits, uncovered_operands, None)}
   taken: set[tuple] = set()
 
   def draw(n, bucket, stream):
-    (lo, hi), operands = buckets[bucket]
+    (lo, hi), operands, long_operands = buckets[bucket]
     records = arithmetic_records(n, seed=[seed, stream], min_digits=lo, max_digits=hi, ops=ops,
-                                 exclude=taken, operands=operands)
+                                 exclude=taken, operands=operands, long_operands=long_operands)
     taken.update(problem_key(r["question"]) for r in records)
     return [dict(r, bucket=bucket) for r in records]
 

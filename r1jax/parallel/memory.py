@@ -80,6 +80,9 @@ def report(config, num_devices: int | None = None) -> str:
   opt_b = _bytes_per_device(state.opt_state)
   temp_b = int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else 0
   sizes = dict(zip(parallel.AXES, mesh.devices.shape))
+  # optim.mu_dtype sets the first moment only; optax keeps the second in the parameter dtype
+  moment_dtypes = " + ".join(sorted({jnp.dtype(x.dtype).name for x in
+                                     jax.tree.leaves(state.opt_state) if x.ndim}))
   lines = [
       f"dry run: {cfg.model_type}, {cfg.num_params() / 1e9:.1f}B parameters, "
       f"mesh {sizes} ({n} devices), batch {B} x {T} tokens, remat={cfg.remat}",
@@ -88,8 +91,7 @@ def report(config, num_devices: int | None = None) -> str:
       f"compiled the SFT train step in {seconds:.1f} s on {jax.devices()[0].platform}",
       "per device:",
       f"  parameters        {params_b / GiB:9.2f} GiB ({cfg.param_dtype})",
-      f"  optimizer state   {opt_b / GiB:9.2f} GiB (AdamW moments"
-      f"{', ' + config.optim.mu_dtype if config.optim.mu_dtype else ''})",
+      f"  optimizer state   {opt_b / GiB:9.2f} GiB (AdamW moments: {moment_dtypes})",
       f"  temporaries       {temp_b / GiB:9.2f} GiB (activations, gradients, buffers; "
       "XLA memory analysis)",
       f"  total             {(params_b + opt_b + temp_b) / GiB:9.2f} GiB",

@@ -2,8 +2,11 @@
 
 Dense weights shard their model dimension over `fsdp` (and `expert`, which is plain data
 parallelism outside the MoE layers); expert weights shard the expert dimension over `expert`;
-heads and FFN widths over `tensor`. A mesh axis is used at most once per array, and an axis is
-dropped for a dimension it does not divide (small models on big meshes stay correct).
+heads and FFN widths over `tensor`. Weights without a model dimension (MLA's up-projections
+q_b [q_lora, H, hd] and kv_b [kv_lora, H, hd], stacked norms [L, D]) shard their input dimension
+over `fsdp` x `expert` the same way, so no large weight (nor its gradient and AdamW moments) is
+replicated. A mesh axis is used at most once per array, and an axis is dropped for a dimension it
+does not divide (small models on big meshes stay correct).
 """
 
 from __future__ import annotations
@@ -17,6 +20,12 @@ from r1jax.model import params as param_lib
 RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp", "expert"),
     "embed": ("fsdp", "expert"),
+    # inputs of weights that have no `embed` dim, sharded like it (FSDP: gathered where used);
+    # in weights that do have one (q_a [D, q_lora], eh_proj [2D, D]) `embed` claims the axes first
+    "q_lora": ("fsdp", "expert"),
+    "kv_lora": ("fsdp", "expert"),
+    "mtp_in": ("fsdp", "expert"),
+    "norm": ("fsdp", "expert"),
     "vocab": ("tensor",),
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
