@@ -13,6 +13,10 @@ Optional FP8 scaling (gmm only): lhs_scale per row and 128-wide K block, rhs_sca
 output column; the fp32 partial product of every 128-wide K block is scaled before accumulation,
 as the DeepSeek-V3 recipe prescribes.
 
+`transposed_grouped_matmul_xla` walks the same work items in plain XLA (the tgmm fallback off TPU):
+every item is one masked tile product, summed into its group, at a cost of ~(M + G*tm)*K*N
+rather than the G*M*K*N of a dense expansion over groups.
+
 Tested in interpret mode on CPU only. The layout choices (scales with a leading K-block axis and
 a trailing unit axis, so block shapes satisfy Mosaic's (8, 128) rule) target Mosaic TPU but have
 not been compiled there.
@@ -206,3 +210,39 @@ def transposed_grouped_matmul(lhs, dout, group_sizes, *, out_dtype, tm, tk, tn, 
   )(*meta, lhs, dout)
   # Empty groups own no work item, so their blocks were never written.
   return jnp.where(group_sizes[:, None, None] > 0, out[:, :k, :n], 0).astype(out_dtype)
+
+
+def xla_row_tile(m: int, num_groups: int) -> int:
+  """Row tile of `transposed_grouped_matmul_xla`: about half the mean group, so the static item
+  bound (m/tm + G - 1 tiles of tm rows) costs ~1.5 m rows of work, and the per-item products
+  (~3G of [K, N]) stay a small multiple of the [G, K, N] output."""
+  return C.round_up(C.cdiv(max(m, 1), 2 * max(num_groups, 1)), 8)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "tm"))
+def transposed_grouped_matmul_xla(lhs, dout, group_sizes, *, out_dtype, tm=None):
+  """tgmm in plain XLA: lhs [M, K], dout [M, N], group_sizes [G] -> [G, K, N].
+
+  Work item w = (row tile, group) pair from `group_metadata` (W = M/tm + G - 1 static): its
+  tile's rows of the group (the rest zeroed) give lhs_w^T @ dout_w [K, N] in fp32, and the items
+  are summed per group. Rows past sum(group_sizes) and empty groups belong to no item: zeros.
+  FLOPs 2*W*tm*K*N ~ 2*(M + G*tm)*K*N, which does not grow with G at tm = xla_row_tile(M, G).
+  """
+  m, k = lhs.shape
+  n = dout.shape[1]
+  num_groups = group_sizes.shape[0]
+  tm = tm or xla_row_tile(m, num_groups)
+  m_pad = C.round_up(m, tm)
+  offsets, group_W, tile_W, valid_W = group_metadata(group_sizes, m_pad, tm)
+  rows_Wt = tile_W[:, None] * tm + jnp.arange(tm, dtype=jnp.int32)
+  member_Wt = ((rows_Wt >= offsets[group_W][:, None]) & (rows_Wt < offsets[group_W + 1][:, None])
+               & (valid_W[:, None] == 1))
+  lhs_Wtk = C.pad_axis(lhs, 0, m_pad).reshape(m_pad // tm, tm, k)[tile_W]
+  lhs_Wtk = jnp.where(member_Wt[..., None], lhs_Wtk, jnp.zeros((), lhs.dtype))
+  dout_Wtn = C.pad_axis(dout, 0, m_pad).reshape(m_pad // tm, tm, n)[tile_W]
+  precision = jax.lax.Precision.HIGHEST if lhs.dtype == jnp.float32 else None
+  part_Wkn = jnp.einsum("wtk,wtn->wkn", lhs_Wtk, dout_Wtn, precision=precision,
+                        preferred_element_type=jnp.float32)
+  # items are sorted by group (tile-major over rows sorted by group)
+  out = jax.ops.segment_sum(part_Wkn, group_W, num_segments=num_groups, indices_are_sorted=True)
+  return out.astype(out_dtype)

@@ -13,10 +13,14 @@ weight in 128x128 blocks, see `fp8`) for the forward and the dgrad GEMM; the wei
 boundaries. `gmm_fp8` takes operands quantized in advance.
 
 Backends: Pallas kernels of `_grouped.py` on TPU (Mosaic, scalar prefetch) and in the
-interpreter (CPU; the only mode tested numerically). Compiled on GPU these functions call
-`jax.lax.ragged_dot` (FP8 operands dequantized to bf16 first), except the FP8 GEMMs with
-R1JAX_MOSAIC_GPU=1: those run the Mosaic GPU wgmma kernel of `_mosaic_gpu.py` over a layout
-that pads every group to a multiple of the row tile (lowered on CPU, not yet run on a GPU).
+interpreter (CPU; the only mode tested numerically). Compiled on GPU (or CPU with
+interpret=False), gmm calls `jax.lax.ragged_dot` (FP8 operands dequantized to bf16 first), except
+the FP8 GEMMs with R1JAX_MOSAIC_GPU=1: those run the Mosaic GPU wgmma kernel of `_mosaic_gpu.py`
+over a layout that pads every group to a multiple of the row tile (lowered on CPU, not yet run
+on a GPU). tgmm there walks the kernel's work items in plain XLA
+(`_grouped.transposed_grouped_matmul_xla`): ~1.5x the grouped weight-gradient FLOPs whatever G,
+where ragged_dot_general's ragged-contracting mode (expanded densely over groups by XLA:CPU)
+and `tgmm_reference` cost G times them.
 """
 
 from __future__ import annotations
@@ -164,7 +168,10 @@ def tgmm(lhs, dout, group_sizes, *, preferred_element_type=None,
   out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
   interpret = C.resolve_interpret(interpret)
   if not C.use_pallas(interpret):
-    return tgmm_reference(lhs, dout, group_sizes).astype(out_dtype)
+    # not ragged_dot_general's ragged-contracting mode: XLA:CPU, and XLA's RaggedDotRewriter
+    # wherever no cuDNN fusion takes it, expand it densely over all G groups (G times the FLOPs)
+    return _grouped.transposed_grouped_matmul_xla(lhs, dout, group_sizes.astype(jnp.int32),
+                                                  out_dtype=out_dtype)
   bs = block_sizes or BlockSizes.default()
   return _grouped.transposed_grouped_matmul(lhs, dout, group_sizes.astype(jnp.int32),
                                             out_dtype=out_dtype, tm=bs.tm, tk=bs.tk, tn=bs.tn,
