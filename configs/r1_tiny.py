@@ -3,19 +3,24 @@
     python -m r1jax.launch --config configs/r1_tiny.py
 
 Task: integer addition with a digit-by-digit chain of thought in <think>, the result in
-<answer>. The cold-start traces cover two-term sums of 1-2 digit operands only; RL prompts
-(answers only, no traces) and the held-out evaluation add three-term sums of digits (3+5+8:
-one column of three terms, a shape the traces show only as a column plus its carry), so
-evaluation reports problems the traces covered and problems they did not.
+<answer>. Two kinds of problems:
+  covered    a one-digit number plus a one- or two-digit one (7+45): 400 traced examples
+  uncovered  two two-digit numbers (23+45): the cold start sees only 60 traced examples of
+             this kind, so it solves about one in ten; GRPO gets 1500 fresh ones with answers
+             only (three quarters of its 2000 prompts)
+Every held-out problem (50 of each kind) is disjoint from the traces and the RL prompts up to
+operand order. The cold start never generalizes to an untraced kind of problem at this size
+(two-digit + two-digit with no traces: 0 of 64 at pass@16, measured), so "uncovered" is a kind
+the traces show rarely rather than never.
 
 Stages (each evaluated on the same held-out problems):
-  cold_start      SFT on 400 traced two-term problems
-  grpo            GRPO with accuracy + format rewards on mixed prompts (3/4 uncovered)
+  cold_start      SFT on the 460 traced problems
+  grpo            GRPO with accuracy + format rewards on answer-only prompts
   sft_control     control branch: more cold-start SFT for the model FLOPs `grpo` spent
                   (generation + updates), starting from `cold_start`; the recipe continues
                   from `grpo`
-  rejection       sample 4 answers for each of the 1000 RL prompts, keep one correct +
-                  well-formed answer per prompt
+  rejection       sample 4 answers for each of 1000 RL prompts, keep one correct + well-formed
+                  answer per prompt
   sft_rs          SFT on the rejection-sampled data
   grpo_final      GRPO again (all-scenario RL reduced to the same rule rewards)
   distill         a dense Qwen2-style student trained from scratch on the rejection-sampled data
@@ -31,15 +36,16 @@ from r1jax.run_config import base_config, stage, tiny_moe_fields, tiny_student_f
 def get_config(arg=None):
   del arg
   c = base_config(**tiny_moe_fields())
-  c.data.update(batch_size=32, seq_len=64, num_sft_examples=400, num_rl_prompts=280,
-                num_eval_problems=50, covered_digits=(1, 2), uncovered_digits=(1, 1),
-                uncovered_operands=3, uncovered_traces=20, rl_uncovered_frac=0.5)
+  c.data.update(batch_size=32, seq_len=64, num_sft_examples=400, num_rl_prompts=2000,
+                num_eval_problems=50, covered_digits=(1, 2), covered_long_operands=1,
+                uncovered_digits=(2, 2), uncovered_operands=2, uncovered_traces=60,
+                rl_uncovered_frac=0.75)
   c.optim.update(lr=2e-3, warmup_steps=20)
   c.train.update(mtp_weight=0.1)
   c.eval.update(k=4, temperature=1.0, top_p=1.0, max_new_tokens=40)
   c.checkpoint.every_steps = 50
   c.log.every_steps = 1  # per-step GRPO records for the per-bucket reward curves
-  grpo = dict(lr=5e-5, warmup_steps=0, schedule="constant", weight_decay=0.0,
+  grpo = dict(lr=1e-4, warmup_steps=0, schedule="constant", weight_decay=0.0,
               prompts_per_step=16, group_size=8, max_new_tokens=40, temperature=1.0,
               reward_weights={"accuracy": 1.0, "format": 0.2}, loss_type="grpo", eps_low=0.2,
               eps_high=0.2, beta=0.0, mu=1, ref_refresh_every=0, advantage_scale="group",
