@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     from r1jax import recipe
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     _write_config(config, workdir)
-    summary = recipe.Recipe(config, workdir).run()
+    summary = recipe.Recipe(config, workdir, run_info=recipe.provenance(argv)).run()
   except UserError as e:
     return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
   print(json.dumps({"workdir": workdir, "stages": [

@@ -84,9 +84,28 @@ def split_sizes(splits: dict) -> dict:
   return out
 
 
+def provenance(argv=None) -> dict:
+  """What produced a run: the command line, the git commit of the code (when it runs from a git
+  checkout) and the jax version; summary.json carries it."""
+  import os
+  import subprocess
+  import sys
+  commit = None
+  try:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(__file__),
+                            capture_output=True, text=True, timeout=10).stdout.strip() or None
+  except (OSError, subprocess.SubprocessError):
+    pass
+  args = list(sys.argv if argv is None else argv)
+  return {"command": " ".join(["python -m r1jax.launch"] + args[1:]), "git_commit": commit,
+          "jax": jax.__version__, "processes": jax.process_count(),
+          "devices": jax.device_count()}
+
+
 class Recipe:
 
-  def __init__(self, config, workdir):
+  def __init__(self, config, workdir, run_info: dict | None = None):
+    self.run_info = run_info or {}
     self.config = config
     # absolute (orbax needs it) whatever the caller passed; a URL stays as it is
     self.workdir = fileio.absolute(workdir)
@@ -124,7 +143,10 @@ class Recipe:
       raise DataError(f"{self.progress_path}: unreadable ({e}); remove it to start over") from None
 
   def _summary(self, progress) -> dict:
-    return {"splits": split_sizes(self.ctx.splits), "stages": progress["summary"]}
+    out = {"splits": split_sizes(self.ctx.splits), "stages": progress["summary"]}
+    if self.run_info:
+      out["run"] = self.run_info
+    return out
 
   def run(self) -> dict:
     ctx, c = self.ctx, self.config

@@ -73,6 +73,7 @@ def _records(workdir):
 def _summary(workdir):
   with open(os.path.join(workdir, "summary.json")) as f:
     summary = json.load(f)
+  assert summary.pop("run")["processes"] in (1, 2)  # how it ran: the command, the topology
   for entry in summary["stages"]:
     entry.pop("wall_seconds")
     entry["metrics"] = {k: v for k, v in entry["metrics"].items()
