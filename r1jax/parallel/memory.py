@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from r1jax import parallel, run_config, train
+from r1jax import flops, parallel, run_config, train
 from r1jax.model import params as param_lib
 from r1jax.train import state as state_lib
 
@@ -96,4 +96,11 @@ def report(config, num_devices: int | None = None) -> str:
       "XLA memory analysis)",
       f"  total             {(params_b + opt_b + temp_b) / GiB:9.2f} GiB",
   ]
+  mtp = float(config.train.mtp_weight) > 0
+  step_flops = flops.train_flops(cfg, B * T, T, mtp=mtp)
+  lines.append(f"model FLOPs per step: {step_flops:.4g} ({step_flops / n:.4g} per device; "
+               f"{flops.matmul_params_per_token(cfg, mtp) / 1e9:.2f}B active matmul "
+               "parameters per token); a step at 40 % MFU takes "
+               + ", ".join(f"{step_flops / (0.4 * flops.PEAK_FLOPS[k] * n):.3g} s on {k}"
+                           for k in ("h200", "tpu v5p", "tpu7x")))
   return "\n".join(lines)
