@@ -61,7 +61,7 @@ def get_config(arg=None):
   c.stages.sft_rs = stage("sft", steps=100, data_file="samples/rejection.jsonl", lr=2e-4,
                           warmup_steps=0, schedule="constant")
   c.stages.grpo_final = stage("grpo", steps=30, **grpo)
-  c.stages.distill = stage("distill", steps=250, mode="sequence",
+  c.stages.distill = stage("distill", steps=500, mode="sequence",
                            data_file="samples/rejection.jsonl", with_sft_split=True, lr=3e-3,
                            warmup_steps=20,
                            student=ml_collections.ConfigDict(tiny_student_fields()))
