@@ -19,7 +19,8 @@ import numpy as np
 
 from r1jax.errors import ConfigError  # noqa: F401  (re-exported: r1jax.config.ConfigError)
 
-MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "qwen2", "llama")
+MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "qwen2", "qwen3", "llama")
+DENSE_TYPES = ("qwen2", "qwen3", "llama")  # GQA + SwiGLU decoders
 MOE_IMPLS = ("ragged_dot", "capacity", "blocked", "pallas", "dense")
 ROUTER_IMPLS = ("jnp", "pallas")
 ROUTER_GROUP_FILLS = ("neg_inf", "zero")
@@ -29,7 +30,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """DeepSeek-V3-style MoE or Qwen2/Llama-style dense decoder. Field names follow HF."""
+  """DeepSeek-V3-style MoE or Qwen2/Qwen3/Llama-style dense decoder. Field names follow HF."""
 
   model_type: str = "deepseek_v3"
   vocab_size: int = 129280
@@ -100,6 +101,11 @@ class ModelConfig:
   @property
   def is_moe(self) -> bool:
     return self.model_type.startswith("deepseek")
+
+  @property
+  def qk_norm(self) -> bool:
+    """Qwen3: RMSNorm over each head's q and k (weights [head_dim]) before RoPE."""
+    return self.model_type == "qwen3"
 
   @property
   def num_dense_layers(self) -> int:
@@ -224,11 +230,11 @@ class ModelConfig:
   @classmethod
   def preset(cls, model_type: str) -> "ModelConfig":
     """Defaults per family: DeepSeek-V3 for deepseek_*, a plain dense decoder otherwise."""
-    if model_type in ("qwen2", "llama"):
+    if model_type in DENSE_TYPES:
       return cls(model_type=model_type, q_lora_rank=None, n_routed_experts=None,
                  first_k_dense_replace=0, num_nextn_predict_layers=0, rope_type="default",
                  rope_interleave=False, attention_bias=model_type == "qwen2",
-                 rope_theta=1e6 if model_type == "qwen2" else 1e4)
+                 rope_theta=1e4 if model_type == "llama" else 1e6)
     if model_type == "deepseek_v2":
       # transformers' DeepseekV2 defaults (its config.json may omit them): softmax greedy
       # routing, no correction bias, no MTP module
@@ -246,7 +252,7 @@ class ModelConfig:
     names = {f.name for f in dataclasses.fields(cls)}
     # HF's dtype/torch_dtype is the storage dtype, not our compute dtype
     kw = {k: v for k, v in hf.items() if k in names and k not in ("dtype", "param_dtype")}
-    if model_type in ("qwen2", "llama"):
+    if model_type in DENSE_TYPES:
       kw.setdefault("attention_bias", model_type == "qwen2")
       kw["rope_interleave"] = False
     if isinstance(kw.get("eos_token_id"), list):
@@ -312,7 +318,8 @@ class ModelConfig:
                   mscale_all_dim=self.mscale_all_dim)
     common["rope_scaling"] = rope
     if not self.is_moe:
-      archs = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+      archs = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+               "llama": "LlamaForCausalLM"}
       return dict(common, model_type=self.model_type, architectures=[archs[self.model_type]],
                   num_key_value_heads=self.kv_heads, head_dim=self.dense_head_dim,
                   attention_bias=self.attention_bias, use_sliding_window=False)

@@ -1,4 +1,5 @@
-"""HF checkpoint interop: load and save DeepseekV3ForCausalLM / Qwen2ForCausalLM safetensors.
+"""HF checkpoint interop: load and save DeepseekV3 / DeepseekV2 / Qwen2 / Qwen3 / Llama
+ForCausalLM safetensors.
 
     cfg, params = hf.load("dir", dtype=jnp.float32)  # config.json + *.safetensors (+ index)
     hf.save("out_dir", cfg, params)                   # loadable by transformers' from_pretrained
@@ -83,6 +84,9 @@ def _dense_layer_entries(cfg: ModelConfig):
     yield ("attn", n), f"self_attn.{n}_proj.weight", 1
     if cfg.attention_bias:
       yield ("attn", f"{n}_bias"), f"self_attn.{n}_proj.bias", 0
+  if cfg.qk_norm:
+    yield ("attn", "q_norm"), "self_attn.q_norm.weight", 0
+    yield ("attn", "k_norm"), "self_attn.k_norm.weight", 0
   yield ("attn", "o"), "self_attn.o_proj.weight", 2
   yield from _ffn_entries(cfg, False)
 

@@ -63,6 +63,17 @@ def qwen2_config(**kw):
   return transformers.Qwen2Config(**_rope(base, None, 1e6))
 
 
+def qwen3_config(**kw):
+  """A tiny Qwen3Config: GQA with per-head q/k RMSNorm, no q/k/v bias, head_dim explicit (and
+  different from hidden_size / num_attention_heads, as in the real Qwen3 models)."""
+  base = dict(vocab_size=144, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+              max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False,
+              use_sliding_window=False)
+  base.update(kw)
+  return transformers.Qwen3Config(**_rope(base, None, 1e6))
+
+
 @torch.no_grad()
 def randomize_(hf_model, seed: int, bias_scale: float = 0.0, bias_offset: float = 0.0):
   """Re-draw every parameter: norms 1 + 0.1*randn, everything else 0.1*randn. Router

@@ -1,5 +1,5 @@
-"""Dense decoder for the distillation students (Qwen2, Llama): GQA with optional q/k/v bias,
-rotate-half RoPE, SwiGLU MLP, RMSNorm, optionally tied embeddings."""
+"""Dense decoder (Qwen2, Qwen3, Llama): GQA with optional q/k/v bias (Qwen2) and per-head q/k
+RMSNorm before RoPE (Qwen3), rotate-half RoPE, SwiGLU MLP, RMSNorm, optionally tied embeddings."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ def qkv(p, x, cos, sin, cfg: ModelConfig):
   q, k, v = (L.dense(x, p[n], dtype, cfg.fp8) for n in ("q", "k", "v"))
   if "q_bias" in p:
     q, k, v = (t + p[f"{n}_bias"].astype(dtype) for t, n in ((q, "q"), (k, "k"), (v, "v")))
+  if "q_norm" in p:  # Qwen3: over each head's head_dim, before the rotation
+    eps = cfg.rms_norm_eps
+    q, k = L.rms_norm(q, p["q_norm"], eps), L.rms_norm(k, p["k_norm"], eps)
   return L.apply_rope(q, cos, sin, False), L.apply_rope(k, cos, sin, False), v
 
 

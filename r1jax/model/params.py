@@ -5,9 +5,10 @@
 from it. Weights are stored [in, out] (HF stores [out, in]); attention projections keep the head
 axis separate so it can be sharded.
 
-DeepSeek tree:            Dense (Qwen2/Llama) tree:
+DeepSeek tree:            Dense (Qwen2/Qwen3/Llama) tree:
   embed       [V, D]        embed [V, D]
-  dense_layers{...} [Ld,…]  layers{attn_norm, attn{q,k,v,(q_bias,k_bias,v_bias),o}, mlp_norm, mlp}
+  dense_layers{...} [Ld,…]  layers{attn_norm, attn{q,k,v,(q_bias,k_bias,v_bias),
+                                   (q_norm,k_norm: Qwen3),o}, mlp_norm, mlp}
   moe_layers{...}   [Lm,…]  final_norm [D]
   final_norm  [D]           lm_head [D, V]   (absent when tie_word_embeddings)
   lm_head     [D, V]
@@ -109,6 +110,9 @@ def _dense_layer(cfg: ModelConfig) -> dict:
     attn["q_bias"] = ParamSpec((H, hd), ("heads", "head_dim"), "zeros")
     attn["k_bias"] = ParamSpec((KV, hd), ("kv_heads", "head_dim"), "zeros")
     attn["v_bias"] = ParamSpec((KV, hd), ("kv_heads", "head_dim"), "zeros")
+  if cfg.qk_norm:
+    attn["q_norm"] = ParamSpec((hd,), ("norm",), "ones")
+    attn["k_norm"] = ParamSpec((hd,), ("norm",), "ones")
   return {"attn_norm": _norm(D), "attn": attn, "mlp_norm": _norm(D),
           "mlp": _mlp(cfg, cfg.intermediate_size)}
 
