@@ -7,10 +7,8 @@ the MoE: what a Qwen3 run needs is `model_type="qwen3"` and its sizes, or `init_
 checkpoint, whose config.json gives them.
 """
 
-import importlib.util
-import os
-
 from r1jax.config import model_section
+from r1jax.run_config import from_file
 
 QWEN3_TINY = dict(model_type="qwen3", vocab_size=128, hidden_size=96, intermediate_size=256,
                   num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
@@ -18,11 +16,7 @@ QWEN3_TINY = dict(model_type="qwen3", vocab_size=128, hidden_size=96, intermedia
 
 
 def get_config(arg=None):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "grpo_tiny.py")
-  spec = importlib.util.spec_from_file_location("grpo_tiny", path)
-  grpo_tiny = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(grpo_tiny)
-  c = grpo_tiny.get_config(arg)
+  c = from_file("grpo_tiny.py", arg, relative_to=__file__)
   c.model = model_section(**QWEN3_TINY)
   c.train.mtp_weight = 0.0  # no MTP module in a dense model
   return c

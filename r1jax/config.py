@@ -19,7 +19,7 @@ import numpy as np
 
 from r1jax.errors import ConfigError  # noqa: F401  (re-exported: r1jax.config.ConfigError)
 
-MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "qwen2", "qwen3", "llama")
+MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "qwen2", "qwen3", "qwen3_moe", "llama")
 DENSE_TYPES = ("qwen2", "qwen3", "llama")  # GQA + SwiGLU decoders
 MOE_IMPLS = ("ragged_dot", "capacity", "blocked", "pallas", "dense")
 ROUTER_IMPLS = ("jnp", "pallas")
@@ -30,7 +30,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """DeepSeek-V3-style MoE or Qwen2/Qwen3/Llama-style dense decoder. Field names follow HF."""
+  """A decoder of one of MODEL_TYPES. Field names follow HF.
+
+  Each layer combines an attention kind (`attention`: "mla" for DeepSeek, "gqa" otherwise) with
+  an FFN kind (`layer_is_moe(i)`: DeepSeek's first_k_dense_replace, Qwen3-MoE's
+  decoder_sparse_step and mlp_only_layers); dense Qwen2/Qwen3/Llama have no MoE layer."""
 
   model_type: str = "deepseek_v3"
   vocab_size: int = 129280
@@ -54,12 +58,14 @@ class ModelConfig:
   qk_rope_head_dim: int = 64
   v_head_dim: int = 128
   # moe
-  n_routed_experts: int | None = 256  # None = dense model
+  n_routed_experts: int | None = 256  # None = dense model (HF Qwen3-MoE: num_experts)
   n_shared_experts: int = 1
   num_experts_per_tok: int = 8
   moe_intermediate_size: int = 2048
   first_k_dense_replace: int = 3
   moe_layer_freq: int = 1
+  decoder_sparse_step: int = 1  # Qwen3-MoE: layer i has experts iff (i + 1) % step == 0 ...
+  mlp_only_layers: tuple[int, ...] = ()  # ... and i is not listed here
   n_group: int = 8
   topk_group: int = 4
   scoring_func: str = "sigmoid"
@@ -99,23 +105,51 @@ class ModelConfig:
 
   # ---------------------------------------------------------------- derived
   @property
+  def attention(self) -> str:
+    """"mla" (DeepSeek's multi-head latent attention) or "gqa" (grouped-query attention)."""
+    return "mla" if self.model_type.startswith("deepseek") else "gqa"
+
+  @property
   def is_moe(self) -> bool:
-    return self.model_type.startswith("deepseek")
+    """Some layers have a routed-expert FFN (the params then hold dense_layers / moe_layers
+    stacks instead of one `layers` stack)."""
+    return self.model_type.startswith("deepseek") or self.model_type == "qwen3_moe"
 
   @property
   def qk_norm(self) -> bool:
     """Qwen3: RMSNorm over each head's q and k (weights [head_dim]) before RoPE."""
-    return self.model_type == "qwen3"
+    return self.model_type in ("qwen3", "qwen3_moe")
+
+  def layer_is_moe(self, i: int) -> bool:
+    """Whether decoder layer i has the MoE FFN."""
+    if self.model_type == "qwen3_moe":
+      return i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
+    return self.is_moe and i >= self.first_k_dense_replace
+
+  @property
+  def layer_runs(self) -> tuple[tuple[str, int, int], ...]:
+    """The layers in order as runs of one FFN kind: (stack, first index in the stack, count).
+    A MoE model keeps its dense and MoE layers in two stacks ("dense_layers", "moe_layers"),
+    each scanned run by run; a dense model has the one stack "layers"."""
+    if not self.is_moe:
+      return (("layers", 0, self.num_hidden_layers),)
+    runs, seen = [], {"dense_layers": 0, "moe_layers": 0}
+    for i in range(self.num_hidden_layers):
+      stack = "moe_layers" if self.layer_is_moe(i) else "dense_layers"
+      if runs and runs[-1][0] == stack:
+        runs[-1][2] += 1
+      else:
+        runs.append([stack, seen[stack], 1])
+      seen[stack] += 1
+    return tuple(tuple(r) for r in runs)
 
   @property
   def num_dense_layers(self) -> int:
-    if not self.is_moe:
-      return self.num_hidden_layers
-    return min(self.first_k_dense_replace, self.num_hidden_layers)
+    return sum(not self.layer_is_moe(i) for i in range(self.num_hidden_layers))
 
   @property
   def num_moe_layers(self) -> int:
-    return self.num_hidden_layers - self.num_dense_layers if self.is_moe else 0
+    return self.num_hidden_layers - self.num_dense_layers
 
   @property
   def qk_head_dim(self) -> int:
@@ -166,7 +200,7 @@ class ModelConfig:
       need(self.rope_factor >= 1, f"rope_factor={self.rope_factor} must be >= 1")
       need(self.original_max_position_embeddings > 0,
            "original_max_position_embeddings must be positive")
-    if self.is_moe:
+    if self.attention == "mla":
       for f in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
         need(getattr(self, f) > 0, f"{f}={getattr(self, f)} must be positive")
       need(self.qk_rope_head_dim % 2 == 0,
@@ -174,6 +208,17 @@ class ModelConfig:
       need(self.q_lora_rank is None or self.q_lora_rank > 0,
            f"q_lora_rank={self.q_lora_rank} must be positive or None")
       need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers must be >= 0")
+    else:
+      need(self.num_nextn_predict_layers == 0,
+           f"num_nextn_predict_layers={self.num_nextn_predict_layers}: only DeepSeek models "
+           "have MTP modules")
+    if self.model_type == "qwen3_moe":
+      need(self.decoder_sparse_step >= 1,
+           f"decoder_sparse_step={self.decoder_sparse_step} must be >= 1")
+      need(all(0 <= i < self.num_hidden_layers for i in self.mlp_only_layers),
+           f"mlp_only_layers={self.mlp_only_layers} must be layer indices < "
+           f"num_hidden_layers={self.num_hidden_layers}")
+    if self.is_moe:
       need(0 <= self.first_k_dense_replace, "first_k_dense_replace must be >= 0")
       need(self.moe_layer_freq == 1, f"moe_layer_freq={self.moe_layer_freq}: only 1 is supported")
       E = self.n_routed_experts
@@ -205,7 +250,7 @@ class ModelConfig:
            f"capacity_factor={self.capacity_factor} must be positive or None")
       need(self.dropless_fast_factor is None or self.dropless_fast_factor > 0,
            f"dropless_fast_factor={self.dropless_fast_factor} must be positive or None")
-    else:
+    if self.attention == "gqa":
       need(self.num_attention_heads % self.kv_heads == 0,
            f"num_key_value_heads={self.kv_heads} must divide "
            f"num_attention_heads={self.num_attention_heads}")
@@ -224,6 +269,8 @@ class ModelConfig:
     unknown = sorted(set(d) - names)
     if unknown:
       raise ConfigError(f"model.{unknown[0]} is not a model field")
+    if isinstance(d.get("mlp_only_layers"), list):
+      d["mlp_only_layers"] = tuple(d["mlp_only_layers"])
     base = cls.preset(d.get("model_type", "deepseek_v3"))
     return dataclasses.replace(base, **d).validate()
 
@@ -235,6 +282,13 @@ class ModelConfig:
                  first_k_dense_replace=0, num_nextn_predict_layers=0, rope_type="default",
                  rope_interleave=False, attention_bias=model_type == "qwen2",
                  rope_theta=1e4 if model_type == "llama" else 1e6)
+    if model_type == "qwen3_moe":
+      # transformers' Qwen3MoeConfig: softmax top-k without groups, shared experts or scaling
+      return cls(model_type=model_type, q_lora_rank=None, n_shared_experts=0, n_group=1,
+                 topk_group=1, scoring_func="softmax", topk_method="greedy",
+                 norm_topk_prob=False, routed_scaling_factor=1.0, first_k_dense_replace=0,
+                 num_nextn_predict_layers=0, rope_type="default", rope_interleave=False,
+                 attention_bias=False, rope_theta=1e6)
     if model_type == "deepseek_v2":
       # transformers' DeepseekV2 defaults (its config.json may omit them): softmax greedy
       # routing, no correction bias, no MTP module
@@ -252,9 +306,14 @@ class ModelConfig:
     names = {f.name for f in dataclasses.fields(cls)}
     # HF's dtype/torch_dtype is the storage dtype, not our compute dtype
     kw = {k: v for k, v in hf.items() if k in names and k not in ("dtype", "param_dtype")}
-    if model_type in DENSE_TYPES:
+    if model_type in DENSE_TYPES or model_type == "qwen3_moe":
       kw.setdefault("attention_bias", model_type == "qwen2")
       kw["rope_interleave"] = False
+    if model_type == "qwen3_moe":
+      experts = hf.get("num_experts", hf.get("num_local_experts"))
+      if experts is not None:
+        kw["n_routed_experts"] = experts
+      kw["mlp_only_layers"] = tuple(hf.get("mlp_only_layers") or ())
     if isinstance(kw.get("eos_token_id"), list):
       kw["eos_token_id"] = kw["eos_token_id"][0]
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
@@ -317,12 +376,18 @@ class ModelConfig:
                   beta_fast=self.beta_fast, beta_slow=self.beta_slow, mscale=self.mscale,
                   mscale_all_dim=self.mscale_all_dim)
     common["rope_scaling"] = rope
-    if not self.is_moe:
+    if self.attention == "gqa":
       archs = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-               "llama": "LlamaForCausalLM"}
-      return dict(common, model_type=self.model_type, architectures=[archs[self.model_type]],
-                  num_key_value_heads=self.kv_heads, head_dim=self.dense_head_dim,
-                  attention_bias=self.attention_bias, use_sliding_window=False)
+               "qwen3_moe": "Qwen3MoeForCausalLM", "llama": "LlamaForCausalLM"}
+      gqa = dict(common, model_type=self.model_type, architectures=[archs[self.model_type]],
+                 num_key_value_heads=self.kv_heads, head_dim=self.dense_head_dim,
+                 attention_bias=self.attention_bias, use_sliding_window=False)
+      if self.model_type == "qwen3_moe":
+        gqa.update(num_experts=self.n_routed_experts, num_experts_per_tok=self.num_experts_per_tok,
+                   moe_intermediate_size=self.moe_intermediate_size,
+                   decoder_sparse_step=self.decoder_sparse_step,
+                   mlp_only_layers=list(self.mlp_only_layers), norm_topk_prob=self.norm_topk_prob)
+      return gqa
     return dict(
         common, model_type=self.model_type,
         architectures=["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3"

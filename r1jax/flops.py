@@ -78,7 +78,7 @@ def _attention_layers(cfg: ModelConfig, mtp: bool) -> int:
 
 def attention_flops_per_token(cfg: ModelConfig, context: float, mtp: bool = False) -> float:
   """Forward FLOPs of the score and value products for one query over `context` keys."""
-  if cfg.is_moe:
+  if cfg.attention == "mla":
     qk, v = cfg.qk_head_dim, cfg.v_head_dim
   else:
     qk = v = cfg.dense_head_dim

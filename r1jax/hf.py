@@ -1,4 +1,4 @@
-"""HF checkpoint interop: load and save DeepseekV3 / DeepseekV2 / Qwen2 / Qwen3 / Llama
+"""HF checkpoint interop: load and save DeepseekV3 / DeepseekV2 / Qwen2 / Qwen3 / Qwen3-MoE / Llama
 ForCausalLM safetensors.
 
     cfg, params = hf.load("dir", dtype=jnp.float32)  # config.json + *.safetensors (+ index)
@@ -45,9 +45,12 @@ class Entry(NamedTuple):
 
 
 # ------------------------------------------------------------------ name map
-def _mla_entries(cfg: ModelConfig):
+def _norm_entries():
   yield ("attn_norm",), "input_layernorm.weight", 0
   yield ("mlp_norm",), "post_attention_layernorm.weight", 0
+
+
+def _mla_entries(cfg: ModelConfig):
   if cfg.q_lora_rank:
     yield ("attn", "q_a"), "self_attn.q_a_proj.weight", 1
     yield ("attn", "q_norm"), "self_attn.q_a_layernorm.weight", 0
@@ -77,9 +80,7 @@ def _ffn_entries(cfg: ModelConfig, moe: bool):
       yield ("moe", "shared", w), f"mlp.shared_experts.{w}_proj.weight", 1
 
 
-def _dense_layer_entries(cfg: ModelConfig):
-  yield ("attn_norm",), "input_layernorm.weight", 0
-  yield ("mlp_norm",), "post_attention_layernorm.weight", 0
+def _gqa_entries(cfg: ModelConfig):
   for n in ("q", "k", "v"):
     yield ("attn", n), f"self_attn.{n}_proj.weight", 1
     if cfg.attention_bias:
@@ -88,7 +89,11 @@ def _dense_layer_entries(cfg: ModelConfig):
     yield ("attn", "q_norm"), "self_attn.q_norm.weight", 0
     yield ("attn", "k_norm"), "self_attn.k_norm.weight", 0
   yield ("attn", "o"), "self_attn.o_proj.weight", 2
-  yield from _ffn_entries(cfg, False)
+
+
+def _layer_entries(cfg: ModelConfig, moe: bool) -> list:
+  attn = _mla_entries(cfg) if cfg.attention == "mla" else _gqa_entries(cfg)
+  return [*_norm_entries(), *attn, *_ffn_entries(cfg, moe)]
 
 
 def _stack_entries(templates, stack: tuple[str, ...], layer: int, hf_layer: int):
@@ -105,22 +110,16 @@ def entries(cfg: ModelConfig) -> Iterator[Entry]:
   yield Entry(("final_norm",), (), "model.norm.weight", 0)
   if not cfg.tie_word_embeddings:
     yield Entry(("lm_head",), (), "lm_head.weight", 1)
-  if not cfg.is_moe:
-    for i in range(cfg.num_hidden_layers):
-      yield from _stack_entries(list(_dense_layer_entries(cfg)), ("layers",), i, i)
-    return
-  nd = cfg.num_dense_layers
-  for i in range(nd):
-    t = list(_mla_entries(cfg)) + list(_ffn_entries(cfg, False))
-    yield from _stack_entries(t, ("dense_layers",), i, i)
-  for j in range(cfg.num_moe_layers):
-    t = list(_mla_entries(cfg)) + list(_ffn_entries(cfg, True))
-    yield from _stack_entries(t, ("moe_layers",), j, nd + j)
+  hf_layer = 0
+  for stack, start, count in cfg.layer_runs:  # HF numbers the layers in order
+    for j in range(start, start + count):
+      yield from _stack_entries(_layer_entries(cfg, stack == "moe_layers"), (stack,), j,
+                                hf_layer)
+      hf_layer += 1
   for k in range(cfg.num_nextn_predict_layers):
     hf_layer = cfg.num_hidden_layers + k
-    t = [(("layer",) + s, suf, n) for s, suf, n in _mla_entries(cfg)]
-    t += [(("layer",) + s, suf, n) for s, suf, n in
-          _ffn_entries(cfg, P.mtp_layer_is_moe(cfg, k))]
+    t = [(("layer",) + s, suf, n) for s, suf, n in
+         _layer_entries(cfg, P.mtp_layer_is_moe(cfg, k))]
     t += [(("enorm",), "enorm.weight", 0), (("hnorm",), "hnorm.weight", 0),
           (("eh_proj",), "eh_proj.weight", 1), (("norm",), "shared_head.norm.weight", 0)]
     yield from _stack_entries(t, ("mtp",), k, hf_layer)

@@ -17,6 +17,20 @@ STAGE_KINDS = ("pretrain", "sft", "grpo", "rejection_sampling", "distill", "eval
 TRAINING_KINDS = ("pretrain", "sft", "grpo", "distill")
 
 
+def from_file(path: str, arg=None, *, relative_to: str | None = None):
+  """The `get_config(arg)` of another config file, for configs built on one another
+  (configs/grpo_qwen3_tiny.py is configs/grpo_tiny.py with another model). A relative `path` is
+  taken from the directory of the file `relative_to` (a config passes its own __file__)."""
+  import importlib.util
+  import os
+  if relative_to is not None and not os.path.isabs(path):
+    path = os.path.join(os.path.dirname(os.path.abspath(relative_to)), path)
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
 def base_config(**model_fields) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0

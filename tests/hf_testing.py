@@ -74,6 +74,18 @@ def qwen3_config(**kw):
   return transformers.Qwen3Config(**_rope(base, None, 1e6))
 
 
+def qwen3_moe_config(**kw):
+  """A tiny Qwen3MoeConfig: Qwen3's attention with a softmax top-k MoE in the layers that
+  decoder_sparse_step and mlp_only_layers select, dense MLPs in the others."""
+  base = dict(vocab_size=144, hidden_size=48, intermediate_size=80, moe_intermediate_size=24,
+              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+              num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
+              mlp_only_layers=[], max_position_embeddings=256, rms_norm_eps=1e-6,
+              tie_word_embeddings=False, use_sliding_window=False)
+  base.update(kw)
+  return transformers.Qwen3MoeConfig(**_rope(base, None, 1e6))
+
+
 @torch.no_grad()
 def randomize_(hf_model, seed: int, bias_scale: float = 0.0, bias_offset: float = 0.0):
   """Re-draw every parameter: norms 1 + 0.1*randn, everything else 0.1*randn. Router

@@ -1,7 +1,12 @@
-"""Qwen3 (dense): logits against transformers' Qwen3ForCausalLM on tiny random checkpoints (per-head
-q/k RMSNorm, GQA, head_dim apart from hidden / heads, tied and untied embeddings), the
-hf.load -> hf.save -> from_pretrained round trip, KV-cache decoding against a full forward, LoRA's
-merged export, and a GRPO run through the launcher (configs/grpo_qwen3_tiny.py, shrunk).
+"""Qwen3 and Qwen3-MoE against transformers' Qwen3ForCausalLM / Qwen3MoeForCausalLM on tiny random
+checkpoints.
+
+Qwen3: logits (per-head q/k RMSNorm, GQA, head_dim apart from hidden / heads, tied and untied
+embeddings), the hf.load -> hf.save -> from_pretrained round trip, KV-cache decoding against a full
+forward, LoRA's merged export. Qwen3-MoE: logits with norm_topk_prob on and off and with
+decoder_sparse_step / mlp_only_layers interleaving dense and MoE layers (and negative controls),
+the dropless expert paths, round trip, KV-cache decoding with recorded routing (R3), expert
+parallelism on 8 simulated devices against one. Both: a GRPO run through the launcher.
 """
 
 from __future__ import annotations
@@ -131,13 +136,14 @@ def test_lora_merged_export_equals_unmerged_and_transformers(checkpoints, tmp_pa
   assert H.max_err(H.hf_logits(exported, tokens), ours) < TOL
 
 
-def test_grpo_run_through_the_launcher(tmp_path):
-  """configs/grpo_qwen3_tiny.py, every stage at 2 steps: SFT, then GRPO (rollout with the KV
-  cache, rewards, update), exactly on-policy at the first update."""
+@pytest.mark.parametrize("config", ["grpo_qwen3_tiny", "grpo_qwen3_moe_tiny"])
+def test_grpo_run_through_the_launcher(tmp_path, config):
+  """configs/grpo_qwen3[_moe]_tiny.py, every stage at 2 steps: SFT, then GRPO (rollout with the
+  KV cache, rewards, update), exactly on-policy at the first update."""
   workdir = tmp_path / "run"
   proc = subprocess.run(
       [sys.executable, "-m", "r1jax.launch", "--config",
-       os.path.join(ROOT, "configs", "grpo_qwen3_tiny.py"), "--workdir", str(workdir),
+       os.path.join(ROOT, "configs", f"{config}.py"), "--workdir", str(workdir),
        "--config.max_steps=2", "--config.data.num_eval_problems=4",
        "--config.stages.grpo.prompts_per_step=4", "--config.stages.grpo.group_size=4",
        "--config.log.every_steps=1", "--config.log.plots=False",
@@ -150,3 +156,141 @@ def test_grpo_run_through_the_launcher(tmp_path):
   grpo = [r for r in rows if r.get("stage") == "grpo" and "reward" in r]
   assert len(grpo) == 2 and all(np.isfinite(r["loss"]) for r in grpo)
   assert abs(grpo[0]["mismatch_ratio_max"] - 1) < 1e-5 and grpo[0]["mismatch_clip_frac"] == 0
+  if "moe" in config:
+    assert grpo[0]["moe_drop_frac"] == 0
+
+
+# ------------------------------------------------------------------ Qwen3-MoE
+# "sparse": every layer has experts, top-k weights renormalized; "interleaved": experts in the
+# layers (i + 1) % 2 == 0 except mlp_only_layers=[3] (dense, MoE, dense x3, MoE: the stacks are
+# scanned in four runs), raw softmax weights (norm_topk_prob off), tied embeddings
+MOE_CASES = {
+    "sparse": dict(norm_topk_prob=True),
+    "interleaved": dict(num_hidden_layers=6, decoder_sparse_step=2, mlp_only_layers=[3],
+                        norm_topk_prob=False, tie_word_embeddings=True),
+}
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoints(tmp_path_factory):
+  cache = {}
+
+  def get(name):
+    if name not in cache:
+      m = H.make_model(H.qwen3_moe_config(**MOE_CASES[name]), seed=len(cache) + 7)
+      path = H.save_model(m, tmp_path_factory.mktemp(name))
+      tokens = H.random_tokens(m.config.vocab_size, 2, 40, seed=len(cache) + 1)
+      cache[name] = (m, path, tokens, H.hf_logits(m, tokens))
+    return cache[name]
+
+  return get
+
+
+def test_moe_settings_reach_our_config(moe_checkpoints):
+  cfg, params = hf.load(moe_checkpoints("interleaved")[1])
+  assert (cfg.model_type, cfg.attention, cfg.is_moe, cfg.qk_norm) == ("qwen3_moe", "gqa", True,
+                                                                      True)
+  assert (cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_shared_experts) == (8, 2, 0)
+  assert (cfg.scoring_func, cfg.topk_method, cfg.norm_topk_prob) == ("softmax", "greedy", False)
+  assert cfg.layer_runs == (("dense_layers", 0, 1), ("moe_layers", 0, 1),
+                            ("dense_layers", 1, 3), ("moe_layers", 1, 1))
+  assert params["moe_layers"]["moe"]["gate"].shape == (2, 8, 48, 24)
+  assert params["dense_layers"]["mlp"]["gate"].shape == (4, 48, 80)
+  assert "shared" not in params["moe_layers"]["moe"] and "lm_head" not in params
+  cfg, _ = hf.load(moe_checkpoints("sparse")[1])
+  assert cfg.layer_runs == (("moe_layers", 0, 4),) and cfg.norm_topk_prob
+
+
+@pytest.mark.parametrize("name", list(MOE_CASES))
+def test_moe_logits_match_transformers(moe_checkpoints, name):
+  m, path, tokens, ref = moe_checkpoints(name)
+  cfg, params = hf.load(path, dtype=jnp.float32)
+  assert np.abs(ref).max() > 0.5
+  logits, aux = H.our_logits_aux(cfg, params, tokens)
+  assert float(aux["dropped"]) == 0 and aux["expert_counts"].shape == (cfg.num_moe_layers, 8)
+  err = H.max_err(logits, ref)
+  assert err < TOL, f"{name}: max abs logit error {err}"
+
+
+def test_moe_routing_settings_matter(moe_checkpoints):
+  """Negative controls: renormalizing the top-k weights, or putting the MoE layers first
+  (DeepSeek's layout for the same stacks), misses the reference."""
+  m, path, tokens, ref = moe_checkpoints("interleaved")
+  cfg, params = hf.load(path, dtype=jnp.float32)
+  assert H.max_err(H.our_logits(cfg.replace(norm_topk_prob=True), params, tokens), ref) > 1e-2
+  first = cfg.replace(mlp_only_layers=(0, 1, 2, 3), decoder_sparse_step=1)
+  assert first.layer_runs == (("dense_layers", 0, 4), ("moe_layers", 0, 2))
+  assert H.max_err(H.our_logits(first, params, tokens), ref) > 1e-2
+
+
+@pytest.mark.parametrize("impl", ["capacity", "blocked"])
+def test_moe_dropless_expert_paths_match_transformers(moe_checkpoints, impl):
+  m, path, tokens, ref = moe_checkpoints("interleaved")
+  cfg, params = hf.load(path, dtype=jnp.float32, moe_impl=impl)
+  assert cfg.moe_impl == impl and cfg.capacity_factor is None
+  logits, aux = H.our_logits_aux(cfg, params, tokens)
+  assert float(aux["dropped"]) == 0
+  assert H.max_err(logits, ref) < TOL
+
+
+@pytest.mark.parametrize("name", list(MOE_CASES))
+def test_moe_round_trip_through_transformers(moe_checkpoints, tmp_path, name):
+  m, path, tokens, ref = moe_checkpoints(name)
+  cfg, params = hf.load(path, dtype=jnp.float32)
+  hf.save(str(tmp_path), cfg, params)
+  reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(
+      str(tmp_path), dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
+  assert type(reloaded).__name__ == "Qwen3MoeForCausalLM"
+  assert not info["missing_keys"] and not info["unexpected_keys"], info
+  assert H.max_err(H.hf_logits(reloaded.eval(), tokens), ref) < TOL
+  cfg2, params2 = hf.load(str(tmp_path))
+  assert cfg2 == cfg
+  jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+
+def test_moe_kv_cache_decoding_equals_full_forward(moe_checkpoints):
+  m, path, _, _ = moe_checkpoints("interleaved")
+  cfg, params = hf.load(path, dtype=jnp.float32)
+  rng = np.random.default_rng(1)
+  prompts = [rng.integers(2, cfg.vocab_size, n).tolist() for n in (4, 10, 7, 13)]
+  n_new = 8
+  out = sampler.generate(params, sampler.policy_config(cfg), prompts, max_new_tokens=n_new,
+                         eos_id=None, rng=jax.random.key(0), record_routing=True,
+                         compiler_options=testing.FAST_COMPILE)
+  seqs = [list(p) + list(c) for p, c in zip(prompts, out.completion)]
+  batch = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
+  for row, s in enumerate(seqs):
+    batch[row, :len(s)] = s
+  logits, aux = H.our_logits_aux(cfg, params, batch)
+  logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+  ref = np.stack([logp[row, len(p) - 1 + np.arange(n_new), out.completion[row]]
+                  for row, p in enumerate(prompts)])
+  np.testing.assert_allclose(out.logprobs, ref, atol=1e-4, rtol=0)
+  # the recorded experts (R3) are the full forward's, for the two MoE layers in order
+  P = out.tokens.shape[1] - n_new
+  ids = np.asarray(aux["expert_ids"])  # [L_moe, B, T, k]
+  for row, p in enumerate(prompts):
+    got = np.asarray(out.routing)[row, P:P + n_new - 1]  # [n, L_moe, k] of the completion
+    want = ids[:, row, len(p):len(p) + n_new - 1].transpose(1, 0, 2)
+    np.testing.assert_array_equal(np.sort(got, -1), np.sort(want, -1))
+
+
+@pytest.mark.parametrize("dispatch", ["allgather", "all_to_all"])
+def test_moe_expert_parallel_equals_one_device(moe_checkpoints, dispatch):
+  """2-way data x 4-way expert mesh (8 simulated devices): the same logits as one device."""
+  from r1jax import parallel
+  m, path, tokens, ref = moe_checkpoints("interleaved")
+  cfg, params = hf.load(path, dtype=jnp.float32, expert_dispatch=dispatch,
+                        moe_impl="capacity")
+  mesh = parallel.make_mesh({"data": 2, "expert": 4})
+  sharded = parallel.shard_params(params, cfg, mesh)
+  gate = sharded["moe_layers"]["moe"]["gate"]
+  assert gate.addressable_shards[0].data.shape[1] == 2  # 8 experts over 4 devices
+  batch = np.concatenate([tokens, tokens[::-1]], 0)  # 4 rows: 2 per data shard
+  with jax.set_mesh(mesh):
+    logits = testing.jit(lambda p, t: model.forward(p, t, cfg))(
+        sharded, parallel.shard_batch({"tokens": jnp.asarray(batch)}, mesh)["tokens"])
+  single = H.our_logits(cfg.replace(expert_dispatch="allgather"), params, batch)
+  assert len(logits.sharding.device_set) == 8
+  np.testing.assert_allclose(np.asarray(logits), single, rtol=0, atol=1e-5)
+  assert H.max_err(single[:2], ref) < TOL

@@ -17,7 +17,7 @@ Per layer:
   shared rope key k_pe [B, S, qk_rope_head_dim] (512 + 64 = 576 values per token at V3 size).
   kv_b's key half is folded into the query (q_nope @ W_k^T lives in latent space) and its value
   half is applied after attention, so per-head keys and values are never materialized.
-- Dense GQA (Qwen2/Llama): rotated k and v [B, S, kv_heads, head_dim].
+- GQA (Qwen2/Qwen3/Llama, Qwen3-MoE): rotated k and v [B, S, kv_heads, head_dim].
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from r1jax.config import ModelConfig
 from r1jax.model import layers as L
 from r1jax.model import mla as mla_lib
 from r1jax.model import moe as moe_lib
-from r1jax.model.deepseek import embed, head
+from r1jax.model.deepseek import run_slice
 from r1jax.model.dense import out_proj, qkv
+from r1jax.model.layers import embed, head
 
 
 def _stacks(cfg: ModelConfig) -> dict[str, int]:
@@ -44,7 +45,7 @@ def _stacks(cfg: ModelConfig) -> dict[str, int]:
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
   """Zeroed cache, {stack: {name: [L, B, S, ...]}}; dtype defaults to the compute dtype."""
   dtype = jnp.dtype(dtype or cfg.jnp_dtype)
-  if cfg.is_moe:
+  if cfg.attention == "mla":
     per_token = {"latent": (cfg.kv_lora_rank,), "k_pe": (cfg.qk_rope_head_dim,)}
   else:
     per_token = {"k": (cfg.kv_heads, cfg.dense_head_dim), "v": (cfg.kv_heads, cfg.dense_head_dim)}
@@ -136,7 +137,7 @@ def decoder_layer_cached(p, x, cos, sin, mask, c, layer, index, cfg: ModelConfig
   the dense MLP or the MoE (padding routed to no expert). Returns (x, cache, expert ids
   [B, t, k] of a MoE layer, else None)."""
   dtype = cfg.jnp_dtype
-  attn = mla_cached if cfg.is_moe else gqa_cached
+  attn = mla_cached if cfg.attention == "mla" else gqa_cached
   h = L.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
   y, c = attn(p["attn"], h, cos, sin, mask, c, layer, index, cfg)
   x = x + y
@@ -169,15 +170,17 @@ def forward_cached(params, tokens, positions, cache, index, kv_valid, cfg: Model
   token_mask = jnp.take(kv_valid, jnp.minimum(query_slot, S - 1), axis=1)  # [B, t] real tokens
   cos, sin = L.rope_cos_sin(cfg, positions)
   x = embed(params, tokens, cfg)
-  new_cache, expert_ids = {}, None
-  for stack, depth in _stacks(cfg).items():
+  cache, moe_ids = dict(cache), []
+  for stack, start, count in cfg.layer_runs:  # the layers in order, run by run
     def body(carry, layer_in):
       (x, c), (p, layer) = carry, layer_in
       x, c, ids = decoder_layer_cached(p, x, cos, sin, mask, c, layer, index, cfg, token_mask)
       return (x, c), ids
-    (x, new_cache[stack]), ids = jax.lax.scan(body, (x, cache[stack]),
-                                              (params[stack], jnp.arange(depth)))
+    (x, cache[stack]), ids = jax.lax.scan(
+        body, (x, cache[stack]),
+        (run_slice(params[stack], start, count), start + jnp.arange(count)))
     if stack == "moe_layers":
-      expert_ids = ids
+      moe_ids.append(ids)
+  expert_ids = jnp.concatenate(moe_ids, axis=0) if moe_ids else None
   logits = head(params, L.rms_norm(x, params["final_norm"], cfg.rms_norm_eps), cfg)
-  return logits, new_cache, expert_ids
+  return logits, cache, expert_ids

@@ -1,4 +1,5 @@
-"""DeepSeek-V3 decoder: embeddings, scanned dense and MoE layer stacks, final norm, head, MTP."""
+"""The MoE decoder (DeepSeek-V3/V2 with MLA, Qwen3-MoE with GQA): embeddings, the dense and MoE
+layer stacks scanned run by run in layer order, final norm, head, MTP."""
 
 from __future__ import annotations
 
@@ -6,17 +7,21 @@ import jax
 import jax.numpy as jnp
 
 from r1jax.config import ModelConfig
+from r1jax.model import dense as dense_lib
 from r1jax.model import layers as L
 from r1jax.model import mla as mla_lib
 from r1jax.model import moe as moe_lib
+from r1jax.model.layers import embed, head  # noqa: F401  (re-exported)
 
 
 def decoder_layer(p, x, cos, sin, mask, cfg: ModelConfig, token_mask=None, replay_ids=None):
-  """Pre-norm block: x + MLA(norm(x)), then + FFN(norm(.)) with a dense MLP or the MoE.
-  Returns the new residual stream and MoE stats (None for a dense layer)."""
+  """Pre-norm block: x + attention(norm(x)) (MLA or GQA, `cfg.attention`), then + FFN(norm(.))
+  with a dense MLP or the MoE. Returns the new residual stream and MoE stats (None for a dense
+  layer)."""
   dtype = cfg.jnp_dtype
   h = L.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-  x = x + mla_lib.mla(p["attn"], h, cos, sin, mask, cfg)
+  attention = mla_lib.mla if cfg.attention == "mla" else dense_lib.gqa
+  x = x + attention(p["attn"], h, cos, sin, mask, cfg)
   h = L.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
   if "moe" in p:
     y, stats = moe_lib.moe_block(p["moe"], h, cfg, token_mask, replay_ids)
@@ -37,15 +42,12 @@ def _scan_layers(stacked, x, cos, sin, mask, cfg: ModelConfig, token_mask=None, 
   return jax.lax.scan(body, x, (stacked, routing))
 
 
-def embed(params, tokens, cfg: ModelConfig):
-  return params["embed"].astype(cfg.jnp_dtype)[tokens]
-
-
-def head(params, h, cfg: ModelConfig):
-  """Final-normed hidden [B, T, D] -> fp32 logits [B, T, V]."""
-  w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-  return jnp.dot(h.astype(cfg.jnp_dtype), w.astype(cfg.jnp_dtype),
-                 preferred_element_type=jnp.float32)
+def run_slice(stacked, start: int, count: int):
+  """Layers [start, start + count) of a stacked tree (the whole stack as it is if that is all)."""
+  n = jax.tree.leaves(stacked)[0].shape[0]
+  if start == 0 and count == n:
+    return stacked
+  return jax.tree.map(lambda a: a[start:start + count], stacked)
 
 
 def forward_hidden(params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=None,
@@ -60,11 +62,18 @@ def forward_hidden(params, tokens, cfg: ModelConfig, *, segment_ids=None, positi
   mask = L.attention_mask(segment_ids, segment_ids, positions, positions)
   x = embed(params, tokens, cfg)
   aux = {}
-  if "dense_layers" in params:
-    x, _ = _scan_layers(params["dense_layers"], x, cos, sin, mask, cfg)
-  if "moe_layers" in params:
-    replay = None if routing is None else jnp.moveaxis(routing, 2, 0)  # [L_moe, B, T, k]
-    x, stats = _scan_layers(params["moe_layers"], x, cos, sin, mask, cfg, token_mask, replay)
+  replay = None if routing is None else jnp.moveaxis(routing, 2, 0)  # [L_moe, B, T, k]
+  moe_stats = []
+  for stack, start, count in cfg.layer_runs:
+    layers = run_slice(params[stack], start, count)
+    if stack == "moe_layers":
+      ids = None if replay is None else replay[start:start + count]
+      x, stats = _scan_layers(layers, x, cos, sin, mask, cfg, token_mask, ids)
+      moe_stats.append(stats)
+    else:
+      x, _ = _scan_layers(layers, x, cos, sin, mask, cfg)
+  if moe_stats:
+    stats = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *moe_stats)
     aux["expert_counts"] = stats["counts"]  # [L_moe, E]
     aux["expert_ids"] = stats["ids"]  # [L_moe, B, T, k]
     aux["balance"] = stats["balance"].sum()

@@ -7,7 +7,7 @@ import jax
 
 from r1jax.config import ModelConfig
 from r1jax.model import layers as L
-from r1jax.model.deepseek import embed, head
+from r1jax.model.layers import embed, head
 
 
 def qkv(p, x, cos, sin, cfg: ModelConfig):
@@ -27,12 +27,17 @@ def out_proj(p, attn_out, dtype, fp8: bool = False):
                  p["o"].reshape(-1, p["o"].shape[-1]), dtype, fp8)
 
 
+def gqa(p, x, cos, sin, mask, cfg: ModelConfig):
+  """Grouped-query self-attention of x [B, T, D] (the training and prefill forward)."""
+  q, k, v = qkv(p, x, cos, sin, cfg)
+  out = L.attend(q, k, v, mask, L.softmax_scale(cfg), cfg.attn_chunk)
+  return out_proj(p, out, cfg.jnp_dtype, cfg.fp8)
+
+
 def decoder_layer(p, x, cos, sin, mask, cfg: ModelConfig):
   dtype = cfg.jnp_dtype
   h = L.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-  q, k, v = qkv(p["attn"], h, cos, sin, cfg)
-  out = L.attend(q, k, v, mask, L.softmax_scale(cfg), cfg.attn_chunk)
-  x = x + out_proj(p["attn"], out, dtype, cfg.fp8)
+  x = x + gqa(p["attn"], h, cos, sin, mask, cfg)
   h = L.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
   return x + L.swiglu_mlp(p["mlp"], h, dtype, cfg.fp8)
 

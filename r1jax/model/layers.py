@@ -1,4 +1,5 @@
-"""Building blocks shared by the MoE and dense models: norms, RoPE/YaRN, attention core, MLP.
+"""Building blocks shared by every model family: norms, embedding and head, RoPE/YaRN, the
+attention core, the SwiGLU MLP.
 
 Shapes: B batch, T query length, S key length, H heads, K kv heads, D model width, d head width.
 """
@@ -41,6 +42,17 @@ def dense(x, w, dtype, fp8: bool = False, *, interpret: bool | None = None):
                        preferred_element_type=jnp.float32).astype(dtype)
 
 
+def embed(params, tokens, cfg: ModelConfig):
+  return params["embed"].astype(cfg.jnp_dtype)[tokens]
+
+
+def head(params, h, cfg: ModelConfig):
+  """Final-normed hidden [B, T, D] -> fp32 logits [B, T, V]."""
+  w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+  return jnp.dot(h.astype(cfg.jnp_dtype), w.astype(cfg.jnp_dtype),
+                 preferred_element_type=jnp.float32)
+
+
 def swiglu_mlp(p, x, dtype, fp8: bool = False):
   h = jax.nn.silu(dense(x, p["gate"], dtype, fp8)) * dense(x, p["up"], dtype, fp8)
   return dense(h, p["down"], dtype, fp8)
@@ -48,7 +60,7 @@ def swiglu_mlp(p, x, dtype, fp8: bool = False):
 
 # ------------------------------------------------------------------ rope
 def rope_dim(cfg: ModelConfig) -> int:
-  return cfg.qk_rope_head_dim if cfg.is_moe else cfg.dense_head_dim
+  return cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.dense_head_dim
 
 
 def rope_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
@@ -80,7 +92,7 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
 
 
 def softmax_scale(cfg: ModelConfig) -> float:
-  if not cfg.is_moe:
+  if cfg.attention != "mla":
     return cfg.dense_head_dim ** -0.5
   scale = cfg.qk_head_dim ** -0.5
   if cfg.rope_type == "yarn" and cfg.mscale_all_dim:

@@ -5,7 +5,7 @@
 from it. Weights are stored [in, out] (HF stores [out, in]); attention projections keep the head
 axis separate so it can be sharded.
 
-DeepSeek tree:            Dense (Qwen2/Qwen3/Llama) tree:
+MoE tree (DeepSeek: MLA attention; Qwen3-MoE: the dense tree's GQA attention), dense tree:
   embed       [V, D]        embed [V, D]
   dense_layers{...} [Ld,…]  layers{attn_norm, attn{q,k,v,(q_bias,k_bias,v_bias),
                                    (q_norm,k_norm: Qwen3),o}, mlp_norm, mlp}
@@ -94,13 +94,15 @@ def _moe(cfg: ModelConfig) -> dict:
   return p
 
 
-def _deepseek_layer(cfg: ModelConfig, moe: bool) -> dict:
+def _layer(cfg: ModelConfig, moe: bool) -> dict:
+  """One decoder layer: the family's attention, then a dense MLP or the MoE."""
   D = cfg.hidden_size
-  return {"attn_norm": _norm(D), "attn": _mla(cfg), "mlp_norm": _norm(D),
+  attn = _mla(cfg) if cfg.attention == "mla" else _gqa(cfg)
+  return {"attn_norm": _norm(D), "attn": attn, "mlp_norm": _norm(D),
           ("moe" if moe else "mlp"): _moe(cfg) if moe else _mlp(cfg, cfg.intermediate_size)}
 
 
-def _dense_layer(cfg: ModelConfig) -> dict:
+def _gqa(cfg: ModelConfig) -> dict:
   D, H, KV, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads, cfg.dense_head_dim
   attn = {"q": ParamSpec((D, H, hd), ("embed", "heads", "head_dim")),
           "k": ParamSpec((D, KV, hd), ("embed", "kv_heads", "head_dim")),
@@ -113,8 +115,7 @@ def _dense_layer(cfg: ModelConfig) -> dict:
   if cfg.qk_norm:
     attn["q_norm"] = ParamSpec((hd,), ("norm",), "ones")
     attn["k_norm"] = ParamSpec((hd,), ("norm",), "ones")
-  return {"attn_norm": _norm(D), "attn": attn, "mlp_norm": _norm(D),
-          "mlp": _mlp(cfg, cfg.intermediate_size)}
+  return attn
 
 
 def mtp_layer_is_moe(cfg: ModelConfig, depth: int) -> bool:
@@ -128,18 +129,18 @@ def declare(cfg: ModelConfig) -> dict:
   tree: dict = {"embed": ParamSpec((V, D), ("vocab", "embed"))}
   if cfg.is_moe:
     if cfg.num_dense_layers:
-      tree["dense_layers"] = _stack(_deepseek_layer(cfg, False), cfg.num_dense_layers)
+      tree["dense_layers"] = _stack(_layer(cfg, False), cfg.num_dense_layers)
     if cfg.num_moe_layers:
-      tree["moe_layers"] = _stack(_deepseek_layer(cfg, True), cfg.num_moe_layers)
+      tree["moe_layers"] = _stack(_layer(cfg, True), cfg.num_moe_layers)
     if cfg.num_nextn_predict_layers:
       assert all(mtp_layer_is_moe(cfg, k) == mtp_layer_is_moe(cfg, 0)
                  for k in range(cfg.num_nextn_predict_layers)), "mixed MTP layer kinds"
       mtp = {"enorm": _norm(D), "hnorm": _norm(D),
              "eh_proj": ParamSpec((2 * D, D), ("mtp_in", "embed")),
-             "layer": _deepseek_layer(cfg, mtp_layer_is_moe(cfg, 0)), "norm": _norm(D)}
+             "layer": _layer(cfg, mtp_layer_is_moe(cfg, 0)), "norm": _norm(D)}
       tree["mtp"] = _stack(mtp, cfg.num_nextn_predict_layers)
   else:
-    tree["layers"] = _stack(_dense_layer(cfg), cfg.num_hidden_layers)
+    tree["layers"] = _stack(_layer(cfg, False), cfg.num_hidden_layers)
   tree["final_norm"] = _norm(D)
   if not cfg.tie_word_embeddings:
     tree["lm_head"] = ParamSpec((D, V), ("embed", "vocab"))
