@@ -3,6 +3,8 @@
     python docs/results/tables.py            # markdown tables of every r1_tiny seed and more
     python docs/results/tables.py --save RUN_DIR NAME --command "..." --commit SHA --wall S
         # copy a run's summary.json here as NAME.json with what produced it
+    python docs/results/tables.py --curve RUN_DIR NAME
+        # a GRPO run's per-step rewards and lengths (from metrics.jsonl) as NAME_curve.json
 
 Each NAME.json is a run's summary.json plus "run": the command, the git commit of the code,
 the wall seconds of the whole command (from /usr/bin/time), and notes.
@@ -24,6 +26,19 @@ def save(run_dir: str, name: str, **run):
   summary["run"] = dict(summary.get("run", {}), **{k: v for k, v in run.items() if v is not None})
   with open(os.path.join(HERE, f"{name}.json"), "w") as f:
     json.dump(summary, f, indent=2)
+
+
+def save_curve(run_dir: str, name: str):
+  keys = ("step", "reward", "reward_format", "reward_accuracy", "completion_len",
+          "zero_var_groups", "step_seconds")
+  rows = []
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    for line in f:
+      r = json.loads(line)
+      if r.get("stage") == "grpo" and "reward" in r:
+        rows.append({k: r[k] for k in keys if k in r})
+  with open(os.path.join(HERE, f"{name}_curve.json"), "w") as f:
+    json.dump(rows, f, indent=1)
 
 
 def _acc(entry, bucket=None, key="accuracy"):
@@ -70,6 +85,71 @@ def r1_tiny_tables():
           f"{_acc(st['cold_start'], 'uncovered', 'pass@k')} -> "
           f"{_acc(st['grpo'], 'uncovered', 'pass@1')} / {_acc(st['grpo'], 'uncovered', 'pass@k')} |")
   print(f"\nmean grpo - cold_start over {len(gains)} seeds: {sum(gains) / len(gains):+.3f}")
+  _r1_tiny_goals(runs)
+
+
+def _r1_tiny_goals(runs):
+  """The tiny recipe's goals (issue 16), each checked on every committed seed."""
+  def acc(s, name, bucket=None):
+    ev = {e["name"]: e for e in s["stages"]}[name]["eval"]
+    return (ev["by_bucket"][bucket] if bucket else ev)["accuracy"]
+  gains = [acc(s, "grpo") - acc(s, "cold_start") for s in runs.values()]
+  vs_control = [acc(s, "grpo", "uncovered") - acc(s, "sft_control", "uncovered")
+                for s in runs.values()]
+  student = [acc(s, "distill") / max(acc(s, "grpo_final"), 1e-9) for s in runs.values()]
+  walls = [s["run"].get("wall_seconds") for s in runs.values() if s["run"].get("tuned")]
+  n = len(runs)
+  print()
+  print("| goal | measured | met |")
+  print("|---|---|---|")
+  rows = [
+      ("grpo >= cold_start + 0.10 on the mean", f"{sum(gains) / n:+.3f}",
+       sum(gains) / n >= 0.10 - 1e-9),
+      ("grpo >= cold_start + 0.05 on every seed", f"min {min(gains):+.2f}",
+       min(gains) >= 0.05 - 1e-9),
+      ("grpo >= sft_control + 0.05 on uncovered in >= 4 of 5 seeds",
+       f"{sum(v >= 0.05 - 1e-9 for v in vs_control)} of {n}",
+       sum(v >= 0.05 - 1e-9 for v in vs_control) >= min(4, n)),
+      ("student >= 90 % of its teacher on every seed", f"min {100 * min(student):.0f} %",
+       min(student) >= 0.9 - 1e-9),
+  ]
+  if walls:
+    rows.append(("whole recipe <= 15 min, empty compilation cache", f"{walls[0] / 60:.1f} min",
+                 walls[0] <= 900))
+  for goal, value, met in rows:
+    print(f"| {goal} | {value} | {'yes' if met else 'no'} |")
+
+
+def r1_zero_smollm2_table():
+  path = os.path.join(HERE, "r1_zero_smollm2.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    s = json.load(f)
+  st = {e["name"]: e for e in s["stages"]}
+  with open(os.path.join(HERE, "r1_zero_smollm2_curve.json")) as f:
+    curve = json.load(f)
+  print()
+  print("| | greedy accuracy | sum / difference | pass@1 | pass@4 |")
+  print("|---|---|---|---|---|")
+  for name in ("base", "grpo"):
+    ev = st[name]["eval"]
+    print(f"| {name} | {ev['accuracy']:.2f} | {ev['by_bucket']['sum']['accuracy']:.2f} / "
+          f"{ev['by_bucket']['difference']['accuracy']:.2f} | {ev['pass@1']:.2f} | "
+          f"{ev['pass@k']:.2f} |")
+  print()
+  print("| GRPO step | reward | format reward | accuracy reward | completion length | "
+        "groups with no signal |")
+  print("|---|---|---|---|---|---|")
+  for r in curve:
+    if r['step'] != 1 and r['step'] % 3:
+      continue  # every third step keeps the table short; the JSON has them all
+    print(f"| {r['step']} | {r['reward']:.2f} | {r['reward_format']:.2f} | "
+          f"{r['reward_accuracy']:.2f} | {r['completion_len']:.1f} | {r['zero_var_groups']:.2f} |")
+  wall = s["run"].get("wall_seconds")
+  if wall:
+    print(f"\nwall {wall / 60:.1f} min; GRPO step {st['grpo']['metrics']['step_seconds']:.0f} s "
+          f"(last), MFU {st['grpo']['metrics']['mfu']:.2f}")
 
 
 def main():
@@ -80,12 +160,18 @@ def main():
   ap.add_argument("--wall", type=float)
   ap.add_argument("--tuned", action="store_true")
   ap.add_argument("--note")
+  ap.add_argument("--curve", nargs=2, metavar=("RUN_DIR", "NAME"),
+                  help="save a GRPO run's per-step reward/length curve as NAME_curve.json")
   a = ap.parse_args()
   if a.save:
     save(*a.save, command=a.command, git_commit=a.commit, wall_seconds=a.wall,
          tuned=a.tuned, note=a.note)
     return
+  if a.curve:
+    save_curve(*a.curve)
+    return
   r1_tiny_tables()
+  r1_zero_smollm2_table()
 
 
 if __name__ == "__main__":
