@@ -35,19 +35,28 @@ CASES = {"untied": dict(tie_word_embeddings=False),
          "tied": dict(tie_word_embeddings=True, num_key_value_heads=4, head_dim=24)}
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def _checkpoint_factory(tmp_path_factory, make_config, cases):
+  """get(name) -> (transformers model, its saved dir, tokens, its logits), built once per case.
+  `cases` maps a name to (config overrides, model seed, token seed): fixed per case, so a
+  case's weights do not depend on which tests ran first."""
   cache = {}
 
   def get(name):
     if name not in cache:
-      m = H.make_model(H.qwen3_config(**CASES[name]), seed=len(cache) + 3)
+      overrides, seed, token_seed = cases[name]
+      m = H.make_model(make_config(**overrides), seed=seed)
       path = H.save_model(m, tmp_path_factory.mktemp(name))
-      tokens = H.random_tokens(m.config.vocab_size, 2, 40, seed=len(cache))
+      tokens = H.random_tokens(m.config.vocab_size, 2, 40, seed=token_seed)
       cache[name] = (m, path, tokens, H.hf_logits(m, tokens))
     return cache[name]
 
   return get
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+  return _checkpoint_factory(tmp_path_factory, H.qwen3_config,
+                             {"untied": (CASES["untied"], 3, 0), "tied": (CASES["tied"], 4, 1)})
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -173,17 +182,9 @@ MOE_CASES = {
 
 @pytest.fixture(scope="module")
 def moe_checkpoints(tmp_path_factory):
-  cache = {}
-
-  def get(name):
-    if name not in cache:
-      m = H.make_model(H.qwen3_moe_config(**MOE_CASES[name]), seed=len(cache) + 7)
-      path = H.save_model(m, tmp_path_factory.mktemp(name))
-      tokens = H.random_tokens(m.config.vocab_size, 2, 40, seed=len(cache) + 1)
-      cache[name] = (m, path, tokens, H.hf_logits(m, tokens))
-    return cache[name]
-
-  return get
+  return _checkpoint_factory(tmp_path_factory, H.qwen3_moe_config,
+                             {"interleaved": (MOE_CASES["interleaved"], 7, 1),
+                              "sparse": (MOE_CASES["sparse"], 8, 2)})
 
 
 def test_moe_settings_reach_our_config(moe_checkpoints):
