@@ -11,7 +11,7 @@ from r1jax.model import dense as dense_lib
 from r1jax.model import layers as L
 from r1jax.model import mla as mla_lib
 from r1jax.model import moe as moe_lib
-from r1jax.model.layers import embed, head  # noqa: F401  (re-exported)
+from r1jax.model.layers import embed, head
 
 
 def decoder_layer(p, x, cos, sin, mask, cfg: ModelConfig, token_mask=None, replay_ids=None):
