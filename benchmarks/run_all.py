@@ -179,10 +179,13 @@ class Benchmark:
   target_text: str = ""
   cpu_note: str = ""
   suffix: str = "x"  # a speed-up; "" for a plain ratio
+  # the script's file name when it is not `<name>.py` (a `kernels.py` here would shadow the
+  # `kernels` package that transformers imports, since a script's folder leads sys.path)
+  script_name: str = ""
 
   @property
   def script(self) -> pathlib.Path:
-    return BENCH_DIR / f"{self.name}.py"
+    return BENCH_DIR / (self.script_name or f"{self.name}.py")
 
 
 BENCHMARKS = (
@@ -197,7 +200,8 @@ BENCHMARKS = (
               suffix=""),
     Benchmark("kernels", "Pallas kernels: FP8 GEMM and grouped matmul", (), kernels_md, 1.5,
               target_text="FP8 GEMM >= 1.5x bf16 on H200",
-              cpu_note="timing needs an accelerator; CPU checks interpret-mode correctness"),
+              cpu_note="timing needs an accelerator; CPU checks interpret-mode correctness",
+              script_name="pallas_kernels_bench.py"),
     Benchmark("grpo_vs_trl", "GRPO step vs TRL GRPOTrainer",
               ("--prompts", "4", "--group", "4", "--new_tokens", "16", "--warmup", "1",
                "--runs", "2"), grpo_vs_trl_md, None,
@@ -222,7 +226,7 @@ def section(b: Benchmark, results_dir: pathlib.Path, runs: dict) -> tuple[list[s
               f"{ran['seconds']:.0f} s); the figures below, if any, are older.", ""]
   if not path.exists():
     lines += [f"not run (no `{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}`)."
-              f" Run `python benchmarks/{b.name}.py`.", ""]
+              f" Run `python benchmarks/{b.script.name}`.", ""]
     return [f"| {b.name} | not run | {b.target_text} | - | - |"], lines
   measured = datetime.datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
   try:

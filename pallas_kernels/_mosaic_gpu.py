@@ -27,7 +27,7 @@ tests use to check the layout code, since neither the interpreter nor XLA:CPU ca
 
 Status: the kernel lowers through Mosaic GPU down to wgmma instructions on a CPU-only jaxlib
 (tests/test_kernels_mosaic_gpu.py checks this). It has not been executed on a GPU yet;
-benchmarks/kernels.py checks it against the reference and times it when one is present.
+benchmarks/pallas_kernels_bench.py checks it against the reference and times it when one is present.
 """
 
 from __future__ import annotations

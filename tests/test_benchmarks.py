@@ -19,6 +19,22 @@ def test_list_names_every_benchmark(capsys):
     assert b.name in out and b.script.exists(), b.name
 
 
+def test_no_script_shadows_an_installed_package():
+  """`python benchmarks/x.py` puts benchmarks/ first on sys.path, so a script named like an
+  installed package (kernels.py vs the `kernels` package transformers imports) breaks the peer."""
+  import importlib.util
+  import sys
+  bench_dir = str(run_all.BENCH_DIR)
+  saved = list(sys.path)
+  try:
+    sys.path[:] = [p for p in sys.path if p.rstrip("/") != bench_dir.rstrip("/")]
+    clashes = [f.stem for f in run_all.BENCH_DIR.glob("*.py")
+               if f.stem != "__init__" and importlib.util.find_spec(f.stem) is not None]
+  finally:
+    sys.path[:] = saved
+  assert not clashes, f"benchmarks/ scripts shadow installed packages: {clashes}"
+
+
 def test_markdown_from_json_and_missing(tmp_path):
   results = tmp_path / "results"
   results.mkdir()

@@ -7,7 +7,7 @@ Neither XLA:CPU nor the Pallas interpreters run wgmma, so this checks what can b
 2. the padded grouped layout and the dense/grouped wrappers, with a jnp model of the kernel
    over the same layout, equal the FP8 references;
 3. with R1JAX_MOSAIC_GPU=1 on a GPU backend, fp8.matmul and gmm_fp8 route to the kernel.
-Numerics of the compiled kernel are checked by benchmarks/kernels.py on a GPU.
+Numerics of the compiled kernel are checked by benchmarks/pallas_kernels_bench.py on a GPU.
 """
 
 import functools

@@ -1,6 +1,6 @@
 """Kernel benchmarks: FP8 GEMM vs bf16 jnp.dot, Pallas gmm vs jax.lax.ragged_dot.
 
-  python benchmarks/kernels.py            # writes benchmarks/results/kernels.json
+  python benchmarks/pallas_kernels_bench.py            # writes benchmarks/results/kernels.json
 
 On GPU/TPU: compiled kernels (interpret=False) checked against their references at ragged
 shapes, then timings (median of several runs after warmup) in TFLOP/s at DeepSeek-V3 shapes. On a
