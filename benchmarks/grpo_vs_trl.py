@@ -61,11 +61,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.run_all import machine_info  # noqa: E402
 from r1jax import hf, model, run_config, train  # noqa: E402
-from r1jax.config import ModelConfig  # noqa: E402
+from r1jax.model.config import ModelConfig  # noqa: E402
 from r1jax.data.tokenizer import CHAR_SPECIALS, CharTokenizer  # noqa: E402
 from r1jax.rollout import sampler  # noqa: E402
 from r1jax.stages.grpo import grpo_batch  # noqa: E402
-from r1jax.train import grpo as grpo_lib  # noqa: E402
+from r1jax.train.losses import grpo as grpo_lib  # noqa: E402
 from r1jax.train import losses  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "grpo_vs_trl.json"

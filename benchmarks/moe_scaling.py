@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from r1jax import model, run_config, train  # noqa: E402
-from r1jax.config import ModelConfig  # noqa: E402
+from r1jax.model.config import ModelConfig  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "moe_scaling.json"
 B, T = 16, 128  # 2048 tokens per step

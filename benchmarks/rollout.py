@@ -29,7 +29,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from r1jax import hf, model  # noqa: E402
-from r1jax.config import ModelConfig  # noqa: E402
+from r1jax.model.config import ModelConfig  # noqa: E402
 from r1jax.rollout import sampler  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "rollout.json"

@@ -6,7 +6,7 @@ configs/grpo_tiny.py (its task, stages and GRPO settings) with a Qwen3-MoE polic
 top-2 with renormalized weights, experts in every layer but the first (mlp_only_layers=[0]).
 """
 
-from r1jax.config import model_section
+from r1jax.model.config import model_section
 from r1jax.run_config import from_file
 
 QWEN3_MOE_TINY = dict(

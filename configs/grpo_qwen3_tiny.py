@@ -7,7 +7,7 @@ the MoE: what a Qwen3 run needs is `model_type="qwen3"` and its sizes, or `init_
 checkpoint, whose config.json gives them.
 """
 
-from r1jax.config import model_section
+from r1jax.model.config import model_section
 from r1jax.run_config import from_file
 
 QWEN3_TINY = dict(model_type="qwen3", vocab_size=128, hidden_size=96, intermediate_size=256,

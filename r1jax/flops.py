@@ -22,7 +22,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from r1jax.config import ModelConfig
+from r1jax.model.config import ModelConfig
 
 # dense bf16 peak per chip, FLOP/s (data sheets); matched against jax's device_kind
 PEAK_FLOPS = {

@@ -25,8 +25,10 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from r1jax.config import ConfigError, ModelConfig
+from r1jax.errors import ConfigError
+from r1jax.model.config import ModelConfig
 from r1jax.errors import CheckpointError
+from r1jax.model import families
 from r1jax.model import params as P
 
 _ST_DTYPES = {
@@ -50,19 +52,6 @@ def _norm_entries():
   yield ("mlp_norm",), "post_attention_layernorm.weight", 0
 
 
-def _mla_entries(cfg: ModelConfig):
-  if cfg.q_lora_rank:
-    yield ("attn", "q_a"), "self_attn.q_a_proj.weight", 1
-    yield ("attn", "q_norm"), "self_attn.q_a_layernorm.weight", 0
-    yield ("attn", "q_b"), "self_attn.q_b_proj.weight", 1
-  else:
-    yield ("attn", "q"), "self_attn.q_proj.weight", 1
-  yield ("attn", "kv_a"), "self_attn.kv_a_proj_with_mqa.weight", 1
-  yield ("attn", "kv_norm"), "self_attn.kv_a_layernorm.weight", 0
-  yield ("attn", "kv_b"), "self_attn.kv_b_proj.weight", 1
-  yield ("attn", "o"), "self_attn.o_proj.weight", 2
-
-
 def _ffn_entries(cfg: ModelConfig, moe: bool):
   names = ("gate", "up", "down")
   if not moe:
@@ -80,19 +69,8 @@ def _ffn_entries(cfg: ModelConfig, moe: bool):
       yield ("moe", "shared", w), f"mlp.shared_experts.{w}_proj.weight", 1
 
 
-def _gqa_entries(cfg: ModelConfig):
-  for n in ("q", "k", "v"):
-    yield ("attn", n), f"self_attn.{n}_proj.weight", 1
-    if cfg.attention_bias:
-      yield ("attn", f"{n}_bias"), f"self_attn.{n}_proj.bias", 0
-  if cfg.qk_norm:
-    yield ("attn", "q_norm"), "self_attn.q_norm.weight", 0
-    yield ("attn", "k_norm"), "self_attn.k_norm.weight", 0
-  yield ("attn", "o"), "self_attn.o_proj.weight", 2
-
-
 def _layer_entries(cfg: ModelConfig, moe: bool) -> list:
-  attn = _mla_entries(cfg) if cfg.attention == "mla" else _gqa_entries(cfg)
+  attn = families.ATTENTION[cfg.attention].hf_entries(cfg)
   return [*_norm_entries(), *attn, *_ffn_entries(cfg, moe)]
 
 

@@ -114,8 +114,8 @@ def main(argv=None) -> int:
     from r1jax.parallel import distributed
     distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     if FLAGS.dry_run:
-      from r1jax.parallel import memory
-      print(memory.report(config, FLAGS.dry_run_devices or None))
+      from r1jax import dry_run
+      print(dry_run.report(config, FLAGS.dry_run_devices or None))
       return 0
     import jax
     if FLAGS.workdir is None and jax.process_count() > 1:

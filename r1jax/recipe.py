@@ -23,7 +23,7 @@ from etils import epath
 
 from r1jax import fileio, flops, hf, parallel, run_config
 from r1jax.checkpoint import load_model, save_model, saved_lora_config, sources
-from r1jax.config import ConfigError
+from r1jax.errors import ConfigError
 from r1jax.data import pipeline as data_pipeline
 from r1jax.data import tasks
 from r1jax.data.tokenizer import get_tokenizer

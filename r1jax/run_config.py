@@ -11,7 +11,8 @@ import math
 
 import ml_collections
 
-from r1jax.config import ConfigError, ModelConfig, model_section
+from r1jax.errors import ConfigError
+from r1jax.model.config import ModelConfig, model_section
 
 STAGE_KINDS = ("pretrain", "sft", "grpo", "rejection_sampling", "distill", "eval")
 TRAINING_KINDS = ("pretrain", "sft", "grpo", "distill")

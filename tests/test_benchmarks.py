@@ -7,7 +7,7 @@ import tempfile
 
 from benchmarks import run_all
 from r1jax import hf
-from r1jax.config import ModelConfig
+from r1jax.model.config import ModelConfig
 from r1jax.run_config import tiny_moe_fields
 import testing
 

@@ -20,12 +20,12 @@ import pytest
 
 from r1jax import hf, launch, model, recipe, run_config
 from r1jax.checkpoint import sources
-from r1jax.config import ModelConfig
+from r1jax.model.config import ModelConfig
 from r1jax.data.tokenizer import get_tokenizer
 from r1jax.parallel import make_mesh
 from r1jax.rollout import engine, sampler
 from r1jax.stages import grpo as grpo_stage
-from r1jax.train import grpo
+from r1jax.train.losses import grpo
 import testing
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -121,9 +121,9 @@ def test_fp8_policy_samples_and_scores_alike(monkeypatch):
   c, cfg, params = _setup(path, {"fp8": True, "num_hidden_layers": 2})
   m = _first_update_metrics(c, cfg, params, "grpo")
   assert m["logp_mismatch_mean"] < 3e-3 and m["mismatch_clip_frac"] <= 0.01, m
-  from r1jax.model import decode
-  monkeypatch.setattr(decode, "_fp8_round_activations", lambda x: x)
-  monkeypatch.setattr(decode, "_fp8_round_weights", lambda w: w)
+  from r1jax.model import mla
+  monkeypatch.setattr(mla, "_fp8_round_activations", lambda x: x)
+  monkeypatch.setattr(mla, "_fp8_round_weights", lambda w: w)
   jax.clear_caches()
   m = _first_update_metrics(c, cfg, params, "grpo")
   assert m["logp_mismatch_mean"] > 0.03 and m["mismatch_clip_frac"] > 0.05, m

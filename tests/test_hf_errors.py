@@ -12,7 +12,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from r1jax import hf
-from r1jax.config import ConfigError, ModelConfig
+from r1jax.errors import ConfigError
+from r1jax.model.config import ModelConfig
 from r1jax.errors import CheckpointError, UserError
 from testing import random_params
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import routing
-from r1jax.config import ModelConfig
+from r1jax.model.config import ModelConfig
 from r1jax.model import moe as moe_lib
 
 V3_LIKE = dict(top_k=4, n_group=4, topk_group=2, scoring_func="sigmoid", norm_topk_prob=True,

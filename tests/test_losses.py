@@ -14,10 +14,12 @@ import optax
 import pytest
 
 from r1jax import parallel, run_config, train
-from r1jax.config import ModelConfig
+from r1jax.model.config import ModelConfig
 from r1jax.model import moe
 from r1jax.stages import common
-from r1jax.train import grpo, losses, objectives
+from r1jax.train import losses
+from r1jax.train.losses import grpo
+from r1jax.train.losses import supervised as objectives
 from r1jax.train import state as state_lib
 
 TINY_MOE = ModelConfig.from_config(run_config.tiny_moe_fields())

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from r1jax import model
-from r1jax.config import ModelConfig
+from r1jax.model.config import ModelConfig
 from r1jax.model import moe as moe_lib
 from testing import jit, random_params
 

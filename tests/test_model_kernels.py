@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from r1jax import model, parallel, train
-from r1jax.config import ModelConfig
-from r1jax.model import dense as dense_lib
+from r1jax.model.config import ModelConfig
+from r1jax.model import block as block_lib
 from r1jax.model import layers as L
 from r1jax.model import mla as mla_lib
 from r1jax.model import moe as moe_lib
@@ -150,7 +150,7 @@ def test_fp8_routes_every_projection_through_the_fp8_gemm(params):
   qwen = ModelConfig.from_config(tiny_student_fields(num_hidden_layers=1, fp8=True))
   qwen_layer = jax.tree.map(lambda a: a[0], random_params(qwen)["layers"])
   cos, sin = L.rope_cos_sin(qwen, jnp.zeros((B, T), jnp.int32))
-  assert count(lambda p, x: dense_lib.decoder_layer(p, x, cos, sin, mask, qwen), qwen_layer,
+  assert count(lambda p, x: block_lib.decoder_block(p, x, cos, sin, mask, qwen)[0], qwen_layer,
                jnp.zeros((B, T, qwen.hidden_size))) == 7
 
 

@@ -33,8 +33,9 @@ EXIT_BOUND_S = 90
 def _worker(args):
   import jax
   from r1jax import parallel, run_config, train
-  from r1jax.config import ModelConfig
-  from r1jax.parallel import distributed, memory
+  from r1jax.model.config import ModelConfig
+  from r1jax import dry_run as memory
+  from r1jax.parallel import distributed
   from r1jax.stages import common
 
   distributed.initialize(args.coordinator, args.num_processes, args.process_id)

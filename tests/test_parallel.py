@@ -23,10 +23,11 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from r1jax import model, parallel, run_config, train
-from r1jax.config import ConfigError, ModelConfig
+from r1jax.errors import ConfigError
+from r1jax.model.config import ModelConfig
 from r1jax.model import moe as moe_lib
-from r1jax.parallel import expert as expert_lib
-from r1jax.parallel import memory
+from r1jax.model.moe import dispatch as expert_lib
+from r1jax import dry_run
 from r1jax.train import losses
 from testing import jit, random_params
 
@@ -135,7 +136,7 @@ def _run_steps(params, batch, cfg, mesh, n=3):
                              bias_gamma=1e-2, jit=False), donate_argnums=(0,))
   state = jit(lambda p: train.create(p, tx, 0))(params)
   if mesh is not None:
-    shardings = jax.tree.map(lambda x: x.sharding, memory.abstract_state(cfg, tx, mesh))
+    shardings = jax.tree.map(lambda x: x.sharding, dry_run.abstract_state(cfg, tx, mesh))
     state, batch = jax.device_put(state, shardings), parallel.shard_batch(batch, mesh)
   losses_ = []
   with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from r1jax import model, parallel
-from r1jax.config import ModelConfig
+from r1jax.model.config import ModelConfig
 from r1jax.rollout import sampler
 import testing
 

@@ -1,4 +1,14 @@
-"""Functional models: DeepSeek-V3 MoE (`deepseek`) and dense Qwen2/Llama students (`dense`).
+"""Functional models of every family through one decoder (`decoder`, built from `block`).
+
+  config    ModelConfig: HF field names, presets, validation, config.json both ways
+  params    one declaration of every parameter (shapes, logical axes, init)
+  layers    norms, embed/head, RoPE, attention core, SwiGLU, KV-cache slots
+  mla, gqa  the attention families: full-sequence and cached forms, cache shapes
+  moe       the MoE package (routing, experts, expert-parallel dispatch, block)
+  block     the one decoder block and the table (`ATTENTION`) that picks its attention
+  decoder   layer stacks run by run, MTP, and generation on a KV cache
+  lora      adapters: init, merge, shardings, export
+
 
     logits = model.forward(params, tokens, cfg)          # int32 [B, T] -> fp32 [B, T, V]
     logits, aux = model.forward_with_aux(params, tokens, cfg, mtp=True)
@@ -7,9 +17,9 @@
 
 from __future__ import annotations
 
-from r1jax.config import ModelConfig
-from r1jax.model import dense, deepseek
-from r1jax.model.params import abstract, declare, init, logical_axes
+from r1jax.model.config import ModelConfig
+from r1jax.model import decoder
+from r1jax.model.params import abstract, declare, init, logical_axes, num_params
 
 
 def forward_with_aux(params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=None,
@@ -30,12 +40,9 @@ def forward_with_aux(params, tokens, cfg: ModelConfig, *, segment_ids=None, posi
   earlier forward); gate weights still come from the current router. aux["expert_ids"]
   [L_moe, B, T, k] holds the experts each token went to (id E for padding).
   """
-  if cfg.is_moe:
-    return deepseek.forward_with_aux(params, tokens, cfg, segment_ids=segment_ids,
-                                     positions=positions, mtp=mtp, token_mask=token_mask,
-                                     routing=routing)
-  return dense.forward_with_aux(params, tokens, cfg, segment_ids=segment_ids,
-                                positions=positions, mtp=mtp)
+  return decoder.forward_with_aux(params, tokens, cfg, segment_ids=segment_ids,
+                                  positions=positions, mtp=mtp, token_mask=token_mask,
+                                  routing=routing)
 
 
 def forward(params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=None,

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from r1jax.config import ModelConfig, yarn_mscale
+from r1jax.model.config import ModelConfig, yarn_mscale
 
 NEG_INF = -1e30  # finite, so a fully masked row (padding) gives a uniform softmax, not NaN
 
@@ -53,9 +53,14 @@ def head(params, h, cfg: ModelConfig):
                  preferred_element_type=jnp.float32)
 
 
+def swiglu(x, p, matmul):
+  """The SwiGLU FFN, down(silu(gate(x)) * up(x)), with `matmul(x, w)`: every dense MLP, shared
+  expert and routed-expert implementation is this with its own matmul."""
+  return matmul(jax.nn.silu(matmul(x, p["gate"])) * matmul(x, p["up"]), p["down"])
+
+
 def swiglu_mlp(p, x, dtype, fp8: bool = False):
-  h = jax.nn.silu(dense(x, p["gate"], dtype, fp8)) * dense(x, p["up"], dtype, fp8)
-  return dense(h, p["down"], dtype, fp8)
+  return swiglu(x, p, lambda a, w: dense(a, w, dtype, fp8))
 
 
 # ------------------------------------------------------------------ rope
@@ -180,3 +185,16 @@ def maybe_remat(fn, policy: str):
   if policy == "none":
     return fn
   return jax.checkpoint(fn, policy=REMAT_POLICIES[policy])
+
+
+# ------------------------------------------------------------------ KV cache
+def cache_write(cache_LBS, new_Bt, layer, index):
+  """Write new entries [B, t, ...] at layer `layer`, slot `index` of a stacked cache
+  [L, B, S, ...], in place."""
+  start = (layer, 0, index) + (0,) * (cache_LBS.ndim - 3)
+  return jax.lax.dynamic_update_slice(cache_LBS, new_Bt[None].astype(cache_LBS.dtype), start)
+
+
+def cache_read(cache_LBS, layer, dtype):
+  """Layer `layer` of a stacked cache, [B, S, ...] in `dtype`."""
+  return jax.lax.dynamic_index_in_dim(cache_LBS, layer, keepdims=False).astype(dtype)

@@ -33,7 +33,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from r1jax.config import ConfigError, ModelConfig
+from r1jax.errors import ConfigError
+from r1jax.model.config import ModelConfig
 from r1jax.model import params as param_lib
 
 DEFAULT_TARGETS = ("q", "k", "v", "o", "q_a", "q_b", "kv_a", "kv_b", "gate", "up", "down")

@@ -25,24 +25,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from r1jax.config import ModelConfig
+from r1jax.model import families
+from r1jax.model.config import ModelConfig
+from r1jax.model.spec import INIT_STD, ParamSpec, is_spec as _is_spec, norm as _norm  # noqa: F401
 
-INIT_STD = 0.02  # HF initializer_range
-
-
-@dataclasses.dataclass(frozen=True)
-class ParamSpec:
-  shape: tuple[int, ...]
-  axes: tuple[str | None, ...]  # logical axis names, one per dim
-  init: str = "normal"  # "normal" | "ones" | "zeros"
-  dtype: Any = None  # None = cfg.param_dtype
-
-  def __post_init__(self):
-    assert len(self.shape) == len(self.axes), (self.shape, self.axes)
-
-
-def _is_spec(x) -> bool:
-  return isinstance(x, ParamSpec)
 
 
 def _stack(tree, n: int, axis_name: str = "layers"):
@@ -51,32 +37,11 @@ def _stack(tree, n: int, axis_name: str = "layers"):
                       tree, is_leaf=_is_spec)
 
 
-def _norm(d: int) -> ParamSpec:
-  return ParamSpec((d,), ("norm",), "ones")
-
-
 def _mlp(cfg: ModelConfig, width: int) -> dict:
   D = cfg.hidden_size
   return {"gate": ParamSpec((D, width), ("embed", "mlp")),
           "up": ParamSpec((D, width), ("embed", "mlp")),
           "down": ParamSpec((width, D), ("mlp", "embed"))}
-
-
-def _mla(cfg: ModelConfig) -> dict:
-  D, H = cfg.hidden_size, cfg.num_attention_heads
-  p = {}
-  if cfg.q_lora_rank:
-    p["q_a"] = ParamSpec((D, cfg.q_lora_rank), ("embed", "q_lora"))
-    p["q_norm"] = ParamSpec((cfg.q_lora_rank,), ("norm",), "ones")
-    p["q_b"] = ParamSpec((cfg.q_lora_rank, H, cfg.qk_head_dim), ("q_lora", "heads", "head_dim"))
-  else:
-    p["q"] = ParamSpec((D, H, cfg.qk_head_dim), ("embed", "heads", "head_dim"))
-  p["kv_a"] = ParamSpec((D, cfg.kv_lora_rank + cfg.qk_rope_head_dim), ("embed", "kv_lora"))
-  p["kv_norm"] = ParamSpec((cfg.kv_lora_rank,), ("norm",), "ones")
-  p["kv_b"] = ParamSpec((cfg.kv_lora_rank, H, cfg.qk_nope_head_dim + cfg.v_head_dim),
-                        ("kv_lora", "heads", "head_dim"))
-  p["o"] = ParamSpec((H, cfg.v_head_dim, D), ("heads", "head_dim", "embed"))
-  return p
 
 
 def _moe(cfg: ModelConfig) -> dict:
@@ -97,25 +62,9 @@ def _moe(cfg: ModelConfig) -> dict:
 def _layer(cfg: ModelConfig, moe: bool) -> dict:
   """One decoder layer: the family's attention, then a dense MLP or the MoE."""
   D = cfg.hidden_size
-  attn = _mla(cfg) if cfg.attention == "mla" else _gqa(cfg)
+  attn = families.ATTENTION[cfg.attention].declare(cfg)
   return {"attn_norm": _norm(D), "attn": attn, "mlp_norm": _norm(D),
           ("moe" if moe else "mlp"): _moe(cfg) if moe else _mlp(cfg, cfg.intermediate_size)}
-
-
-def _gqa(cfg: ModelConfig) -> dict:
-  D, H, KV, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads, cfg.dense_head_dim
-  attn = {"q": ParamSpec((D, H, hd), ("embed", "heads", "head_dim")),
-          "k": ParamSpec((D, KV, hd), ("embed", "kv_heads", "head_dim")),
-          "v": ParamSpec((D, KV, hd), ("embed", "kv_heads", "head_dim")),
-          "o": ParamSpec((H, hd, D), ("heads", "head_dim", "embed"))}
-  if cfg.attention_bias:
-    attn["q_bias"] = ParamSpec((H, hd), ("heads", "head_dim"), "zeros")
-    attn["k_bias"] = ParamSpec((KV, hd), ("kv_heads", "head_dim"), "zeros")
-    attn["v_bias"] = ParamSpec((KV, hd), ("kv_heads", "head_dim"), "zeros")
-  if cfg.qk_norm:
-    attn["q_norm"] = ParamSpec((hd,), ("norm",), "ones")
-    attn["k_norm"] = ParamSpec((hd,), ("norm",), "ones")
-  return attn
 
 
 def mtp_layer_is_moe(cfg: ModelConfig, depth: int) -> bool:
@@ -155,6 +104,11 @@ def abstract(cfg: ModelConfig):
   """ShapeDtypeStructs of the parameter tree; allocates nothing."""
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, _dtype(cfg, s)), declare(cfg),
                       is_leaf=_is_spec)
+
+
+def num_params(cfg: ModelConfig) -> int:
+  """The number of parameters `declare` gives (MTP modules included)."""
+  return sum(math.prod(s.shape) for s in jax.tree.leaves(declare(cfg), is_leaf=_is_spec))
 
 
 def logical_axes(cfg: ModelConfig):

@@ -13,11 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-from r1jax.config import ConfigError
-
-AXES = ("data", "fsdp", "expert", "tensor")
-# axes that split the batch: `expert` acts as data parallelism outside the MoE layers
-BATCH_AXES = ("data", "fsdp", "expert")
+from r1jax.axes import AXES, BATCH_AXES, batch_axes  # noqa: F401  (re-exported)
+from r1jax.errors import ConfigError
 
 
 def resolve_axis_sizes(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
@@ -57,11 +54,6 @@ def abstract_mesh(mesh_cfg: Mapping[str, int], num_devices: int):
   """A device-free mesh of `num_devices` for ahead-of-time compilation and memory estimates."""
   sizes = resolve_axis_sizes(dict(mesh_cfg), num_devices)
   return jax.sharding.AbstractMesh(sizes, AXES, axis_types=(AxisType.Auto,) * len(AXES))
-
-
-def batch_axes(mesh) -> tuple[str, ...]:
-  """The mesh axes (of size > 1) that split the batch."""
-  return tuple(a for a in BATCH_AXES if a in mesh.shape and mesh.shape[a] > 1)
 
 
 def batch_size_multiple(mesh) -> int:

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from r1jax import flops
-from r1jax.config import ModelConfig
+from r1jax.model.config import ModelConfig
 from r1jax.data import template as template_lib
 from r1jax.rollout import rewards as rewards_lib
 from r1jax.rollout import sampler

@@ -37,8 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from r1jax.config import ModelConfig
-from r1jax.model import decode
+from r1jax.model.config import ModelConfig
+from r1jax.model import decoder
 from r1jax.parallel.rules import to_host
 
 PROMPT_BUCKET = 16
@@ -114,9 +114,9 @@ def _generate_core(params, prompt_BP, pad_B, rng, knobs, *, cfg: ModelConfig,
   N = max_new_tokens
   prompt_BP, pad_B = _batch_constraint(prompt_BP), _batch_constraint(pad_B)
   prompt_len_B = P - pad_B
-  cache = jax.tree.map(_batch_constraint, decode.init_cache(cfg, B, P + N))
+  cache = jax.tree.map(_batch_constraint, decoder.init_cache(cfg, B, P + N))
   positions = jnp.maximum(jnp.arange(P, dtype=jnp.int32)[None, :] - pad_B[:, None], 0)
-  logits, cache, ids = decode.forward_cached(params, prompt_BP, positions, cache, 0, pad_B, cfg)
+  logits, cache, ids = decoder.forward_cached(params, prompt_BP, positions, cache, 0, pad_B, cfg)
   routing = None
   if record_routing and ids is not None:
     L_moe, _, _, k = ids.shape
@@ -147,7 +147,7 @@ def _generate_core(params, prompt_BP, pad_B, rng, knobs, *, cfg: ModelConfig,
   def body(carry):
     i, cache, state, routing = carry
     prev = state[0][:, i - 1][:, None]
-    logits, cache, ids = decode.forward_cached(params, prev, (prompt_len_B + i - 1)[:, None],
+    logits, cache, ids = decoder.forward_cached(params, prev, (prompt_len_B + i - 1)[:, None],
                                                cache, P + i - 1, pad_B, cfg)
     if routing is not None:  # the token at slot P + i - 1 went to these experts
       routing = jax.lax.dynamic_update_slice(

@@ -21,7 +21,7 @@ from etils import epath
 
 from r1jax import parallel, run_config
 from r1jax.checkpoint import Checkpointer, abstract_like
-from r1jax.config import ModelConfig
+from r1jax.model.config import ModelConfig
 from r1jax.errors import NonFiniteError
 from r1jax.runlog import RunLog
 from r1jax.train import state as state_lib

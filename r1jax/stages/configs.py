@@ -16,7 +16,7 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
-from r1jax.config import ConfigError
+from r1jax.errors import ConfigError
 
 KINDS = ("pretrain", "sft", "grpo", "rejection_sampling", "distill", "eval")
 TRAINING_KINDS = ("pretrain", "sft", "grpo", "distill")
@@ -129,7 +129,7 @@ class GRPOConfig(StageConfig):
     prompts_per_step, group_size: prompts per step and completions per prompt (G).
     max_new_tokens, temperature, top_p: rollout sampling.
     reward_weights: {reward name: weight}; the total reward is the weighted sum.
-    policy_loss: a registered policy loss (`r1jax.train.policy_loss`): "grpo" (PPO clip of the
+    policy_loss: a registered policy loss (`r1jax.train.losses.policy`): "grpo" (PPO clip of the
       token ratio) or "gspo" (clip of the length-normalized sequence ratio).
     loss_type: aggregation over tokens: grpo | bnpo | dr_grpo | dapo.
     eps_low, eps_high: clip range [1 - eps_low, 1 + eps_high].
@@ -171,7 +171,7 @@ class GRPOConfig(StageConfig):
 
   def check(self, need):
     super().check(need)
-    from r1jax.train import policy_loss
+    from r1jax.train.losses import policy as policy_loss
     need(self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
     need(self.group_size >= 2, "group_size", "must be >= 2 (advantages are "
          "relative to the group)")

@@ -5,7 +5,7 @@ policy on group-normalized advantages (`mu` updates per rollout batch). Fields a
 The update scores the tokens with the policy that sampled them: the same model code, the same
 dropless MoE and precision (`sampler.policy_config`), and with `routing_replay` the same experts.
 The first update of every batch logs how far the two are apart (`logp_mismatch_*`,
-`mismatch_ratio_*`, `mismatch_clip_frac`; r1jax.train.grpo).
+`mismatch_ratio_*`, `mismatch_clip_frac`; r1jax.train.losses.grpo).
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from r1jax.data import pipeline
 from r1jax.rollout import engine, sampler
 from r1jax.stages import common
 from r1jax.stages.configs import GRPOConfig
-from r1jax.train import grpo as grpo_lib
+from r1jax.train.losses import grpo as grpo_lib
 
 
 def grpo_batch(rollout: sampler.Rollout, advantages, *, mask_truncated: bool,
                routing: bool = False) -> grpo_lib.GRPOBatch:
-  """Sampler output -> the update's batch (host arrays; r1jax.train.grpo.GRPOBatch)."""
+  """Sampler output -> the update's batch (host arrays; r1jax.train.losses.GRPOBatch)."""
   toks = np.asarray(rollout.tokens)
   B, L = toks.shape
   N = rollout.completion.shape[1]

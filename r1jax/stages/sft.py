@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from r1jax import fileio, flops, parallel, train
-from r1jax.config import ModelConfig
+from r1jax.model.config import ModelConfig
 from r1jax.data import pipeline
 from r1jax.errors import DataError
 from r1jax.stages import common

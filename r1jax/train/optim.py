@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from r1jax.config import ConfigError
+from r1jax.errors import ConfigError
 
 
 def schedule(optim_cfg, total_steps: int):

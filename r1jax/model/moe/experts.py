@@ -1,4 +1,4 @@
-"""DeepSeekMoE: router (sigmoid + correction bias + group-limited top-k) and expert compute.
+"""Local expert compute: the routed experts of one device, every implementation (`cfg.moe_impl`).
 
 Expert compute paths (`cfg.moe_impl`), all dropless unless `cfg.capacity_factor` is set:
 - "ragged_dot": sort assignments by expert, grouped matmul with `jax.lax.ragged_dot`
@@ -16,10 +16,7 @@ Shapes: N tokens, D width, E experts, k experts per token, I expert width, C cap
 `pallas_kernels.gmm.gmm(fp8=True)`, "capacity" and "dense" through `layers.dense(fp8=True)` mapped
 over the experts. Only "pallas" runs the Pallas interpreter on CPU; the others keep the FP8 GEMMs
 compiled (the Mosaic kernels on TPU, XLA on dequantized operands on CPU and GPU).
-`cfg.router_impl = "pallas"` selects experts with the fused router kernel
-(`pallas_kernels.routing`); the router itself stays fp32. Both routers give the experts of
-dropped groups the selection score `cfg.router_group_fill` (-inf as DeepSeek, or 0.0 as
-transformers' DeepseekV2).
+Every path computes the one SwiGLU of `layers.swiglu`, with its own matmul.
 """
 
 from __future__ import annotations
@@ -30,81 +27,12 @@ import math
 import jax
 import jax.numpy as jnp
 
-from r1jax.config import ModelConfig
+from r1jax.model.config import ModelConfig
 from r1jax.model import layers as L
 
 
-def _scores(logits_NE, cfg: ModelConfig):
-  if cfg.scoring_func == "sigmoid":
-    return jax.nn.sigmoid(logits_NE)
-  return jax.nn.softmax(logits_NE, axis=-1)
-
-
-def route(logits_NE, bias_E, cfg: ModelConfig):
-  """Top-k routing. Returns weights [N,k] fp32, expert ids [N,k] int32, scores [N,E] fp32."""
-  N, E = logits_NE.shape
-  G = cfg.n_group
-  scores = _scores(logits_NE, cfg)
-  # the correction bias steers selection only; gate weights come from the unbiased scores
-  choice = scores + jax.lax.stop_gradient(bias_E) if cfg.topk_method == "noaux_tc" else scores
-  if G > 1:
-    grouped = choice.reshape(N, G, E // G)
-    if cfg.topk_method == "noaux_tc":
-      group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)
-    else:
-      group_score = grouped.max(-1)
-    _, keep = jax.lax.top_k(group_score, cfg.topk_group)
-    group_mask = jnp.zeros((N, G), bool).at[jnp.arange(N)[:, None], keep].set(True)
-    # Dropped groups' experts: -inf never wins (DeepSeek-V3's inference/model.py; transformers'
-    # DeepseekV3 since huggingface/transformers#45441); 0.0 beats every kept expert whose
-    # bias-corrected score went negative (transformers' DeepseekV3 before that fix). The softmax
-    # "group_limited_greedy" path (V2) takes the same fill: DeepSeek-V2's modeling code and
-    # transformers' DeepseekV2 fill 0.0, but softmax scores are > 0, so the fills differ only
-    # on ties with scores that underflowed to exactly 0 (torch's top-k tie order is unspecified
-    # there anyway; a dropped group's expert picked on such a tie weighs 0 in V2, its unmasked
-    # score here).
-    fill = -jnp.inf if cfg.router_group_fill == "neg_inf" else 0.0
-    choice = jnp.where(jnp.repeat(group_mask, E // G, axis=1), choice, fill)
-  _, ids = jax.lax.top_k(choice, cfg.num_experts_per_tok)
-  weights = jnp.take_along_axis(scores, ids, axis=1)
-  if cfg.norm_topk_prob:
-    weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
-  return weights * cfg.routed_scaling_factor, ids.astype(jnp.int32), scores
-
-
-def route_replay(logits_NE, ids_Nk, cfg: ModelConfig):
-  """Routing replay (R3): the given experts ids [N, k] instead of a top-k; their gate weights
-  come from the current router's scores (normalized and scaled as in `route`), so the router
-  still gets its gradient through them. Returns (weights [N, k], ids [N, k], scores [N, E])."""
-  scores = _scores(logits_NE, cfg)
-  ids = ids_Nk.astype(jnp.int32)
-  weights = jnp.take_along_axis(scores, jnp.minimum(ids, logits_NE.shape[1] - 1), axis=1)
-  if cfg.norm_topk_prob:
-    weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
-  return weights * cfg.routed_scaling_factor, ids, scores
-
-
-def route_pallas(logits_NE, bias_E, cfg: ModelConfig):
-  """`route` through the fused Pallas router; same outputs, differentiable in the logits."""
-  from pallas_kernels import routing
-  # the kernel scores groups by their top-2 experts iff sigmoid; `route` iff noaux_tc
-  if cfg.n_group > 1 and (cfg.scoring_func == "sigmoid") != (cfg.topk_method == "noaux_tc"):
-    raise ValueError(f"router_impl='pallas' supports group-limited routing with sigmoid+noaux_tc "
-                     f"or softmax+greedy; got scoring_func={cfg.scoring_func!r}, "
-                     f"topk_method={cfg.topk_method!r}")
-  bias = jax.lax.stop_gradient(bias_E) if cfg.topk_method == "noaux_tc" else None
-  weights, ids = routing.route(
-      logits_NE, bias, top_k=cfg.num_experts_per_tok, n_group=cfg.n_group,
-      topk_group=cfg.topk_group, scoring_func=cfg.scoring_func,
-      norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor,
-      group_fill=cfg.router_group_fill)[:2]
-  return weights, ids, _scores(logits_NE, cfg)
-
-
 def _expert_ffn_sorted(p, xs, group_sizes, dtype, matmul):
-  h = jax.nn.silu(matmul(xs, p["gate"].astype(dtype), group_sizes)) * \
-      matmul(xs, p["up"].astype(dtype), group_sizes)
-  return matmul(h, p["down"].astype(dtype), group_sizes)
+  return L.swiglu(xs, p, lambda a, w: matmul(a, w.astype(dtype), group_sizes))
 
 
 def _ragged_dot(x, w, group_sizes):
@@ -180,9 +108,7 @@ def _capacity_buffers(p, x_ND, weights_Nk, ids_Nk, order, token, group_sizes, *,
   starts = jnp.cumsum(group_sizes) - group_sizes
   rank = jnp.arange(order.shape[0]) - starts[expert]  # slot within the expert's buffer
   buf = jnp.zeros((E, C, D), dtype).at[expert, rank].set(x_ND[token].astype(dtype), mode="drop")
-  h = jax.nn.silu(_expert_matmul(buf, p["gate"], dtype, cfg.fp8)) * \
-      _expert_matmul(buf, p["up"], dtype, cfg.fp8)
-  out = _expert_matmul(h, p["down"], dtype, cfg.fp8).astype(jnp.float32)
+  out = L.swiglu(buf, p, lambda a, w: _expert_matmul(a, w, dtype, cfg.fp8)).astype(jnp.float32)
   y = out.at[expert, rank].get(mode="fill", fill_value=0)  # dropped slots read zeros
   y = y * weights_Nk.reshape(-1)[order][:, None]
   dropped = jnp.sum((rank >= C) & (expert < E)).astype(jnp.float32)
@@ -227,8 +153,7 @@ def experts_blocked(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig):
     return jax.vmap(functools.partial(L.dense, dtype=dtype, fp8=cfg.fp8, interpret=False))(
         x, w[block_expert])
 
-  h = jax.nn.silu(mm(xb, p["gate"])) * mm(xb, p["up"])
-  out = mm(h, p["down"]).reshape(nb * b, D).astype(jnp.float32)
+  out = L.swiglu(xb, p, mm).reshape(nb * b, D).astype(jnp.float32)
   y = out.at[slot].get(mode="fill", fill_value=0) * weights_Nk.reshape(-1)[order][:, None]
   return jnp.zeros((N, D), jnp.float32).at[token].add(y), jnp.zeros((), jnp.float32)
 
@@ -239,9 +164,7 @@ def experts_dense(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig):
   combine = jnp.zeros((N, p["gate"].shape[0]), jnp.float32)
   combine = combine.at[jnp.arange(N)[:, None], ids_Nk].add(weights_Nk, mode="drop")
   x = x_ND.astype(dtype)
-  h = jax.nn.silu(_expert_matmul(x, p["gate"], dtype, cfg.fp8)) * \
-      _expert_matmul(x, p["up"], dtype, cfg.fp8)
-  y = _expert_matmul(h, p["down"], dtype, cfg.fp8).astype(jnp.float32)
+  y = L.swiglu(x, p, lambda a, w: _expert_matmul(a, w, dtype, cfg.fp8)).astype(jnp.float32)
   return jnp.einsum("end,ne->nd", y, combine), jnp.zeros((), jnp.float32)
 
 
@@ -260,52 +183,3 @@ def routed_experts(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig):
   if cfg.moe_impl == "blocked":
     return experts_blocked(p, x_ND, weights_Nk, ids_Nk, cfg)
   return experts_dense(p, x_ND, weights_Nk, ids_Nk, cfg)
-
-
-def sequence_balance(scores_BTE, ids_BTk, cfg: ModelConfig):
-  """DeepSeek-V3 sequence-wise balance statistic sum_i f_i * P_i, averaged over sequences.
-
-  f_i = E / (k T) * (assignments to expert i in the sequence), P_i = mean over the sequence's
-  tokens of the normalized affinity s_i / sum_j s_j. Multiply by alpha for the loss.
-  """
-  B, T, E = scores_BTE.shape
-  k = cfg.num_experts_per_tok
-  counts = jax.nn.one_hot(ids_BTk, E, dtype=jnp.float32).sum(axis=(1, 2))  # [B, E]
-  f = jax.lax.stop_gradient(counts) * E / (k * T)
-  P = (scores_BTE / scores_BTE.sum(-1, keepdims=True)).mean(axis=1)
-  return (f * P).sum(-1).mean()
-
-
-def moe_block(p, x_BTD, cfg: ModelConfig, token_mask=None, replay_ids=None):
-  """Routed + shared experts. Returns [B, T, D] and stats {counts [E], balance, dropped,
-  ids [B, T, k] (the chosen experts; E for padding)}. Tokens where token_mask [B, T] is False
-  go to no routed expert (padding). replay_ids [B, T, k]: use these experts (R3,
-  `route_replay`) instead of the router's top-k."""
-  dtype = cfg.jnp_dtype
-  B, T, D = x_BTD.shape
-  x = x_BTD.reshape(B * T, D)
-  logits = jnp.dot(x.astype(jnp.float32), p["router"].astype(jnp.float32))
-  if replay_ids is not None:
-    weights, ids, scores = route_replay(logits, replay_ids.reshape(B * T, -1), cfg)
-  else:
-    router = route_pallas if cfg.router_impl == "pallas" else route
-    weights, ids, scores = router(logits, p["router_bias"], cfg)
-  if token_mask is not None:
-    live = token_mask.reshape(-1, 1)
-    ids = jnp.where(live, ids, cfg.n_routed_experts)  # id E: no expert, no capacity, no count
-    weights = jnp.where(live, weights, 0.0)
-  mesh = jax.sharding.get_abstract_mesh()
-  if not mesh.empty and mesh.size > 1:
-    from r1jax.parallel import expert
-    y, dropped = expert.dispatch(p, x, weights, ids, cfg, mesh)
-  else:
-    y, dropped = routed_experts(p, x, weights, ids, cfg)
-  y = y.astype(dtype).reshape(B, T, D)
-  if "shared" in p:
-    y = y + L.swiglu_mlp(p["shared"], x_BTD, dtype, cfg.fp8)
-  stats = {"counts": jnp.bincount(ids.reshape(-1), length=cfg.n_routed_experts
-                                  ).astype(jnp.float32),
-           "balance": sequence_balance(scores.reshape(B, T, -1),
-                                       ids.reshape(B, T, -1), cfg),
-           "dropped": dropped, "ids": ids.reshape(B, T, -1)}
-  return y, stats

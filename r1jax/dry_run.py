@@ -1,4 +1,5 @@
-"""Ahead-of-time compile of a train step on abstract inputs: per-device memory before renting.
+"""`--dry_run`: ahead-of-time compile of a train step on abstract inputs, per-device memory and
+FLOPs before renting.
 
 Parameters, optimizer state and the batch are ShapeDtypeStructs with their shardings (nothing is
 allocated); the SFT step is lowered and compiled for the config's mesh and XLA's memory analysis
@@ -84,7 +85,7 @@ def report(config, num_devices: int | None = None) -> str:
   moment_dtypes = " + ".join(sorted({jnp.dtype(x.dtype).name for x in
                                      jax.tree.leaves(state.opt_state) if x.ndim}))
   lines = [
-      f"dry run: {cfg.model_type}, {cfg.num_params() / 1e9:.1f}B parameters, "
+      f"dry run: {cfg.model_type}, {param_lib.num_params(cfg) / 1e9:.1f}B parameters, "
       f"mesh {sizes} ({n} devices), batch {B} x {T} tokens, remat={cfg.remat}",
       f"experts: moe_impl={cfg.moe_impl}, expert_dispatch={cfg.expert_dispatch}, "
       f"capacity_factor={cfg.capacity_factor}",

@@ -1,7 +1,7 @@
 """GRPO and its variants as a loss plug-in for the generic step, plus group advantages.
 
 The batch is a `GRPOBatch` (B rollouts of T = prompt + completion positions, prompts
-left-padded). Per token, with the registries of `r1jax.train.policy_loss`:
+left-padded). Per token, with the registries of `r1jax.train.losses.policy`:
   l = policy_loss(ratio, A) * w_is + beta * k3(ref, logp),  k3 = exp(ref - logp) - (ref - logp) - 1
 aggregated by `loss_type` over the completion tokens kept by the importance correction.
 
@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from r1jax import model
-from r1jax.config import ModelConfig
-from r1jax.train import losses
-from r1jax.train import policy_loss as pl
-from r1jax.train.objectives import moe_metrics
+from r1jax.model.config import ModelConfig
+from r1jax.train.losses import core
+from r1jax.train.losses import policy as pl
+from r1jax.train.losses.supervised import moe_metrics
 
 LOSS_TYPES = tuple(pl.AGGREGATIONS)
 
@@ -123,11 +123,11 @@ def grpo_loss(cfg: ModelConfig, *, loss_type: str = "grpo", policy_loss: str = "
   def loss_fn(params, batch: GRPOBatch, rng, ref_params):
     del rng
     logits, aux = forward(params, batch)
-    logp = losses.token_logprobs(logits, batch.targets)
+    logp = core.token_logprobs(logits, batch.targets)
     ref_logp = None
     if beta > 0:
       ref_logits, _ = forward(jax.lax.stop_gradient(ref_params), batch)
-      ref_logp = losses.token_logprobs(ref_logits, batch.targets)
+      ref_logp = core.token_logprobs(ref_logits, batch.targets)
     w_is, keep = pl.is_correction(batch.old_logprobs, batch.rollout_logprobs, batch.loss_mask,
                                   is_correction, is_threshold, is_threshold_low)
     mask = batch.loss_mask * keep
@@ -178,5 +178,5 @@ def old_logprobs_fn(cfg: ModelConfig):
     logits, _ = model.forward_with_aux(params, batch.tokens, cfg, segment_ids=batch.segment_ids,
                                        token_mask=batch.segment_ids > 0,
                                        positions=batch.positions, routing=batch.routing)
-    return losses.token_logprobs(logits, batch.targets) * batch.loss_mask
+    return core.token_logprobs(logits, batch.targets) * batch.loss_mask
   return jax.jit(fn)

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from r1jax import model
-from r1jax.config import ModelConfig
-from r1jax.train import losses
+from r1jax.model.config import ModelConfig
+from r1jax.train.losses import core
 
 MOE_BIAS = "moe_layers/moe/router_bias"
 MTP_BIAS = "mtp/layer/moe/router_bias"
@@ -43,11 +43,11 @@ def sft_loss(cfg: ModelConfig, *, mtp_weight: float = 0.0, balance_alpha: float 
   def loss_fn(params, batch, rng, frozen):
     del rng, frozen
     logits, aux = _forward(params, batch, cfg, use_mtp)
-    ce = losses.cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    ce = core.cross_entropy(logits, batch["targets"], batch["loss_mask"])
     n = jnp.sum(batch["loss_mask"])
     loss, metrics = ce, {"ce": ce, "tokens": n, "_weight": n}  # a token mean
     if use_mtp:
-      mtp = losses.mtp_loss(aux["mtp_logits"], batch["targets"], batch["loss_mask"],
+      mtp = core.mtp_loss(aux["mtp_logits"], batch["targets"], batch["loss_mask"],
                             batch["segment_ids"])
       loss, metrics["mtp_loss"] = loss + mtp_weight * mtp, mtp
     metrics.update(moe_metrics(aux, cfg, jnp.sum(batch["segment_ids"] > 0)))
@@ -71,8 +71,8 @@ def distill_loss(student_cfg: ModelConfig, teacher_cfg: ModelConfig, *, kind: st
     logits, aux = _forward(params, batch, student_cfg, False)
     t_logits, _ = _forward(jax.lax.stop_gradient(teacher_params), batch, teacher_cfg, False)
     mask = batch["loss_mask"]
-    div = losses.distill_divergence(logits, t_logits, mask, kind, temperature)
-    ce = losses.cross_entropy(logits, batch["targets"], mask)
+    div = core.distill_divergence(logits, t_logits, mask, kind, temperature)
+    ce = core.cross_entropy(logits, batch["targets"], mask)
     metrics = {"ce": ce, "divergence": div, "tokens": jnp.sum(mask), "_weight": jnp.sum(mask)}
     metrics.update(moe_metrics(aux, student_cfg, jnp.sum(batch["segment_ids"] > 0)))
     return (1 - ce_weight) * div + ce_weight * ce, metrics

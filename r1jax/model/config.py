@@ -15,9 +15,8 @@ import os
 import typing
 from typing import Any, Mapping
 
-import numpy as np
 
-from r1jax.errors import ConfigError  # noqa: F401  (re-exported: r1jax.config.ConfigError)
+from r1jax.errors import ConfigError
 
 MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "qwen2", "qwen3", "qwen3_moe", "llama")
 DENSE_TYPES = ("qwen2", "qwen3", "llama")  # GQA + SwiGLU decoders
@@ -93,7 +92,7 @@ class ModelConfig:
   # load fits, else N slots (exact either way; the sampler's decode steps use it)
   dropless_fast_factor: float | None = None
   router_impl: str = "jnp"
-  # selection score given to the experts of dropped groups before the top-k (model/moe.py
+  # selection score given to the experts of dropped groups before the top-k (model/moe/routing.py
   # `route`): "neg_inf" as DeepSeek's own code, so they are never chosen; "zero" as the
   # masked_fill(.., 0.0) of transformers' DeepseekV2 (and its DeepseekV3 before the -inf fix),
   # which picks them over kept experts whose bias-corrected score is negative
@@ -405,12 +404,6 @@ class ModelConfig:
         routed_scaling_factor=self.routed_scaling_factor, rope_interleave=self.rope_interleave,
         num_nextn_predict_layers=self.num_nextn_predict_layers)
 
-  # ---------------------------------------------------------------- sizes
-  def num_params(self) -> int:
-    from r1jax.model import params as P
-    import jax
-    return int(sum(np.prod(s.shape) for s in jax.tree.leaves(
-        P.declare(self), is_leaf=lambda x: isinstance(x, P.ParamSpec))))
 
 
 def yarn_mscale(factor: float, mscale: float) -> float:

@@ -32,9 +32,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from r1jax.config import ModelConfig
-from r1jax.model import moe as moe_lib
-from r1jax.parallel.mesh import batch_axes
+from r1jax.axes import batch_axes
+from r1jax.model.config import ModelConfig
+from r1jax.model.moe.experts import routed_experts
 
 EXPERT_KEYS = ("gate", "up", "down")
 
@@ -47,7 +47,7 @@ def _allgather_local(p, x, w, ids, cfg: ModelConfig, ep: int, tokens_sharded: bo
   offset = jax.lax.axis_index("expert") * E_loc if ep > 1 else 0
   local = ids - offset
   valid = (local >= 0) & (local < E_loc)
-  y, dropped = moe_lib.routed_experts(p, x, jnp.where(valid, w, 0.0),
+  y, dropped = routed_experts(p, x, jnp.where(valid, w, 0.0),
                                       jnp.where(valid, local, E_loc), cfg)
   if gather:
     y = jax.lax.psum_scatter(y, "expert", tiled=True)
@@ -76,7 +76,7 @@ def _all_to_all_local(p, x, w, ids, cfg: ModelConfig, ep: int):
   recv_id = jax.lax.all_to_all(send_id, "expert", 0, 0, tiled=True)
   # each received row goes to exactly one local expert, with unit weight
   cfg1 = dataclasses.replace(cfg, num_experts_per_tok=1, n_routed_experts=E_loc)
-  y2, dropped2 = moe_lib.routed_experts(p, recv_x.reshape(ep * C, D),
+  y2, dropped2 = routed_experts(p, recv_x.reshape(ep * C, D),
                                         jnp.ones((ep * C, 1), jnp.float32),
                                         recv_id.reshape(ep * C, 1), cfg1)
   back = jax.lax.all_to_all(y2.reshape(ep, C, D), "expert", 0, 0, tiled=True)
@@ -148,7 +148,7 @@ def _ragged_local(p, x, w, ids, cfg: ModelConfig, ep: int, native: bool | None):
   # the receive buffer is the only capacity limit: no second drop per local expert
   cfg1 = dataclasses.replace(cfg, num_experts_per_tok=1, n_routed_experts=E_loc,
                              capacity_factor=None)
-  y_recv, dropped2 = moe_lib.routed_experts(p, recv_x, jnp.ones((R, 1), jnp.float32),
+  y_recv, dropped2 = routed_experts(p, recv_x, jnp.ones((R, 1), jnp.float32),
                                             expert[:, None], cfg1)
   y_sorted = ragged_exchange(y_recv, jnp.zeros((A, D), y_recv.dtype), recv_off[:, me],
                              allowed[:, me], send_off[:, me], allowed[me], "expert", native)

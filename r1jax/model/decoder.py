@@ -1,0 +1,183 @@
+"""The decoder of every family: embeddings, the layer stacks scanned run by run in layer order
+(`cfg.layer_runs`: one stack "layers" for a dense model; "dense_layers" and "moe_layers" for a
+MoE), final norm, head, MTP; and the same for generation on a KV cache.
+
+Training and scoring: `forward_with_aux`. Generation: one function serves prefill (t = prompt
+length) and decode (t = 1):
+
+    cache = decoder.init_cache(cfg, batch, max_len)
+    logits, cache, expert_ids = decoder.forward_cached(params, tokens, positions, cache, index,
+                                                       kv_valid, cfg)
+
+The t new tokens are written at cache slots [index, index + t) (the same for every row) and
+attend over slots [0, index + t). Rows are left-padded: slot s of a row holds a real token iff
+`kv_valid[b, s]`. Causality is by slot (a query at slot index + j sees slots <= index + j), which
+equals causality by position because positions grow with the slot inside a row's valid span.
+
+Caches are stacked like the layer params, {stack: {name: [L, B, S, ...]}}, and run under
+`lax.scan` with the whole stack in the carry: each layer writes its new entries in place. (A cache
+passed as scan xs/ys would be sliced out and restacked, i.e. copied, on every decode step.)
+What a layer caches is its attention family's (`families.ATTENTION[cfg.attention].cache_shapes`):
+- MLA (DeepSeek), the absorbed form: the normed latent [B, S, kv_lora_rank] and the rotated
+  shared rope key k_pe [B, S, qk_rope_head_dim]. kv_b's key half is folded into the query and its
+  value half applied after attention, so per-head keys and values are never materialized.
+- GQA (Qwen2/Qwen3/Llama, Qwen3-MoE): rotated k and v [B, S, kv_heads, head_dim].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from r1jax.model.config import ModelConfig
+from r1jax.model import layers as L
+from r1jax.model.block import decoder_block
+from r1jax.model.families import ATTENTION
+from r1jax.model.layers import embed, head
+
+
+def _scan_layers(stacked, x, cos, sin, mask, cfg: ModelConfig, token_mask=None, routing=None):
+  """Run a stack of same-shaped layers with lax.scan; returns x and per-layer MoE stats.
+  routing [L, B, T, k]: each layer's replayed expert ids (R3), or None."""
+  def body(carry, inputs):
+    layer_params, replay_ids = inputs
+    out, stats, _ = decoder_block(layer_params, carry, cos, sin, mask, cfg, token_mask=token_mask,
+                                  replay_ids=replay_ids)
+    return out, stats
+
+  body = L.maybe_remat(body, cfg.remat)
+  return jax.lax.scan(body, x, (stacked, routing))
+
+
+def run_slice(stacked, start: int, count: int):
+  """Layers [start, start + count) of a stacked tree (the whole stack as it is if that is all)."""
+  n = jax.tree.leaves(stacked)[0].shape[0]
+  if start == 0 and count == n:
+    return stacked
+  return jax.tree.map(lambda a: a[start:start + count], stacked)
+
+
+def forward_hidden(params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=None,
+                   token_mask=None, routing=None):
+  """Tokens [B, T] -> (last hidden before the final norm [B, T, D], aux dict, rope/mask ctx).
+  routing [B, T, L_moe, k]: expert ids to replay in the MoE layers (R3), or None."""
+  if positions is None:
+    positions = L.default_positions(tokens, segment_ids)
+  if segment_ids is None:
+    segment_ids = jnp.zeros_like(tokens)
+  cos, sin = L.rope_cos_sin(cfg, positions)
+  mask = L.attention_mask(segment_ids, segment_ids, positions, positions)
+  x = embed(params, tokens, cfg)
+  aux = {}
+  replay = None if routing is None else jnp.moveaxis(routing, 2, 0)  # [L_moe, B, T, k]
+  moe_stats = []
+  for stack, start, count in cfg.layer_runs:
+    layers = run_slice(params[stack], start, count)
+    if stack == "moe_layers":
+      ids = None if replay is None else replay[start:start + count]
+      x, stats = _scan_layers(layers, x, cos, sin, mask, cfg, token_mask, ids)
+      moe_stats.append(stats)
+    else:
+      x, _ = _scan_layers(layers, x, cos, sin, mask, cfg)
+  if moe_stats:
+    stats = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *moe_stats)
+    aux["expert_counts"] = stats["counts"]  # [L_moe, E]
+    aux["expert_ids"] = stats["ids"]  # [L_moe, B, T, k]
+    aux["balance"] = stats["balance"].sum()
+    aux["dropped"] = stats["dropped"].sum()
+  return x, aux, (cos, sin, mask, token_mask)
+
+
+def mtp_logits(params, tokens, h, ctx, cfg: ModelConfig):
+  """Multi-token prediction, depth k = 1..D: position i of module k predicts token i + k + 1.
+
+  h_k = Layer_k(eh_proj[RMSNorm(Emb(t_{i+k})); RMSNorm(h_{k-1})]); logits = head(norm_k(h_k)).
+  The embeddings of the shifted tokens beyond the sequence end are of token 0; those positions
+  have no target and are masked by the loss. Returns ([D, B, T, V] fp32 logits, aux).
+  """
+  cos, sin, mask, token_mask = ctx
+  dtype = cfg.jnp_dtype
+  T = tokens.shape[1]
+
+  def body(carry, inputs):
+    h_prev, shifted = carry
+    p = inputs
+    shifted = jnp.concatenate([shifted[:, 1:], jnp.zeros_like(shifted[:, :1])], axis=1)
+    e = L.rms_norm(embed(params, shifted, cfg), p["enorm"], cfg.rms_norm_eps)
+    hn = L.rms_norm(h_prev, p["hnorm"], cfg.rms_norm_eps)
+    x = L.dense(jnp.concatenate([e, hn], axis=-1), p["eh_proj"], dtype)
+    x, stats, _ = decoder_block(p["layer"], x, cos, sin, mask, cfg, token_mask=token_mask)
+    logits = head(params, L.rms_norm(x, p["norm"], cfg.rms_norm_eps), cfg)
+    return (x, shifted), (logits, stats)
+
+  assert T >= 1
+  _, (logits, stats) = jax.lax.scan(L.maybe_remat(body, cfg.remat), (h, tokens), params["mtp"])
+  aux = {}
+  if stats is not None:
+    aux = {"mtp_expert_counts": stats["counts"], "mtp_balance": stats["balance"].sum()}
+  return logits, aux
+
+
+def forward_with_aux(params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=None,
+                     mtp: bool = False, token_mask=None, routing=None):
+  x, aux, ctx = forward_hidden(params, tokens, cfg, segment_ids=segment_ids, positions=positions,
+                               token_mask=token_mask, routing=routing)
+  logits = head(params, L.rms_norm(x, params["final_norm"], cfg.rms_norm_eps), cfg)
+  if mtp and "mtp" in params:
+    aux["mtp_logits"], mtp_aux = mtp_logits(params, tokens, x, ctx, cfg)
+    aux.update(mtp_aux)
+  return logits, aux
+
+
+# ------------------------------------------------------------------ generation (KV cache)
+def _stacks(cfg: ModelConfig) -> dict[str, int]:
+  """Layer stacks of the param tree and their depths (the cache mirrors them)."""
+  if not cfg.is_moe:
+    return {"layers": cfg.num_hidden_layers}
+  stacks = {"dense_layers": cfg.num_dense_layers, "moe_layers": cfg.num_moe_layers}
+  return {k: n for k, n in stacks.items() if n}
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+  """Zeroed cache, {stack: {name: [L, B, S, ...]}}; dtype defaults to the compute dtype."""
+  dtype = jnp.dtype(dtype or cfg.jnp_dtype)
+  per_token = ATTENTION[cfg.attention].cache_shapes(cfg)
+  return {stack: {name: jnp.zeros((n, batch, max_len, *shape), dtype)
+                  for name, shape in per_token.items()}
+          for stack, n in _stacks(cfg).items()}
+
+
+def forward_cached(params, tokens, positions, cache, index, kv_valid, cfg: ModelConfig):
+  """Logits [B, t, V] fp32 of `tokens` [B, t] at `positions` [B, t], the updated cache, and
+  the expert ids each MoE layer chose, [L_moe, B, t, k] (None for a dense model).
+
+  index: int scalar (may be traced), the cache slot of tokens[:, 0] for every row.
+  kv_valid: bool [B, S], which cache slots hold real tokens, or int pad lengths [B] (slots
+  [0, pad) of each row are left padding).
+  """
+  B, t = tokens.shape
+  S = jax.tree.leaves(cache)[0].shape[2]
+  slots = jnp.arange(S, dtype=jnp.int32)
+  if kv_valid.ndim == 1:
+    kv_valid = slots[None, :] >= kv_valid[:, None]
+  query_slot = index + jnp.arange(t, dtype=jnp.int32)
+  causal = slots[None, :] <= query_slot[:, None]  # [t, S]; also hides slots >= index + t
+  mask = (kv_valid[:, None, :] & causal[None])[:, None]  # [B, 1, t, S]
+  token_mask = jnp.take(kv_valid, jnp.minimum(query_slot, S - 1), axis=1)  # [B, t] real tokens
+  cos, sin = L.rope_cos_sin(cfg, positions)
+  x = embed(params, tokens, cfg)
+  cache, moe_ids = dict(cache), []
+  for stack, start, count in cfg.layer_runs:  # the layers in order, run by run
+    def body(carry, layer_in):
+      (x, c), (p, layer) = carry, layer_in
+      x, stats, c = decoder_block(p, x, cos, sin, mask, cfg, cache=(c, layer, index),
+                                  token_mask=token_mask)
+      return (x, c), (None if stats is None else stats["ids"])
+    (x, cache[stack]), ids = jax.lax.scan(
+        body, (x, cache[stack]),
+        (run_slice(params[stack], start, count), start + jnp.arange(count)))
+    if stack == "moe_layers":
+      moe_ids.append(ids)
+  expert_ids = jnp.concatenate(moe_ids, axis=0) if moe_ids else None
+  logits = head(params, L.rms_norm(x, params["final_norm"], cfg.rms_norm_eps), cfg)
+  return logits, cache, expert_ids
