@@ -9,11 +9,11 @@ tokens after 16-token prompts, temperature 1, loss "grpo", eps 0.2, beta 0, one 
 rollout (mu = 1), AdamW lr 1e-4 (betas 0.9/0.95, clip 1.0), float32. One step = sample P*G
 completions, decode, score, group-normalize, forward + backward + optimizer update:
 - r1jax: sampler.generate -> decode -> reward -> group_advantages -> stages.grpo.grpo_batch
-  -> make_step(grpo_loss), i.e. the GRPO stage's step without its logging; capacity-buffer
-  experts with capacity_factor 2.0 as in configs/grpo_tiny.py (`--capacity_factor`).
+  -> make_step(grpo_loss), i.e. the GRPO stage's step without its logging; the shipped MoE path
+  of configs/grpo_tiny.py (dropless "blocked" experts; `--capacity_factor` to change it).
 - TRL: GRPOTrainer.train() (transformers `generate` with a KV cache, its loss, the Trainer's
-  AdamW), activation checkpointing and bf16 off, transformers' "eager" experts (its fastest on
-  CPU, see rollout.py); a step is the Trainer's on_step_begin -> on_step_end interval.
+  AdamW), activation checkpointing and bf16 off, transformers' default experts implementation
+  (`--hf_experts` to pick one); a step is the Trainer's on_step_begin -> on_step_end interval.
 Both generate exactly N tokens (no stop token on ours, min_new_tokens=N on TRL's) and never
 sample the 23 ids past the char vocabulary (vocab_limit / suppress_tokens).
 
@@ -26,8 +26,8 @@ same Python function on both sides.
 Timing: our first step (the JIT compiles of sampler and step) runs alone; then the two run side
 by side, one of our steps after each of TRL's (from its on_step_end callback, outside its
 interval), so background load hits both alike. Figures: medians of each side's last `--runs`
-steps after `--warmup` more; first steps reported separately. torch: 2 threads
-(OMP_WAIT_POLICY=PASSIVE unless set); XLA:CPU: its default pool.
+steps after `--warmup` more; first steps reported separately. torch: its default thread count
+and OpenMP wait policy (nothing set here); XLA:CPU: its default pool.
 
 Loss cross-check (`loss_crosscheck`): on identical inputs (completions of mixed lengths, old
 log-probs = the policy's plus noise so the clip is active, advantages, reference log-probs)
@@ -120,11 +120,13 @@ def optim_config(lr: float):
   return c
 
 
-def load_hf(model_dir: str, experts: str = "eager"):
+def load_hf(model_dir: str, experts: str = "default"):
+  """transformers' model at its defaults, or with the experts implementation `experts`."""
   import torch
   import transformers
-  return transformers.AutoModelForCausalLM.from_pretrained(
-      model_dir, dtype=torch.float32, experts_implementation=experts)
+  kwargs = {} if experts == "default" else {"experts_implementation": experts}
+  return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                           **kwargs)
 
 
 def trl_config(out_dir: str, *, batch: int, group: int, new_tokens: int, lr: float,
@@ -388,18 +390,20 @@ def main():
   ap.add_argument("--lr", type=float, default=1e-4)
   ap.add_argument("--warmup", type=int, default=1, help="steps after the first, untimed")
   ap.add_argument("--runs", type=int, default=5)
-  ap.add_argument("--capacity_factor", type=float, default=2.0)
-  ap.add_argument("--torch_threads", type=int, default=2)
-  ap.add_argument("--hf_experts", default="eager", choices=("eager", "batched_mm", "grouped_mm"))
+  ap.add_argument("--capacity_factor", type=float, default=None,
+                  help="r1jax's expert capacity (default: dropless, as shipped)")
+  ap.add_argument("--torch_threads", type=int, default=0, help="0: torch's default")
+  ap.add_argument("--hf_experts", default="default",
+                  choices=("default", "eager", "batched_mm", "grouped_mm"))
   ap.add_argument("--skip_check", action="store_true", help="no loss cross-check")
   ap.add_argument("--out", default=str(RESULTS))
   a = ap.parse_args()
 
-  os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see benchmarks/train_step.py
   import torch
   import transformers
   import trl
-  torch.set_num_threads(a.torch_threads)
+  if a.torch_threads:
+    torch.set_num_threads(a.torch_threads)
 
   tok = CharTokenizer()
   hf_tok = char_hf_tokenizer(tok)
@@ -437,7 +441,8 @@ def main():
         f"{a.capacity_factor}), one GRPO step: {a.prompts} prompts x {a.group} completions x "
         f"{a.new_tokens} new tokens (prompt {a.prompt_len}), loss {a.loss_type}, beta 0, CPU "
         f"({os.cpu_count()} cores), jax {jax.__version__}, torch {torch.__version__} "
-        f"({a.torch_threads} threads), transformers {transformers.__version__}, trl "
+        f"({torch.get_num_threads()} threads, experts {a.hf_experts}, OMP_WAIT_POLICY="
+        f"{os.environ.get('OMP_WAIT_POLICY')}), transformers {transformers.__version__}, trl "
         f"{trl.__version__}; logits parity {parity:.1e}")
   print(f"{'':52s} {'step s':>7s} {'rollout s':>10s} {'update s':>9s} {'tok/s':>7s} "
         f"{'1st step s':>11s}")
@@ -469,7 +474,7 @@ def main():
             "moe_drop_frac_mean": float(np.mean(job.drop)), "logits_parity": parity,
             "reward": "digit_fraction", "jax": jax.__version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "trl": trl.__version__,
-            "torch_threads": a.torch_threads, "hf_experts_implementation": a.hf_experts,
+            "torch_threads": torch.get_num_threads(), "hf_experts_implementation": a.hf_experts,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "machine": machine_info(),
             "results": rows, "ratio": ratio,
             "loss_crosscheck": check}
