@@ -29,7 +29,7 @@ from r1jax.errors import ConfigError
 from r1jax.model.config import ModelConfig
 from r1jax.errors import CheckpointError
 from r1jax.model import families
-from r1jax.model import params as P
+from r1jax.model import params as param_lib
 
 _ST_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -97,7 +97,7 @@ def entries(cfg: ModelConfig) -> Iterator[Entry]:
   for k in range(cfg.num_nextn_predict_layers):
     hf_layer = cfg.num_hidden_layers + k
     t = [(("layer",) + s, suf, n) for s, suf, n in
-         _layer_entries(cfg, P.mtp_layer_is_moe(cfg, k))]
+         _layer_entries(cfg, param_lib.mtp_layer_is_moe(cfg, k))]
     t += [(("enorm",), "enorm.weight", 0), (("hnorm",), "hnorm.weight", 0),
           (("eh_proj",), "eh_proj.weight", 1), (("norm",), "shared_head.norm.weight", 0)]
     yield from _stack_entries(t, ("mtp",), k, hf_layer)
@@ -219,7 +219,7 @@ def load(path: str, dtype=jnp.float32, **overrides):
     logging.warning("%s: config has num_nextn_predict_layers=%d but the checkpoint holds no MTP "
                     "layer; loading without MTP", path, cfg.num_nextn_predict_layers)
     cfg = cfg.replace(num_nextn_predict_layers=0)
-  abstract = P.abstract(cfg)
+  abstract = param_lib.abstract(cfg)
   # zeros, not empty: leaves without a checkpoint tensor (V2's router_bias) must be defined
   buffers = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
   seen = set()

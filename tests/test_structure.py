@@ -120,3 +120,23 @@ def test_two_space_indentation():
     if set(steps) - {2}:
       wrong[str(f.relative_to(ROOT))] = dict(steps)
   assert len(files) > 50 and not wrong, wrong
+
+
+def test_model_types_are_one_table():
+  """Code dispatches on a model's parts (attention, MoE layout, q/k norm), never on its name:
+  the names appear only in `r1jax.model.config.MODEL_TYPE_TABLE`."""
+  import re
+  names = ("deepseek_v3", "deepseek_v2", "qwen2", "qwen3", "qwen3_moe", "llama")
+  pattern = re.compile(r"model_type\s*(==|!=|in\b)|model_type\.startswith|"
+                       + "|".join(f'"{n}"' for n in names))
+  hits = []
+  for f in (ROOT / "r1jax").rglob("*.py"):
+    text = f.read_text()
+    if f.name == "config.py":  # the table itself, and its membership check
+      text = text[:text.index("MODEL_TYPE_TABLE: dict")] + text[text.index("MODEL_TYPES = tuple"):]
+      text = text.replace("self.model_type in MODEL_TYPES", "")
+      text = re.sub(r'(get\("model_type", |model_type: str = )"\w+"', "", text)  # the default
+    if f.name == "run_config.py":  # the tiny configs name their model type as data
+      text = re.sub(r'model_type="\w+"', "", text)
+    hits += [f"{f.relative_to(ROOT)}: {m.group(0)}" for m in pattern.finditer(text)]
+  assert not hits, hits

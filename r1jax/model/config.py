@@ -18,8 +18,59 @@ from typing import Any, Mapping
 
 from r1jax.errors import ConfigError
 
-MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "qwen2", "qwen3", "qwen3_moe", "llama")
-DENSE_TYPES = ("qwen2", "qwen3", "llama")  # GQA + SwiGLU decoders
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelType:
+  """What a model_type is made of, and how its HF config.json names things.
+
+  attention: "mla" | "gqa" (an entry of `r1jax.model.families.ATTENTION`).
+  moe_layers: which layers have the MoE FFN: None (a dense model), "first_k_dense" (DeepSeek:
+    layers >= first_k_dense_replace) or "sparse_step" (Qwen3-MoE: every decoder_sparse_step-th
+    layer not in mlp_only_layers).
+  qk_norm: RMSNorm over each head's q and k before RoPE (Qwen3).
+  mtp: the model may have multi-token-prediction modules (DeepSeek-V3).
+  architecture: the HF class `to_hf` names.
+  preset: field defaults where transformers' config class differs from ModelConfig's defaults
+    (DeepSeek-V3's).
+  hf_names: {our field: its config.json names, first found wins} where they differ.
+  """
+  attention: str
+  moe_layers: str | None
+  architecture: str
+  qk_norm: bool = False
+  mtp: bool = False
+  preset: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  hf_names: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+
+
+# a plain GQA decoder: no q-LoRA, no experts, rotate-half RoPE without scaling
+_GQA_DENSE = dict(q_lora_rank=None, n_routed_experts=None, first_k_dense_replace=0,
+                  num_nextn_predict_layers=0, rope_type="default", rope_interleave=False,
+                  attention_bias=False, rope_theta=1e6)
+
+# The one table of model types. A new one is an entry here (and, with a new attention, a module
+# plus an entry in r1jax.model.families.ATTENTION).
+MODEL_TYPE_TABLE: dict[str, ModelType] = {
+    "deepseek_v3": ModelType("mla", "first_k_dense", "DeepseekV3ForCausalLM", mtp=True),
+    # transformers' DeepseekV2 defaults (its config.json may omit them): softmax greedy routing,
+    # no correction bias, no MTP module
+    "deepseek_v2": ModelType("mla", "first_k_dense", "DeepseekV2ForCausalLM", mtp=True, preset=dict(
+        scoring_func="softmax", topk_method="greedy", norm_topk_prob=False,
+        routed_scaling_factor=1.0, num_nextn_predict_layers=0)),
+    "qwen2": ModelType("gqa", None, "Qwen2ForCausalLM",
+                       preset=dict(_GQA_DENSE, attention_bias=True)),
+    "qwen3": ModelType("gqa", None, "Qwen3ForCausalLM", qk_norm=True, preset=_GQA_DENSE),
+    # transformers' Qwen3MoeConfig: softmax top-k without groups, shared experts or scaling
+    "qwen3_moe": ModelType("gqa", "sparse_step", "Qwen3MoeForCausalLM", qk_norm=True, preset=dict(
+        _GQA_DENSE, n_routed_experts=256, n_shared_experts=0, n_group=1, topk_group=1,
+        scoring_func="softmax", topk_method="greedy", norm_topk_prob=False,
+        routed_scaling_factor=1.0),
+        # transformers 5 writes num_local_experts, 4.x num_experts
+        hf_names={"n_routed_experts": ("num_experts", "num_local_experts")}),
+    "llama": ModelType("gqa", None, "LlamaForCausalLM", preset=dict(_GQA_DENSE, rope_theta=1e4)),
+}
+MODEL_TYPES = tuple(MODEL_TYPE_TABLE)
 MOE_IMPLS = ("ragged_dot", "capacity", "blocked", "pallas", "dense")
 ROUTER_IMPLS = ("jnp", "pallas")
 ROUTER_GROUP_FILLS = ("neg_inf", "zero")
@@ -104,26 +155,31 @@ class ModelConfig:
 
   # ---------------------------------------------------------------- derived
   @property
+  def family(self) -> ModelType:
+    return MODEL_TYPE_TABLE[self.model_type]
+
+  @property
   def attention(self) -> str:
     """"mla" (DeepSeek's multi-head latent attention) or "gqa" (grouped-query attention)."""
-    return "mla" if self.model_type.startswith("deepseek") else "gqa"
+    return self.family.attention
 
   @property
   def is_moe(self) -> bool:
     """Some layers have a routed-expert FFN (the params then hold dense_layers / moe_layers
     stacks instead of one `layers` stack)."""
-    return self.model_type.startswith("deepseek") or self.model_type == "qwen3_moe"
+    return self.family.moe_layers is not None
 
   @property
   def qk_norm(self) -> bool:
     """Qwen3: RMSNorm over each head's q and k (weights [head_dim]) before RoPE."""
-    return self.model_type in ("qwen3", "qwen3_moe")
+    return self.family.qk_norm
 
   def layer_is_moe(self, i: int) -> bool:
     """Whether decoder layer i has the MoE FFN."""
-    if self.model_type == "qwen3_moe":
+    layout = self.family.moe_layers
+    if layout == "sparse_step":
       return i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
-    return self.is_moe and i >= self.first_k_dense_replace
+    return layout == "first_k_dense" and i >= self.first_k_dense_replace
 
   @property
   def layer_runs(self) -> tuple[tuple[str, int, int], ...]:
@@ -207,11 +263,11 @@ class ModelConfig:
       need(self.q_lora_rank is None or self.q_lora_rank > 0,
            f"q_lora_rank={self.q_lora_rank} must be positive or None")
       need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers must be >= 0")
-    else:
+    if not self.family.mtp:
       need(self.num_nextn_predict_layers == 0,
            f"num_nextn_predict_layers={self.num_nextn_predict_layers}: only DeepSeek models "
            "have MTP modules")
-    if self.model_type == "qwen3_moe":
+    if self.family.moe_layers == "sparse_step":
       need(self.decoder_sparse_step >= 1,
            f"decoder_sparse_step={self.decoder_sparse_step} must be >= 1")
       need(all(0 <= i < self.num_hidden_layers for i in self.mlp_only_layers),
@@ -275,25 +331,9 @@ class ModelConfig:
 
   @classmethod
   def preset(cls, model_type: str) -> "ModelConfig":
-    """Defaults per family: DeepSeek-V3 for deepseek_*, a plain dense decoder otherwise."""
-    if model_type in DENSE_TYPES:
-      return cls(model_type=model_type, q_lora_rank=None, n_routed_experts=None,
-                 first_k_dense_replace=0, num_nextn_predict_layers=0, rope_type="default",
-                 rope_interleave=False, attention_bias=model_type == "qwen2",
-                 rope_theta=1e4 if model_type == "llama" else 1e6)
-    if model_type == "qwen3_moe":
-      # transformers' Qwen3MoeConfig: softmax top-k without groups, shared experts or scaling
-      return cls(model_type=model_type, q_lora_rank=None, n_shared_experts=0, n_group=1,
-                 topk_group=1, scoring_func="softmax", topk_method="greedy",
-                 norm_topk_prob=False, routed_scaling_factor=1.0, first_k_dense_replace=0,
-                 num_nextn_predict_layers=0, rope_type="default", rope_interleave=False,
-                 attention_bias=False, rope_theta=1e6)
-    if model_type == "deepseek_v2":
-      # transformers' DeepseekV2 defaults (its config.json may omit them): softmax greedy
-      # routing, no correction bias, no MTP module
-      return cls(model_type=model_type, scoring_func="softmax", topk_method="greedy",
-                 norm_topk_prob=False, routed_scaling_factor=1.0, num_nextn_predict_layers=0)
-    return cls(model_type=model_type)
+    """The model type's defaults (`MODEL_TYPE_TABLE[model_type].preset` over DeepSeek-V3's)."""
+    family = MODEL_TYPE_TABLE.get(model_type)
+    return cls(model_type=model_type, **(family.preset if family else {}))
 
   @classmethod
   def from_hf(cls, hf: Mapping[str, Any], **overrides) -> "ModelConfig":
@@ -305,13 +345,14 @@ class ModelConfig:
     names = {f.name for f in dataclasses.fields(cls)}
     # HF's dtype/torch_dtype is the storage dtype, not our compute dtype
     kw = {k: v for k, v in hf.items() if k in names and k not in ("dtype", "param_dtype")}
-    if model_type in DENSE_TYPES or model_type == "qwen3_moe":
-      kw.setdefault("attention_bias", model_type == "qwen2")
-      kw["rope_interleave"] = False
-    if model_type == "qwen3_moe":
-      experts = hf.get("num_experts", hf.get("num_local_experts"))
-      if experts is not None:
-        kw["n_routed_experts"] = experts
+    family = MODEL_TYPE_TABLE[model_type]
+    for ours, theirs in family.hf_names.items():
+      found = [hf[name] for name in theirs if hf.get(name) is not None]
+      if found:
+        kw[ours] = found[0]
+    if family.attention == "gqa":
+      kw["rope_interleave"] = False  # HF's GQA models rotate halves
+    if "mlp_only_layers" in kw or family.moe_layers == "sparse_step":
       kw["mlp_only_layers"] = tuple(hf.get("mlp_only_layers") or ())
     if isinstance(kw.get("eos_token_id"), list):
       kw["eos_token_id"] = kw["eos_token_id"][0]
@@ -376,12 +417,10 @@ class ModelConfig:
                   mscale_all_dim=self.mscale_all_dim)
     common["rope_scaling"] = rope
     if self.attention == "gqa":
-      archs = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-               "qwen3_moe": "Qwen3MoeForCausalLM", "llama": "LlamaForCausalLM"}
-      gqa = dict(common, model_type=self.model_type, architectures=[archs[self.model_type]],
+      gqa = dict(common, model_type=self.model_type, architectures=[self.family.architecture],
                  num_key_value_heads=self.kv_heads, head_dim=self.dense_head_dim,
                  attention_bias=self.attention_bias, use_sliding_window=False)
-      if self.model_type == "qwen3_moe":
+      if self.family.moe_layers == "sparse_step":
         gqa.update(num_experts=self.n_routed_experts, num_experts_per_tok=self.num_experts_per_tok,
                    moe_intermediate_size=self.moe_intermediate_size,
                    decoder_sparse_step=self.decoder_sparse_step,
@@ -389,8 +428,7 @@ class ModelConfig:
       return gqa
     return dict(
         common, model_type=self.model_type,
-        architectures=["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3"
-                       else "DeepseekV2ForCausalLM"],
+        architectures=[self.family.architecture],
         num_key_value_heads=self.num_attention_heads, attention_bias=self.attention_bias,
         q_lora_rank=self.q_lora_rank, kv_lora_rank=self.kv_lora_rank,
         qk_nope_head_dim=self.qk_nope_head_dim, qk_rope_head_dim=self.qk_rope_head_dim,
