@@ -11,6 +11,7 @@ XLA:CPU's schedule: a guide for GPU/TPU, while parameter and optimizer bytes are
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import jax
@@ -51,6 +52,80 @@ def abstract_state(cfg, tx, mesh):
   return state_lib.TrainState(
       step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), params=trainable, opt_state=opt,
       router_bias=bias, rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep))
+
+
+BACKENDS = ("cpu", "gpu", "tpu")
+
+
+def _fp8_gemm(backend: str, interpreted_on_cpu: bool = True) -> str:
+  """What `pallas_kernels` runs for an FP8 GEMM (1x128 / 128x128 scales) on `backend`."""
+  if backend == "tpu":
+    return "FP8 GEMM, Pallas kernel (Mosaic TPU; e4m3 widened to bf16 where the MXU lacks FP8)"
+  if backend == "gpu":
+    if os.environ.get("R1JAX_MOSAIC_GPU", "0") == "1":
+      return "FP8 GEMM, Mosaic GPU wgmma kernel (R1JAX_MOSAIC_GPU=1; not yet run on a GPU)"
+    return "FP8 recipe, XLA bf16 dot on e4m3-rounded operands (fallback; R1JAX_MOSAIC_GPU=1 for wgmma)"
+  return ("FP8 recipe, Pallas kernel in interpret mode" if interpreted_on_cpu
+          else "FP8 recipe, XLA dot on e4m3-rounded operands")
+
+
+def _layers(n: int) -> str:
+  return f"{n} layer" + ("" if n == 1 else "s")
+
+
+def kernel_table(cfg) -> list[str]:
+  """Which implementation each part of a layer runs, per backend: what `--dry_run` prints.
+
+  Follows the dispatch of `layers.dense`, `moe.routed_experts`, `moe.route_pallas` and
+  `pallas_kernels` (Pallas compiles on TPU; on GPU it falls back to XLA unless noted; on CPU it
+  interprets)."""
+  def linear(b):
+    return _fp8_gemm(b) if cfg.fp8 else f"XLA dot ({cfg.dtype})"
+
+  def experts(b):
+    impl = cfg.moe_impl
+    if impl == "pallas":
+      if b == "tpu":
+        return "grouped matmul, Pallas kernel (Mosaic TPU)" + (", FP8" if cfg.fp8 else "")
+      if b == "gpu":
+        return (_fp8_gemm(b) + ", grouped") if cfg.fp8 else "jax.lax.ragged_dot (Pallas gmm falls back on GPU)"
+      return "grouped matmul, Pallas kernel in interpret mode" + (", FP8" if cfg.fp8 else "")
+    if impl == "ragged_dot":
+      if cfg.fp8:
+        return _fp8_gemm(b, interpreted_on_cpu=False) + ", grouped (gmm)"
+      return "jax.lax.ragged_dot" + (" (XLA:CPU expands it densely over experts)" if b == "cpu"
+                                     else "")
+    what = {"blocked": "blocked batched matmul, dropless", "dense": "every expert on every token",
+            "capacity": f"capacity buffers (capacity_factor {cfg.capacity_factor})"}[impl]
+    return what + (", " + _fp8_gemm(b, interpreted_on_cpu=False) if cfg.fp8 else "")
+
+  def router(b):
+    if cfg.router_impl != "pallas":
+      return "jnp top-k (XLA)"
+    return {"tpu": "fused router, Pallas kernel (Mosaic TPU)",
+            "gpu": "fused router, Pallas kernel (generic pallas_call; not yet compiled on a GPU)",
+            "cpu": "fused router, Pallas kernel in interpret mode"}[b]
+
+  attn = ("MLA (q_a, q_b, kv_a, kv_b, o)" if cfg.q_lora_rank else "MLA (q, kv_a, kv_b, o)") \
+      if cfg.attention == "mla" else "GQA (q, k, v, o)"
+  parts = [(f"attention projections, {attn}", linear),
+           ("attention scores and softmax", lambda b: f"XLA einsum, fp32 softmax" + (
+               f", {cfg.attn_chunk}-query chunks" if cfg.attn_chunk else ""))]
+  if cfg.num_dense_layers:
+    parts.append((f"dense MLP ({_layers(cfg.num_dense_layers)})", linear))
+  if cfg.is_moe:
+    parts += [(f"MoE router ({_layers(cfg.num_moe_layers)})", router),
+              (f"routed experts, moe_impl={cfg.moe_impl}", experts)]
+    if cfg.n_shared_experts:
+      parts.append(("shared experts", linear))
+  lines = ["kernels per layer part (the same in every layer of its kind; MTP layers as the "
+           "main ones):"]
+  for name, fn in parts:
+    lines.append(f"  {name}:")
+    lines += [f"    {b:4s} {fn(b)}" + ("   <- here" if b == jax.default_backend() else "")
+              for b in BACKENDS]
+  lines.append("  embeddings, lm head, norms: XLA in model.dtype / fp32")
+  return lines
 
 
 def report(config, num_devices: int | None = None) -> str:
@@ -104,4 +179,5 @@ def report(config, num_devices: int | None = None) -> str:
                "parameters per token); a step at 40 % MFU takes "
                + ", ".join(f"{step_flops / (0.4 * flops.PEAK_FLOPS[k] * n):.3g} s on {k}"
                            for k in ("h200", "tpu v5p", "tpu7x")))
+  lines += kernel_table(cfg)
   return "\n".join(lines)

@@ -272,3 +272,19 @@ def test_config_is_hashable_and_a_jit_static_arg():
   assert float(f(jnp.ones(()), a.replace(hidden_size=64))) == 64.0
   assert len(traces) == 2
   assert len({a, b}) == 1
+
+
+def test_dry_run_names_the_kernels_of_every_layer_part():
+  from r1jax import dry_run
+  from r1jax.run_config import tiny_moe_fields
+  plain = "\n".join(dry_run.kernel_table(ModelConfig.from_config(tiny_moe_fields())))
+  assert "routed experts, moe_impl=blocked" in plain and "FP8" not in plain
+  assert "Pallas" not in plain and plain.count("XLA dot (float32)") == 3 * 3
+  fast = ModelConfig.from_config(tiny_moe_fields(fp8=True, moe_impl="pallas",
+                                                 router_impl="pallas"))
+  lines = dry_run.kernel_table(fast)
+  tpu = [line for line in lines if line.strip().startswith("tpu")]
+  gpu = [line for line in lines if line.strip().startswith("gpu")]
+  assert len(tpu) == 6 and sum("Pallas kernel (Mosaic TPU" in line for line in tpu) == 5
+  assert sum("fallback" in line for line in gpu) == 4  # projections, MLP, experts, shared
+  assert "MoE router (3 layers)" in "\n".join(lines) and "dense MLP (1 layer)" in "\n".join(lines)
