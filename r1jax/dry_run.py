@@ -109,7 +109,7 @@ def kernel_table(cfg) -> list[str]:
   attn = ("MLA (q_a, q_b, kv_a, kv_b, o)" if cfg.q_lora_rank else "MLA (q, kv_a, kv_b, o)") \
       if cfg.attention == "mla" else "GQA (q, k, v, o)"
   parts = [(f"attention projections, {attn}", linear),
-           ("attention scores and softmax", lambda b: f"XLA einsum, fp32 softmax" + (
+           ("attention scores and softmax", lambda b: "XLA einsum, fp32 softmax" + (
                f", {cfg.attn_chunk}-query chunks" if cfg.attn_chunk else ""))]
   if cfg.num_dense_layers:
     parts.append((f"dense MLP ({_layers(cfg.num_dense_layers)})", linear))

@@ -25,9 +25,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from r1jax.errors import ConfigError
+from r1jax.errors import CheckpointError, ConfigError
 from r1jax.model.config import ModelConfig
-from r1jax.errors import CheckpointError
 from r1jax.model import families
 from r1jax.model import params as param_lib
 

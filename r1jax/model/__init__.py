@@ -53,4 +53,4 @@ def forward(params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=Non
 
 
 __all__ = ["forward", "forward_with_aux", "init", "abstract", "declare", "logical_axes",
-           "ModelConfig"]
+           "num_params", "ModelConfig"]

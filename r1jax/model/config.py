@@ -15,9 +15,7 @@ import os
 import typing
 from typing import Any, Mapping
 
-
 from r1jax.errors import ConfigError
-
 
 
 @dataclasses.dataclass(frozen=True)
