@@ -9,7 +9,8 @@ Task: integer addition with a digit-by-digit chain of thought in <think>, the re
              this kind, so it solves about one in ten; GRPO gets 1500 fresh ones with answers
              only (three quarters of its 2000 prompts)
 Every held-out problem (50 of each kind) is disjoint from the traces and the RL prompts up to
-operand order. The cold start never generalizes to an untraced kind of problem at this size
+operand order, and each split is a uniform random subset of its kind's problems, so the held-out
+problems look like the training ones (the covered kind has 955 problems; the splits use 950). The cold start never generalizes to an untraced kind of problem at this size
 (two-digit + two-digit with no traces: 0 of 64 at pass@16, measured), so "uncovered" is a kind
 the traces show rarely rather than never.
 
@@ -61,7 +62,7 @@ def get_config(arg=None):
   c.stages.sft_rs = stage("sft", steps=100, data_file="samples/rejection.jsonl", lr=2e-4,
                           warmup_steps=0, schedule="constant")
   c.stages.grpo_final = stage("grpo", steps=30, **grpo)
-  c.stages.distill = stage("distill", steps=500, mode="sequence",
+  c.stages.distill = stage("distill", steps=300, mode="sequence",
                            data_file="samples/rejection.jsonl", with_sft_split=True, lr=3e-3,
                            warmup_steps=20,
                            student=ml_collections.ConfigDict(tiny_student_fields()))

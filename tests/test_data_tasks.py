@@ -4,6 +4,7 @@ import dataclasses
 import sys
 import types
 
+import numpy as np
 import pytest
 
 from r1jax.data import tasks
@@ -184,3 +185,20 @@ def test_stage_records_with_sft_split(tmp_path):
   ctx.splits = {"sft": []}
   with pytest.raises(DataError, match="with_sft_split"):
     sft.stage_records(ctx, stage)
+
+
+def test_held_out_problems_look_like_the_training_ones():
+  """Each split of a bucket is a uniform subset of the bucket's problems. The r1_tiny covered
+  bucket (a digit plus a one- or two-digit number) has 955 problems and the splits use 950; when
+  each split was rejection-sampled in turn, the eval set (drawn first) took a third of its
+  problems from the 55 one-digit sums, and the traces and RL prompts got almost none of them."""
+  shares = {"eval": [], "sft": [], "rl": []}
+  for seed in range(20):
+    splits = tasks.arithmetic_splits(
+        seed, n_sft=400, n_rl=2000, n_eval=50, covered_digits=(1, 2), covered_long_operands=1,
+        uncovered_digits=(2, 2), uncovered_traces=60, rl_uncovered_frac=0.75)
+    for name, records in splits.items():
+      covered = [r for r in records if r["bucket"] == "covered"]
+      shares[name] += [r["difficulty"] == 1 for r in covered]
+  means = {name: np.mean(v) for name, v in shares.items()}
+  assert all(abs(m - 55 / 955) < 0.025 for m in means.values()), means

@@ -136,6 +136,30 @@ def arithmetic_records(n: int, seed: int, min_digits: int = 1, max_digits: int =
   return records
 
 
+# Buckets with at most this many ordered operand tuples are enumerated (see arithmetic_splits).
+_ENUMERATE_LIMIT = 1_000_000
+
+
+def _bucket_space(digits: tuple[int, int], operands: int, long_operands: int | None,
+                  ops: tuple[str, ...]) -> list[tuple] | None:
+  """Every problem of a bucket as its `problem_key`, in a fixed order; None when the space is
+  too large to list (more than `_ENUMERATE_LIMIT` ordered operand tuples per operator)."""
+  from itertools import combinations_with_replacement
+  lo, hi = digits
+  values = range(0 if lo == 1 else 10**(lo - 1), 10**hi)
+  if len(values)**operands > _ENUMERATE_LIMIT:
+    return None
+  keys = []
+  for op in ops:
+    if op == "-" and operands > 2:
+      raise ValueError(f"more than two operands are supported for '+' only, not {op!r}")
+    for terms in combinations_with_replacement(values, operands):  # ascending multisets
+      if long_operands is not None and sum(len(str(x)) > lo for x in terms) > long_operands:
+        continue
+      keys.append(("-", terms[1], terms[0]) if op == "-" else ("+",) + terms)
+  return keys
+
+
 def arithmetic_splits(seed: int, *, n_sft: int, n_rl: int, n_eval: int,
                       covered_digits: tuple[int, int] = (1, 2),
                       uncovered_digits: tuple[int, int] = (3, 3), ops: tuple[str, ...] = ("+",),
@@ -148,16 +172,54 @@ def arithmetic_splits(seed: int, *, n_sft: int, n_rl: int, n_eval: int,
            uncovered ones: a kind the cold start sees only a few times),
            "rl": n_rl problems (a `rl_uncovered_frac` share uncovered) with reasoning=None,
            "eval": n_eval covered + n_eval uncovered problems with reasoning=None}.
-  The eval set is drawn first, so it does not change when the training sizes do.
+
+  Every split of a bucket is drawn from the same distribution, so the held-out problems look
+  like the training ones. A bucket small enough to list (`_bucket_space`) is listed, shuffled
+  once per seed, and dealt out in order: eval, then SFT, then RL; each split is a uniform random
+  subset of the bucket's problems (up to operand order), however much of the space the splits use
+  up. (Drawing each split by rejection sampling instead made the first split drawn, the eval
+  set, take the rare kinds, such as the 55 one-digit sums, that the later splits then lacked.)
+  Larger buckets, where the splits use a negligible share, are rejection-sampled with each
+  operand's digit count uniform (`arithmetic_records`). The eval set comes first either way, so
+  it does not change when the training sizes do.
   """
   buckets = {"covered": (covered_digits, covered_operands, covered_long_operands),
              "uncovered": (uncovered_digits, uncovered_operands, None)}
   taken: set[tuple] = set()
+  decks = {}  # bucket -> [shuffled keys, next index]
+  for i, (bucket, (digits, operands, long_operands)) in enumerate(buckets.items()):
+    keys = _bucket_space(digits, operands, long_operands, ops)
+    if keys is not None:
+      decks[bucket] = [[keys[j] for j in np.random.default_rng([seed, 10 + i]).permutation(
+          len(keys))], 0]
+  order_rng = np.random.default_rng([seed, 12])  # The order operands are written in.
+
+  def from_deck(n, bucket):
+    deck = decks[bucket]
+    out = []
+    while len(out) < n and deck[1] < len(deck[0]):
+      key = deck[0][deck[1]]
+      deck[1] += 1
+      if key not in taken:
+        out.append(key)
+    if len(out) < n:
+      raise ValueError(f"the {bucket} bucket has too few problems left: {len(out)} of the {n} "
+                       f"requested")
+    records = []
+    for op, *terms in out:
+      if op == "+":
+        terms = [int(x) for x in order_rng.permutation(terms)]
+      records.append(_problem(terms[0], terms[1], op, tuple(terms[2:])))
+    return records
 
   def draw(n, bucket, stream):
-    (lo, hi), operands, long_operands = buckets[bucket]
-    records = arithmetic_records(n, seed=[seed, stream], min_digits=lo, max_digits=hi, ops=ops,
-                                 exclude=taken, operands=operands, long_operands=long_operands)
+    if bucket in decks:
+      records = from_deck(n, bucket)
+    else:
+      (lo, hi), operands, long_operands = buckets[bucket]
+      records = arithmetic_records(n, seed=[seed, stream], min_digits=lo, max_digits=hi,
+                                   ops=ops, exclude=taken, operands=operands,
+                                   long_operands=long_operands)
     taken.update(problem_key(r["question"]) for r in records)
     return [dict(r, bucket=bucket) for r in records]
 
