@@ -5,17 +5,17 @@
 Task: integer addition with a digit-by-digit chain of thought in <think>, the result in
 <answer>. Two kinds of problems:
   covered    a one-digit number plus a one- or two-digit one (7+45): 400 traced examples
-  uncovered  two two-digit numbers (23+45): the cold start sees only 60 traced examples of
-             this kind, so it solves about one in ten; GRPO gets 1500 fresh ones with answers
-             only (three quarters of its 2000 prompts)
+  uncovered  two two-digit numbers (23+45): the cold start sees only 120 traced examples of
+             this kind, so it solves about a third (0.42 and 0.32 greedy on seeds 0 and 1);
+             GRPO gets 1500 fresh ones with answers only (three quarters of its 2000 prompts)
 Every held-out problem (50 of each kind) is disjoint from the traces and the RL prompts up to
 operand order, and each split is a uniform random subset of its kind's problems, so the held-out
-problems look like the training ones (the covered kind has 955 problems; the splits use 950). The cold start never generalizes to an untraced kind of problem at this size
-(two-digit + two-digit with no traces: 0 of 64 at pass@16, measured), so "uncovered" is a kind
-the traces show rarely rather than never.
+problems look like the training ones (the covered kind has 955 problems; the splits use 950).
+The cold start never generalizes to an untraced kind of problem at this size (two-digit +
+two-digit with no traces: 0 of 64 at pass@16, measured), so "uncovered" is a kind the traces show rarely rather than never.
 
 Stages (each evaluated on the same held-out problems):
-  cold_start      SFT on the 460 traced problems
+  cold_start      SFT on the 520 traced problems
   grpo            GRPO with accuracy + format rewards on answer-only prompts
   sft_control     control branch: more cold-start SFT for the model FLOPs `grpo` spent
                   (generation + updates), starting from `cold_start`; the recipe continues
@@ -39,7 +39,7 @@ def get_config(arg=None):
   c = base_config(**tiny_moe_fields())
   c.data.update(batch_size=32, seq_len=64, num_sft_examples=400, num_rl_prompts=2000,
                 num_eval_problems=50, covered_digits=(1, 2), covered_long_operands=1,
-                uncovered_digits=(2, 2), uncovered_operands=2, uncovered_traces=60,
+                uncovered_digits=(2, 2), uncovered_operands=2, uncovered_traces=120,
                 rl_uncovered_frac=0.75)
   c.optim.update(lr=2e-3, warmup_steps=20)
   c.train.update(mtp_weight=0.1)
@@ -61,7 +61,7 @@ def get_config(arg=None):
                              reward_weights={"accuracy": 1.0, "format": 1.0})
   c.stages.sft_rs = stage("sft", steps=100, data_file="samples/rejection.jsonl", lr=2e-4,
                           warmup_steps=0, schedule="constant")
-  c.stages.grpo_final = stage("grpo", steps=30, **grpo)
+  c.stages.grpo_final = stage("grpo", steps=20, **grpo)
   c.stages.distill = stage("distill", steps=300, mode="sequence",
                            data_file="samples/rejection.jsonl", with_sft_split=True, lr=3e-3,
                            warmup_steps=20,
