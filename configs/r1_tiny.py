@@ -59,10 +59,10 @@ def get_config(arg=None):
   c.stages.rejection = stage("rejection_sampling", steps=0, num_prompts=1000, k=4,
                              max_new_tokens=40, temperature=1.0, keep_per_prompt=1,
                              reward_weights={"accuracy": 1.0, "format": 1.0})
-  c.stages.sft_rs = stage("sft", steps=100, data_file="samples/rejection.jsonl", lr=2e-4,
+  c.stages.sft_rs = stage("sft", steps=60, data_file="samples/rejection.jsonl", lr=2e-4,
                           warmup_steps=0, schedule="constant")
   c.stages.grpo_final = stage("grpo", steps=20, **grpo)
-  c.stages.distill = stage("distill", steps=300, mode="sequence",
+  c.stages.distill = stage("distill", steps=400, mode="sequence",
                            data_file="samples/rejection.jsonl", with_sft_split=True, lr=3e-3,
                            warmup_steps=20,
                            student=ml_collections.ConfigDict(tiny_student_fields()))
