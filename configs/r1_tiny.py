@@ -6,7 +6,8 @@ Task: integer addition with a digit-by-digit chain of thought in <think>, the re
 <answer>. Two kinds of problems:
   covered    a one-digit number plus a one- or two-digit one (7+45): 400 traced examples
   uncovered  two two-digit numbers (23+45): the cold start sees only 120 traced examples of
-             this kind, so it solves about a third (0.42 and 0.32 greedy on seeds 0 and 1);
+             this kind; it solves 0.42 and 0.32 of them greedily on seeds 0 and 1, but from
+             0.06 to 0.48 on seeds 5-8 (the cold start varies a lot by seed: README);
              GRPO gets 1500 fresh ones with answers only (three quarters of its 2000 prompts)
 Every held-out problem (50 of each kind) is disjoint from the traces and the RL prompts up to
 operand order, and each split is a uniform random subset of its kind's problems, so the held-out

@@ -1,7 +1,8 @@
 """The README's result tables, printed from the summary.json files committed here.
 
     python docs/results/tables.py            # markdown tables of every r1_tiny seed and more
-    python docs/results/tables.py --save RUN_DIR NAME --command "..." --commit SHA --wall S
+    python docs/results/tables.py --save RUN_DIR NAME --command "..." --commit SHA --wall S \
+        [--tuned] [--alone] [--note "..."]
         # copy a run's summary.json here as NAME.json with what produced it
     python docs/results/tables.py --curve RUN_DIR NAME
         # a GRPO run's per-step rewards and lengths (from metrics.jsonl) as NAME_curve.json
@@ -67,8 +68,10 @@ def r1_tiny_tables():
     cells = [f"{_acc(st[n])} / {_acc(st[n], 'covered')} / {_acc(st[n], 'uncovered')}"
              for n in ("cold_start", "grpo", "sft_control", "sft_rs", "grpo_final")]
     wall = s.get("run", {}).get("wall_seconds")
-    print(f"| {seed} | {'yes' if s['run'].get('tuned') else 'no'} | "
-          f"{'' if wall is None else f'{wall / 60:.1f} min'} | " + " | ".join(cells) +
+    wall = "" if wall is None else f"{wall / 60:.1f} min" + (
+        "" if s["run"].get("alone") else " (shared cores)")
+    print(f"| {seed} | {'yes' if s['run'].get('tuned') else 'no'} | {wall} | " +
+          " | ".join(cells) +
           f" | {student:.2f} ({100 * student / max(teacher, 1e-9):.0f} %) |")
   print()
   print("| seed | grpo - cold_start (all) | grpo - sft_control (uncovered) | uncovered pass@1 / "
@@ -97,7 +100,8 @@ def _r1_tiny_goals(runs):
   vs_control = [acc(s, "grpo", "uncovered") - acc(s, "sft_control", "uncovered")
                 for s in runs.values()]
   student = [acc(s, "distill") / max(acc(s, "grpo_final"), 1e-9) for s in runs.values()]
-  walls = [s["run"].get("wall_seconds") for s in runs.values() if s["run"].get("tuned")]
+  # Only a run that had the machine to itself times the recipe.
+  walls = [s["run"]["wall_seconds"] for s in runs.values() if s["run"].get("alone")]
   n = len(runs)
   print()
   print("| goal | measured | met |")
@@ -114,8 +118,8 @@ def _r1_tiny_goals(runs):
        min(student) >= 0.9 - 1e-9),
   ]
   if walls:
-    rows.append(("whole recipe <= 15 min, empty compilation cache", f"{walls[0] / 60:.1f} min",
-                 walls[0] <= 900))
+    rows.append(("whole recipe <= 15 min, empty compilation cache, idle machine",
+                 f"{max(walls) / 60:.1f} min", max(walls) <= 900))
   for goal, value, met in rows:
     print(f"| {goal} | {value} | {'yes' if met else 'no'} |")
 
@@ -159,13 +163,14 @@ def main():
   ap.add_argument("--commit")
   ap.add_argument("--wall", type=float)
   ap.add_argument("--tuned", action="store_true")
+  ap.add_argument("--alone", action="store_true", help="the run had the machine to itself")
   ap.add_argument("--note")
   ap.add_argument("--curve", nargs=2, metavar=("RUN_DIR", "NAME"),
                   help="save a GRPO run's per-step reward/length curve as NAME_curve.json")
   a = ap.parse_args()
   if a.save:
     save(*a.save, command=a.command, git_commit=a.commit, wall_seconds=a.wall,
-         tuned=a.tuned, note=a.note)
+         tuned=a.tuned, alone=a.alone, note=a.note)
     return
   if a.curve:
     save_curve(*a.curve)
