@@ -79,18 +79,18 @@ def _first_update_metrics(c, cfg, params, stage, score_cfg=None):
 
 @pytest.mark.parametrize("path, stage", _grpo_configs())
 def test_first_update_is_exactly_on_policy(path, stage):
-  """|ratio - 1| < 1e-5 for the tiny models. The 30-layer SmolLM2 in float32 gets up to 3e-5
-  (measured 2.7e-5): a decode step and a full forward multiply matrices of different shapes, so
-  XLA sums in different orders, and 30 layers add those roundings up; it is held to 1e-4. The
-  tiny Qwen3 and Qwen3-MoE policies (GQA attention, weights x4) reach 1.3e-5 to 2e-5 the same
-  way: the MoE adds nothing (its dense all-experts reference path gives the same figure), and
-  they are held to 3e-5."""
+  """|ratio - 1| < 3e-5 for the tiny models. A decode step and a full forward multiply matrices
+  of different shapes, so XLA sums in different orders; how far the float32 roundings carry
+  depends on the sampled tokens. The tiny Qwen3 and Qwen3-MoE policies (GQA attention, weights
+  x4) reach 1.3e-5 to 2e-5 (the MoE adds nothing: its dense all-experts reference path gives the
+  same figure); r1_zero_tiny's MLA policy reached 1.4e-5 once the arithmetic splits were dealt
+  from shuffled problem lists (other prompts), after staying under 1e-5 before. The 30-layer
+  SmolLM2 gets up to 3e-5 (measured 2.7e-5), its layers adding those roundings up; it is held to
+  1e-4. An off-policy bug is far larger (a capacity mismatch moves log-probs by more than 1e-3:
+  the test below)."""
   c, cfg, params = _setup(path)
   m = _first_update_metrics(c, cfg, params, stage)
-  if cfg.num_hidden_layers > 8:
-    tol = 1e-4
-  else:
-    tol = 1e-5 if cfg.attention == "mla" else 3e-5
+  tol = 1e-4 if cfg.num_hidden_layers > 8 else 3e-5
   assert abs(m["mismatch_ratio_max"] - 1) < tol and abs(m["mismatch_ratio_min"] - 1) < tol, m
   assert abs(m["ratio_max"] - 1) < tol and abs(m["ratio_min"] - 1) < tol, m
   assert m["logp_mismatch_max"] < tol, m
