@@ -18,6 +18,8 @@ problem is in two splits, up to operand order (`problem_key`: 3+5+8 and 8+5+3 ar
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from r1jax.errors import DataError
@@ -144,7 +146,6 @@ def _bucket_space(digits: tuple[int, int], operands: int, long_operands: int | N
                   ops: tuple[str, ...]) -> list[tuple] | None:
   """Every problem of a bucket as its `problem_key`, in a fixed order; None when the space is
   too large to list (more than `_ENUMERATE_LIMIT` ordered operand tuples per operator)."""
-  from itertools import combinations_with_replacement
   lo, hi = digits
   values = range(0 if lo == 1 else 10**(lo - 1), 10**hi)
   if len(values)**operands > _ENUMERATE_LIMIT:
@@ -153,7 +154,7 @@ def _bucket_space(digits: tuple[int, int], operands: int, long_operands: int | N
   for op in ops:
     if op == "-" and operands > 2:
       raise ValueError(f"more than two operands are supported for '+' only, not {op!r}")
-    for terms in combinations_with_replacement(values, operands):  # ascending multisets
+    for terms in itertools.combinations_with_replacement(values, operands):  # ascending multisets
       if long_operands is not None and sum(len(str(x)) > lo for x in terms) > long_operands:
         continue
       keys.append(("-", terms[1], terms[0]) if op == "-" else ("+",) + terms)
@@ -186,22 +187,16 @@ def arithmetic_splits(seed: int, *, n_sft: int, n_rl: int, n_eval: int,
   buckets = {"covered": (covered_digits, covered_operands, covered_long_operands),
              "uncovered": (uncovered_digits, uncovered_operands, None)}
   taken: set[tuple] = set()
-  decks = {}  # bucket -> [shuffled keys, next index]
+  decks = {}  # bucket -> iterator over its problem keys, shuffled once per seed
   for i, (bucket, (digits, operands, long_operands)) in enumerate(buckets.items()):
     keys = _bucket_space(digits, operands, long_operands, ops)
     if keys is not None:
-      decks[bucket] = [[keys[j] for j in np.random.default_rng([seed, 10 + i]).permutation(
-          len(keys))], 0]
+      order = np.random.default_rng([seed, 10 + i]).permutation(len(keys))
+      decks[bucket] = iter([keys[j] for j in order])
   order_rng = np.random.default_rng([seed, 12])  # The order operands are written in.
 
   def from_deck(n, bucket):
-    deck = decks[bucket]
-    out = []
-    while len(out) < n and deck[1] < len(deck[0]):
-      key = deck[0][deck[1]]
-      deck[1] += 1
-      if key not in taken:
-        out.append(key)
+    out = list(itertools.islice((k for k in decks[bucket] if k not in taken), n))
     if len(out) < n:
       raise ValueError(f"the {bucket} bucket has too few problems left: {len(out)} of the {n} "
                        f"requested")
