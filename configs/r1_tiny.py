@@ -41,6 +41,7 @@ def get_config(arg=None):
   c.data.update(batch_size=32, seq_len=64, num_sft_examples=400, num_rl_prompts=2000,
                 num_eval_problems=50, covered_digits=(1, 2), covered_long_operands=1,
                 uncovered_digits=(2, 2), uncovered_operands=2, uncovered_traces=120,
+                trace_both_orders=True,
                 rl_uncovered_frac=0.75)
   c.optim.update(lr=2e-3, warmup_steps=20)
   c.train.update(mtp_weight=0.1)

@@ -55,7 +55,8 @@ def make_splits(c) -> dict:
         uncovered_operands=int(d.uncovered_operands),
         rl_uncovered_frac=float(d.rl_uncovered_frac),
         uncovered_traces=int(d.get("uncovered_traces", 0)),
-        covered_long_operands=d.get("covered_long_operands", None))
+        covered_long_operands=d.get("covered_long_operands", None),
+        trace_both_orders=bool(d.get("trace_both_orders", False)))
   if d.task == "word_arithmetic":
     lo, hi = tuple(d.covered_digits)
     return tasks.word_problem_splits(int(c.seed), n_rl=int(d.num_rl_prompts),

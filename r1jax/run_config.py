@@ -49,6 +49,7 @@ def base_config(**model_fields) -> ml_collections.ConfigDict:
       covered_digits=(1, 2), uncovered_digits=(3, 3), covered_operands=2, uncovered_operands=2,
       rl_uncovered_frac=0.5,  # share of RL prompts from the uncovered part
       uncovered_traces=0,  # traced uncovered problems in the SFT split (a kind seen rarely)
+      trace_both_orders=False,  # also trace every SFT sum with its operands reversed (b+a)
       # covered problems have at most this many operands longer than covered_digits[0]
       # (1: 7+45 but not 23+45; None: no limit)
       covered_long_operands=ml_collections.FieldReference(None, field_type=int),

@@ -202,3 +202,25 @@ def test_held_out_problems_look_like_the_training_ones():
       shares[name] += [r["difficulty"] == 1 for r in covered]
   means = {name: np.mean(v) for name, v in shares.items()}
   assert all(abs(m - 55 / 955) < 0.025 for m in means.values()), means
+
+
+def test_trace_both_orders_adds_the_reversed_sums_and_nothing_else():
+  """`trace_both_orders` writes every traced sum both ways (7+45 and 45+7, each with its own
+  column trace); the problems (keys) of every split are the same as without it."""
+  kw = dict(n_sft=40, n_rl=100, n_eval=20, covered_digits=(1, 2), covered_long_operands=1,
+            uncovered_digits=(2, 2), uncovered_traces=10, rl_uncovered_frac=0.75)
+  plain = tasks.arithmetic_splits(3, **kw)
+  both = tasks.arithmetic_splits(3, trace_both_orders=True, **kw)
+  assert both["eval"] == plain["eval"] and both["rl"] == plain["rl"]
+  keys = lambda records: sorted(tasks.problem_key(r["question"]) for r in records)
+  assert sorted(set(keys(both["sft"]))) == keys(plain["sft"])
+  questions = {r["question"] for r in both["sft"]}
+  for r in plain["sft"]:
+    a, b = r["question"].split("+")
+    assert f"{b}+{a}" in questions
+  doubles = sum(a == b for a, b in (r["question"].split("+") for r in plain["sft"]))
+  assert len(both["sft"]) == 2 * len(plain["sft"]) - doubles
+  for r in both["sft"]:
+    a, b = map(int, r["question"].split("+"))
+    assert r["answer"] == str(a + b) and r["reasoning"] == tasks.add_trace(a, b)
+    assert r["reasoning"].split(";")[0].split("=")[0].split("+")[:2] == [str(a % 10), str(b % 10)]

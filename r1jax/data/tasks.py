@@ -161,12 +161,19 @@ def _bucket_space(digits: tuple[int, int], operands: int, long_operands: int | N
   return keys
 
 
+def _reversed(record: dict) -> dict:
+  """The sum of `record` with its operands in reverse order (7+45 -> 45+7)."""
+  terms = [int(x) for x in reversed(record["question"].split("+"))]
+  return _problem(terms[0], terms[1], "+", tuple(terms[2:]))
+
+
 def arithmetic_splits(seed: int, *, n_sft: int, n_rl: int, n_eval: int,
                       covered_digits: tuple[int, int] = (1, 2),
                       uncovered_digits: tuple[int, int] = (3, 3), ops: tuple[str, ...] = ("+",),
                       rl_uncovered_frac: float = 0.5, covered_operands: int = 2,
                       uncovered_operands: int = 2, uncovered_traces: int = 0,
-                      covered_long_operands: int | None = None) -> dict[str, list[dict]]:
+                      covered_long_operands: int | None = None,
+                      trace_both_orders: bool = False) -> dict[str, list[dict]]:
   """Disjoint splits for the R1 recipe and its control; each record gains `bucket`.
 
   Returns {"sft": n_sft covered problems with traces (plus `uncovered_traces` traced
@@ -183,6 +190,10 @@ def arithmetic_splits(seed: int, *, n_sft: int, n_rl: int, n_eval: int,
   Larger buckets, where the splits use a negligible share, are rejection-sampled with each
   operand's digit count uniform (`arithmetic_records`). The eval set comes first either way, so
   it does not change when the training sizes do.
+
+  `trace_both_orders` adds, for every traced sum a+b+..., the same problem written in reverse
+  order (b+a, with its own column trace): the same `problem_key`, so no split gains a problem
+  another one has, but the cold start sees each traced problem from both sides.
   """
   buckets = {"covered": (covered_digits, covered_operands, covered_long_operands),
              "uncovered": (uncovered_digits, uncovered_operands, None)}
@@ -226,6 +237,10 @@ def arithmetic_splits(seed: int, *, n_sft: int, n_rl: int, n_eval: int,
   sft = draw(n_sft, "covered", 2)
   if uncovered_traces:
     sft = sft + draw(uncovered_traces, "uncovered", 6)
+  if trace_both_orders:
+    sft = sft + [dict(_reversed(r), bucket=r["bucket"]) for r in sft
+                 if "+" in r["question"] and len(set(r["question"].split("+"))) > 1]
+  if uncovered_traces or trace_both_orders:
     sft = [sft[i] for i in np.random.default_rng([seed, 7]).permutation(len(sft))]
   rl = answers_only(draw(n_rl - n_rl_uncovered, "covered", 3) +
                     draw(n_rl_uncovered, "uncovered", 4))
