@@ -4,11 +4,14 @@
 
 Task: integer addition with a digit-by-digit chain of thought in <think>, the result in
 <answer>. Two kinds of problems:
-  covered    a one-digit number plus a one- or two-digit one (7+45): 400 traced examples
-  uncovered  two two-digit numbers (23+45): the cold start sees only 120 traced examples of
-             this kind; it solves 0.42 and 0.32 of them greedily on seeds 0 and 1, but from
-             0.06 to 0.48 on seeds 5-8 (the cold start varies a lot by seed: README);
-             GRPO gets 1500 fresh ones with answers only (three quarters of its 2000 prompts)
+  covered    a one-digit number plus a one- or two-digit one (7+45): 400 traced problems
+  uncovered  two two-digit numbers (23+45): the cold start sees only 120 traced problems of
+             this kind, and solves a fifth to a half of the held-out ones greedily depending on
+             the seed (README); GRPO gets 1500 fresh ones with answers only (three quarters of
+             its 2000 prompts)
+Every traced problem is written both ways (7+45 and 45+7, `data.trace_both_orders`): the same
+problems, twice the cold-start sequences; without it the cold start generalized much worse on
+some seeds (README).
 Every held-out problem (50 of each kind) is disjoint from the traces and the RL prompts up to
 operand order, and each split is a uniform random subset of its kind's problems, so the held-out
 problems look like the training ones (the covered kind has 955 problems; the splits use 950).
@@ -16,7 +19,7 @@ The cold start never generalizes to an untraced kind of problem at this size (tw
 two-digit with no traces: 0 of 64 at pass@16, measured), so "uncovered" is a kind the traces show rarely rather than never.
 
 Stages (each evaluated on the same held-out problems):
-  cold_start      SFT on the 520 traced problems
+  cold_start      SFT on the 520 traced problems, each in both operand orders
   grpo            GRPO with accuracy + format rewards on answer-only prompts
   sft_control     control branch: more cold-start SFT for the model FLOPs `grpo` spent
                   (generation + updates), starting from `cold_start`; the recipe continues

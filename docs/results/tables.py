@@ -1,6 +1,7 @@
 """The README's result tables, printed from the summary.json files committed here.
 
     python docs/results/tables.py            # markdown tables of every r1_tiny seed and more
+    python docs/results/tables.py --dir one_order   # the same for the runs kept in a subfolder
     python docs/results/tables.py --save RUN_DIR NAME --command "..." --commit SHA --wall S \
         [--tuned] [--alone] [--note "..."]
         # copy a run's summary.json here as NAME.json with what produced it
@@ -50,9 +51,10 @@ def _acc(entry, bucket=None, key="accuracy"):
   return "" if v is None else f"{v:.2f}"
 
 
-def r1_tiny_tables():
+def r1_tiny_tables(folder: str = HERE):
   runs = {}
-  for path in sorted(glob.glob(os.path.join(HERE, "r1_tiny_seed*.json"))):
+  for path in sorted(glob.glob(os.path.join(folder, "r1_tiny_seed*.json")),
+                     key=lambda p: int(p.rsplit("seed", 1)[1].split(".")[0])):
     seed = int(path.rsplit("seed", 1)[1].split(".")[0])
     with open(path) as f:
       runs[seed] = json.load(f)
@@ -117,11 +119,32 @@ def _r1_tiny_goals(runs):
       ("student >= 90 % of its teacher on every seed", f"min {100 * min(student):.0f} %",
        min(student) >= 0.9 - 1e-9),
   ]
-  if walls:
-    rows.append(("whole recipe <= 15 min, empty compilation cache, idle machine",
-                 f"{max(walls) / 60:.1f} min", max(walls) <= 900))
+  rows.append(("whole recipe <= 15 min, empty compilation cache, idle machine",
+               f"{max(walls) / 60:.1f} min" if walls else "no run had the machine alone",
+               bool(walls) and max(walls) <= 900))
   for goal, value, met in rows:
     print(f"| {goal} | {value} | {'yes' if met else 'no'} |")
+
+
+def cold_start_probes():
+  """Cold-start-only runs (cold_start_probes/*.json) next to the cold starts of the full runs
+  with one operand order (one_order/): greedy accuracy all / covered / uncovered."""
+  rows = []
+  for path in glob.glob(os.path.join(HERE, "cold_start_probes", "*.json")):
+    seed, setting = os.path.basename(path)[len("seed"):-len(".json")].split("_", 1)
+    rows.append((int(seed), setting, path))
+  for path in glob.glob(os.path.join(HERE, "one_order", "r1_tiny_seed*.json")):
+    rows.append((int(path.rsplit("seed", 1)[1].split(".")[0]), "one_order (full run)", path))
+  if not rows:
+    return
+  print()
+  print("| seed | cold start | all / covered / uncovered | uncovered pass@4 |")
+  print("|---|---|---|---|")
+  for seed, setting, path in sorted(rows):
+    with open(path) as f:
+      st = {e["name"]: e for e in json.load(f)["stages"]}["cold_start"]
+    print(f"| {seed} | {setting.replace('_', ' ')} | {_acc(st)} / {_acc(st, 'covered')} / "
+          f"{_acc(st, 'uncovered')} | {_acc(st, 'uncovered', 'pass@k')} |")
 
 
 def r1_zero_smollm2_table():
@@ -167,6 +190,8 @@ def main():
   ap.add_argument("--note")
   ap.add_argument("--curve", nargs=2, metavar=("RUN_DIR", "NAME"),
                   help="save a GRPO run's per-step reward/length curve as NAME_curve.json")
+  ap.add_argument("--dir", help="print the r1_tiny tables of the runs in this subfolder")
+  ap.add_argument("--probes", action="store_true", help="print the cold-start probe table")
   a = ap.parse_args()
   if a.save:
     save(*a.save, command=a.command, git_commit=a.commit, wall_seconds=a.wall,
@@ -174,6 +199,12 @@ def main():
     return
   if a.curve:
     save_curve(*a.curve)
+    return
+  if a.dir:
+    r1_tiny_tables(os.path.join(HERE, a.dir))
+    return
+  if a.probes:
+    cold_start_probes()
     return
   r1_tiny_tables()
   r1_zero_smollm2_table()
