@@ -2,6 +2,7 @@
 
     python docs/results/tables.py            # markdown tables of every r1_tiny seed and more
     python docs/results/tables.py --dir one_order   # the same for the runs kept in a subfolder
+    python docs/results/tables.py --probes | --fresh   # cold-start probes; the larger check
     python docs/results/tables.py --save RUN_DIR NAME --command "..." --commit SHA --wall S \
         [--tuned] [--alone] [--note "..."]
         # copy a run's summary.json here as NAME.json with what produced it
@@ -132,7 +133,8 @@ def cold_start_probes():
   rows = []
   for path in glob.glob(os.path.join(HERE, "cold_start_probes", "*.json")):
     seed, setting = os.path.basename(path)[len("seed"):-len(".json")].split("_", 1)
-    rows.append((int(seed), setting, path))
+    if "grpo" not in setting:  # runs that go on past the cold start repeat a probe's cold start
+      rows.append((int(seed), setting, path))
   for path in glob.glob(os.path.join(HERE, "one_order", "r1_tiny_seed*.json")):
     rows.append((int(path.rsplit("seed", 1)[1].split(".")[0]), "one_order (full run)", path))
   if not rows:
@@ -145,6 +147,29 @@ def cold_start_probes():
       st = {e["name"]: e for e in json.load(f)["stages"]}["cold_start"]
     print(f"| {seed} | {setting.replace('_', ' ')} | {_acc(st)} / {_acc(st, 'covered')} / "
           f"{_acc(st, 'uncovered')} | {_acc(st, 'uncovered', 'pass@k')} |")
+
+
+def fresh_uncovered():
+  """The larger uncovered check (fresh_uncovered.py): greedy / sampled accuracy per stage on 400
+  problems in no split, and on 200 uncovered RL prompts the policy trained on."""
+  paths = sorted(glob.glob(os.path.join(HERE, "fresh_uncovered", "seed*.json")),
+                 key=lambda p: (int(os.path.basename(p)[4:].split("_")[0].split(".")[0]), p))
+  if not paths:
+    return
+  print()
+  print("| seed | set | cold_start | grpo | sft_control | grpo - sft_control |")
+  print("|---|---|---|---|---|---|")
+  for path in paths:
+    with open(path) as f:
+      r = json.load(f)
+    st = r["stages"]
+    for name in ("fresh", "rl_prompts"):
+      cells = [f"{st[n][name]['greedy']:.2f} / {st[n][name]['sampled']:.2f}"
+               for n in ("cold_start", "grpo", "sft_control")]
+      diff = st["grpo"][name]["greedy"] - st["sft_control"][name]["greedy"]
+      label = os.path.basename(path)[len("seed"):-len(".json")].replace("_", " ")
+      print(f"| {label} | {name} ({r['sizes'][name]}) | " + " | ".join(cells) +
+            f" | {diff:+.2f} |")
 
 
 def r1_zero_smollm2_table():
@@ -192,6 +217,8 @@ def main():
                   help="save a GRPO run's per-step reward/length curve as NAME_curve.json")
   ap.add_argument("--dir", help="print the r1_tiny tables of the runs in this subfolder")
   ap.add_argument("--probes", action="store_true", help="print the cold-start probe table")
+  ap.add_argument("--fresh", action="store_true",
+                  help="print the larger uncovered check (fresh_uncovered.py)")
   a = ap.parse_args()
   if a.save:
     save(*a.save, command=a.command, git_commit=a.commit, wall_seconds=a.wall,
@@ -205,6 +232,9 @@ def main():
     return
   if a.probes:
     cold_start_probes()
+    return
+  if a.fresh:
+    fresh_uncovered()
     return
   r1_tiny_tables()
   r1_zero_smollm2_table()
