@@ -52,13 +52,16 @@ def _acc(entry, bucket=None, key="accuracy"):
   return "" if v is None else f"{v:.2f}"
 
 
+def _seed(path: str) -> int:
+  """The seed in a results file name: .../r1_tiny_seed11.json, seed6_both_orders.json -> 11, 6."""
+  return int(os.path.basename(path).rsplit("seed", 1)[1].split("_")[0].split(".")[0])
+
+
 def r1_tiny_tables(folder: str = HERE):
   runs = {}
-  for path in sorted(glob.glob(os.path.join(folder, "r1_tiny_seed*.json")),
-                     key=lambda p: int(p.rsplit("seed", 1)[1].split(".")[0])):
-    seed = int(path.rsplit("seed", 1)[1].split(".")[0])
+  for path in sorted(glob.glob(os.path.join(folder, "r1_tiny_seed*.json")), key=_seed):
     with open(path) as f:
-      runs[seed] = json.load(f)
+      runs[_seed(path)] = json.load(f)
   if not runs:
     return
   print("| seed | tuned on | wall | cold_start | grpo | sft_control | sft_rs | grpo_final | "
@@ -136,7 +139,7 @@ def cold_start_probes():
     if "grpo" not in setting:  # runs that go on past the cold start repeat a probe's cold start
       rows.append((int(seed), setting, path))
   for path in glob.glob(os.path.join(HERE, "one_order", "r1_tiny_seed*.json")):
-    rows.append((int(path.rsplit("seed", 1)[1].split(".")[0]), "one_order (full run)", path))
+    rows.append((_seed(path), "one_order (full run)", path))
   if not rows:
     return
   print()
@@ -153,7 +156,7 @@ def fresh_uncovered():
   """The larger uncovered check (fresh_uncovered.py): greedy / sampled accuracy per stage on 400
   problems in no split, and on 200 uncovered RL prompts the policy trained on."""
   paths = sorted(glob.glob(os.path.join(HERE, "fresh_uncovered", "seed*.json")),
-                 key=lambda p: (int(os.path.basename(p)[4:].split("_")[0].split(".")[0]), p))
+                 key=lambda p: (_seed(p), p))
   if not paths:
     return
   print()

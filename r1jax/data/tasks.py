@@ -161,10 +161,14 @@ def _bucket_space(digits: tuple[int, int], operands: int, long_operands: int | N
   return keys
 
 
-def _reversed(record: dict) -> dict:
-  """The sum of `record` with its operands in reverse order (7+45 -> 45+7)."""
+def _reversed(record: dict) -> dict | None:
+  """The sum of `record` with its operands in reverse order (7+45 -> 45+7); None when that is
+  the same question (5+5, 3+8+3) or the record is not a sum."""
+  if "+" not in record["question"]:
+    return None
   terms = [int(x) for x in reversed(record["question"].split("+"))]
-  return _problem(terms[0], terms[1], "+", tuple(terms[2:]))
+  flipped = _problem(terms[0], terms[1], "+", tuple(terms[2:]))
+  return None if flipped["question"] == record["question"] else flipped
 
 
 def arithmetic_splits(seed: int, *, n_sft: int, n_rl: int, n_eval: int,
@@ -238,8 +242,8 @@ def arithmetic_splits(seed: int, *, n_sft: int, n_rl: int, n_eval: int,
   if uncovered_traces:
     sft = sft + draw(uncovered_traces, "uncovered", 6)
   if trace_both_orders:
-    sft = sft + [dict(_reversed(r), bucket=r["bucket"]) for r in sft
-                 if "+" in r["question"] and len(set(r["question"].split("+"))) > 1]
+    flipped = [(_reversed(r), r["bucket"]) for r in sft]
+    sft = sft + [dict(f, bucket=bucket) for f, bucket in flipped if f is not None]
   if uncovered_traces or trace_both_orders:
     sft = [sft[i] for i in np.random.default_rng([seed, 7]).permutation(len(sft))]
   rl = answers_only(draw(n_rl - n_rl_uncovered, "covered", 3) +
