@@ -19,6 +19,7 @@ import math
 import time
 
 import jax
+import ml_collections
 from etils import epath
 
 from r1jax import fileio, flops, hf, parallel, run_config
@@ -56,7 +57,8 @@ def make_splits(c) -> dict:
         rl_uncovered_frac=float(d.rl_uncovered_frac),
         uncovered_traces=int(d.get("uncovered_traces", 0)),
         covered_long_operands=d.get("covered_long_operands", None),
-        trace_both_orders=bool(d.get("trace_both_orders", False)))
+        trace_both_orders=bool(d.get("trace_both_orders", False)),
+        n_heldout=int(d.get("num_heldout_uncovered", 0)))
   if d.task == "word_arithmetic":
     lo, hi = tuple(d.covered_digits)
     return tasks.word_problem_splits(int(c.seed), n_rl=int(d.num_rl_prompts),
@@ -176,6 +178,8 @@ class Recipe:
                                        seed=ctx.seed(name + "/eval"),
                                        template=stage_cfg.template or c.data.template,
                                        eval_cfg=c.eval, stage=name)
+        if eval_out is not None and ctx.splits.get("heldout"):
+          eval_out["heldout"] = self._heldout_eval(name, stage_cfg, *ctx.models[which])
         if name in ctx.lora_outputs:  # adapters and biases only; the base is the stage's input
           lora_cfg, trained = ctx.lora_outputs[name]
           save_model(out_dir, ctx.models[which][0], trained, lora=lora_cfg)
@@ -190,10 +194,14 @@ class Recipe:
         entry["steps"] = int(run_config.stage_steps(c, stage_cfg))
       if eval_out is not None:
         entry["eval"] = eval_out
-        ctx.log.metrics(name, int(run_config.stage_steps(c, stage_cfg)),
-                        {"eval_accuracy": eval_out.get("accuracy", eval_out.get("pass@1"))})
-        ctx.log.info(f"[{name}] eval: " + ", ".join(
-            f"{k}={v:.3f}" for k, v in eval_out.items() if isinstance(v, float)))
+        scalars = {"eval_accuracy": eval_out.get("accuracy", eval_out.get("pass@1"))}
+        shown = [f"{k}={v:.3f}" for k, v in eval_out.items() if isinstance(v, float)]
+        if "heldout" in eval_out:
+          scalars["heldout_accuracy"] = eval_out["heldout"]["accuracy"]
+          shown.append(f"heldout accuracy={eval_out['heldout']['accuracy']:.3f} "
+                       f"({eval_out['heldout']['num_problems']} problems)")
+        ctx.log.metrics(name, int(run_config.stage_steps(c, stage_cfg)), scalars)
+        ctx.log.info(f"[{name}] eval: " + ", ".join(shown))
       progress["completed"].append(name)
       progress["summary"].append(entry)
       if self.is_main:
@@ -205,6 +213,15 @@ class Recipe:
       common.barrier(f"stage {name} done")
     ctx.log.close()
     return self._summary(progress)
+
+  def _heldout_eval(self, name: str, stage_cfg, cfg, params) -> dict:
+    """Greedy accuracy on the large uncovered held-out set (`data.num_heldout_uncovered`)."""
+    c, records = self.config, self.ctx.splits["heldout"]
+    greedy_only = ml_collections.ConfigDict(dict(c.eval.to_dict(), k=0, greedy=True))
+    out = evaluate.evaluate(self.ctx, cfg, params, records, seed=self.ctx.seed(name + "/heldout"),
+                            template=stage_cfg.template or c.data.template,
+                            eval_cfg=greedy_only)
+    return {"accuracy": out["accuracy"], "num_problems": out["num_problems"]}
 
   def _compute_matched(self, name: str, stage_cfg, progress):
     """An SFT control stage given the model FLOPs that stage `match_compute_of` spent

@@ -54,7 +54,10 @@ def base_config(**model_fields) -> ml_collections.ConfigDict:
       # (1: 7+45 but not 23+45; None: no limit)
       covered_long_operands=ml_collections.FieldReference(None, field_type=int),
       num_sft_examples=400,
-      num_rl_prompts=2000, num_eval_problems=100))
+      num_rl_prompts=2000, num_eval_problems=100,
+      # arithmetic: a second, larger held-out set of uncovered problems, drawn after every
+      # other split (so it changes none of them) and scored greedily after each training stage
+      num_heldout_uncovered=0))
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-3, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0,
       clip_norm=1.0, b1=0.9, b2=0.95, eps=1e-8, mu_dtype=""))
@@ -117,6 +120,8 @@ def validate(c) -> ModelConfig:
     raise ConfigError("data.batch_size must be > 0 and data.seq_len > 1")
   if not 0.0 <= float(c.data.get("rl_uncovered_frac", 0.5)) <= 1.0:
     raise ConfigError(f"data.rl_uncovered_frac={c.data.rl_uncovered_frac} must be in [0, 1]")
+  if int(c.data.get("num_heldout_uncovered", 0)) < 0:
+    raise ConfigError(f"data.num_heldout_uncovered={c.data.num_heldout_uncovered} must be >= 0")
   if not 0 < float(c.optim.lr) < math.inf:
     raise ConfigError(f"optim.lr={c.optim.lr} must be positive and finite")
   if int(c.train.accum_steps) < 1 or int(c.data.batch_size) % int(c.train.accum_steps):

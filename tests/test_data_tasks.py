@@ -224,3 +224,21 @@ def test_trace_both_orders_adds_the_reversed_sums_and_nothing_else():
     a, b = map(int, r["question"].split("+"))
     assert r["answer"] == str(a + b) and r["reasoning"] == tasks.add_trace(a, b)
     assert r["reasoning"].split(";")[0].split("=")[0].split("+")[:2] == [str(a % 10), str(b % 10)]
+
+
+def test_heldout_split_is_drawn_last_and_changes_no_other_split():
+  """`n_heldout` adds a large uncovered test set after the RL prompts: every other split is the
+  same as without it, and its problems are in no other split, up to operand order."""
+  kw = dict(n_sft=40, n_rl=300, n_eval=20, covered_digits=(1, 2), covered_long_operands=1,
+            uncovered_digits=(2, 2), uncovered_traces=10, rl_uncovered_frac=0.75,
+            trace_both_orders=True)
+  plain = tasks.arithmetic_splits(4, **kw)
+  more = tasks.arithmetic_splits(4, n_heldout=200, **kw)
+  assert "heldout" not in plain and set(more) == {"sft", "rl", "eval", "heldout"}
+  assert all(more[k] == plain[k] for k in plain)
+  keys = [tasks.problem_key(r["question"]) for r in more["heldout"]]
+  assert len(keys) == len(set(keys)) == 200
+  taken = {tasks.problem_key(r["question"]) for k in plain for r in plain[k]}
+  assert not taken & set(keys)
+  assert all(r["bucket"] == "uncovered" and r["reasoning"] is None and r["difficulty"] == 2
+             for r in more["heldout"])

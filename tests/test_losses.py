@@ -561,3 +561,40 @@ def test_stage_state_compiles_the_step_once():
       state, _ = step(state, jax.tree.map(jnp.asarray, batch))
   assert int(state.step) == 3
   assert step._cache_size() == 1
+
+
+@pytest.mark.parametrize("kind, warmup, total", [("cosine", 20, 200), ("constant", 0, 50),
+                                                 ("constant", 5, 50), ("cosine", 0, 30)])
+def test_lr_schedule_matches_optax(kind, warmup, total):
+  """The schedule carried in the optimizer state is optax's linear warmup joined to its
+  constant or cosine-decay schedule."""
+  optim = run_config.base_config().optim
+  optim.update(lr=2e-3, warmup_steps=warmup, schedule=kind, min_lr_ratio=0.1)
+  decay = (optax.cosine_decay_schedule(2e-3, total - warmup, alpha=0.1) if kind == "cosine"
+           else optax.constant_schedule(2e-3))
+  ref = decay if not warmup else optax.join_schedules(
+      [optax.linear_schedule(0.0, 2e-3, warmup), decay], [warmup])
+  values = jnp.asarray(train.optim.schedule_values(optim, total), jnp.float32)
+  for step in range(total + 5):
+    assert float(train.optim.lr_at(step, values)) == pytest.approx(float(ref(step)), rel=1e-6,
+                                                                   abs=1e-12)
+
+
+def test_stages_differing_only_in_schedule_share_one_program():
+  """A cold start (2e-3, warmup, cosine over 200 steps) and a control (2e-4 constant over 50)
+  lower to the same program: the schedule is an input, so the second stage's compile is a
+  cache hit. The lr each applies is still its own."""
+  params, batch = _linear_setup(seed=0)
+  batch = jax.tree.map(jnp.asarray, batch)
+  lowered, lrs = [], []
+  for fields, total in ((dict(lr=2e-3, warmup_steps=20, schedule="cosine"), 200),
+                        (dict(lr=2e-4, warmup_steps=0, schedule="constant"), 50)):
+    optim = run_config.base_config().optim
+    optim.update(**fields)
+    tx, lr = train.make_optimizer(optim, total_steps=total)
+    state = state_lib.create(jax.tree.map(jnp.asarray, params), tx, seed=0)
+    step = train.make_step(_linear_loss, tx, lr)
+    lowered.append(step.lower(state, batch).as_text())
+    lrs.append(float(step(state, batch)[1]["lr"]))
+  assert lowered[0] == lowered[1]
+  assert lrs == [0.0, pytest.approx(2e-4)]

@@ -3,9 +3,10 @@
     python docs/results/fresh_uncovered.py RUN_DIR [--stages cold_start grpo sft_control]
 
 The recipe's eval set has 50 uncovered problems, so one problem is 0.02 and a difference of two
-stages has a standard error near 0.09. This draws 400 more two-digit + two-digit sums that are
-disjoint, up to operand order, from every split of the run's seed (traces, RL prompts, eval), and
-also takes the first 200 uncovered RL prompts (problems the policy trained on). For each stage it
+stages has a standard error near 0.09. This takes the recipe's large held-out set for the run's
+seed (`data.num_heldout_uncovered`, 400 two-digit + two-digit sums drawn after every other split,
+so disjoint from all of them up to operand order; made here for runs that did not ask for it), and
+the first 200 uncovered RL prompts (problems the policy trained on). For each stage it
 reports greedy accuracy and the mean accuracy of 8 samples at T=1 on each set, and writes
 fresh_uncovered/<--name, default seed<N>>.json next to this file.
 """
@@ -22,7 +23,6 @@ import numpy as np
 
 from r1jax import model
 from r1jax.checkpoint import load_model
-from r1jax.data import tasks
 from r1jax.data.tokenizer import get_tokenizer
 from r1jax.model.config import ModelConfig
 from r1jax.recipe import make_splits
@@ -31,16 +31,12 @@ from r1jax.rollout import engine
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def fresh_problems(splits, n: int, seed: int) -> list[dict]:
-  taken = {tasks.problem_key(r["question"]) for s in splits.values() for r in s}
-  rng, out = np.random.default_rng([seed, 99]), []
-  while len(out) < n:
-    a, b = int(rng.integers(10, 100)), int(rng.integers(10, 100))
-    key = tasks.problem_key(f"{a}+{b}")
-    if key not in taken:
-      taken.add(key)
-      out.append(dict(tasks._problem(a, b, "+"), reasoning=None, bucket="uncovered"))
-  return out
+def fresh_problems(c, n: int) -> list[dict]:
+  """The recipe's own large held-out set (`data.num_heldout_uncovered`, drawn after every other
+  split of the seed), made for runs whose config did not ask for it."""
+  c = ml_collections.ConfigDict(c.to_dict())
+  c.data.num_heldout_uncovered = n
+  return make_splits(c)["heldout"]
 
 
 def main():
@@ -53,7 +49,7 @@ def main():
   with open(os.path.join(a.run_dir, "config.json")) as f:
     c = ml_collections.ConfigDict(json.load(f))  # the run's resolved config
   splits = make_splits(c)
-  sets = {"fresh": fresh_problems(splits, a.fresh, int(c.seed)),
+  sets = {"fresh": fresh_problems(c, a.fresh),
           "rl_prompts": [r for r in splits["rl"] if r["bucket"] == "uncovered"][:200],
           "eval": [r for r in splits["eval"] if r["bucket"] == "uncovered"]}
   cfg = ModelConfig.from_config(c.model)

@@ -177,13 +177,16 @@ def arithmetic_splits(seed: int, *, n_sft: int, n_rl: int, n_eval: int,
                       rl_uncovered_frac: float = 0.5, covered_operands: int = 2,
                       uncovered_operands: int = 2, uncovered_traces: int = 0,
                       covered_long_operands: int | None = None,
-                      trace_both_orders: bool = False) -> dict[str, list[dict]]:
+                      trace_both_orders: bool = False,
+                      n_heldout: int = 0) -> dict[str, list[dict]]:
   """Disjoint splits for the R1 recipe and its control; each record gains `bucket`.
 
   Returns {"sft": n_sft covered problems with traces (plus `uncovered_traces` traced
            uncovered ones: a kind the cold start sees only a few times),
            "rl": n_rl problems (a `rl_uncovered_frac` share uncovered) with reasoning=None,
-           "eval": n_eval covered + n_eval uncovered problems with reasoning=None}.
+           "eval": n_eval covered + n_eval uncovered problems with reasoning=None,
+           "heldout": n_heldout more uncovered problems with reasoning=None (only when
+           n_heldout > 0)}.
 
   Every split of a bucket is drawn from the same distribution, so the held-out problems look
   like the training ones. A bucket small enough to list (`_bucket_space`) is listed, shuffled
@@ -193,7 +196,9 @@ def arithmetic_splits(seed: int, *, n_sft: int, n_rl: int, n_eval: int,
   set, take the rare kinds, such as the 55 one-digit sums, that the later splits then lacked.)
   Larger buckets, where the splits use a negligible share, are rejection-sampled with each
   operand's digit count uniform (`arithmetic_records`). The eval set comes first either way, so
-  it does not change when the training sizes do.
+  it does not change when the training sizes do. The "heldout" set comes last, after the RL
+  prompts, so asking for it changes no other split: a large uncovered test set (50 problems
+  cannot tell two stages apart by 0.05; 400 can, to about 0.035).
 
   `trace_both_orders` adds, for every traced sum a+b+..., the same problem written in reverse
   order (b+a, with its own column trace): the same `problem_key`, so no split gains a problem
@@ -250,7 +255,10 @@ def arithmetic_splits(seed: int, *, n_sft: int, n_rl: int, n_eval: int,
                     draw(n_rl_uncovered, "uncovered", 4))
   # Interleave covered and uncovered RL prompts so any prefix of the list mixes both.
   order = np.random.default_rng([seed, 5]).permutation(len(rl))
-  return {"sft": sft, "rl": [rl[i] for i in order], "eval": eval_}
+  out = {"sft": sft, "rl": [rl[i] for i in order], "eval": eval_}
+  if n_heldout:
+    out["heldout"] = answers_only(draw(n_heldout, "uncovered", 8))
+  return out
 
 
 # word problems: (template, operator); {a} and {b} are the operands, the answer a+b or a-b

@@ -5,7 +5,7 @@
       params or None; metrics may hold "_counts": {bias path: expert counts [L, E]} for the
       aux-loss-free bias update, and "_weight": the loss's normalizer (how micro-batches of
       gradient accumulation are weighted; default 1).
-    step = make_step(loss_fn, tx, lr_schedule, ...)
+    step = make_step(loss_fn, tx, lr_of, ...)
     state, metrics = step(state, batch, frozen)
 """
 
@@ -36,11 +36,13 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def make_step(loss_fn: Callable, tx, lr_schedule=None, *, accum_steps: int = 1,
+def make_step(loss_fn: Callable, tx, lr_of=None, *, accum_steps: int = 1,
               bias_gamma: float = 0.0, nonfinite: str = "skip", donate: bool = True,
               jit: bool = True, reference_is_base: bool = False):
   """Build `step(state, batch, frozen=None) -> (state, metrics)`.
 
+  lr_of: the learning rate of an optimizer state (make_optimizer's second value), reported as
+  metrics["lr"].
   accum_steps: the batch is split into this many micro-batches, run one after another; their
   losses and gradients combine into the full batch's (weighted by the loss's normalizer, the
   metric "_weight" a loss may return: e.g. its token count for a token mean).
@@ -110,8 +112,8 @@ def make_step(loss_fn: Callable, tx, lr_schedule=None, *, accum_steps: int = 1,
       metrics["expert_load_max_over_mean"] = jnp.max(jnp.stack(
           [losses.expert_load_max_over_mean(c) for c in counts.values()]))
     metrics.update(loss=loss, grad_norm=grad_norm, nonfinite=1.0 - finite.astype(jnp.float32))
-    if lr_schedule is not None:
-      metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
+    if lr_of is not None:
+      metrics["lr"] = jnp.asarray(lr_of(state.opt_state), jnp.float32)
     new = state.replace(step=state.step + 1, params=params,
                         opt_state=opt_state, router_bias=bias, rng=rng)
     return new, metrics

@@ -1,7 +1,7 @@
 """configs/r1_tiny.py shrunk for the reliability and multi-process tests: every stage of the
 recipe but the final GRPO (cold-start SFT -> GRPO -> the compute-matched SFT control -> rejection
 sampling -> SFT on the sampled data -> distillation), 3-4 steps each on a 2-layer MoE, batches of
-8, a checkpoint every 2 steps, 8 evaluation problems after the stages that evaluate.
+8, a checkpoint every 2 steps, 8 evaluation problems (and 8 more uncovered held-out ones) after the stages that evaluate.
 
     python -m r1jax.launch --config tests/reliability/r1_tiny_shrunk.py --workdir /tmp/r1
 
@@ -27,7 +27,7 @@ def get_config(arg=None):
   c = r1_tiny.get_config()
   c.model.num_hidden_layers = 2
   c.data.update(batch_size=8, seq_len=48, num_sft_examples=64, num_rl_prompts=64,
-                num_eval_problems=8)
+                num_eval_problems=8, num_heldout_uncovered=8)
   c.optim.warmup_steps = 2
   c.eval.update(k=2, max_new_tokens=12)
   c.eval.batch_size = 8  # one compiled generation shape (the default is 64 rows)

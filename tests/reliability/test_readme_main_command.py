@@ -52,6 +52,8 @@ def test_readme_main_command_runs_and_resumes_from_a_fresh_directory(tmp_path):
   order = ["cold_start", "grpo", "sft_control", "rejection", "sft_rs", "grpo_final", "distill"]
   assert [e["name"] for e in summary["stages"]] == order
   assert summary["splits"]["eval"]["total"] > 0
+  assert summary["splits"]["heldout"]["total"] == summary["stages"][0]["eval"]["heldout"][
+      "num_problems"] > 0
   assert os.path.exists(os.path.join(workdir, "samples", "eval_cold_start.jsonl"))
 
   again = launch("--workdir", os.path.relpath(workdir, tmp_path))
