@@ -6,21 +6,25 @@ Task: integer addition with a digit-by-digit chain of thought in <think>, the re
 <answer>. Two kinds of problems:
   covered    a one-digit number plus a one- or two-digit one (7+45): 400 traced problems
   uncovered  two two-digit numbers (23+45): the cold start sees only 120 traced problems of
-             this kind, and solves a fifth to a half of the held-out ones greedily depending on
-             the seed (README); GRPO gets 1500 fresh ones with answers only (three quarters of
-             its 2000 prompts)
+             this kind, and solves about half to three quarters of the held-out ones greedily,
+             depending on the seed (README); GRPO gets 1500 fresh ones with answers only (three
+             quarters of its 2000 prompts)
 Every traced problem is written both ways (7+45 and 45+7, `data.trace_both_orders`): the same
 problems, twice the cold-start sequences; without it the cold start generalized much worse on
 some seeds (README).
-Every held-out problem (50 of each kind) is disjoint from the traces and the RL prompts up to
+Every held-out problem (50 of each kind, and 400 more uncovered ones drawn after every other
+split: `data.num_heldout_uncovered`) is disjoint from the traces and the RL prompts up to
 operand order, and each split is a uniform random subset of its kind's problems, so the held-out
 problems look like the training ones (the covered kind has 955 problems; the splits use 950).
 The cold start never generalizes to an untraced kind of problem at this size (two-digit +
 two-digit with no traces: 0 of 64 at pass@16, measured), so "uncovered" is a kind the traces show rarely rather than never.
 
 Stages (each evaluated on the same held-out problems):
-  cold_start      SFT on the 520 traced problems, each in both operand orders
-  grpo            GRPO with accuracy + format rewards on answer-only prompts
+  cold_start      SFT on the 520 traced problems, each in both operand orders, 400 steps: close
+                  to convergence, so that more SFT on the same traces (the control) has little
+                  left to give; at 200 steps the control beat GRPO (README)
+  grpo            GRPO with accuracy + format rewards on answer-only prompts (no dynamic-sampling
+                  refill: as good at about 16 % less compute, README)
   sft_control     control branch: more cold-start SFT for the model FLOPs `grpo` spent
                   (generation + updates), starting from `cold_start`; the recipe continues
                   from `grpo`
@@ -44,8 +48,7 @@ def get_config(arg=None):
   c.data.update(batch_size=32, seq_len=64, num_sft_examples=400, num_rl_prompts=2000,
                 num_eval_problems=50, covered_digits=(1, 2), covered_long_operands=1,
                 uncovered_digits=(2, 2), uncovered_operands=2, uncovered_traces=120,
-                trace_both_orders=True,
-                rl_uncovered_frac=0.75)
+                trace_both_orders=True, rl_uncovered_frac=0.75, num_heldout_uncovered=400)
   c.optim.update(lr=2e-3, warmup_steps=20)
   c.train.update(mtp_weight=0.1)
   c.eval.update(k=4, temperature=1.0, top_p=1.0, max_new_tokens=40)
@@ -55,8 +58,8 @@ def get_config(arg=None):
               prompts_per_step=16, group_size=8, max_new_tokens=40, temperature=1.0,
               reward_weights={"accuracy": 1.0, "format": 0.2}, loss_type="grpo", eps_low=0.2,
               eps_high=0.2, beta=0.0, mu=1, ref_refresh_every=0, advantage_scale="group",
-              dynamic_sampling=True, max_refills=1, mask_truncated=False, top_p=1.0)
-  c.stages.cold_start = stage("sft", steps=200)
+              dynamic_sampling=False, max_refills=1, mask_truncated=False, top_p=1.0)
+  c.stages.cold_start = stage("sft", steps=400)
   c.stages.grpo = stage("grpo", steps=100, **grpo)
   c.stages.sft_control = stage("sft", steps=0, start_from="cold_start", branch=True,
                                match_compute_of="grpo", lr=2e-4, warmup_steps=0,
