@@ -132,7 +132,7 @@ class RunLog:
   def plot(self, summary: list[dict] | None = None):
     """plots/<metric>.png: each metric against step, one line per stage; with the summary's
     stage entries also plots/accuracy_by_stage.png (held-out accuracy after each stage,
-    overall and per bucket)."""
+    overall, per bucket and on the large held-out set when there is one)."""
     if not self.enabled:
       return
     import matplotlib
@@ -167,6 +167,11 @@ class RunLog:
       for b in buckets:
         ax.plot(xs, [s["eval"].get("by_bucket", {}).get(b, {}).get("accuracy") for s in evaluated],
                 marker="o", linestyle="--", label=b)
+      if any("heldout" in s["eval"] for s in evaluated):
+        heldout = [s["eval"].get("heldout", {}) for s in evaluated]
+        n = max(h.get("num_problems", 0) for h in heldout)
+        ax.plot(xs, [h.get("accuracy") for h in heldout], marker="s", linestyle=":",
+                label=f"held-out uncovered ({n})")
       ax.set_xticks(list(xs), [s["name"] for s in evaluated], rotation=20)
       ax.set_ylabel("held-out accuracy (greedy)")
       ax.legend()

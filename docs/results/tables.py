@@ -3,6 +3,7 @@
     python docs/results/tables.py            # markdown tables of every r1_tiny seed and more
     python docs/results/tables.py --dir one_order   # the same for the runs kept in a subfolder
     python docs/results/tables.py --probes | --fresh   # cold-start probes; the larger check
+    python docs/results/tables.py --fresh --dir old_sampler   # that check's earlier problem sets
     python docs/results/tables.py --save RUN_DIR NAME --command "..." --commit SHA --wall S \
         [--tuned] [--alone] [--note "..."]
         # copy a run's summary.json here as NAME.json with what produced it
@@ -190,27 +191,27 @@ def cold_start_probes():
           f"{_acc(st, 'uncovered')} | {_acc(st, 'uncovered', 'pass@k')} |")
 
 
-def fresh_uncovered():
-  """The larger uncovered check (fresh_uncovered.py): greedy / sampled accuracy per stage on 400
-  problems in no split, and on 200 uncovered RL prompts the policy trained on."""
-  paths = sorted(glob.glob(os.path.join(HERE, "fresh_uncovered", "seed*.json")),
-                 key=lambda p: (_seed(p), p))
+def fresh_uncovered(folder: str = os.path.join(HERE, "fresh_uncovered")):
+  """The larger uncovered check (fresh_uncovered.py): greedy / sampled accuracy per stage on the
+  400 held-out uncovered problems, and on 200 uncovered RL prompts the policy trained on."""
+  paths = sorted(glob.glob(os.path.join(folder, "seed*.json")), key=lambda p: (_seed(p), p))
   if not paths:
     return
+  names = ("cold_start", "grpo", "sft_control")
   print()
-  print("| seed | set | cold_start | grpo | sft_control | grpo - sft_control |")
-  print("|---|---|---|---|---|---|")
+  print("| seed | set | " + " | ".join(names) + " | grpo - sft_control |")
+  print("|---|---|" + "---|" * (len(names) + 1))
   for path in paths:
     with open(path) as f:
       r = json.load(f)
     st = r["stages"]
     for name in ("fresh", "rl_prompts"):
-      cells = [f"{st[n][name]['greedy']:.2f} / {st[n][name]['sampled']:.2f}"
-               for n in ("cold_start", "grpo", "sft_control")]
-      diff = st["grpo"][name]["greedy"] - st["sft_control"][name]["greedy"]
+      cells = [f"{st[n][name]['greedy']:.2f} / {st[n][name]['sampled']:.2f}" if n in st else ""
+               for n in names]
+      diff = (f"{st['grpo'][name]['greedy'] - st['sft_control'][name]['greedy']:+.2f}"
+              if "sft_control" in st else "")
       label = os.path.basename(path)[len("seed"):-len(".json")].replace("_", " ")
-      print(f"| {label} | {name} ({r['sizes'][name]}) | " + " | ".join(cells) +
-            f" | {diff:+.2f} |")
+      print(f"| {label} | {name} ({r['sizes'][name]}) | " + " | ".join(cells) + f" | {diff} |")
 
 
 def r1_zero_smollm2_table():
@@ -256,7 +257,8 @@ def main():
   ap.add_argument("--note")
   ap.add_argument("--curve", nargs=2, metavar=("RUN_DIR", "NAME"),
                   help="save a GRPO run's per-step reward/length curve as NAME_curve.json")
-  ap.add_argument("--dir", help="print the r1_tiny tables of the runs in this subfolder")
+  ap.add_argument("--dir", help="print the r1_tiny tables of the runs in this subfolder (with "
+                  "--fresh: of fresh_uncovered/)")
   ap.add_argument("--probes", action="store_true", help="print the cold-start probe table")
   ap.add_argument("--fresh", action="store_true",
                   help="print the larger uncovered check (fresh_uncovered.py)")
@@ -268,14 +270,14 @@ def main():
   if a.curve:
     save_curve(*a.curve)
     return
-  if a.dir:
+  if a.dir and not a.fresh:
     r1_tiny_tables(os.path.join(HERE, a.dir))
     return
   if a.probes:
     cold_start_probes()
     return
   if a.fresh:
-    fresh_uncovered()
+    fresh_uncovered(os.path.join(HERE, "fresh_uncovered", a.dir or ""))
     return
   r1_tiny_tables()
   r1_zero_smollm2_table()
