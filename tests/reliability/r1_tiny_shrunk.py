@@ -1,7 +1,8 @@
 """configs/r1_tiny.py shrunk for the reliability and multi-process tests: every stage of the
 recipe but the final GRPO (cold-start SFT -> GRPO -> the compute-matched SFT control -> rejection
 sampling -> SFT on the sampled data -> distillation), 3-4 steps each on a 2-layer MoE, batches of
-8, a checkpoint every 2 steps, 8 evaluation problems (and 8 more uncovered held-out ones) after the stages that evaluate.
+8, a checkpoint every 2 steps, 8 evaluation problems (and 8 more uncovered held-out ones) after
+the stages that evaluate.
 
     python -m r1jax.launch --config tests/reliability/r1_tiny_shrunk.py --workdir /tmp/r1
 
