@@ -66,7 +66,12 @@ def parse_config(argv):
   from r1jax import run_config
   argv = list(argv)
   config = _parse(argv, _define_flags(flags.FlagValues(), sys_argv=argv))
-  run_config.validate(config)
+  try:
+    run_config.validate(config)
+  except (AttributeError, KeyError) as e:  # e.g. --config.checkpoint={} emptied a section
+    missing = (re.findall(r"'(\w+)'", str(e)) or ["?"])[0]
+    raise UserError(f"the config lacks the field {missing!r}: an override may have replaced a "
+                    "whole section (set a section's fields one by one)") from None
   return config
 
 

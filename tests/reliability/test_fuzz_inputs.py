@@ -319,3 +319,11 @@ def test_records_that_used_to_escape_as_other_errors(tmp_path, content, message)
   assert "\n" not in str(info.value)
 
 
+
+
+def test_an_override_that_empties_a_section_is_a_one_line_error():
+  """Found by the fuzz test above: `--config.checkpoint={}` replaced the section with an empty
+  one, and validation died on the missing field with a traceback."""
+  kind, message = parse_outcome(os.path.join(launcher.ROOT, "configs", "sft_tiny.py"),
+                                ["--config.checkpoint={}"])
+  assert kind == "error" and "lacks the field 'keep'" in message, message
