@@ -15,7 +15,23 @@ import numpy as np
 
 from r1jax import model
 
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+
+
+def _accepted_options(options: dict) -> dict:
+  """The options this jaxlib and backend know (XLA renames and drops flags between releases:
+  jax 0.11 no longer has `xla_cpu_use_fusion_emitters`, and a GPU has no `xla_cpu_*`)."""
+  kept = {}
+  for name, value in options.items():
+    try:
+      jax.jit(lambda x: x + 1, compiler_options={name: value}).lower(np.float32(0)).compile()
+      kept[name] = value
+    except Exception:  # an unknown option: leave it out, the maths is the same
+      pass
+  return kept
+
+
+FAST_COMPILE = _accepted_options(
+    {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False})
 
 
 def jit(fn, **kw):
