@@ -3,8 +3,8 @@
   python benchmarks/accelerator_steps.py        # writes benchmarks/results/accelerator_steps.json
 
 Models (random weights, bfloat16 compute, float32 params and AdamW moments, full
-rematerialization by default, as the shipped full-size configs train; MFU counts model FLOPs
-only, so the recomputed forward is not credited):
+rematerialization and 1024-token LM-head chunks by default, as the shipped full-size configs
+train; MFU counts model FLOPs only, so the recomputed forward is not credited):
 - dense: Qwen2-0.5B's shape (24 layers, hidden 896, GQA 14/2, MLP 4864, vocab 151,936, tied);
 - moe: a DeepSeek-V3-shaped model with about 1B active parameters: MLA, 10 layers (the first
   dense), hidden 2048, 64 routed experts (top 8) plus one shared, expert width 768,
@@ -183,6 +183,8 @@ def main():
   ap.add_argument("--remat", default="full",
                   help="as the shipped full-size configs; 'none' needed 46-230 GiB on the H200")
   ap.add_argument("--attn_chunk", type=int, default=None, help="queries per attention chunk")
+  ap.add_argument("--logits_chunk", type=int, default=1024,
+                  help="tokens per LM-head chunk in the losses (as the shipped configs)")
   ap.add_argument("--measured_peak", type=float, default=790e12)
   ap.add_argument("--budget_s", type=float, default=1e9,
                   help="start no new row after this many seconds (rows left are listed)")
@@ -215,7 +217,8 @@ def main():
         fields = dict(MOE if m == "moe" else DENSE)
         if a.toy:
           fields.update(TOY_MOE if m == "moe" else TOY_DENSE)
-        cfg = model_config(fields, remat=a.remat, attn_chunk=a.attn_chunk)
+        cfg = model_config(fields, remat=a.remat, attn_chunk=a.attn_chunk,
+                           logits_chunk=a.logits_chunk)
         params = jax.jit(model.init, static_argnums=0)(cfg, jax.random.key(0))
         n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
         cache[m] = (cfg, params, n)

@@ -7,7 +7,8 @@ The H200 run (benchmarks/results/h200/) found the step of a ~0.5B dense model ou
 models at that shape, with the settings that change it, so the cause shows without a device:
 - remat "none" vs "full" (activations kept vs recomputed);
 - a small vocabulary (the logits and the cross-entropy's share);
-- 1 and 2 layers (the per-layer share).
+- 1 and 2 layers (the per-layer share);
+- `logits_chunk` (the LM head and its softmax a chunk of tokens at a time) and `attn_chunk`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,11 @@ RESULTS = ROOT / "benchmarks" / "results" / "step_memory.json"
 VARIANTS = (("remat none (the H200 run)", {"remat": "none"}), ("remat full", {"remat": "full"}),
             ("remat none, vocab 1024", {"remat": "none", "vocab_size": 1024}),
             ("remat none, 1 layer", {"remat": "none", "num_hidden_layers": 1}),
-            ("remat none, 2 layers", {"remat": "none", "num_hidden_layers": 2}))
+            ("remat none, 2 layers", {"remat": "none", "num_hidden_layers": 2}),
+            ("remat none, logits_chunk 1024", {"remat": "none", "logits_chunk": 1024}),
+            ("remat full, logits_chunk 1024", {"remat": "full", "logits_chunk": 1024}),
+            ("remat full, logits_chunk 1024, attn_chunk 256",
+             {"remat": "full", "logits_chunk": 1024, "attn_chunk": 256}))
 
 
 def step_memory(fields: dict, batch: int, seq_len: int, **over) -> dict:
@@ -58,14 +63,14 @@ def main():
   a = ap.parse_args()
   rows = []
   print(f"SFT step at {a.batch} x {a.seq_len} tokens, backend {jax.default_backend()}")
-  print(f"{'model':6s} {'variant':28s} {'temp GiB':>9s} {'args GiB':>9s}")
+  print(f"{'model':6s} {'variant':46s} {'temp GiB':>9s} {'args GiB':>9s}")
   for m in a.models.split(","):
     fields = steps.MOE if m == "moe" else steps.DENSE
     for name, over in VARIANTS:
       row = {"model": m, "variant": name, "overrides": over,
              **step_memory(fields, a.batch, a.seq_len, **over)}
       rows.append(row)
-      print(f"{m:6s} {name:28s} {row['temp_gib']:9.2f} {row['args_gib']:9.2f}", flush=True)
+      print(f"{m:6s} {name:46s} {row['temp_gib']:9.2f} {row['args_gib']:9.2f}", flush=True)
   out = pathlib.Path(a.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps({"batch": a.batch, "seq_len": a.seq_len, "jax": jax.__version__,

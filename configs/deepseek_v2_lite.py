@@ -27,7 +27,8 @@ def get_config(arg=None):
       mscale_all_dim=0.707,
       # mtp
       num_nextn_predict_layers=0,
-      moe_impl="ragged_dot", dtype="bfloat16", param_dtype="float32", remat="full")
+      moe_impl="ragged_dot", dtype="bfloat16", param_dtype="float32", remat="full",
+      logits_chunk=1024)
   c.mesh.update(dict(data=-1, fsdp=8, expert=8, tensor=1))
   c.stages.sft = stage("sft", steps=100)
   c.stage_order = ("sft",)

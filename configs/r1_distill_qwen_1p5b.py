@@ -19,7 +19,7 @@ def get_config(arg=None):
                   intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                   num_key_value_heads=2, max_position_embeddings=131072, rope_theta=10000.0,
                   tie_word_embeddings=False, rms_norm_eps=1e-6, dtype="bfloat16",
-                  param_dtype="float32", remat="full")
+                  param_dtype="float32", remat="full", logits_chunk=1024)
   c.mesh.update(data=-1, fsdp=8, expert=1, tensor=1)
   c.data.update(task="file", batch_size=64, seq_len=16384, template="r1", pack=True)
   c.optim.update(lr=5e-5, warmup_steps=100, schedule="cosine", weight_decay=0.0,

@@ -124,7 +124,9 @@ def kernel_table(cfg) -> list[str]:
     lines.append(f"  {name}:")
     lines += [f"    {b:4s} {fn(b)}" + ("   <- here" if b == jax.default_backend() else "")
               for b in BACKENDS]
-  lines.append("  embeddings, lm head, norms: XLA in model.dtype / fp32")
+  lines.append("  embeddings, lm head, norms: XLA in model.dtype / fp32" + (
+      f"; in the losses the head and its softmax run in {cfg.logits_chunk}-token chunks"
+      if cfg.logits_chunk else ""))
   return lines
 
 

@@ -85,6 +85,47 @@ def test_remat_policies_match_no_remat(params, tokens, policy):
                grads, grads_ref)
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_chunked_logits_give_the_same_losses_and_gradients(params, tokens, tie):
+  """logits_chunk=5 (32 tokens: 7 chunks, the last padded) computes the SFT loss (with MTP) and
+  the GRPO loss (with a reference KL), their metrics (entropy included) and their gradients as
+  the full [B, T, V] logits do; the untied head and the tied embedding both get gradients.
+  The compiled step's temporaries shrink with the chunk (benchmarks/step_memory.py measures it at
+  a 152k vocabulary)."""
+  from r1jax import train
+  from r1jax.train.losses import grpo
+  cfg = CFG.replace(tie_word_embeddings=tie)
+  p = dict(params)
+  if tie:
+    p.pop("lm_head")
+  rng = np.random.default_rng(3)
+  mask = jnp.asarray(rng.random((B, T)) > 0.3, jnp.float32)
+  targets = jnp.roll(tokens, -1, axis=1)
+  sft_batch = {"tokens": tokens, "targets": targets, "loss_mask": mask,
+               "segment_ids": jnp.ones((B, T), jnp.int32),
+               "positions": jnp.tile(jnp.arange(T), (B, 1))}
+  old = jnp.asarray(rng.normal(-4.0, 0.3, (B, T)), jnp.float32)
+  grpo_batch = grpo.GRPOBatch(
+      tokens=tokens, targets=targets, segment_ids=sft_batch["segment_ids"],
+      positions=sft_batch["positions"], loss_mask=mask, rollout_logprobs=old, old_logprobs=old,
+      advantages=jnp.asarray([1.0, -0.5], jnp.float32))
+  ref = jax.tree.map(lambda x: x * 1.01, p)
+  for make, batch in ((lambda c: train.sft_loss(c, mtp_weight=0.3), sft_batch),
+                      (lambda c: grpo.grpo_loss(c, beta=0.04, budget=T), grpo_batch)):
+    results = [jit(jax.value_and_grad(make(c), has_aux=True))(p, batch, None, ref)
+               for c in (cfg, cfg.replace(logits_chunk=5))]
+    (loss_ref, m_ref), g_ref = results[0]
+    (loss, m), g = results[1]
+    np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-5)
+    for k in m_ref:
+      if not k.startswith("_"):
+        np.testing.assert_allclose(np.asarray(m[k]), np.asarray(m_ref[k]), rtol=1e-5,
+                                   atol=1e-6, err_msg=k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g, g_ref)
+    head = "embed" if tie else "lm_head"
+    assert float(jnp.abs(g[head]).max()) > 1e-4
+
+
 def test_chunked_attention_matches_full(params, tokens):
   """attn_chunk=4 (4 query blocks of the 16 tokens, each under checkpoint) is the same model:
   logits and gradients equal the unchunked ones; a chunk that does not divide T is ignored."""

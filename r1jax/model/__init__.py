@@ -52,5 +52,18 @@ def forward(params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=Non
                           token_mask=token_mask, routing=routing)[0]
 
 
-__all__ = ["forward", "forward_with_aux", "init", "abstract", "declare", "logical_axes",
+def target_logprobs(params, tokens, targets, cfg: ModelConfig, *, segment_ids=None,
+                    positions=None, mtp: bool = False, token_mask=None, routing=None,
+                    entropy: bool = False):
+  """(log p(targets) fp32 [B, T], per-position entropy [B, T] or None, aux): what the SFT and
+  GRPO losses need, without the [B, T, V] logits when `cfg.logits_chunk` is set."""
+  kw = dict(segment_ids=segment_ids, positions=positions, mtp=mtp, token_mask=token_mask,
+            routing=routing)
+  if cfg.logits_chunk:
+    return decoder.chunked_target_logprobs(params, tokens, targets, cfg, entropy=entropy, **kw)
+  logits, aux = forward_with_aux(params, tokens, cfg, **kw)
+  return (*decoder.logits_logprobs(logits, targets, entropy), aux)
+
+
+__all__ = ["forward", "forward_with_aux", "target_logprobs", "init", "abstract", "declare", "logical_axes",
            "num_params", "ModelConfig"]

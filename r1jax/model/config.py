@@ -150,6 +150,9 @@ class ModelConfig:
   fp8: bool = False
   remat: str = "none"
   attn_chunk: int | None = None  # queries per attention chunk (exact; bounds [H, T, S] scores)
+  # tokens per LM-head chunk in the SFT and GRPO losses (exact; bounds the [B, T, V] logits,
+  # which at a 152k vocabulary cost ~15 GiB per 8k tokens; decoder.target_logprobs)
+  logits_chunk: int | None = None
 
   # ---------------------------------------------------------------- derived
   @property
@@ -245,6 +248,8 @@ class ModelConfig:
     need(self.param_dtype in DTYPES, f"param_dtype={self.param_dtype!r} is not one of {DTYPES}")
     need(self.attn_chunk is None or self.attn_chunk > 0,
          f"attn_chunk={self.attn_chunk} must be positive or None")
+    need(self.logits_chunk is None or self.logits_chunk > 0,
+         f"logits_chunk={self.logits_chunk} must be positive or None")
     need(self.remat in REMAT_POLICIES, f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
     need(self.rope_type in ("default", "yarn"),
          f"rope_type={self.rope_type!r} must be 'default' or 'yarn'")

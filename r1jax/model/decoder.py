@@ -118,6 +118,54 @@ def mtp_logits(params, tokens, h, ctx, cfg: ModelConfig):
   return logits, aux
 
 
+def _head_logprobs(params, h_BTD, targets_BT, cfg: ModelConfig, entropy: bool):
+  """log p(targets) and the entropy per position, fp32 [B, T], from final-normed hidden states;
+  the head and its softmax run on `cfg.logits_chunk` tokens at a time, each chunk recomputed in
+  the backward pass (jax.checkpoint), so at most [chunk, V] logits exist at once."""
+  B, T, D = h_BTD.shape
+  n, chunk = B * T, cfg.logits_chunk
+  count = -(-n // chunk)
+  pad = count * chunk - n
+  h = jnp.pad(h_BTD.reshape(n, D), ((0, pad), (0, 0))).reshape(count, chunk, D)
+  t = jnp.pad(targets_BT.reshape(n), (0, pad)).reshape(count, chunk)
+
+  @jax.checkpoint
+  def one(h_c, t_c):
+    logp = jax.nn.log_softmax(head(params, h_c, cfg), axis=-1)  # [chunk, V] fp32
+    picked = jnp.take_along_axis(logp, t_c[:, None], axis=-1)[:, 0]
+    ent = -jnp.sum(jnp.exp(logp) * logp, -1) if entropy else jnp.zeros_like(picked)
+    return picked, ent
+
+  picked, ent = jax.lax.map(lambda a: one(*a), (h, t))
+  unpad = lambda x: x.reshape(count * chunk)[:n].reshape(B, T)
+  return unpad(picked), (unpad(ent) if entropy else None)
+
+
+def logits_logprobs(logits_BTV, targets_BT, entropy: bool):
+  """(log p(targets) fp32 [B, T], entropy [B, T] or None) from full logits."""
+  logp = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+  picked = jnp.take_along_axis(logp, targets_BT[..., None], axis=-1)[..., 0]
+  if not entropy:
+    return picked, None
+  probs = jax.nn.softmax(logits_BTV.astype(jnp.float32), -1)
+  return picked, -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), -1)
+
+
+def chunked_target_logprobs(params, tokens, targets, cfg: ModelConfig, *, segment_ids=None,
+                            positions=None, mtp: bool = False, token_mask=None, routing=None,
+                            entropy: bool = False):
+  """`forward_with_aux` + `logits_logprobs` with the head run `cfg.logits_chunk` tokens at a time
+  (`_head_logprobs`): (log p(targets), entropy or None, aux), no [B, T, V] logits."""
+  x, aux, ctx = forward_hidden(params, tokens, cfg, segment_ids=segment_ids, positions=positions,
+                               token_mask=token_mask, routing=routing)
+  picked, ent = _head_logprobs(params, L.rms_norm(x, params["final_norm"], cfg.rms_norm_eps),
+                               targets, cfg, entropy)
+  if mtp and "mtp" in params:
+    aux["mtp_logits"], mtp_aux = mtp_logits(params, tokens, x, ctx, cfg)
+    aux.update(mtp_aux)
+  return picked, ent, aux
+
+
 def forward_with_aux(params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=None,
                      mtp: bool = False, token_mask=None, routing=None):
   x, aux, ctx = forward_hidden(params, tokens, cfg, segment_ids=segment_ids, positions=positions,

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 
-def _masked_mean(x, mask):
+def masked_mean(x, mask):
   return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
@@ -21,7 +21,7 @@ def token_logprobs(logits_BTV, targets_BT):
 
 def cross_entropy(logits_BTV, targets_BT, mask_BT):
   """Masked token cross-entropy, averaged over counted tokens."""
-  return _masked_mean(-token_logprobs(logits_BTV, targets_BT), mask_BT)
+  return masked_mean(-token_logprobs(logits_BTV, targets_BT), mask_BT)
 
 
 def mtp_targets(targets_BT, mask_BT, segment_ids_BT, depth: int):
@@ -65,7 +65,7 @@ def distill_divergence(student_BTV, teacher_BTV, mask_BT, kind: str, temperature
                (1 - jsd_beta) * jnp.sum(q * (log_q - log_m), -1))
   else:
     raise ValueError(f"unknown divergence {kind!r}")
-  return _masked_mean(per_tok, mask_BT) * t * t
+  return masked_mean(per_tok, mask_BT) * t * t
 
 
 def expert_load_max_over_mean(counts_LE):

@@ -26,7 +26,6 @@ import numpy as np
 
 from r1jax import model
 from r1jax.model.config import ModelConfig
-from r1jax.train.losses import core
 from r1jax.train.losses import policy as pl
 from r1jax.train.losses.supervised import moe_metrics
 
@@ -115,19 +114,18 @@ def grpo_loss(cfg: ModelConfig, *, loss_type: str = "grpo", policy_loss: str = "
   assert policy_loss in pl.POLICY_LOSSES, policy_loss
   assert is_correction in pl.IS_CORRECTIONS, is_correction
 
-  def forward(params, batch: GRPOBatch):
-    return model.forward_with_aux(params, batch.tokens, cfg, segment_ids=batch.segment_ids,
-                                  token_mask=batch.segment_ids > 0, positions=batch.positions,
-                                  routing=batch.routing)
+  def forward(params, batch: GRPOBatch, entropy: bool):
+    return model.target_logprobs(params, batch.tokens, batch.targets, cfg,
+                                 segment_ids=batch.segment_ids, token_mask=batch.segment_ids > 0,
+                                 positions=batch.positions, routing=batch.routing,
+                                 entropy=entropy)
 
   def loss_fn(params, batch: GRPOBatch, rng, ref_params):
     del rng
-    logits, aux = forward(params, batch)
-    logp = core.token_logprobs(logits, batch.targets)
+    logp, entropy, aux = forward(params, batch, entropy=True)
     ref_logp = None
     if beta > 0:
-      ref_logits, _ = forward(jax.lax.stop_gradient(ref_params), batch)
-      ref_logp = core.token_logprobs(ref_logits, batch.targets)
+      ref_logp, _, _ = forward(jax.lax.stop_gradient(ref_params), batch, entropy=False)
     w_is, keep = pl.is_correction(batch.old_logprobs, batch.rollout_logprobs, batch.loss_mask,
                                   is_correction, is_threshold, is_threshold_low)
     mask = batch.loss_mask * keep
@@ -140,8 +138,6 @@ def grpo_loss(cfg: ModelConfig, *, loss_type: str = "grpo", policy_loss: str = "
     full = batch.loss_mask
     n = jnp.maximum(jnp.sum(full), 1.0)
     a = batch.advantages[:, None]
-    probs = jax.nn.softmax(logits.astype(jnp.float32), -1)
-    entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), -1)
     lo, hi = 1 - eps_low, 1 + eps_high
     metrics = {
         "pg_loss": pl.AGGREGATIONS[loss_type](pg * w_is, mask, budget)[0],
@@ -175,8 +171,9 @@ def old_logprobs_fn(cfg: ModelConfig):
   """jitted (params, batch) -> the trainer's log p(targets) [B, T] at `params`, no gradient: the
   old log-probs of an importance-corrected update."""
   def fn(params, batch: GRPOBatch):
-    logits, _ = model.forward_with_aux(params, batch.tokens, cfg, segment_ids=batch.segment_ids,
+    logp, _, _ = model.target_logprobs(params, batch.tokens, batch.targets, cfg,
+                                       segment_ids=batch.segment_ids,
                                        token_mask=batch.segment_ids > 0,
                                        positions=batch.positions, routing=batch.routing)
-    return core.token_logprobs(logits, batch.targets) * batch.loss_mask
+    return logp * batch.loss_mask
   return jax.jit(fn)

@@ -42,8 +42,10 @@ def sft_loss(cfg: ModelConfig, *, mtp_weight: float = 0.0, balance_alpha: float 
 
   def loss_fn(params, batch, rng, frozen):
     del rng, frozen
-    logits, aux = _forward(params, batch, cfg, use_mtp)
-    ce = core.cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    logp, _, aux = model.target_logprobs(
+        params, batch["tokens"], batch["targets"], cfg, segment_ids=batch["segment_ids"],
+        token_mask=batch["segment_ids"] > 0, positions=batch["positions"], mtp=use_mtp)
+    ce = core.masked_mean(-logp, batch["loss_mask"])  # = core.cross_entropy of the logits
     n = jnp.sum(batch["loss_mask"])
     loss, metrics = ce, {"ce": ce, "tokens": n, "_weight": n}  # a token mean
     if use_mtp:
