@@ -126,6 +126,22 @@ def test_chunked_logits_give_the_same_losses_and_gradients(params, tokens, tie):
     assert float(jnp.abs(g[head]).max()) > 1e-4
 
 
+@pytest.mark.parametrize("impl", ["ragged_dot", "blocked", "capacity"])
+def test_moe_forward_adds_no_floats_with_a_scatter(params, tokens, impl):
+  """A floating-point scatter-add with repeated indices runs as atomic adds on a GPU, in an order
+  that varies run to run: the first H200 run found the sampler's log-probs not bit-identical
+  between two identical calls. Every MoE path gathers each token's k rows and sums them in a fixed
+  order instead (experts.sorted_rows / combine_sorted); integer scatter-adds (the expert counts)
+  are exact in any order. Checked on the forward's jaxpr, with and without a capacity."""
+  import re
+  for capacity_factor in (None, 1.0):
+    cfg = CFG.replace(moe_impl=impl, capacity_factor=capacity_factor, num_nextn_predict_layers=0)
+    p = {k: v for k, v in params.items() if k != "mtp"}
+    text = str(jax.make_jaxpr(lambda p: model.forward(p, tokens, cfg))(p))
+    adds = re.findall(r":(\w+)\[[^\]]*\] = scatter-add", text)
+    assert adds and all(d.startswith(("i", "u")) for d in adds), (impl, adds)
+
+
 def test_chunked_attention_matches_full(params, tokens):
   """attn_chunk=4 (4 query blocks of the 16 tokens, each under checkpoint) is the same model:
   logits and gradients equal the unchunked ones; a chunk that does not divide T is ignored."""

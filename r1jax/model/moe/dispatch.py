@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from r1jax.axes import batch_axes
 from r1jax.model.config import ModelConfig
-from r1jax.model.moe.experts import routed_experts
+from r1jax.model.moe.experts import combine_sorted, routed_experts, sorted_rows
 
 EXPERT_KEYS = ("gate", "up", "down")
 
@@ -68,8 +68,10 @@ def _all_to_all_local(p, x, w, ids, cfg: ModelConfig, ep: int):
   starts = jnp.cumsum(counts) - counts
   rank = jnp.zeros((A,), jnp.int32).at[order].set(
       (jnp.arange(A) - starts[dest[order]]).astype(jnp.int32))
-  token = jnp.arange(A) // k
-  send_x = jnp.zeros((ep, C, D), x.dtype).at[dest, rank].set(x[token], mode="drop")
+  # assignment j is token j // k: x repeated k times (its gradient is a sum over k, not a
+  # scatter-add, so it is deterministic on a GPU too)
+  send_x = jnp.zeros((ep, C, D), x.dtype).at[dest, rank].set(jnp.repeat(x, k, axis=0),
+                                                             mode="drop")
   send_id = jnp.full((ep, C), E_loc, jnp.int32).at[dest, rank].set(
       (ids % E_loc).reshape(-1), mode="drop")
   recv_x = jax.lax.all_to_all(send_x, "expert", 0, 0, tiled=True)
@@ -81,7 +83,7 @@ def _all_to_all_local(p, x, w, ids, cfg: ModelConfig, ep: int):
                                         recv_id.reshape(ep * C, 1), cfg1)
   back = jax.lax.all_to_all(y2.reshape(ep, C, D), "expert", 0, 0, tiled=True)
   y_assign = back.at[dest, rank].get(mode="fill", fill_value=0)  # [A, D]; dropped read 0
-  y = jnp.zeros((n, D), jnp.float32).at[token].add(y_assign * w.reshape(-1)[:, None])
+  y = (y_assign * w.reshape(-1)[:, None]).reshape(n, k, D).sum(1)
   dropped = jnp.sum((rank >= C) & (dest < ep)).astype(jnp.float32) + dropped2
   return y, dropped
 
@@ -126,7 +128,6 @@ def _ragged_local(p, x, w, ids, cfg: ModelConfig, ep: int, native: bool | None):
   me = jax.lax.axis_index("expert")
   flat = ids.reshape(-1)
   order = jnp.argsort(flat, stable=True)            # by destination device, then local expert
-  token = order // k
   counts_e = jnp.bincount(flat, length=ep * E_loc).reshape(ep, E_loc)  # mine, per dest expert
   all_e = jax.lax.all_gather(counts_e, "expert")    # [src, dst, E_loc]
   counts = all_e.sum(-1)                            # [src, dst] assignments
@@ -135,7 +136,7 @@ def _ragged_local(p, x, w, ids, cfg: ModelConfig, ep: int, native: bool | None):
   allowed = jnp.minimum(counts, room)               # [src, dst] rows actually sent
   send_off = _exclusive_cumsum(counts, 1)           # sender's chunk starts in its sorted rows
   recv_off = _exclusive_cumsum(allowed, 0)          # chunk starts in the receiver's buffer
-  sorted_x = x[token]
+  sorted_x = sorted_rows(x, order, k)
   recv_x = ragged_exchange(sorted_x, jnp.zeros((R, D), x.dtype), send_off[me], allowed[me],
                            recv_off[me], allowed[:, me], "expert", native)
   # the local expert of every received row follows from the senders' per-expert counts
@@ -153,7 +154,7 @@ def _ragged_local(p, x, w, ids, cfg: ModelConfig, ep: int, native: bool | None):
   y_sorted = ragged_exchange(y_recv, jnp.zeros((A, D), y_recv.dtype), recv_off[:, me],
                              allowed[:, me], send_off[:, me], allowed[me], "expert", native)
   # sorted row i is assignment order[i] of token order[i] // k; unsent rows came back as 0
-  y = jnp.zeros((n, D), jnp.float32).at[token].add(y_sorted * w.reshape(-1)[order][:, None])
+  y = combine_sorted(y_sorted * w.reshape(-1)[order][:, None], order, n, k)
   dropped = jnp.sum(counts[me] - allowed[me]).astype(jnp.float32) + dropped2
   return y, dropped
 

@@ -54,6 +54,25 @@ def _expert_matmul(buf_E, w_E, dtype, fp8: bool):
   return jax.vmap(dense, in_axes)(buf_E, w_E)
 
 
+def sorted_rows(x_ND, order, k: int):
+  """x's row for each of the N*k assignments in `order`'s sorted order, [N*k, D]. x is repeated
+  k times and then permuted: the gradient adds each row once (a permutation, then a sum over k
+  in a fixed order), where indexing x by token ids would add k rows into one with a scatter,
+  which a GPU does with atomic adds in a varying order, so its rounding varies run to run."""
+  return jnp.take(jnp.repeat(x_ND, k, axis=0), order, axis=0, unique_indices=True,
+                  mode="clip")
+
+
+def combine_sorted(y_AD, order, N: int, k: int):
+  """Each token's k assignment rows (in `order`'s sorted order) summed in a fixed order, [N, D]:
+  the rows are unsorted by a gather with the inverse permutation, then summed over k. Both
+  directions are deterministic on every backend (see `sorted_rows`)."""
+  inverse = jnp.zeros_like(order).at[order].set(
+      jnp.arange(order.shape[0], dtype=order.dtype), unique_indices=True)
+  return jnp.take(y_AD, inverse, axis=0, unique_indices=True, mode="clip").reshape(
+      N, k, -1).sum(1)
+
+
 def _sort_assignments(ids_Nk, E):
   """Stable sort of the N*k assignments by expert: (order, token index, group sizes)."""
   flat = ids_Nk.reshape(-1)
@@ -67,10 +86,11 @@ def experts_grouped(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig, matmul):
   N, D = x_ND.shape
   # ids >= E (experts owned by other devices) sort last and fall outside every group:
   # ragged_dot gives zeros for those rows
-  order, token, group_sizes = _sort_assignments(ids_Nk, p["gate"].shape[0])
-  y = _expert_ffn_sorted(p, x_ND[token].astype(dtype), group_sizes, dtype, matmul)
+  k = ids_Nk.shape[1]
+  order, _, group_sizes = _sort_assignments(ids_Nk, p["gate"].shape[0])
+  y = _expert_ffn_sorted(p, sorted_rows(x_ND, order, k).astype(dtype), group_sizes, dtype, matmul)
   y = y.astype(jnp.float32) * weights_Nk.reshape(-1)[order][:, None]
-  return jnp.zeros((N, D), jnp.float32).at[token].add(y), jnp.zeros((), jnp.float32)
+  return combine_sorted(y, order, N, k), jnp.zeros((), jnp.float32)
 
 
 def capacity(cfg: ModelConfig, num_tokens: int) -> int:
@@ -107,12 +127,14 @@ def _capacity_buffers(p, x_ND, weights_Nk, ids_Nk, order, token, group_sizes, *,
   expert = ids_Nk.reshape(-1)[order]
   starts = jnp.cumsum(group_sizes) - group_sizes
   rank = jnp.arange(order.shape[0]) - starts[expert]  # slot within the expert's buffer
-  buf = jnp.zeros((E, C, D), dtype).at[expert, rank].set(x_ND[token].astype(dtype), mode="drop")
+  k = ids_Nk.shape[1]
+  buf = jnp.zeros((E, C, D), dtype).at[expert, rank].set(
+      sorted_rows(x_ND, order, k).astype(dtype), mode="drop")
   out = L.swiglu(buf, p, lambda a, w: _expert_matmul(a, w, dtype, cfg.fp8)).astype(jnp.float32)
   y = out.at[expert, rank].get(mode="fill", fill_value=0)  # dropped slots read zeros
   y = y * weights_Nk.reshape(-1)[order][:, None]
   dropped = jnp.sum((rank >= C) & (expert < E)).astype(jnp.float32)
-  return jnp.zeros((N, D), jnp.float32).at[token].add(y), dropped
+  return combine_sorted(y, order, N, k), dropped
 
 
 def block_rows(num_assignments: int, num_experts: int) -> int:
@@ -134,7 +156,8 @@ def experts_blocked(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig):
   A = ids_Nk.size
   b = block_rows(A, E)
   nb = -(-(A + E * (b - 1)) // b)  # blocks: enough for any routing
-  order, token, group_sizes = _sort_assignments(ids_Nk, E)
+  k = ids_Nk.shape[1]
+  order, _, group_sizes = _sort_assignments(ids_Nk, E)
   expert = ids_Nk.reshape(-1)[order]
   padded = -(-group_sizes // b) * b
   padded_end = jnp.cumsum(padded)
@@ -143,7 +166,8 @@ def experts_blocked(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig):
   valid = expert < E
   e = jnp.minimum(expert, E - 1)
   slot = jnp.where(valid, padded_start[e] + jnp.arange(A) - starts[e], nb * b)  # row in blocks
-  rows = jnp.zeros((nb * b, D), dtype).at[slot].set(x_ND[token].astype(dtype), mode="drop")
+  rows = jnp.zeros((nb * b, D), dtype).at[slot].set(
+      sorted_rows(x_ND, order, k).astype(dtype), mode="drop")
   # the expert of each block (blocks past the last expert's rows hold zeros: any expert will do)
   block_expert = jnp.minimum(jnp.searchsorted(padded_end, jnp.arange(nb) * b, side="right"),
                              E - 1)
@@ -155,7 +179,7 @@ def experts_blocked(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig):
 
   out = L.swiglu(xb, p, mm).reshape(nb * b, D).astype(jnp.float32)
   y = out.at[slot].get(mode="fill", fill_value=0) * weights_Nk.reshape(-1)[order][:, None]
-  return jnp.zeros((N, D), jnp.float32).at[token].add(y), jnp.zeros((), jnp.float32)
+  return combine_sorted(y, order, N, k), jnp.zeros((), jnp.float32)
 
 
 def experts_dense(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig):
