@@ -3,7 +3,8 @@
   python benchmarks/accelerator_steps.py        # writes benchmarks/results/accelerator_steps.json
 
 Models (random weights, bfloat16 compute, float32 params and AdamW moments, full
-rematerialization and 1024-token LM-head chunks by default, as the shipped full-size configs
+rematerialization and LM-head chunks of 128 positions (8 x 128 tokens) by default, as the
+shipped full-size configs
 train; MFU counts model FLOPs only, so the recomputed forward is not credited):
 - dense: Qwen2-0.5B's shape (24 layers, hidden 896, GQA 14/2, MLP 4864, vocab 151,936, tied);
 - moe: a DeepSeek-V3-shaped model with about 1B active parameters: MLA, 10 layers (the first
@@ -183,8 +184,8 @@ def main():
   ap.add_argument("--remat", default="full",
                   help="as the shipped full-size configs; 'none' needed 46-230 GiB on the H200")
   ap.add_argument("--attn_chunk", type=int, default=None, help="queries per attention chunk")
-  ap.add_argument("--logits_chunk", type=int, default=1024,
-                  help="tokens per LM-head chunk in the losses (as the shipped configs)")
+  ap.add_argument("--logits_chunk", type=int, default=128,
+                  help="positions per LM-head chunk in the losses (all rows at once)")
   ap.add_argument("--measured_peak", type=float, default=790e12)
   ap.add_argument("--budget_s", type=float, default=1e9,
                   help="start no new row after this many seconds (rows left are listed)")

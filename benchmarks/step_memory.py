@@ -8,7 +8,7 @@ models at that shape, with the settings that change it, so the cause shows witho
 - remat "none" vs "full" (activations kept vs recomputed);
 - a small vocabulary (the logits and the cross-entropy's share);
 - 1 and 2 layers (the per-layer share);
-- `logits_chunk` (the LM head and its softmax a chunk of tokens at a time) and `attn_chunk`.
+- `logits_chunk` (the LM head and its softmax a chunk of positions at a time) and `attn_chunk`.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ VARIANTS = (("remat none (the H200 run)", {"remat": "none"}), ("remat full", {"r
             ("remat none, vocab 1024", {"remat": "none", "vocab_size": 1024}),
             ("remat none, 1 layer", {"remat": "none", "num_hidden_layers": 1}),
             ("remat none, 2 layers", {"remat": "none", "num_hidden_layers": 2}),
-            ("remat none, logits_chunk 1024", {"remat": "none", "logits_chunk": 1024}),
-            ("remat full, logits_chunk 1024", {"remat": "full", "logits_chunk": 1024}),
-            ("remat full, logits_chunk 1024, attn_chunk 256",
-             {"remat": "full", "logits_chunk": 1024, "attn_chunk": 256}))
+            ("remat none, logits_chunk 128", {"remat": "none", "logits_chunk": 128}),
+            ("remat full, logits_chunk 128", {"remat": "full", "logits_chunk": 128}),
+            ("remat full, logits_chunk 128, attn_chunk 256",
+             {"remat": "full", "logits_chunk": 128, "attn_chunk": 256}))
 
 
 def step_memory(fields: dict, batch: int, seq_len: int, **over) -> dict:

@@ -125,7 +125,7 @@ def kernel_table(cfg) -> list[str]:
     lines += [f"    {b:4s} {fn(b)}" + ("   <- here" if b == jax.default_backend() else "")
               for b in BACKENDS]
   lines.append("  embeddings, lm head, norms: XLA in model.dtype / fp32" + (
-      f"; in the losses the head and its softmax run in {cfg.logits_chunk}-token chunks"
+      f"; in the losses the head and its softmax run {cfg.logits_chunk} positions at a time"
       if cfg.logits_chunk else ""))
   return lines
 

@@ -65,5 +65,5 @@ def target_logprobs(params, tokens, targets, cfg: ModelConfig, *, segment_ids=No
   return (*decoder.logits_logprobs(logits, targets, entropy), aux)
 
 
-__all__ = ["forward", "forward_with_aux", "target_logprobs", "init", "abstract", "declare", "logical_axes",
-           "num_params", "ModelConfig"]
+__all__ = ["forward", "forward_with_aux", "target_logprobs", "init", "abstract", "declare",
+           "logical_axes", "num_params", "ModelConfig"]

@@ -150,8 +150,8 @@ class ModelConfig:
   fp8: bool = False
   remat: str = "none"
   attn_chunk: int | None = None  # queries per attention chunk (exact; bounds [H, T, S] scores)
-  # tokens per LM-head chunk in the SFT and GRPO losses (exact; bounds the [B, T, V] logits,
-  # which at a 152k vocabulary cost ~15 GiB per 8k tokens; decoder.target_logprobs)
+  # positions per LM-head chunk in the SFT and GRPO losses, every row at once (exact; bounds the
+  # [B, T, V] logits, ~15 GiB per 8k tokens at a 152k vocabulary; decoder.chunked_target_logprobs)
   logits_chunk: int | None = None
 
   # ---------------------------------------------------------------- derived

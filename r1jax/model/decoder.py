@@ -119,25 +119,26 @@ def mtp_logits(params, tokens, h, ctx, cfg: ModelConfig):
 
 
 def _head_logprobs(params, h_BTD, targets_BT, cfg: ModelConfig, entropy: bool):
-  """log p(targets) and the entropy per position, fp32 [B, T], from final-normed hidden states;
-  the head and its softmax run on `cfg.logits_chunk` tokens at a time, each chunk recomputed in
-  the backward pass (jax.checkpoint), so at most [chunk, V] logits exist at once."""
+  """log p(targets) and the entropy per position, fp32 [B, T], from final-normed hidden states.
+  The head and its softmax run on `cfg.logits_chunk` positions of every row at a time (the batch
+  axis stays whole, so its sharding over the mesh's batch axes is kept), each chunk recomputed in
+  the backward pass (jax.checkpoint): at most [B, chunk, V] logits exist at once."""
   B, T, D = h_BTD.shape
-  n, chunk = B * T, cfg.logits_chunk
-  count = -(-n // chunk)
-  pad = count * chunk - n
-  h = jnp.pad(h_BTD.reshape(n, D), ((0, pad), (0, 0))).reshape(count, chunk, D)
-  t = jnp.pad(targets_BT.reshape(n), (0, pad)).reshape(count, chunk)
+  chunk = min(cfg.logits_chunk, T)
+  count = -(-T // chunk)
+  pad = count * chunk - T
+  h = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0))).reshape(B, count, chunk, D)
+  t = jnp.pad(targets_BT, ((0, 0), (0, pad))).reshape(B, count, chunk)
 
   @jax.checkpoint
   def one(h_c, t_c):
-    logp = jax.nn.log_softmax(head(params, h_c, cfg), axis=-1)  # [chunk, V] fp32
-    picked = jnp.take_along_axis(logp, t_c[:, None], axis=-1)[:, 0]
+    logp = jax.nn.log_softmax(head(params, h_c, cfg), axis=-1)  # [B, chunk, V] fp32
+    picked = jnp.take_along_axis(logp, t_c[..., None], axis=-1)[..., 0]
     ent = -jnp.sum(jnp.exp(logp) * logp, -1) if entropy else jnp.zeros_like(picked)
     return picked, ent
 
-  picked, ent = jax.lax.map(lambda a: one(*a), (h, t))
-  unpad = lambda x: x.reshape(count * chunk)[:n].reshape(B, T)
+  picked, ent = jax.lax.map(lambda a: one(*a), (jnp.moveaxis(h, 1, 0), jnp.moveaxis(t, 1, 0)))
+  unpad = lambda x: jnp.moveaxis(x, 0, 1).reshape(B, count * chunk)[:, :T]
   return unpad(picked), (unpad(ent) if entropy else None)
 
 
@@ -154,8 +155,8 @@ def logits_logprobs(logits_BTV, targets_BT, entropy: bool):
 def chunked_target_logprobs(params, tokens, targets, cfg: ModelConfig, *, segment_ids=None,
                             positions=None, mtp: bool = False, token_mask=None, routing=None,
                             entropy: bool = False):
-  """`forward_with_aux` + `logits_logprobs` with the head run `cfg.logits_chunk` tokens at a time
-  (`_head_logprobs`): (log p(targets), entropy or None, aux), no [B, T, V] logits."""
+  """`forward_with_aux` + `logits_logprobs` with the head run `cfg.logits_chunk` positions at a
+  time (`_head_logprobs`): (log p(targets), entropy or None, aux), no [B, T, V] logits."""
   x, aux, ctx = forward_hidden(params, tokens, cfg, segment_ids=segment_ids, positions=positions,
                                token_mask=token_mask, routing=routing)
   picked, ent = _head_logprobs(params, L.rms_norm(x, params["final_norm"], cfg.rms_norm_eps),
