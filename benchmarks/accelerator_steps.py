@@ -45,6 +45,7 @@ from r1jax.model.config import ModelConfig  # noqa: E402
 from r1jax.rollout import sampler  # noqa: E402
 from r1jax.stages.grpo import grpo_batch  # noqa: E402
 from r1jax.train.losses import grpo as grpo_lib  # noqa: E402
+from benchmarks.train_step import optim_config  # noqa: E402  (AdamW, constant lr, clip 1.0)
 
 RESULTS = ROOT / "benchmarks" / "results" / "accelerator_steps.json"
 
@@ -71,12 +72,6 @@ def model_config(fields: dict, **over) -> ModelConfig:
   return ModelConfig.from_config(c.model)
 
 
-def optim_config():
-  c = run_config.base_config().optim
-  c.update(lr=1e-5, warmup_steps=0, schedule="constant", weight_decay=0.0, clip_norm=1.0)
-  return c
-
-
 def _median_s(fn, runs: int) -> tuple[float, list[float]]:
   times = []
   for _ in range(runs):
@@ -100,7 +95,7 @@ def sft_row(name, cfg, params, a, peak):
            "positions": np.broadcast_to(np.arange(a.seq_len, dtype=np.int32),
                                         (a.batch, a.seq_len)).copy()}
   batch = jax.tree.map(jnp.asarray, batch)
-  tx, lr_of = train.make_optimizer(optim_config(), total_steps=1000)
+  tx, lr_of = train.make_optimizer(optim_config(1e-5), total_steps=1000)
   # the step donates its state: a copy keeps `params` for the next row
   holder = {"state": train.create(jax.tree.map(jnp.copy, params), tx, seed=0)}
   step = train.make_step(train.sft_loss(cfg), tx, lr_of)
@@ -125,7 +120,7 @@ def grpo_row(name, cfg, params, a, peak):
   group = 8
   prompts = rng.integers(2, cfg.vocab_size, (a.grpo_rows // group, a.prompt_len))
   prompt_ids = [list(map(int, p)) for p in prompts for _ in range(group)]
-  tx, lr_of = train.make_optimizer(optim_config(), total_steps=1000)
+  tx, lr_of = train.make_optimizer(optim_config(1e-5), total_steps=1000)
   loss = grpo_lib.grpo_loss(cfg, loss_type="dr_grpo", eps_low=0.2, eps_high=0.2, beta=0.0,
                             budget=a.new_tokens)
   step = train.make_step(loss, tx, lr_of)

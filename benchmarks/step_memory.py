@@ -42,7 +42,7 @@ def step_memory(fields: dict, batch: int, seq_len: int, **over) -> dict:
   cfg = steps.model_config(fields, **over)
   if cfg.is_moe:
     cfg = cfg.replace(moe_impl="blocked")
-  tx, lr_of = train.make_optimizer(steps.optim_config(), total_steps=1000)
+  tx, lr_of = train.make_optimizer(steps.optim_config(1e-5), total_steps=1000)
   state = jax.eval_shape(lambda p: train.create(p, tx, seed=0), model.abstract(cfg))
   i32 = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
   f32 = jax.ShapeDtypeStruct((batch, seq_len), jnp.float32)

@@ -74,11 +74,11 @@ def combine_sorted(y_AD, order, N: int, k: int):
 
 
 def _sort_assignments(ids_Nk, E):
-  """Stable sort of the N*k assignments by expert: (order, token index, group sizes)."""
+  """Stable sort of the N*k assignments by expert: (order, group sizes)."""
   flat = ids_Nk.reshape(-1)
   order = jnp.argsort(flat, stable=True)
   group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
-  return order, order // ids_Nk.shape[1], group_sizes
+  return order, group_sizes
 
 
 def experts_grouped(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig, matmul):
@@ -87,7 +87,7 @@ def experts_grouped(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig, matmul):
   # ids >= E (experts owned by other devices) sort last and fall outside every group:
   # ragged_dot gives zeros for those rows
   k = ids_Nk.shape[1]
-  order, _, group_sizes = _sort_assignments(ids_Nk, p["gate"].shape[0])
+  order, group_sizes = _sort_assignments(ids_Nk, p["gate"].shape[0])
   y = _expert_ffn_sorted(p, sorted_rows(x_ND, order, k).astype(dtype), group_sizes, dtype, matmul)
   y = y.astype(jnp.float32) * weights_Nk.reshape(-1)[order][:, None]
   return combine_sorted(y, order, N, k), jnp.zeros((), jnp.float32)
@@ -105,9 +105,9 @@ def experts_capacity(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig):
   N = x_ND.shape[0]
   E = p["gate"].shape[0]  # local experts; ids >= E belong to other devices
   C = capacity(cfg, N)
-  order, token, group_sizes = _sort_assignments(ids_Nk, E)
-  run = functools.partial(_capacity_buffers, p, x_ND, weights_Nk, ids_Nk, order, token,
-                          group_sizes, cfg=cfg)
+  order, group_sizes = _sort_assignments(ids_Nk, E)
+  run = functools.partial(_capacity_buffers, p, x_ND, weights_Nk, ids_Nk, order, group_sizes,
+                          cfg=cfg)
   if cfg.capacity_factor is None and cfg.dropless_fast_factor:
     # dropless with small buffers in the common case: C = N wastes E/k of the expert FLOPs
     # (a 128-row decode step of the tiny MoE spends most of its time there)
@@ -118,7 +118,7 @@ def experts_capacity(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig):
   return run(C=C)
 
 
-def _capacity_buffers(p, x_ND, weights_Nk, ids_Nk, order, token, group_sizes, *, C,
+def _capacity_buffers(p, x_ND, weights_Nk, ids_Nk, order, group_sizes, *, C,
                       cfg: ModelConfig):
   """The capacity path with C slots per expert: (y [N, D] fp32, dropped assignments)."""
   dtype = cfg.jnp_dtype
@@ -157,7 +157,7 @@ def experts_blocked(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig):
   b = block_rows(A, E)
   nb = -(-(A + E * (b - 1)) // b)  # blocks: enough for any routing
   k = ids_Nk.shape[1]
-  order, _, group_sizes = _sort_assignments(ids_Nk, E)
+  order, group_sizes = _sort_assignments(ids_Nk, E)
   expert = ids_Nk.reshape(-1)[order]
   padded = -(-group_sizes // b) * b
   padded_end = jnp.cumsum(padded)
