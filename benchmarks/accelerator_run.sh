@@ -9,6 +9,8 @@
 #    active)
 # 4. configs/r1_tiny.py end to end, with its wall time (started first, in the background; the
 #    benchmarks wait for it or for its time cap)
+# PHASES (default tests,recipe,kernels,steps) picks the phases and their order; the recipe always
+# starts first, in the background, and the timed phases wait for it.
 # Packages the machine lacks travel as wheels in .whl/ (see the device README). Each phase has
 # its own time cap and prints one summary line; a failing phase does not stop the later ones.
 set -u
@@ -47,17 +49,27 @@ if [[ $PHASES == *recipe* ]]; then
   recipe_pid=$!
 fi
 
-if [[ $PHASES == *tests* ]]; then
+phase_tests() {
   # SIGINT at the cap: pytest then still prints its summary of the failures so far
   JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest timeout -s INT -k 15 "$TESTS_CAP" \
     python3 -m pytest -p no:cacheprovider -p no:benchmark -n "${PYTEST_N:-8}" -q -rf \
     --tb=line --durations=5 ${TEST_FILES:-tests/test_model.py tests/test_hf_parity.py \
     tests/test_qwen3.py tests/test_sampler.py tests/test_losses.py tests/test_grpo_onpolicy.py} \
-    > "$OUT/tests.log" 2>&1
+    ${TEST_K:+-k "$TEST_K"} > "$OUT/tests.log" 2>&1
   say "tests (rc $?): $(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -1)"
-fi
+  # the failures again under XLA's deterministic GPU ops: tells nondeterminism from other causes
+  failed=$(grep -oE '^FAILED [^ ]+' "$OUT/tests.log" | cut -d' ' -f2 | head -12)
+  if [ -n "$failed" ] && [ "${DETERMINISTIC_RERUN:-1}" = 1 ]; then
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_deterministic_ops=true" JAX_PLATFORMS=cuda \
+      JAX_DEFAULT_MATMUL_PRECISION=highest timeout -s INT -k 15 "${RERUN_CAP:-90}" \
+      python3 -m pytest -p no:cacheprovider -p no:benchmark -n "${PYTEST_N:-8}" -q -rf \
+      --tb=line $failed > "$OUT/tests_deterministic.log" 2>&1
+    say "failures rerun with --xla_gpu_deterministic_ops (rc $?): $(grep -E '(passed|failed|error)' "$OUT/tests_deterministic.log" | tail -1)"
+  fi
+}
 
-if [ -n "$recipe_pid" ]; then
+wait_recipe() {  # the timed phases run alone
+  [ -n "$recipe_pid" ] || return 0
   wait "$recipe_pid"
   cp /tmp/r1_tiny_gpu/summary.json "$OUT/recipe_summary.json" 2>/dev/null
   say "r1_tiny: $(tail -1 "$OUT/recipe.log"); $(python3 -c '
@@ -66,20 +78,33 @@ s = json.load(open(sys.argv[1]))
 print("stages", [(st["name"], round(st.get("wall_seconds", 0)), st.get("eval", {}).get("accuracy"),
        st.get("eval", {}).get("heldout", {}).get("accuracy")) for st in s["stages"]])
 ' /tmp/r1_tiny_gpu/summary.json 2>&1 | tail -1)"
-fi
+  recipe_pid=
+}
 
-if [[ $PHASES == *kernels* ]]; then
+phase_kernels() {
   R1JAX_MOSAIC_GPU=1 timeout -k 5 "$KERNELS_CAP" python3 benchmarks/pallas_kernels_bench.py \
     > "$OUT/kernels.log" 2>&1
   rc=$?
   cp benchmarks/results/kernels.json "$OUT/kernels.json" 2>/dev/null
   say "kernels (rc $rc): $(grep -E 'fp8 (matmul|mosaic)|bf16 jnp.dot' "$OUT/kernels.log" | tr -s ' ' | head -6 | tr '\n' ';')"
-fi
+}
 
-if [[ $PHASES == *steps* ]]; then
+phase_steps() {
   timeout -k 5 "$STEPS_CAP" python3 benchmarks/accelerator_steps.py \
     --budget_s $(( STEPS_CAP - 45 )) ${STEPS_ARGS:-} --out "$OUT/accelerator_steps.json" > "$OUT/steps.log" 2>&1
   say "steps (rc $?):"
   grep -E '^(moe|dense)' "$OUT/steps.log" | tee -a "$OUT/summary.txt"
-fi
+}
+
+# the phases in the order PHASES names them (the recipe started above, in the background)
+for phase in ${PHASES//,/ }; do
+  case $phase in
+    tests) phase_tests ;;
+    kernels) wait_recipe; phase_kernels ;;
+    steps) wait_recipe; phase_steps ;;
+    recipe) ;;
+    *) say "unknown phase $phase" ;;
+  esac
+done
+wait_recipe
 say "done"

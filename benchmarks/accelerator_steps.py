@@ -176,6 +176,8 @@ def main():
   ap.add_argument("--models", default="moe,dense")
   ap.add_argument("--moe_impls", default="blocked,ragged_dot")
   ap.add_argument("--kinds", default="sft,grpo")
+  ap.add_argument("--attn_impls", default="xla",
+                  help="model.attn_impl values; after the first, SFT rows only (cudnn: GPUs)")
   ap.add_argument("--remat", default="full",
                   help="as the shipped full-size configs; 'none' needed 46-230 GiB on the H200")
   ap.add_argument("--attn_chunk", type=int, default=None, help="queries per attention chunk")
@@ -196,14 +198,18 @@ def main():
   impls = a.moe_impls.split(",")
   plan = [(m, impls[0] if m == "moe" else None, kind)
           for kind in a.kinds.split(",") for m in a.models.split(",")]
+  plan = [(m, impl, kind, "xla") for m, impl, kind in plan]
+  # then the SFT rows again with each other attention implementation (cuDNN's fused kernel)
+  plan += [(m, impls[0] if m == "moe" else None, "sft", attn)
+           for attn in a.attn_impls.split(",")[1:] for m in a.models.split(",")]
   if "moe" in a.models.split(","):
-    plan += [("moe", impl, kind) for impl in impls[1:] for kind in a.kinds.split(",")]
+    plan += [("moe", impl, kind, "xla") for impl in impls[1:] for kind in a.kinds.split(",")]
   report = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
             "jax": jax.__version__, "peak_flops": peak, "peak_source": peak_source,
             "measured_peak": a.measured_peak, "args": vars(a), "rows": [], "not_run": []}
   cache = {}
-  for m, impl, kind in plan:
-    name = f"{m}{'/' + impl if impl else ''} {kind}"
+  for m, impl, kind, attn in plan:
+    name = f"{m}{'/' + impl if impl else ''}{'/' + attn if attn != 'xla' else ''} {kind}"
     if time.perf_counter() - start > a.budget_s:
       report["not_run"].append(name)
       print(f"{name}: not run (budget of {a.budget_s:.0f} s spent)", flush=True)
@@ -221,10 +227,12 @@ def main():
       cfg, params, n = cache[m]
       if impl:
         cfg = cfg.replace(moe_impl=impl)
+      cfg = cfg.replace(attn_impl=attn)
       row = (sft_row if kind == "sft" else grpo_row)(name, cfg, params, a, peak)
       row.update(params=n, active_matmul_params=flops.matmul_params_per_token(cfg))
       report["rows"].append(row)
-      tput = (f"{row['tokens_per_s']:,.0f} tok/s" if kind == "sft" else
+      tput = (f"{row['tokens_per_s']:,.0f} tok/s, first loss {row['first_loss']:.5f}"
+              if kind == "sft" else
               f"rollout {row['new_tokens_per_s']:,.0f} new tok/s "
               f"(MFU {row['rollout']['mfu']:.1%}), update {row['update_tokens_per_s']:,.0f} "
               f"tok/s (MFU {row['update']['mfu']:.1%})")

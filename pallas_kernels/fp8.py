@@ -132,8 +132,12 @@ def matmul(xq, xs, wq, ws, *, out_dtype=jnp.bfloat16, block_sizes: BlockSizes | 
     y = _mosaic_gpu.dense(x_MK, xs_MK, wq, ws_KN, out_dtype=out_dtype,
                           block_sizes=_mosaic_gpu.GpuBlockSizes(bm=bs.tm, bn=bs.tn))
   elif not C.use_pallas(interpret):
-    y = jnp.dot(dequantize_activations(x_MK, xs_MK).astype(jnp.bfloat16),
-                dequantize_weights_by_column(wq, ws_KN).astype(jnp.bfloat16),
+    # dequantized operands in the caller's dtype (bf16 at least): a bf16 cast of an fp32 model's
+    # operands made the first H200 run's FP8 training forward differ from the sampler, which
+    # rounds the same e4m3 values but keeps them in the model's dtype (mean |dlogp| 0.22)
+    dt = jnp.promote_types(out_dtype, jnp.bfloat16)
+    y = jnp.dot(dequantize_activations(x_MK, xs_MK).astype(dt),
+                dequantize_weights_by_column(wq, ws_KN).astype(dt),
                 preferred_element_type=jnp.float32)
   else:
     m = x_MK.shape[0]

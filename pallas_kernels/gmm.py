@@ -71,9 +71,10 @@ def _kernel_gmm(lhs, rhs, group_sizes, lhs_scale, rhs_scale, out_dtype, bs, inte
   if lhs_scale is not None and C.use_mosaic_gpu(interpret):
     return _mosaic_gpu.grouped(lhs, lhs_scale, rhs, rhs_scale, group_sizes, out_dtype=out_dtype,
                                block_sizes=_mosaic_gpu.GpuBlockSizes(bm=bs.tm, bn=bs.tn))
-  if lhs_scale is not None:
-    lhs = fp8_lib.dequantize_activations(lhs, lhs_scale).astype(jnp.bfloat16)
-    rhs = jax.vmap(fp8_lib.dequantize_weights_by_column)(rhs, rhs_scale).astype(jnp.bfloat16)
+  if lhs_scale is not None:  # in the caller's dtype, bf16 at least (as fp8.matmul's fallback)
+    dt = jnp.promote_types(out_dtype, jnp.bfloat16)
+    lhs = fp8_lib.dequantize_activations(lhs, lhs_scale).astype(dt)
+    rhs = jax.vmap(fp8_lib.dequantize_weights_by_column)(rhs, rhs_scale).astype(dt)
   out = jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
   return out.astype(out_dtype)
 

@@ -162,6 +162,35 @@ def test_chunked_attention_matches_full(params, tokens):
                              layers.attend(q, k, v, mask, 0.5), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("heads,kv_heads,d,e", [(4, 2, 8, 8), (2, 2, 12, 8)])
+def test_fused_attention_matches_the_einsum_attention(monkeypatch, heads, kv_heads, d, e):
+  """attn_impl="cudnn" hands q, k, v, the packed-segment mask and the scale to
+  jax.nn.dot_product_attention, with v zero-padded to q's head dim where they differ (MLA). On a
+  CPU the same call runs jax's "xla" implementation: outputs and gradients equal attend's own
+  einsum path, for GQA (4 query heads on 2 kv heads) and an MLA shape (d 12, e 8). The cuDNN
+  kernel itself runs on a GPU (benchmarks/accelerator_checks.py)."""
+  from r1jax.model import layers
+  monkeypatch.setitem(layers.FUSED_IMPLEMENTATION, "cudnn", "xla")
+  rng = np.random.default_rng(1)
+  Tq = 10
+  q = jnp.asarray(rng.standard_normal((2, Tq, heads, d)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((2, Tq, kv_heads, d)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal((2, Tq, kv_heads, e)), jnp.float32)
+  seg = jnp.asarray([[1] * 6 + [2] * 4, [1] * 10], jnp.int32)
+  pos = layers.default_positions(seg, seg)
+  mask = layers.attention_mask(seg, seg, pos, pos)
+  f = lambda impl: jax.value_and_grad(
+      lambda q, k, v: jnp.sum(jnp.sin(layers.attend(q, k, v, mask, 0.3, impl=impl))),
+      argnums=(0, 1, 2))(q, k, v)
+  (val, grads), (val_ref, grads_ref) = f("cudnn"), f("xla")
+  assert layers.attend(q, k, v, mask, 0.3, impl="cudnn").shape == (2, Tq, heads, e)
+  np.testing.assert_allclose(val, val_ref, rtol=1e-5)
+  for g, g_ref in zip(grads, grads_ref):
+    np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5)
+  with pytest.raises(Exception, match="attn_impl='cudnn' needs dtype"):
+    CFG.replace(attn_impl="cudnn")
+
+
 def test_mtp_logits_shape_and_meaning(params, tokens):
   logits, aux = forward(CFG)(params, tokens)
   D, V = CFG.num_nextn_predict_layers, CFG.vocab_size

@@ -74,6 +74,7 @@ ROUTER_IMPLS = ("jnp", "pallas")
 ROUTER_GROUP_FILLS = ("neg_inf", "zero")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTN_IMPLS = ("xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +151,10 @@ class ModelConfig:
   fp8: bool = False
   remat: str = "none"
   attn_chunk: int | None = None  # queries per attention chunk (exact; bounds [H, T, S] scores)
+  # the training and prefill attention: "xla" (einsums and an fp32 softmax, every backend) or
+  # "cudnn" (jax.nn.dot_product_attention's fused cuDNN kernel: GPUs, bf16/fp16 only; attn_chunk
+  # is then unused, since the kernel never forms the scores)
+  attn_impl: str = "xla"
   # positions per LM-head chunk in the SFT and GRPO losses, every row at once (exact; bounds the
   # [B, T, V] logits, ~15 GiB per 8k tokens at a 152k vocabulary; decoder.chunked_target_logprobs)
   logits_chunk: int | None = None
@@ -248,6 +253,10 @@ class ModelConfig:
     need(self.param_dtype in DTYPES, f"param_dtype={self.param_dtype!r} is not one of {DTYPES}")
     need(self.attn_chunk is None or self.attn_chunk > 0,
          f"attn_chunk={self.attn_chunk} must be positive or None")
+    need(self.attn_impl in ATTN_IMPLS,
+         f"attn_impl={self.attn_impl!r} is not one of {ATTN_IMPLS}")
+    need(self.attn_impl != "cudnn" or self.dtype in ("bfloat16", "float16"),
+         f"attn_impl='cudnn' needs dtype bfloat16 or float16, not {self.dtype!r}")
     need(self.logits_chunk is None or self.logits_chunk > 0,
          f"logits_chunk={self.logits_chunk} must be positive or None")
     need(self.remat in REMAT_POLICIES, f"remat={self.remat!r} is not one of {REMAT_POLICIES}")

@@ -137,13 +137,28 @@ def attention_mask(segment_ids_q, segment_ids_k, positions_q, positions_k):
   return (causal & same)[:, None]
 
 
-def attend(q, k, v, mask, scale: float, chunk: int | None = None):
+# attn_impl -> jax.nn.dot_product_attention's implementation (a test maps it to "xla" on a CPU)
+FUSED_IMPLEMENTATION = {"cudnn": "cudnn"}
+
+
+def attend(q, k, v, mask, scale: float, chunk: int | None = None, impl: str = "xla"):
   """Softmax attention. q [B,T,H,d], k [B,S,K,d], v [B,S,K,e] with H a multiple of K (GQA);
   mask bool [B,1,T,S]. Scores and softmax in fp32. Returns [B,T,H,e].
 
   `chunk` splits the queries into blocks of that many, one block at a time under
   `jax.checkpoint`, so the [H, T, S] scores never exist at once (forward or backward): the same
-  result, with score memory divided by T / chunk. Ignored unless it divides T and T > chunk."""
+  result, with score memory divided by T / chunk. Ignored unless it divides T and T > chunk.
+
+  `impl="cudnn"` runs jax.nn.dot_product_attention's fused cuDNN kernel instead (GPU, bf16): the
+  same mask and scale, with v zero-padded to q's head dim where they differ (MLA's 192 / 128) and
+  the output sliced back."""
+  if impl == "cudnn":
+    e = v.shape[-1]
+    if e != q.shape[-1]:
+      v = jnp.pad(v, [(0, 0)] * 3 + [(0, q.shape[-1] - e)])
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
+                                       implementation=FUSED_IMPLEMENTATION[impl])
+    return out[..., :e]
   T = q.shape[1]
   if chunk is not None and chunk < T and T % chunk == 0:
     n = T // chunk
