@@ -9,6 +9,8 @@ models at that shape, with the settings that change it, so the cause shows witho
 - a small vocabulary (the logits and the cross-entropy's share);
 - 1 and 2 layers (the per-layer share);
 - `logits_chunk` (the LM head and its softmax a chunk of positions at a time) and `attn_chunk`.
+`--moe_impls ragged_dot,blocked` compares the MoE model's expert paths instead
+(benchmarks/results/step_memory_moe.json).
 """
 
 from __future__ import annotations
@@ -38,10 +40,11 @@ VARIANTS = (("remat none (the H200 run)", {"remat": "none"}), ("remat full", {"r
              {"remat": "full", "logits_chunk": 128, "attn_chunk": 256}))
 
 
-def step_memory(fields: dict, batch: int, seq_len: int, **over) -> dict:
+def step_memory(fields: dict, batch: int, seq_len: int, moe_impl: str = "blocked",
+                **over) -> dict:
   cfg = steps.model_config(fields, **over)
   if cfg.is_moe:
-    cfg = cfg.replace(moe_impl="blocked")
+    cfg = cfg.replace(moe_impl=moe_impl)
   tx, lr_of = train.make_optimizer(steps.optim_config(1e-5), total_steps=1000)
   state = jax.eval_shape(lambda p: train.create(p, tx, seed=0), model.abstract(cfg))
   i32 = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
@@ -59,14 +62,20 @@ def main():
   ap.add_argument("--models", default="dense")
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--seq_len", type=int, default=1024)
+  ap.add_argument("--moe_impls", default="",
+                  help="instead of the variants: the MoE model at remat full and logits_chunk "
+                       "128 with each of these moe_impl values (ragged_dot,blocked,pallas)")
   ap.add_argument("--out", default=str(RESULTS))
   a = ap.parse_args()
   rows = []
   print(f"SFT step at {a.batch} x {a.seq_len} tokens, backend {jax.default_backend()}")
   print(f"{'model':6s} {'variant':46s} {'temp GiB':>9s} {'args GiB':>9s}")
-  for m in a.models.split(","):
+  for m in (["moe"] if a.moe_impls else a.models.split(",")):
     fields = steps.MOE if m == "moe" else steps.DENSE
-    for name, over in VARIANTS:
+    variants = ([(f"moe_impl {i}, remat full, logits_chunk 128",
+                  {"moe_impl": i, "remat": "full", "logits_chunk": 128})
+                 for i in a.moe_impls.split(",")] if a.moe_impls else VARIANTS)
+    for name, over in variants:
       row = {"model": m, "variant": name, "overrides": over,
              **step_memory(fields, a.batch, a.seq_len, **over)}
       rows.append(row)

@@ -13,9 +13,10 @@ Optional FP8 scaling (gmm only): lhs_scale per row and 128-wide K block, rhs_sca
 output column; the fp32 partial product of every 128-wide K block is scaled before accumulation,
 as the DeepSeek-V3 recipe prescribes.
 
-`transposed_grouped_matmul_xla` walks the same work items in plain XLA (the tgmm fallback off TPU):
-every item is one masked tile product, summed into its group, at a cost of ~(M + G*tm)*K*N
-rather than the G*M*K*N of a dense expansion over groups.
+`grouped_matmul_xla` and `transposed_grouped_matmul_xla` walk the same work items in plain XLA
+(the gmm and tgmm fallbacks off TPU): every item is one masked tile product, read back by its
+rows (gmm) or summed into its group (tgmm), at a cost of ~(M + G*tm)*K*N rather than the
+G*M*K*N of XLA's dense expansion of `ragged_dot` over groups.
 
 Tested in interpret mode on CPU only. The layout choices (scales with a leading K-block axis and
 a trailing unit axis, so block shapes satisfy Mosaic's (8, 128) rule) target Mosaic TPU but have
@@ -217,6 +218,40 @@ def xla_row_tile(m: int, num_groups: int) -> int:
   bound (m/tm + G - 1 tiles of tm rows) costs ~1.5 m rows of work, and the per-item products
   (~3G of [K, N]) stay a small multiple of the [G, K, N] output."""
   return C.round_up(C.cdiv(max(m, 1), 2 * max(num_groups, 1)), 8)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "tm"))
+def grouped_matmul_xla(lhs, rhs, group_sizes, *, out_dtype, tm=None):
+  """gmm in plain XLA: lhs [M, K] (rows sorted by group), rhs [G, K, N], group_sizes [G] ->
+  [M, N]; rows past sum(group_sizes) are zero.
+
+  XLA's own `ragged_dot` on CPU and GPU expands over all G groups (G times the FLOPs and a
+  [G, M, N]-sized temporary; measured with cost_analysis, and the H200 run's 23 TFLOP/s). Here
+  every work item (row tile, group) multiplies its tile, rows of other groups zeroed, by its
+  group's rhs: FLOPs 2*W*tm*K*N ~ 2*(M + G*tm)*K*N with W = M/tm + G - 1, independent of G at
+  tm = xla_row_tile(M, G). Each row then reads its own item's product (a gather, so the result is
+  the same on every run, unlike a scatter-add)."""
+  m, k = lhs.shape
+  num_groups, _, n = rhs.shape
+  tm = tm or xla_row_tile(m, num_groups)
+  m_pad = C.round_up(m, tm)
+  offsets, group_W, tile_W, valid_W = group_metadata(group_sizes, m_pad, tm)
+  rows_Wt = tile_W[:, None] * tm + jnp.arange(tm, dtype=jnp.int32)
+  member_Wt = ((rows_Wt >= offsets[group_W][:, None]) & (rows_Wt < offsets[group_W + 1][:, None])
+               & (valid_W[:, None] == 1))
+  lhs_Wtk = C.pad_axis(lhs, 0, m_pad).reshape(m_pad // tm, tm, k)[tile_W]
+  lhs_Wtk = jnp.where(member_Wt[..., None], lhs_Wtk, jnp.zeros((), lhs.dtype))
+  precision = jax.lax.Precision.HIGHEST if lhs.dtype == jnp.float32 else None
+  out_Wtn = jnp.einsum("wtk,wkn->wtn", lhs_Wtk, rhs[group_W], precision=precision,
+                       preferred_element_type=jnp.float32)
+  # row r's item: the (tile, group) key, found among the items' keys (sorted, tile-major)
+  rows = jnp.arange(m, dtype=jnp.int32)
+  group_r = jnp.searchsorted(offsets[1:], rows, side="right").astype(jnp.int32)
+  key_W = jnp.where(valid_W == 1, tile_W * num_groups + group_W, jnp.iinfo(jnp.int32).max)
+  item_r = jnp.searchsorted(key_W, (rows // tm) * num_groups + group_r, side="left")
+  item_r = jnp.minimum(item_r, key_W.shape[0] - 1)
+  out = out_Wtn[item_r, rows % tm]
+  return jnp.where((rows < offsets[-1])[:, None], out, 0).astype(out_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "tm"))

@@ -63,7 +63,8 @@ def _check(lhs, rhs, group_sizes):
 
 
 def _kernel_gmm(lhs, rhs, group_sizes, lhs_scale, rhs_scale, out_dtype, bs, interpret):
-  """Dispatch to the Pallas kernel or, compiled on GPU, to XLA's ragged_dot."""
+  """Dispatch to the Pallas kernel, the Mosaic GPU FP8 kernel, or the plain-XLA work-item
+  fallback (`_grouped.grouped_matmul_xla`)."""
   if C.use_pallas(interpret):
     return _grouped.grouped_matmul(lhs, rhs, group_sizes, lhs_scale, rhs_scale,
                                    out_dtype=out_dtype, tm=bs.tm, tk=bs.tk, tn=bs.tn,
@@ -75,8 +76,8 @@ def _kernel_gmm(lhs, rhs, group_sizes, lhs_scale, rhs_scale, out_dtype, bs, inte
     dt = jnp.promote_types(out_dtype, jnp.bfloat16)
     lhs = fp8_lib.dequantize_activations(lhs, lhs_scale).astype(dt)
     rhs = jax.vmap(fp8_lib.dequantize_weights_by_column)(rhs, rhs_scale).astype(dt)
-  out = jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
-  return out.astype(out_dtype)
+  # not jax.lax.ragged_dot: XLA:CPU and XLA:GPU expand it over all groups (G x the FLOPs)
+  return _grouped.grouped_matmul_xla(lhs, rhs, group_sizes, out_dtype=out_dtype)
 
 
 def _quantize(lhs, rhs, pow2_scale):

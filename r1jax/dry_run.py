@@ -69,6 +69,10 @@ def _fp8_gemm(backend: str, interpreted_on_cpu: bool = True) -> str:
           else "FP8 recipe, XLA dot on e4m3-rounded operands")
 
 
+# gmm's fallback off TPU: XLA's ragged_dot expands over every expert on CPU and GPU
+XLA_GROUPED = "grouped matmul in plain XLA, (row tile, expert) work items (gmm fallback)"
+
+
 def _layers(n: int) -> str:
   return f"{n} layer" + ("" if n == 1 else "s")
 
@@ -88,13 +92,12 @@ def kernel_table(cfg) -> list[str]:
       if b == "tpu":
         return "grouped matmul, Pallas kernel (Mosaic TPU)" + (", FP8" if cfg.fp8 else "")
       if b == "gpu":
-        return (_fp8_gemm(b) + ", grouped") if cfg.fp8 else "jax.lax.ragged_dot (Pallas gmm falls back on GPU)"
+        return (_fp8_gemm(b) + ", grouped") if cfg.fp8 else XLA_GROUPED
       return "grouped matmul, Pallas kernel in interpret mode" + (", FP8" if cfg.fp8 else "")
     if impl == "ragged_dot":
       if cfg.fp8:
         return _fp8_gemm(b, interpreted_on_cpu=False) + ", grouped (gmm)"
-      return "jax.lax.ragged_dot" + (" (XLA:CPU expands it densely over experts)" if b == "cpu"
-                                     else "")
+      return "jax.lax.ragged_dot (XLA:TPU)" if b == "tpu" else XLA_GROUPED
     what = {"blocked": "blocked batched matmul, dropless", "dense": "every expert on every token",
             "capacity": f"capacity buffers (capacity_factor {cfg.capacity_factor})"}[impl]
     return what + (", " + _fp8_gemm(b, interpreted_on_cpu=False) if cfg.fp8 else "")

@@ -119,6 +119,29 @@ def test_tgmm_xla_fallback_flops_do_not_grow_with_groups():
   assert all(ideal <= new[g] <= 2 * ideal for g in new), (new, ideal)
 
 
+def test_gmm_xla_fallback_flops_do_not_grow_with_groups():
+  """The forward and input gradient of the compiled fallback off TPU (a GPU, or interpret=False
+  on a CPU) cost ~2*M*K*N whatever the number of groups. jax.lax.ragged_dot on XLA:CPU (and, by
+  the H200's 23 TFLOP/s, on XLA:GPU) costs G times that: the check sees it in the same cost
+  analysis. Values equal ragged_dot's, rows past sum(group_sizes) zero."""
+  m, k, n = 1024, 256, 128
+  lhs = jnp.asarray(np.random.default_rng(0).standard_normal((m, k)), jnp.float32)
+  fwd = lambda a, b, s: gmm.gmm(a, b, s, interpret=False)
+  new, ref = {}, {}
+  for g in (8, 64):
+    rhs = jnp.asarray(np.random.default_rng(g).standard_normal((g, k, n)), jnp.float32)
+    sizes = jnp.full((g,), m // g, jnp.int32).at[0].add(-5)  # 5 rows past the last group
+    new[g] = _flops(fwd, lhs, rhs, sizes)
+    ref[g] = _flops(lambda a, b, s: jax.lax.ragged_dot(a, b, s), lhs, rhs, sizes)
+    want = gmm.gmm_reference(lhs, rhs, sizes)
+    np.testing.assert_allclose(fwd(lhs, rhs, sizes), want, rtol=1e-5, atol=1e-4)
+    assert float(jnp.abs(want[-5:]).max()) == 0
+  ideal = 2 * m * k * n
+  assert ref[64] > 6 * ref[8] and ref[64] > 30 * ideal
+  assert new[64] <= 1.5 * new[8]
+  assert all(ideal <= new[g] <= 2 * ideal for g in new), (new, ideal)
+
+
 def test_gmm_fp8_prequantized_matches_reference():
   lhs, rhs, sizes, _ = _inputs("ragged")
   lq, ls = fp8.quantize_activations(lhs)

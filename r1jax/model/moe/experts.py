@@ -36,8 +36,13 @@ def _expert_ffn_sorted(p, xs, group_sizes, dtype, matmul):
 
 
 def _ragged_dot(x, w, group_sizes):
-  return jax.lax.ragged_dot(x, w, group_sizes,
-                            preferred_element_type=jnp.float32).astype(x.dtype)
+  """jax.lax.ragged_dot on TPU, where XLA runs it as a grouped matmul. XLA:CPU and XLA:GPU
+  expand it over every expert (E times the FLOPs, and [E, rows, out] temporaries: the H200's
+  step ran out of memory), so there it is pallas_kernels.gmm's plain-XLA work-item fallback."""
+  if jax.default_backend() == "tpu":
+    return jax.lax.ragged_dot(x, w, group_sizes,
+                              preferred_element_type=jnp.float32).astype(x.dtype)
+  return _pallas_gmm(x, w, group_sizes, interpret=False)
 
 
 def _pallas_gmm(x, w, group_sizes, fp8: bool = False, interpret: bool | None = None):
