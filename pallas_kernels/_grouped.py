@@ -220,6 +220,21 @@ def xla_row_tile(m: int, num_groups: int) -> int:
   return C.round_up(C.cdiv(max(m, 1), 2 * max(num_groups, 1)), 8)
 
 
+def _xla_work_items(lhs, group_sizes, tm):
+  """The work items of the plain-XLA fallbacks: (tm, m_pad, offsets, group_W, tile_W, valid_W,
+  lhs_Wtk), lhs_Wtk [W, tm, K] holding each item's tile with other groups' rows zeroed."""
+  m, k = lhs.shape
+  tm = tm or xla_row_tile(m, group_sizes.shape[0])
+  m_pad = C.round_up(m, tm)
+  offsets, group_W, tile_W, valid_W = group_metadata(group_sizes, m_pad, tm)
+  rows_Wt = tile_W[:, None] * tm + jnp.arange(tm, dtype=jnp.int32)
+  member_Wt = ((rows_Wt >= offsets[group_W][:, None]) & (rows_Wt < offsets[group_W + 1][:, None])
+               & (valid_W[:, None] == 1))
+  lhs_Wtk = C.pad_axis(lhs, 0, m_pad).reshape(m_pad // tm, tm, k)[tile_W]
+  lhs_Wtk = jnp.where(member_Wt[..., None], lhs_Wtk, jnp.zeros((), lhs.dtype))
+  return tm, m_pad, offsets, group_W, tile_W, valid_W, lhs_Wtk
+
+
 @functools.partial(jax.jit, static_argnames=("out_dtype", "tm"))
 def grouped_matmul_xla(lhs, rhs, group_sizes, *, out_dtype, tm=None):
   """gmm in plain XLA: lhs [M, K] (rows sorted by group), rhs [G, K, N], group_sizes [G] ->
@@ -231,16 +246,9 @@ def grouped_matmul_xla(lhs, rhs, group_sizes, *, out_dtype, tm=None):
   group's rhs: FLOPs 2*W*tm*K*N ~ 2*(M + G*tm)*K*N with W = M/tm + G - 1, independent of G at
   tm = xla_row_tile(M, G). Each row then reads its own item's product (a gather, so the result is
   the same on every run, unlike a scatter-add)."""
-  m, k = lhs.shape
-  num_groups, _, n = rhs.shape
-  tm = tm or xla_row_tile(m, num_groups)
-  m_pad = C.round_up(m, tm)
-  offsets, group_W, tile_W, valid_W = group_metadata(group_sizes, m_pad, tm)
-  rows_Wt = tile_W[:, None] * tm + jnp.arange(tm, dtype=jnp.int32)
-  member_Wt = ((rows_Wt >= offsets[group_W][:, None]) & (rows_Wt < offsets[group_W + 1][:, None])
-               & (valid_W[:, None] == 1))
-  lhs_Wtk = C.pad_axis(lhs, 0, m_pad).reshape(m_pad // tm, tm, k)[tile_W]
-  lhs_Wtk = jnp.where(member_Wt[..., None], lhs_Wtk, jnp.zeros((), lhs.dtype))
+  m = lhs.shape[0]
+  num_groups = rhs.shape[0]
+  tm, _, offsets, group_W, tile_W, valid_W, lhs_Wtk = _xla_work_items(lhs, group_sizes, tm)
   precision = jax.lax.Precision.HIGHEST if lhs.dtype == jnp.float32 else None
   out_Wtn = jnp.einsum("wtk,wkn->wtn", lhs_Wtk, rhs[group_W], precision=precision,
                        preferred_element_type=jnp.float32)
@@ -263,17 +271,9 @@ def transposed_grouped_matmul_xla(lhs, dout, group_sizes, *, out_dtype, tm=None)
   are summed per group. Rows past sum(group_sizes) and empty groups belong to no item: zeros.
   FLOPs 2*W*tm*K*N ~ 2*(M + G*tm)*K*N, which does not grow with G at tm = xla_row_tile(M, G).
   """
-  m, k = lhs.shape
   n = dout.shape[1]
   num_groups = group_sizes.shape[0]
-  tm = tm or xla_row_tile(m, num_groups)
-  m_pad = C.round_up(m, tm)
-  offsets, group_W, tile_W, valid_W = group_metadata(group_sizes, m_pad, tm)
-  rows_Wt = tile_W[:, None] * tm + jnp.arange(tm, dtype=jnp.int32)
-  member_Wt = ((rows_Wt >= offsets[group_W][:, None]) & (rows_Wt < offsets[group_W + 1][:, None])
-               & (valid_W[:, None] == 1))
-  lhs_Wtk = C.pad_axis(lhs, 0, m_pad).reshape(m_pad // tm, tm, k)[tile_W]
-  lhs_Wtk = jnp.where(member_Wt[..., None], lhs_Wtk, jnp.zeros((), lhs.dtype))
+  tm, m_pad, _, group_W, tile_W, _, lhs_Wtk = _xla_work_items(lhs, group_sizes, tm)
   dout_Wtn = C.pad_axis(dout, 0, m_pad).reshape(m_pad // tm, tm, n)[tile_W]
   precision = jax.lax.Precision.HIGHEST if lhs.dtype == jnp.float32 else None
   part_Wkn = jnp.einsum("wtk,wtn->wkn", lhs_Wtk, dout_Wtn, precision=precision,
