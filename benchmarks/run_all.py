@@ -208,8 +208,8 @@ BENCHMARKS = (
               target_text="r1jax new tokens/s >= 4x transformers `generate` at the GRPO shape "
               "(>= 10x at batch 16)"),
     Benchmark("moe_scaling", "MoE cost as experts grow (top-k fixed)",
-              ("--experts", "8,64", "--rounds", "3"), moe_scaling_md, 1.2,
-              higher_is_better=False, target_text="64-expert / 8-expert step time <= 1.2",
+              ("--experts", "8,64", "--rounds", "3"), moe_scaling_md, 1.3,
+              higher_is_better=False, target_text="64-expert / 8-expert step time <= 1.3 (issue 18)",
               suffix=""),
     Benchmark("kernels", "Pallas kernels: FP8 GEMM and grouped matmul", (), kernels_md, 1.5,
               target_text="FP8 GEMM >= 1.5x bf16 on H200",
