@@ -102,6 +102,13 @@ def kernel_table(cfg) -> list[str]:
             "capacity": f"capacity buffers (capacity_factor {cfg.capacity_factor})"}[impl]
     return what + (", " + _fp8_gemm(b, interpreted_on_cpu=False) if cfg.fp8 else "")
 
+  def attention(b):
+    if cfg.attn_impl == "cudnn":
+      return ("cuDNN fused attention (jax.nn.dot_product_attention)" if b == "gpu" else
+              "none: attn_impl='cudnn' needs a GPU")
+    return "XLA einsum, fp32 softmax" + (f", {cfg.attn_chunk}-query chunks" if cfg.attn_chunk
+                                         else "")
+
   def router(b):
     if cfg.router_impl != "pallas":
       return "jnp top-k (XLA)"
@@ -112,8 +119,7 @@ def kernel_table(cfg) -> list[str]:
   attn = ("MLA (q_a, q_b, kv_a, kv_b, o)" if cfg.q_lora_rank else "MLA (q, kv_a, kv_b, o)") \
       if cfg.attention == "mla" else "GQA (q, k, v, o)"
   parts = [(f"attention projections, {attn}", linear),
-           ("attention scores and softmax", lambda b: "XLA einsum, fp32 softmax" + (
-               f", {cfg.attn_chunk}-query chunks" if cfg.attn_chunk else ""))]
+           ("attention scores and softmax", attention)]
   if cfg.num_dense_layers:
     parts.append((f"dense MLP ({_layers(cfg.num_dense_layers)})", linear))
   if cfg.is_moe:

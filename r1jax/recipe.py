@@ -133,7 +133,8 @@ class Recipe:
       loaded_cfg, params = hf.load(sources.resolve(c.init_from), dtype=cfg.jnp_param_dtype)
       cfg = loaded_cfg.replace(**{k: getattr(cfg, k) for k in
                                   ("dtype", "moe_impl", "capacity_factor", "remat", "attn_chunk", "logits_chunk",
-                                   "expert_dispatch", "fp8", "router_impl", "router_group_fill")})
+                                   "attn_impl", "expert_dispatch", "fp8", "router_impl",
+                                   "router_group_fill")})
       return cfg, parallel.shard_params(params, cfg, self.ctx.mesh)
     return cfg, parallel.init_sharded(cfg, self.ctx.mesh, jax.random.PRNGKey(int(c.seed)))
 

@@ -288,3 +288,9 @@ def test_dry_run_names_the_kernels_of_every_layer_part():
   assert len(tpu) == 6 and sum("Pallas kernel (Mosaic TPU" in line for line in tpu) == 5
   assert sum("fallback" in line for line in gpu) == 4  # projections, MLP, experts, shared
   assert "MoE router (3 layers)" in "\n".join(lines) and "dense MLP (1 layer)" in "\n".join(lines)
+  # ragged_dot: XLA:TPU's own; the work-item fallback elsewhere. cuDNN attention: GPU only
+  rd = dry_run.kernel_table(ModelConfig.from_config(tiny_moe_fields(
+      moe_impl="ragged_dot", dtype="bfloat16", attn_impl="cudnn")))
+  by = {b: [line for line in rd if line.strip().startswith(b)] for b in ("cpu", "gpu", "tpu")}
+  assert "jax.lax.ragged_dot (XLA:TPU)" in by["tpu"][4] and "work items" in by["gpu"][4]
+  assert "cuDNN fused" in by["gpu"][1] and "needs a GPU" in by["cpu"][1]
