@@ -137,10 +137,7 @@ def matmul(xq, xs, wq, ws, *, out_dtype=jnp.bfloat16, block_sizes: BlockSizes | 
     y = _mosaic_gpu.dense(x_MK, xs_MK, wq, ws_KN, out_dtype=out_dtype,
                           block_sizes=_mosaic_gpu.GpuBlockSizes(bm=bs.tm, bn=bs.tn))
   elif not C.use_pallas(interpret):
-    # dequantized operands in the caller's dtype (bf16 at least): a bf16 cast of an fp32 model's
-    # operands made the first H200 run's FP8 training forward differ from the sampler, which
-    # rounds the same e4m3 values but keeps them in the model's dtype (mean |dlogp| 0.22)
-    dt = jnp.promote_types(out_dtype, jnp.bfloat16)
+    dt = fallback_dtype(out_dtype)
     y = jnp.dot(dequantize_activations(x_MK, xs_MK).astype(dt),
                 dequantize_weights_by_column(wq, ws_KN).astype(dt),
                 preferred_element_type=jnp.float32)
@@ -150,6 +147,14 @@ def matmul(xq, xs, wq, ws, *, out_dtype=jnp.bfloat16, block_sizes: BlockSizes | 
         x_MK, wq[None], jnp.array([m], jnp.int32), xs_MK, ws_KN[None], out_dtype=jnp.float32,
         tm=bs.tm, tk=bs.tk, tn=bs.tn, interpret=interpret)
   return y.astype(out_dtype).reshape(*batch, n)
+
+
+def fallback_dtype(out_dtype):
+  """The dtype of the dequantized operands in the XLA fallbacks (here and `gmm`): the caller's,
+  bf16 at least. A bf16 cast of an fp32 model's operands made the first H200 run's FP8 training
+  forward differ from the sampler, which rounds the same e4m3 values but keeps them in the
+  model's dtype (mean |dlogp| 0.22)."""
+  return jnp.promote_types(out_dtype, jnp.bfloat16)
 
 
 def dequantize_weights_by_column(wq, ws_KN):

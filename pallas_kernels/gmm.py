@@ -72,8 +72,8 @@ def _kernel_gmm(lhs, rhs, group_sizes, lhs_scale, rhs_scale, out_dtype, bs, inte
   if lhs_scale is not None and C.use_mosaic_gpu(interpret):
     return _mosaic_gpu.grouped(lhs, lhs_scale, rhs, rhs_scale, group_sizes, out_dtype=out_dtype,
                                block_sizes=_mosaic_gpu.GpuBlockSizes(bm=bs.tm, bn=bs.tn))
-  if lhs_scale is not None:  # in the caller's dtype, bf16 at least (as fp8.matmul's fallback)
-    dt = jnp.promote_types(out_dtype, jnp.bfloat16)
+  if lhs_scale is not None:
+    dt = fp8_lib.fallback_dtype(out_dtype)
     lhs = fp8_lib.dequantize_activations(lhs, lhs_scale).astype(dt)
     rhs = jax.vmap(fp8_lib.dequantize_weights_by_column)(rhs, rhs_scale).astype(dt)
   # not jax.lax.ragged_dot: XLA:CPU and XLA:GPU expand it over all groups (G x the FLOPs)

@@ -33,6 +33,9 @@ from r1jax.runlog import RunLog
 from r1jax.stages import common, evaluate, sft
 
 TRAINING_KINDS = ("pretrain", "sft", "grpo", "distill")
+# model fields a run's config sets even over an HF checkpoint's own (how to run, not what it is)
+RUN_MODEL_FIELDS = ("dtype", "moe_impl", "capacity_factor", "remat", "attn_chunk", "logits_chunk",
+                    "attn_impl", "expert_dispatch", "fp8", "router_impl", "router_group_fill")
 
 
 def _runner(kind: str):
@@ -131,10 +134,7 @@ class Recipe:
     c, cfg = self.config, self.ctx.model_cfg
     if c.init_from:
       loaded_cfg, params = hf.load(sources.resolve(c.init_from), dtype=cfg.jnp_param_dtype)
-      cfg = loaded_cfg.replace(**{k: getattr(cfg, k) for k in
-                                  ("dtype", "moe_impl", "capacity_factor", "remat", "attn_chunk", "logits_chunk",
-                                   "attn_impl", "expert_dispatch", "fp8", "router_impl",
-                                   "router_group_fill")})
+      cfg = loaded_cfg.replace(**{k: getattr(cfg, k) for k in RUN_MODEL_FIELDS})
       return cfg, parallel.shard_params(params, cfg, self.ctx.mesh)
     return cfg, parallel.init_sharded(cfg, self.ctx.mesh, jax.random.PRNGKey(int(c.seed)))
 
