@@ -40,6 +40,7 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks import provenance  # noqa: E402
 from r1jax import flops, model, run_config, train  # noqa: E402
 from r1jax.model.config import ModelConfig  # noqa: E402
 from r1jax.rollout import sampler  # noqa: E402
@@ -245,6 +246,7 @@ def main():
       report["rows"].append({"name": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
       print(f"{name}: error {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
     pathlib.Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    report.update(provenance.code())
     pathlib.Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
   print(f"wrote {a.out}")
 

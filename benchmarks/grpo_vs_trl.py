@@ -59,6 +59,7 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks import provenance  # noqa: E402
 from benchmarks.run_all import machine_info  # noqa: E402
 from r1jax import hf, model, run_config, train  # noqa: E402
 from r1jax.model.config import ModelConfig  # noqa: E402
@@ -483,6 +484,7 @@ def main():
             "loss_crosscheck": check}
   out = pathlib.Path(a.out)
   out.parent.mkdir(parents=True, exist_ok=True)
+  result.update(provenance.code())
   out.write_text(json.dumps(result, indent=2) + "\n")
   print(f"wrote {out}")
 

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks import provenance  # noqa: E402
 from r1jax import model, run_config, train  # noqa: E402
 from r1jax.model.config import ModelConfig  # noqa: E402
 
@@ -126,7 +127,7 @@ def main():
   RESULTS.write_text(json.dumps(dict(
       batch=[B, T], platform=jax.devices()[0].platform, machine=platform.machine(),
       cpu_count=__import__("os").cpu_count(), jax=jax.__version__, rounds=args.rounds,
-      rows=rows), indent=2))
+      rows=rows, **provenance.code()), indent=2))
   print(f"wrote {RESULTS}")
 
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks import provenance  # noqa: E402
 from pallas_kernels import _mosaic_gpu, fp8, gmm  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "kernels.json"
@@ -186,6 +187,7 @@ def main():
       else:
         print(f"{row['name']:55s} {row['ms']:9.3f} {row['tflops']:9.1f}")
   RESULTS.parent.mkdir(parents=True, exist_ok=True)
+  report.update(provenance.code())
   RESULTS.write_text(json.dumps(report, indent=2) + "\n")
   print(f"wrote {RESULTS}")
 

@@ -30,6 +30,7 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks import provenance  # noqa: E402
 from r1jax import hf, model  # noqa: E402
 from r1jax.model.config import ModelConfig  # noqa: E402
 from r1jax.rollout import sampler  # noqa: E402
@@ -131,6 +132,7 @@ def main():
             "results": head_shape["results"], "ratio": head_shape["ratio"], "shapes": shapes}
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
+  result.update(provenance.code())
   out.write_text(json.dumps(result, indent=2) + "\n")
   print(f"wrote {out}")
 

@@ -27,6 +27,8 @@ import sys
 import time
 from typing import Callable
 
+from benchmarks import provenance
+
 BENCH_DIR = pathlib.Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -240,14 +242,14 @@ def section(b: Benchmark, results_dir: pathlib.Path, runs: dict) -> tuple[list[s
   if not path.exists():
     lines += [f"not run (no `{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}`)."
               f" Run `python benchmarks/{b.script.name}`.", ""]
-    return [f"| {b.name} | not run | {b.target_text} | - | - |"], lines
+    return [f"| {b.name} | not run | {b.target_text} | - | - | - |"], lines
   measured = datetime.datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
   try:
     d = json.loads(path.read_text())
     headline, setup, rows = b.writer(d)
   except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
     lines += [f"could not read `{path.name}` ({type(e).__name__}: {e}).", ""]
-    return [f"| {b.name} | unreadable | {b.target_text} | - | {measured} |"], lines
+    return [f"| {b.name} | unreadable | {b.target_text} | - | {measured} | - |"], lines
   if b.target is None:
     status = "reported"
   elif headline is None:
@@ -256,9 +258,10 @@ def section(b: Benchmark, results_dir: pathlib.Path, runs: dict) -> tuple[list[s
     met = headline >= b.target if b.higher_is_better else headline <= b.target
     status = "met" if met else "not met"
   lines += [f"Headline: **{_ratio_text(headline, b)}** (target: {b.target_text}; {status}). "
-            f"JSON written {measured} ({_versions(d)}).", "", setup + ".", ""] + rows + [""]
+            f"JSON written {measured} at commit {provenance.describe(d)} ({_versions(d)}).", "",
+            setup + ".", ""] + rows + [""]
   return [f"| {b.name} | {_ratio_text(headline, b)} | {b.target_text} | {status} | "
-          f"{measured} |"], lines
+          f"{measured} | {provenance.describe(d)} |"], lines
 
 
 def write_markdown(out: pathlib.Path, results_dir: pathlib.Path, runs: dict | None = None,
@@ -278,7 +281,8 @@ def write_markdown(out: pathlib.Path, results_dir: pathlib.Path, runs: dict | No
       f"| accelerator | {accel} |",
       f"| python / jax | {m.get('python')} / {m.get('jax', m.get('jax_error'))} |",
       f"| platform | {m.get('platform')} |", "",
-      "| benchmark | headline | target | status | JSON written |", "|---|---:|---|---|---|"]
+      "| benchmark | headline | target | status | JSON written | commit |",
+      "|---|---:|---|---|---|---|"]
   summary, body = [], []
   for b in BENCHMARKS:
     row, lines = section(b, results_dir, runs)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks import provenance  # noqa: E402
 from benchmarks import accelerator_steps as steps  # noqa: E402
 from r1jax import model, train  # noqa: E402
 
@@ -83,7 +84,8 @@ def main():
   out = pathlib.Path(a.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps({"batch": a.batch, "seq_len": a.seq_len, "jax": jax.__version__,
-                             "backend": jax.default_backend(), "rows": rows}, indent=2) + "\n")
+                             "backend": jax.default_backend(), "rows": rows,
+                             **provenance.code()}, indent=2) + "\n")
   print(f"wrote {out}")
 
 

@@ -40,6 +40,7 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks import provenance  # noqa: E402
 from r1jax import hf, model, run_config, train  # noqa: E402
 from r1jax.model.config import ModelConfig  # noqa: E402
 from r1jax.train import state as state_lib  # noqa: E402
@@ -222,6 +223,7 @@ def main():
             "step_ratio": step_ratio, "target_ratio": 1.3}
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
+  result.update(provenance.code())
   out.write_text(json.dumps(result, indent=2) + "\n")
   print(f"wrote {out}")
 

@@ -34,8 +34,9 @@ from r1jax.stages import common, evaluate, sft
 
 TRAINING_KINDS = ("pretrain", "sft", "grpo", "distill")
 # model fields a run's config sets even over an HF checkpoint's own (how to run, not what it is)
-RUN_MODEL_FIELDS = ("dtype", "moe_impl", "capacity_factor", "remat", "attn_chunk", "logits_chunk",
-                    "attn_impl", "expert_dispatch", "fp8", "router_impl", "router_group_fill")
+RUN_MODEL_FIELDS = ("dtype", "moe_impl", "capacity_factor", "remat", "scan_layers", "attn_chunk",
+                    "logits_chunk", "attn_impl", "expert_dispatch", "fp8", "router_impl",
+                    "router_group_fill")
 
 
 def _runner(kind: str):

@@ -178,6 +178,7 @@ def tiny_moe_fields(**overrides) -> dict:
       # mtp
       num_nextn_predict_layers=1,
       moe_impl="blocked", capacity_factor=None,  # dropless; the fast path on CPU
+      scan_layers=False,  # a loop over 4 layers: ~15 % faster steps on CPU than lax.scan
       dtype="float32", param_dtype="float32")
   fields.update(overrides)
   return fields
@@ -187,6 +188,6 @@ def tiny_student_fields(**overrides) -> dict:
   """A small dense Qwen2-style student sharing the char tokenizer."""
   fields = dict(model_type="qwen2", vocab_size=128, hidden_size=96, intermediate_size=256,
                 num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                max_position_embeddings=512, tie_word_embeddings=True)
+                max_position_embeddings=512, tie_word_embeddings=True, scan_layers=False)
   fields.update(overrides)
   return fields

@@ -3,6 +3,7 @@
 
 import json
 import shutil
+import subprocess
 import tempfile
 
 from benchmarks import run_all
@@ -57,6 +58,22 @@ def test_markdown_headline_and_verdict(tmp_path):
   (tmp_path / "moe_scaling.json").write_text(json.dumps(d))
   text = run_all.write_markdown(tmp_path / "R.md", tmp_path)
   assert "| moe_scaling | 1.30 |" in text and "not met" in text
+  row = next(line for line in text.splitlines() if line.startswith("| moe_scaling |"))
+  assert row.endswith(" | not recorded |"), row  # no commit in this JSON
+  d.update(commit="0123456789abcdef", dirty=True)
+  (tmp_path / "moe_scaling.json").write_text(json.dumps(d))
+  text = run_all.write_markdown(tmp_path / "R.md", tmp_path)
+  assert " | 0123456 + uncommitted changes |" in text
+  assert "at commit 0123456 + uncommitted changes" in text
+
+
+def test_results_record_the_commit_they_were_measured_on():
+  from benchmarks import provenance
+  got = provenance.code()
+  assert got["commit"] == subprocess.run(["git", "rev-parse", "HEAD"], cwd=run_all.ROOT,
+                                         capture_output=True, text=True).stdout.strip()
+  assert isinstance(got["dirty"], bool)
+  assert provenance.describe({"commit": got["commit"], "dirty": False}) == got["commit"][:7]
 
 
 def test_grpo_loss_and_grad_match_trl():

@@ -97,7 +97,7 @@ def test_merged_export_matches(name, tmp_path):
 
   lora.export(str(tmp_path), cfg, params, adapters, lcfg)
   cfg2, params2 = hf.load(str(tmp_path), moe_impl=cfg.moe_impl,
-                          capacity_factor=cfg.capacity_factor)
+                          capacity_factor=cfg.capacity_factor, scan_layers=cfg.scan_layers)
   # config.json makes head_dim (for DeepSeek: HF's rope head dim) and the KV heads explicit
   same = lambda c: c.replace(head_dim=None, num_key_value_heads=c.kv_heads)
   assert same(cfg2) == same(cfg)

@@ -85,6 +85,28 @@ def test_remat_policies_match_no_remat(params, tokens, policy):
                grads, grads_ref)
 
 
+def test_layer_loop_matches_the_layer_scan(params, tokens):
+  """scan_layers=False (a Python loop over each stack, MTP's too) computes what the scan does:
+  logits, MTP logits, per-layer expert ids and counts, and gradients; with replayed routing too."""
+  loop_cfg = CFG.replace(scan_layers=False)
+  (loss_ref, logits_ref), grads_ref = value_and_grad(CFG)(params, tokens)
+  (loss, logits), grads = value_and_grad(loop_cfg)(params, tokens)
+  np.testing.assert_allclose(logits, logits_ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               grads, grads_ref)
+  _, aux_ref = forward(CFG)(params, tokens)
+  _, aux = forward(loop_cfg)(params, tokens)
+  assert aux.keys() == aux_ref.keys() and aux["expert_ids"].shape[0] == 2  # two MoE layers
+  np.testing.assert_array_equal(aux["expert_ids"], aux_ref["expert_ids"])
+  np.testing.assert_array_equal(aux["expert_counts"], aux_ref["expert_counts"])
+  np.testing.assert_allclose(aux["mtp_logits"], aux_ref["mtp_logits"], rtol=1e-5, atol=1e-6)
+  replay = jnp.moveaxis(aux_ref["expert_ids"], 0, 2)[..., ::-1]  # [B, T, L_moe, k], reordered
+  replayed = [jit(functools.partial(model.forward_with_aux, cfg=cfg, mtp=False))(
+      params, tokens, routing=replay)[0] for cfg in (CFG, loop_cfg)]
+  np.testing.assert_allclose(replayed[1], replayed[0], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("tie", [False, True])
 def test_chunked_logits_give_the_same_losses_and_gradients(params, tokens, tie):
   """logits_chunk=5 (32 tokens: 7 chunks, the last padded) computes the SFT loss (with MTP) and

@@ -150,6 +150,12 @@ class ModelConfig:
   expert_dispatch: str = "allgather"  # on a mesh: allgather | all_to_all | ragged_all_to_all
   fp8: bool = False
   remat: str = "none"
+  # the training and scoring forward runs each layer stack under lax.scan (True: compile time
+  # independent of depth) or as a Python loop over the layers (False: no stacked residuals or
+  # per-layer slicing and updates in the step; the tiny CPU configs' SFT step is ~15 % faster
+  # that way, benchmarks/train_step.py). Params are stacked either way. Decoding always scans
+  # (the loop made the tiny sampler ~8 % slower).
+  scan_layers: bool = True
   attn_chunk: int | None = None  # queries per attention chunk (exact; bounds [H, T, S] scores)
   # the training and prefill attention: "xla" (einsums and an fp32 softmax, every backend) or
   # "cudnn" (jax.nn.dot_product_attention's fused cuDNN kernel: GPUs, bf16/fp16 only; attn_chunk

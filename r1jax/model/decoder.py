@@ -46,7 +46,19 @@ def _scan_layers(stacked, x, cos, sin, mask, cfg: ModelConfig, token_mask=None, 
     return out, stats
 
   body = L.maybe_remat(body, cfg.remat)
-  return jax.lax.scan(body, x, (stacked, routing))
+  if cfg.scan_layers:
+    return jax.lax.scan(body, x, (stacked, routing))
+  return _loop(body, x, (stacked, routing))
+
+
+def _loop(body, carry, xs):
+  """lax.scan's result, computed as a Python loop over the leading axis of `xs` (unstacked
+  per-iteration outputs, stacked once at the end)."""
+  outs = []
+  for i in range(jax.tree.leaves(xs)[0].shape[0]):
+    carry, out = body(carry, jax.tree.map(lambda a: a[i], xs))
+    outs.append(out)
+  return carry, jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
 
 def run_slice(stacked, start: int, count: int):
@@ -111,7 +123,8 @@ def mtp_logits(params, tokens, h, ctx, cfg: ModelConfig):
     return (x, shifted), (logits, stats)
 
   assert T >= 1
-  _, (logits, stats) = jax.lax.scan(L.maybe_remat(body, cfg.remat), (h, tokens), params["mtp"])
+  scan = jax.lax.scan if cfg.scan_layers else _loop
+  _, (logits, stats) = scan(L.maybe_remat(body, cfg.remat), (h, tokens), params["mtp"])
   aux = {}
   if stats is not None:
     aux = {"mtp_expert_counts": stats["counts"], "mtp_balance": stats["balance"].sum()}

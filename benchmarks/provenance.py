@@ -1,0 +1,32 @@
+"""The code a benchmark result was measured on: the git commit, and whether the work tree had
+uncommitted changes then. Every benchmark script stores this in its JSON, and
+`benchmarks/run_all.py` prints it in RESULTS.md, so a README figure can be traced to its commit."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _git(*args: str) -> str | None:
+  try:
+    out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return out.stdout.strip() if out.returncode == 0 else None
+
+
+def code() -> dict:
+  """{"commit": HEAD's hash or None outside a git checkout, "dirty": tracked files changed}."""
+  commit = _git("rev-parse", "HEAD")
+  status = _git("status", "--porcelain", "--untracked-files=no")
+  return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
+def describe(d: dict) -> str:
+  """"abc1234", "abc1234 + uncommitted changes", or "not recorded" for a result's JSON."""
+  if not d.get("commit"):
+    return "not recorded"
+  return d["commit"][:7] + (" + uncommitted changes" if d.get("dirty") else "")
