@@ -74,6 +74,20 @@ def time_steps(step_once, warmup: int, runs: int):
   return statistics.median(times), times
 
 
+def time_round_robin(fns, warmup: int, runs: int) -> list[list[float]]:
+  """Each function's step times, timed one step of each per round."""
+  for _ in range(warmup):
+    for f in fns:
+      f()
+  times = [[] for _ in fns]
+  for _ in range(runs):
+    for f, out in zip(fns, times):
+      t0 = time.perf_counter()
+      f()
+      out.append(time.perf_counter() - t0)
+  return times
+
+
 def optim_config(lr: float):
   c = run_config.base_config().optim
   c.update(lr=lr, warmup_steps=0, schedule="constant", weight_decay=0.0, clip_norm=1.0,
@@ -142,7 +156,7 @@ def main():
   ap.add_argument("--batch", type=int, default=32, help="configs/sft_tiny.py's batch")
   ap.add_argument("--seq_len", type=int, default=64)
   ap.add_argument("--warmup", type=int, default=2)
-  ap.add_argument("--runs", type=int, default=5)
+  ap.add_argument("--runs", type=int, default=15)
   ap.add_argument("--lr", type=float, default=1e-3)
   ap.add_argument("--capacity_factor", type=float, default=None,
                   help="r1jax's expert capacity (default: dropless, as shipped)")
@@ -180,7 +194,7 @@ def main():
   assert parity < 1e-3, f"transformers and r1jax disagree on the same weights: {parity}"
 
   rows = [launcher_row(args)]
-  first_losses = {}
+  first_losses, steps = {}, {}
   copy = lambda: jax.tree.map(lambda a: a.copy(), params)  # the step donates its state
   scan_cfg = cfg.replace(scan_layers=True)
   for name, make in (("r1jax make_step (jit, sft_loss, AdamW)",
@@ -189,14 +203,17 @@ def main():
                       lambda: torch_step(hf_model, batch, args.lr)),
                      ("r1jax make_step, layers under lax.scan (scan_layers=True)",
                       lambda: r1jax_step(scan_cfg, copy(), batch, args.lr))):
-    once = make()
+    once = steps[name] = make()
     t0 = time.perf_counter()
     first_losses[name] = once()  # the first step (includes our compile), timed separately
-    first_s = time.perf_counter() - t0
-    seconds, all_times = time_steps(once, max(args.warmup - 1, 0), args.runs)
-    rows.append({"name": name, "seconds": seconds,
-                 "tokens_per_s": args.batch * args.seq_len / seconds,
-                 "first_step_s": first_s, "runs_s": all_times})
+    rows.append({"name": name, "first_step_s": time.perf_counter() - t0})
+  # round-robin, one step of each per round: this machine's speed drifts by 10-20 % over a
+  # minute, which would otherwise land on whichever row ran during a slow spell
+  times = time_round_robin(list(steps.values()), max(args.warmup - 1, 0), args.runs)
+  for row, all_times in zip(rows[1:], times):
+    seconds = statistics.median(all_times)
+    row.update(seconds=seconds, tokens_per_s=args.batch * args.seq_len / seconds,
+               runs_s=all_times)
   ratio = rows[0]["tokens_per_s"] / rows[2]["tokens_per_s"]
   step_ratio = rows[1]["tokens_per_s"] / rows[2]["tokens_per_s"]
   loss_gap = abs(list(first_losses.values())[0] - list(first_losses.values())[1])
