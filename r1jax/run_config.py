@@ -178,7 +178,7 @@ def tiny_moe_fields(**overrides) -> dict:
       # mtp
       num_nextn_predict_layers=1,
       moe_impl="blocked", capacity_factor=None,  # dropless; the fast path on CPU
-      scan_layers=False,  # a loop over 4 layers: ~15 % faster steps on CPU than lax.scan
+      scan_layers=False,  # a loop over 4 layers: 5-10 % faster steps on CPU than lax.scan
       dtype="float32", param_dtype="float32")
   fields.update(overrides)
   return fields

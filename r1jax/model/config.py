@@ -152,7 +152,7 @@ class ModelConfig:
   remat: str = "none"
   # the training and scoring forward runs each layer stack under lax.scan (True: compile time
   # independent of depth) or as a Python loop over the layers (False: no stacked residuals or
-  # per-layer slicing and updates in the step; the tiny CPU configs' SFT step is ~15 % faster
+  # per-layer slicing and updates in the step; the tiny CPU configs' SFT step is 5-10 % faster
   # that way, benchmarks/train_step.py). Params are stacked either way. Decoding always scans
   # (the loop made the tiny sampler ~8 % slower).
   scan_layers: bool = True
