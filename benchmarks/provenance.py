@@ -18,11 +18,20 @@ def _git(*args: str) -> str | None:
   return out.stdout.strip() if out.returncode == 0 else None
 
 
+# written by the benchmarks themselves: a run after another one leaves these changed, and they
+# are not code
+RESULT_PATHS = ("benchmarks/results/", "benchmarks/RESULTS.md")
+
+
 def code() -> dict:
-  """{"commit": HEAD's hash or None outside a git checkout, "dirty": tracked files changed}."""
+  """{"commit": HEAD's hash or None outside a git checkout, "dirty": tracked files other than
+  benchmark results changed}."""
   commit = _git("rev-parse", "HEAD")
   status = _git("status", "--porcelain", "--untracked-files=no")
-  return {"commit": commit, "dirty": None if status is None else bool(status)}
+  if status is None:
+    return {"commit": commit, "dirty": None}
+  changed = [line[3:] for line in status.splitlines()]
+  return {"commit": commit, "dirty": any(not p.startswith(RESULT_PATHS) for p in changed)}
 
 
 def describe(d: dict) -> str:

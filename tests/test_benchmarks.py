@@ -76,6 +76,16 @@ def test_results_record_the_commit_they_were_measured_on():
   assert provenance.describe({"commit": got["commit"], "dirty": False}) == got["commit"][:7]
 
 
+def test_dirty_ignores_the_benchmarks_own_result_files(monkeypatch):
+  from benchmarks import provenance
+  status = {"results": " M benchmarks/results/rollout.json\n M benchmarks/RESULTS.md",
+            "code": " M benchmarks/results/rollout.json\n M r1jax/model/decoder.py"}
+  for kind, expected in (("results", False), ("code", True)):
+    monkeypatch.setattr(provenance, "_git",
+                        lambda *args, k=kind: status[k] if args[0] == "status" else "abc")
+    assert provenance.code() == {"commit": "abc", "dirty": expected}, kind
+
+
 def test_grpo_loss_and_grad_match_trl():
   from benchmarks import grpo_vs_trl
   from r1jax.data.tokenizer import CharTokenizer
