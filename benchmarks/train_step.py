@@ -63,17 +63,6 @@ def make_batch(cfg: ModelConfig, B: int, T: int, seed: int = 0) -> dict:
           "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy()}
 
 
-def time_steps(step_once, warmup: int, runs: int):
-  for _ in range(warmup):
-    step_once()
-  times = []
-  for _ in range(runs):
-    t0 = time.perf_counter()
-    step_once()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), times
-
-
 def time_round_robin(fns, warmup: int, runs: int) -> list[list[float]]:
   """Each function's step times, timed one step of each per round."""
   for _ in range(warmup):

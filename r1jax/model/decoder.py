@@ -37,7 +37,8 @@ from r1jax.model.layers import embed, head
 
 
 def _scan_layers(stacked, x, cos, sin, mask, cfg: ModelConfig, token_mask=None, routing=None):
-  """Run a stack of same-shaped layers with lax.scan; returns x and per-layer MoE stats.
+  """Run a stack of same-shaped layers (lax.scan or a loop, `_layer_scan`); returns x and
+  per-layer MoE stats.
   routing [L, B, T, k]: each layer's replayed expert ids (R3), or None."""
   def body(carry, inputs):
     layer_params, replay_ids = inputs
@@ -45,10 +46,13 @@ def _scan_layers(stacked, x, cos, sin, mask, cfg: ModelConfig, token_mask=None, 
                                   replay_ids=replay_ids)
     return out, stats
 
-  body = L.maybe_remat(body, cfg.remat)
-  if cfg.scan_layers:
-    return jax.lax.scan(body, x, (stacked, routing))
-  return _loop(body, x, (stacked, routing))
+  return _layer_scan(cfg)(L.maybe_remat(body, cfg.remat), x, (stacked, routing))
+
+
+def _layer_scan(cfg: ModelConfig):
+  """How the training/scoring forward steps through a layer stack: lax.scan, or with
+  cfg.scan_layers=False the same function unrolled as a Python loop (`_loop`)."""
+  return jax.lax.scan if cfg.scan_layers else _loop
 
 
 def _loop(body, carry, xs):
@@ -123,8 +127,8 @@ def mtp_logits(params, tokens, h, ctx, cfg: ModelConfig):
     return (x, shifted), (logits, stats)
 
   assert T >= 1
-  scan = jax.lax.scan if cfg.scan_layers else _loop
-  _, (logits, stats) = scan(L.maybe_remat(body, cfg.remat), (h, tokens), params["mtp"])
+  _, (logits, stats) = _layer_scan(cfg)(L.maybe_remat(body, cfg.remat), (h, tokens),
+                                        params["mtp"])
   aux = {}
   if stats is not None:
     aux = {"mtp_expert_counts": stats["counts"], "mtp_balance": stats["balance"].sum()}
