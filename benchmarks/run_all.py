@@ -181,6 +181,26 @@ def grpo_vs_trl_md(d):
   return d["ratio"], setup, rows
 
 
+def step_profile_md(d):
+  p = d["profile"]
+  rows = ["| timed (round-robin) | median ms | tokens/s |", "|---|---:|---:|"]
+  tokens = d["batch"] * d["seq_len"]
+  rows += [f"| {r['name']} | {1e3 * r['seconds']:.1f} | {tokens / r['seconds']:.0f} |"
+           for r in d["timed"]]
+  rows += ["", "| op kind (traced full steps) | thread ms per step | ops per step |",
+           "|---|---:|---:|"]
+  rows += [f"| {k['kind']} | {k['ms_per_step']:.2f} | {k['ops_per_step']:.0f} |"
+           for k in p["by_kind"][:12]]
+  share = p["wall_share_by_ops_running"]
+  setup = (f"the tiny MoE's SFT step ({d['batch']} x {d['seq_len']} tokens, MTP off) on "
+           f"{d['cpu_devices']} CPU device; {p['steps']} traced steps of {p['step_wall_ms']:.1f} ms "
+           f"wall, {p['ops_per_step']:.0f} ops and {p['op_thread_ms_per_step']:.1f} ms of op thread "
+           "time each; share of the wall time with 0 / 1 / 2+ ops running: "
+           + " / ".join(f"{100 * share.get(k, 0.0):.0f} %" for k in ("0", "1", "2+"))
+           + "; headline: the share with both cores running an op")
+  return share.get("2+", 0.0), setup, rows
+
+
 @dataclasses.dataclass(frozen=True)
 class Benchmark:
   name: str
@@ -221,6 +241,9 @@ BENCHMARKS = (
               ("--prompts", "4", "--group", "4", "--new_tokens", "16", "--warmup", "1",
                "--runs", "2"), grpo_vs_trl_md, None,
               target_text="none set (> 1: r1jax faster)"),
+    Benchmark("step_profile", "Where the SFT step's time goes on XLA:CPU (a profile)",
+              ("--runs", "5", "--traced", "2"), step_profile_md, None,
+              target_text="none (it explains train_step's gap)", suffix=""),
 )
 BY_NAME = {b.name: b for b in BENCHMARKS}
 

@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import tempfile
 
+import pytest
+
 from benchmarks import run_all
 from r1jax import hf
 from r1jax.model.config import ModelConfig
@@ -84,6 +86,24 @@ def test_dirty_ignores_the_benchmarks_own_result_files(monkeypatch):
     monkeypatch.setattr(provenance, "_git",
                         lambda *args, k=kind: status[k] if args[0] == "status" else "abc")
     assert provenance.code() == {"commit": "abc", "dirty": expected}, kind
+
+
+def test_step_profile_sums_ops_and_their_overlap():
+  from benchmarks import step_profile
+  step = "ThunkExecutor::Execute (wait for completion)"
+  x = lambda name, ts, dur: {"ph": "X", "name": name, "ts": ts, "dur": dur}
+  events = [x(step, 0, 100), x(step, 200, 100),  # two steps of 100 us
+            x("dot.1", 0, 60), x("copy.3", 40, 40),  # step 1: 40 alone, 20 overlapped, 20 alone
+            x("dot.2", 200, 50), x("end: dot.2", 250, 0), x("ThreadpoolListener::Record", 200, 90),
+            x("$api.py:1 block_until_ready", 0, 300)]
+  got = step_profile.op_summary(events, steps=2)
+  assert got["steps"] == 2 and got["step_wall_ms"] == pytest.approx(0.1)
+  assert got["ops_per_step"] == 1.5 and got["op_thread_ms_per_step"] == pytest.approx(0.075)
+  assert [k["kind"] for k in got["by_kind"]] == ["dot", "copy"]
+  assert [k["ms_per_step"] for k in got["by_kind"]] == pytest.approx([0.055, 0.02])
+  # of 200 us of step wall time: 70 with no op (20 + 50 at the steps' ends), 110 with one op,
+  # 20 with two
+  assert got["wall_share_by_ops_running"] == pytest.approx({"0": 0.35, "1": 0.55, "2+": 0.1})
 
 
 def test_grpo_loss_and_grad_match_trl():
