@@ -15,7 +15,9 @@ def _git(*args: str) -> str | None:
     out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
   except (OSError, subprocess.SubprocessError):
     return None
-  return out.stdout.strip() if out.returncode == 0 else None
+  # rstrip only: `git status --porcelain` starts a line with a space (" M path"), and the
+  # path is read from a fixed column
+  return out.stdout.rstrip("\n") if out.returncode == 0 else None
 
 
 # written by the benchmarks themselves: a run after another one leaves these changed, and they

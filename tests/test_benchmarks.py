@@ -88,6 +88,16 @@ def test_dirty_ignores_the_benchmarks_own_result_files(monkeypatch):
     assert provenance.code() == {"commit": "abc", "dirty": expected}, kind
 
 
+def test_dirty_reads_git_status_as_git_prints_it(monkeypatch):
+  """The first line of `git status --porcelain` starts with a space; a stripped output once
+  shifted its path by one character and flagged a changed RESULTS.md as code."""
+  from benchmarks import provenance
+  out = {"rev-parse": "abc\n", "status": " M benchmarks/RESULTS.md\n M benchmarks/results/x.json\n"}
+  monkeypatch.setattr(provenance.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+      cmd, 0, stdout=out[cmd[1]], stderr=""))
+  assert provenance.code() == {"commit": "abc", "dirty": False}
+
+
 def test_step_profile_sums_ops_and_their_overlap():
   from benchmarks import step_profile
   step = "ThunkExecutor::Execute (wait for completion)"
