@@ -36,8 +36,6 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import provenance  # noqa: E402
 from benchmarks import train_step as ts  # noqa: E402
 from r1jax import model, train  # noqa: E402
-from r1jax.run_config import tiny_moe_fields  # noqa: E402
-from r1jax.model.config import ModelConfig  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "step_profile.json"
 # trace events that are not ops: the executor's own spans, thread-pool bookkeeping, Python
@@ -92,7 +90,7 @@ def main():
   ap.add_argument("--out", default=str(RESULTS))
   args = ap.parse_args()
 
-  cfg = ModelConfig.from_config(tiny_moe_fields(num_nextn_predict_layers=0))
+  cfg = ts.tiny_config(capacity_factor=None, moe_impl="blocked")  # train_step's model
   params = jax.jit(model.init, static_argnums=0)(cfg, jax.random.key(0))
   batch = ts.make_batch(cfg, args.batch, args.seq_len)
   device_batch = jax.tree.map(jnp.asarray, batch)
