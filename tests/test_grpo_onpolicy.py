@@ -136,3 +136,40 @@ def test_fp8_policy_samples_and_scores_alike(monkeypatch):
   m = _first_update_metrics(c, cfg, params, "grpo")
   assert m["logp_mismatch_mean"] > 0.03 and m["mismatch_clip_frac"] > 0.05, m
   jax.clear_caches()
+
+
+def test_length_bucket_cuts_padding_and_keeps_the_loss():
+  """`length_bucket` ends the update's batch after the longest completion (rounded up): the cut
+  columns are padding in every row and the model is causal, so the loss and its gradient are
+  those of the full-width batch. Checked on r1_tiny's MoE policy with a hand-built rollout whose
+  completions stop at 3-9 of 16 tokens; the negative control shows the comparison can fail."""
+  path = os.path.join(ROOT, "configs", "r1_tiny.py")
+  c, cfg, params = _setup(path)
+  pcfg = sampler.policy_config(cfg)
+  rng = np.random.default_rng(0)
+  B, P, N = 8, 16, 16
+  prompt_lengths = rng.integers(4, P + 1, size=B).astype(np.int32)
+  lengths = rng.integers(3, 10, size=B).astype(np.int32)
+  toks = rng.integers(3, cfg.vocab_size, size=(B, P + N)).astype(np.int32)
+  mask = np.arange(N)[None, :] < lengths[:, None]
+  toks[:, P:] = np.where(mask, toks[:, P:], 0)
+  toks[:, :P] = np.where(np.arange(P)[None, :] >= P - prompt_lengths[:, None], toks[:, :P], 0)
+  logp = np.where(mask, -rng.uniform(0.5, 3.0, size=(B, N)), 0).astype(np.float32)
+  rollout = sampler.Rollout(tokens=toks, completion=toks[:, P:], logprobs=logp,
+                            completion_mask=mask, lengths=lengths,
+                            truncated=np.zeros(B, bool), prompt_lengths=prompt_lengths)
+  adv = rng.normal(size=B).astype(np.float32)
+  full = grpo_stage.grpo_batch(rollout, adv, mask_truncated=False)
+  cut = grpo_stage.grpo_batch(rollout, adv, mask_truncated=False, length_bucket=4)
+  assert full.tokens.shape == (B, P + N - 1)
+  assert cut.tokens.shape == (B, P + 12 - 1)  # longest completion 9 -> 12
+  np.testing.assert_array_equal(cut.loss_mask.sum(), full.loss_mask.sum())
+  loss = grpo.grpo_loss(pcfg, loss_type="grpo", eps_low=0.2, eps_high=0.2, beta=0.0, budget=N)
+  grad = testing.jit(jax.value_and_grad(lambda p, b: loss(p, b, None, None)[0]))
+  (l_full, g_full), (l_cut, g_cut) = grad(params, full), grad(params, cut)
+  np.testing.assert_allclose(float(l_cut), float(l_full), rtol=1e-5, atol=1e-7)
+  for a, b in zip(jax.tree.leaves(g_cut), jax.tree.leaves(g_full)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+  # negative control: cutting one completion token too many changes the loss
+  short = jax.tree.map(lambda x: x[:, :-4] if getattr(x, "ndim", 0) == 2 else x, cut)
+  assert abs(float(grad(params, short)[0]) - float(l_full)) > 1e-4

@@ -145,6 +145,9 @@ class GRPOConfig(StageConfig):
       token_mis | seq_mis (truncated importance sampling or masking, per token or sequence).
     is_threshold: TIS: the weight's upper bound C; MIS: the upper bound of kept ratios.
     is_threshold_low: MIS: the lower bound of kept ratios.
+    length_bucket: 0: the update runs on prompt + max_new_tokens columns (one compiled shape).
+      > 0: on prompt + the batch's longest completion, rounded up to a multiple of this; the
+      same loss with less work when completions are short, at one compile per length.
   """
   prompts_per_step: int = 16
   group_size: int = 8
@@ -168,6 +171,7 @@ class GRPOConfig(StageConfig):
   is_correction: str = "none"
   is_threshold: float = 2.0
   is_threshold_low: float = 0.5
+  length_bucket: int = 0
 
   def check(self, need):
     super().check(need)
@@ -194,6 +198,7 @@ class GRPOConfig(StageConfig):
     need(self.is_threshold > 0, "is_threshold", "must be > 0")
     need(0 <= self.is_threshold_low < self.is_threshold, "is_threshold_low",
          "must be in [0, is_threshold)")
+    need(self.length_bucket >= 0, "length_bucket", "must be >= 0")
 
   @property
   def rows(self) -> int:

@@ -10,6 +10,7 @@ The first update of every batch logs how far the two are apart (`logp_mismatch_*
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -25,12 +26,26 @@ from r1jax.train.losses import grpo as grpo_lib
 
 
 def grpo_batch(rollout: sampler.Rollout, advantages, *, mask_truncated: bool,
-               routing: bool = False) -> grpo_lib.GRPOBatch:
-  """Sampler output -> the update's batch (host arrays; r1jax.train.losses.GRPOBatch)."""
+               routing: bool = False, length_bucket: int = 0) -> grpo_lib.GRPOBatch:
+  """Sampler output -> the update's batch (host arrays; r1jax.train.losses.GRPOBatch).
+
+  With `length_bucket` > 0 the batch ends after the longest completion, rounded up to a
+  multiple of `length_bucket` tokens (at most max_new_tokens): the columns cut are padding in
+  every row, and the model is causal, so the loss is the same and the update does less work.
+  Each distinct length compiles the update once."""
   toks = np.asarray(rollout.tokens)
   B, L = toks.shape
   N = rollout.completion.shape[1]
   P = L - N
+  if length_bucket > 0:
+    longest = int(np.max(rollout.lengths)) if B else N
+    keep = P + min(N, -(-max(longest, 1) // length_bucket) * length_bucket)
+    rollout = dataclasses.replace(
+        rollout, tokens=toks[:, :keep], completion=rollout.completion[:, :keep - P],
+        logprobs=np.asarray(rollout.logprobs)[:, :keep - P],
+        completion_mask=np.asarray(rollout.completion_mask)[:, :keep - P],
+        routing=None if rollout.routing is None else np.asarray(rollout.routing)[:, :keep])
+    return grpo_batch(rollout, advantages, mask_truncated=mask_truncated, routing=routing)
   t = np.arange(L)[None, :]
   pad = (P - np.asarray(rollout.prompt_lengths))[:, None]
   end = P + np.asarray(rollout.lengths)[:, None]
@@ -103,7 +118,7 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
                                   engine.refill_pairs(zero_var, candidate_zero_var), G)
       adv, zero_var = grpo_lib.group_advantages(scored.rewards, G, s.advantage_scale)
     batch = grpo_batch(scored.rollout, adv, mask_truncated=s.mask_truncated,
-                       routing=s.routing_replay)
+                       routing=s.routing_replay, length_bucket=s.length_bucket)
     if ctx.is_main and step % max(int(c.log.every_steps), 1) == 0:
       # written as they come, so a run resumed from a checkpoint keeps the samples before it
       samples[:] = [x for x in samples if x["step"] < step]
