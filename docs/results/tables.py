@@ -5,6 +5,7 @@
     python docs/results/tables.py --dir one_order   # the same for the runs kept in a subfolder
     python docs/results/tables.py --probes | --fresh   # cold-start probes; the larger check
     python docs/results/tables.py --fresh --dir old_sampler   # that check's earlier problem sets
+    python docs/results/tables.py --stage_probe grpo_steps_probe   # runs of some stages only
     python docs/results/tables.py --save RUN_DIR NAME --command "..." --commit SHA --wall S \
         [--tuned] [--alone] [--note "..."]
         # copy a run's summary.json here as NAME.json with what produced it
@@ -183,6 +184,23 @@ def _r1_tiny_goals(runs):
     print(f"| {goal} | {value} | {'yes' if met else 'no'} |")
 
 
+def stage_probe_table(folder: str):
+  """Probe runs of some of the recipe's stages (each file one run): per stage, greedy eval-set
+  accuracy all / uncovered, uncovered pass@1 / pass@k, and the large held-out set's accuracy."""
+  print("| run | stage | eval all | eval uncovered | uncovered pass@1 / pass@k | held-out |")
+  print("|---|---|---|---|---|---|")
+  for path in sorted(glob.glob(os.path.join(folder, "*.json")), key=lambda p: (_seed(p), p)):
+    with open(path) as f:
+      s = json.load(f)
+    for e in s["stages"]:
+      if not e.get("eval"):
+        continue
+      h = _heldout(e)
+      print(f"| {os.path.basename(path)[:-5]} | {e['name']} | {_acc(e)} | "
+            f"{_acc(e, 'uncovered')} | {_acc(e, 'uncovered', 'pass@1')} / "
+            f"{_acc(e, 'uncovered', 'pass@k')} | {'' if h is None else f'{h:.3f}'} |")
+
+
 def cold_start_probes():
   """Cold-start-only runs (cold_start_probes/*.json) next to the cold starts of the full runs
   with one operand order (one_order/): greedy accuracy all / covered / uncovered."""
@@ -274,6 +292,8 @@ def main():
   ap.add_argument("--dir", help="print the r1_tiny tables of the runs in this subfolder (with "
                   "--fresh: of fresh_uncovered/)")
   ap.add_argument("--probes", action="store_true", help="print the cold-start probe table")
+  ap.add_argument("--stage_probe", metavar="SUBDIR",
+                  help="print the runs of some stages only kept in this subfolder")
   ap.add_argument("--fresh", action="store_true",
                   help="print the larger uncovered check (fresh_uncovered.py)")
   a = ap.parse_args()
@@ -286,6 +306,9 @@ def main():
     return
   if a.dir and not a.fresh:
     r1_tiny_tables(os.path.join(HERE, a.dir))
+    return
+  if a.stage_probe:
+    stage_probe_table(os.path.join(HERE, a.stage_probe))
     return
   if a.probes:
     cold_start_probes()

@@ -38,8 +38,8 @@ def grpo_batch(rollout: sampler.Rollout, advantages, *, mask_truncated: bool,
   N = rollout.completion.shape[1]
   P = L - N
   if length_bucket > 0:
-    longest = int(np.max(rollout.lengths)) if B else N
-    keep = P + min(N, -(-max(longest, 1) // length_bucket) * length_bucket)
+    longest = max(int(np.max(rollout.lengths)), 1)
+    keep = P + min(N, -(-longest // length_bucket) * length_bucket)
     rollout = dataclasses.replace(
         rollout, tokens=toks[:, :keep], completion=rollout.completion[:, :keep - P],
         logprobs=np.asarray(rollout.logprobs)[:, :keep - P],
