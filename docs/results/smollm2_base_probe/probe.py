@@ -1,6 +1,6 @@
 """Does SmolLM2-135M-Instruct ever answer a word problem right, in the R1-Zero format?
 
-    python docs/results/smollm2_base_probe/probe.py   # ~10 min on a 2-core CPU
+    python docs/results/smollm2_base_probe/probe.py   # about 15 min on an idle 2-core CPU
 
 R1-Zero's accuracy reward needs a final answer in <answer> </answer> (or \\boxed{}). GRPO can
 only turn accuracy into reward where the base model sometimes earns it. This scores the base
