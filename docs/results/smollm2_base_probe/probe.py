@@ -6,7 +6,9 @@ R1-Zero's accuracy reward needs a final answer in <answer> </answer> (or \\boxed
 only turn accuracy into reward where the base model sometimes earns it. This scores the base
 model, before any RL, on 32 word problems of the task module (`tasks.word_problem_records`, the
 problems r1_zero_smollm2 trains on) under four user-turn prompts in its own chat template, greedy
-and 4 samples at T=0.8, and writes results.json here.
+and 4 samples at T=0.8, and writes results.json here. The prompts other than the shipped one are
+not library templates, so this generates and scores with `sampler.generate` and `engine.score`
+directly rather than through `engine.rollout`, which takes a template name.
 """
 
 import json
@@ -25,8 +27,8 @@ from r1jax.parallel import mesh as mesh_lib
 from r1jax.rollout import engine, sampler
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-INSTRUCTIONS = {  # the user turn: instruction + question, or question + instruction
-    "r1_zero_chat (shipped)": lambda q: f"{template_lib.R1_ZERO_INSTRUCTION}\n{q}",
+SHIPPED = "r1_zero_chat (shipped)"  # the library's own template, `format_prompt`
+INSTRUCTIONS = {  # the user turn of the other prompts: question + instruction
     "short, no example": lambda q: (f"{q}\nThink it through inside <think> </think>, then give "
                                     "the final number inside <answer> </answer>."),
     "short, one example": lambda q: (f"{q}\nAnswer like this example: <think> 3 + 2 = 5 </think> "
@@ -46,11 +48,14 @@ def main():
   rows = []
   for digits in [(1, 1), (1, 2)]:
     records = tasks.word_problem_records(32, [0, 10], min_digits=digits[0], max_digits=digits[1])
-    for name, user in INSTRUCTIONS.items():
+    for name in (SHIPPED, *INSTRUCTIONS):
+      def prompt(q, name=name):
+        if name == SHIPPED:
+          return template_lib.format_prompt(q, "r1_zero_chat", m)
+        return f"{m.bos}{m.user}{INSTRUCTIONS[name](q)}{m.assistant}<think>"
       for greedy in (True, False):
         repeats = 1 if greedy else 4
-        prompts = [f"{m.bos}{m.user}{user(r['question'])}{m.assistant}<think>"
-                   for r in records for _ in range(repeats)]
+        prompts = [prompt(r["question"]) for r in records for _ in range(repeats)]
         ids = [tok.encode(p) for p in prompts]
         t0 = time.time()
         with jax.set_mesh(mesh_lib.make_mesh()):
