@@ -11,6 +11,7 @@ training config's capacity-limited MoE (what the update used before it shared th
 policy config), the same tokens get different log-probs.
 """
 
+import dataclasses
 import glob
 import os
 
@@ -54,8 +55,13 @@ def _setup(path, fields=None):
   return c, cfg, params
 
 
-def _first_update_metrics(c, cfg, params, stage, score_cfg=None):
+def _first_update_metrics(c, cfg, params, stage, score_cfg=None, temperature=None,
+                          loss_temperature=None):
   s = run_config.stage_configs(c)[stage]
+  if temperature is not None:
+    s = dataclasses.replace(s, temperature=temperature)
+  if loss_temperature is None:
+    loss_temperature = s.temperature
   tok = get_tokenizer(sources.resolve(c.data.tokenizer))
   records = recipe.make_splits(c)["rl"][:PROMPTS]
   pcfg = sampler.policy_config(cfg)
@@ -71,7 +77,8 @@ def _first_update_metrics(c, cfg, params, stage, score_cfg=None):
   batch = jax.tree.map(np.asarray, grpo_stage.grpo_batch(
       scored.rollout, adv, mask_truncated=s.mask_truncated, routing=s.routing_replay))
   loss = grpo.grpo_loss(score_cfg or pcfg, loss_type=s.loss_type, policy_loss=s.policy_loss,
-                        eps_low=s.eps_low, eps_high=s.eps_high, beta=s.beta, budget=MAX_NEW)
+                        eps_low=s.eps_low, eps_high=s.eps_high, beta=s.beta, budget=MAX_NEW,
+                        temperature=loss_temperature)
   _, metrics = testing.jit(loss)(params, batch, None, params if s.beta > 0 else None)
   assert float(metrics["tokens"]) > PROMPTS * s.group_size  # completions were scored
   return {k: float(v) for k, v in metrics.items() if not k.startswith("_")}
@@ -95,6 +102,20 @@ def test_first_update_is_exactly_on_policy(path, stage):
   assert abs(m["ratio_max"] - 1) < tol and abs(m["ratio_min"] - 1) < tol, m
   assert m["logp_mismatch_max"] < tol, m
   assert m["mismatch_clip_frac"] == 0 and m["clip_frac"] == 0, m
+
+
+def test_tempered_rollouts_are_on_policy_for_the_tempered_loss():
+  """Rollouts at temperature 1.5 return log-probs of softmax(logits / 1.5), and the loss at the
+  stage's temperature scores that same distribution: ratio 1 to float noise. The negative
+  control scores them at temperature 1 (what the loss did before it took the temperature): the
+  log-probs move by far more than noise."""
+  path = os.path.join(ROOT, "configs", "r1_tiny.py")
+  c, cfg, params = _setup(path)
+  m = _first_update_metrics(c, cfg, params, "grpo", temperature=1.5)
+  assert abs(m["ratio_max"] - 1) < 3e-5 and abs(m["ratio_min"] - 1) < 3e-5, m
+  assert m["logp_mismatch_max"] < 3e-5 and m["clip_frac"] == 0, m
+  off = _first_update_metrics(c, cfg, params, "grpo", temperature=1.5, loss_temperature=1.0)
+  assert off["logp_mismatch_max"] > 1e-2, off
 
 
 def test_scoring_with_the_capacity_limited_training_config_is_off_policy():

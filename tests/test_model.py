@@ -107,6 +107,31 @@ def test_layer_loop_matches_the_layer_scan(params, tokens):
   np.testing.assert_allclose(replayed[1], replayed[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_tempered_target_logprobs_match_the_hand_computed_ones(params, tokens, chunk):
+  """target_logprobs(temperature=T): log p and entropy of softmax(logits / T), computed here by
+  hand from the model's logits, on the full-logits and the chunked head. Temperature 1 is the
+  untempered default; the negative control shows T changes the figures."""
+  cfg = CFG.replace(logits_chunk=chunk)
+  targets = jnp.roll(tokens, -1, axis=1)
+  logits = np.asarray(jit(functools.partial(model.forward, cfg=cfg))(params, tokens), np.float64)
+  got = {}
+  for t in (1.0, 1.7):
+    logp, ent, _ = jit(functools.partial(model.target_logprobs, cfg=cfg, entropy=True,
+                                         temperature=t))(params, tokens, targets)
+    z = logits / t
+    z = z - z.max(-1, keepdims=True)
+    lsm = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    want = np.take_along_axis(lsm, np.asarray(targets)[..., None], -1)[..., 0]
+    np.testing.assert_allclose(np.asarray(logp), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ent), -(np.exp(lsm) * lsm).sum(-1), rtol=1e-5,
+                               atol=1e-5)
+    got[t] = np.asarray(logp)
+  default, _, _ = jit(functools.partial(model.target_logprobs, cfg=cfg))(params, tokens, targets)
+  np.testing.assert_array_equal(np.asarray(default), got[1.0])
+  assert np.abs(got[1.7] - got[1.0]).max() > 1e-2
+
+
 @pytest.mark.parametrize("tie", [False, True])
 def test_chunked_logits_give_the_same_losses_and_gradients(params, tokens, tie):
   """logits_chunk=5 (32 tokens: 7 chunks, the last padded) computes the SFT loss (with MTP) and

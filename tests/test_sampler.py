@@ -132,7 +132,14 @@ def test_top_k_1_and_tiny_top_p_equal_greedy(student, prompts):
   for kw in (dict(top_k=1), dict(top_p=1e-6), dict(top_k=3, top_p=1e-6, temperature=2.0)):
     out = _gen(student, prompts, rng=jax.random.key(1), **kw)
     np.testing.assert_array_equal(out.completion, greedy.completion, err_msg=str(kw))
-    np.testing.assert_allclose(out.logprobs, greedy.logprobs, atol=1e-6, err_msg=str(kw))
+    want = greedy.logprobs
+    if "temperature" in kw:  # log-probs of softmax(logits / T), before top-k / top-p
+      full = _full_forward_logprobs(student, prompts, out.completion) / kw["temperature"]
+      full = full - jax.scipy.special.logsumexp(full, axis=-1, keepdims=True)
+      want = np.where(out.completion_mask, np.take_along_axis(
+          np.asarray(full), out.completion[..., None], -1)[..., 0], 0)
+      assert np.abs(want - greedy.logprobs).max() > 0.1  # the temperature is in them
+    np.testing.assert_allclose(out.logprobs, want, atol=2e-5, err_msg=str(kw))
   # top-k = 2 only ever picks one of the two most likely tokens
   out = _gen(student, prompts, rng=jax.random.key(2), top_k=2, temperature=5.0)
   ref = _full_forward_logprobs(student, prompts, out.completion)

@@ -54,15 +54,17 @@ def forward(params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=Non
 
 def target_logprobs(params, tokens, targets, cfg: ModelConfig, *, segment_ids=None,
                     positions=None, mtp: bool = False, token_mask=None, routing=None,
-                    entropy: bool = False):
+                    entropy: bool = False, temperature: float = 1.0):
   """(log p(targets) fp32 [B, T], per-position entropy [B, T] or None, aux): what the SFT and
-  GRPO losses need, without the [B, T, V] logits when `cfg.logits_chunk` is set."""
+  GRPO losses need, without the [B, T, V] logits when `cfg.logits_chunk` is set. Both are of
+  softmax(logits / temperature): GRPO trains the distribution its rollouts sample from."""
   kw = dict(segment_ids=segment_ids, positions=positions, mtp=mtp, token_mask=token_mask,
             routing=routing)
   if cfg.logits_chunk:
-    return decoder.chunked_target_logprobs(params, tokens, targets, cfg, entropy=entropy, **kw)
+    return decoder.chunked_target_logprobs(params, tokens, targets, cfg, entropy=entropy,
+                                           temperature=temperature, **kw)
   logits, aux = forward_with_aux(params, tokens, cfg, **kw)
-  return (*decoder.logits_logprobs(logits, targets, entropy), aux)
+  return (*decoder.logits_logprobs(logits, targets, entropy, temperature), aux)
 
 
 __all__ = ["forward", "forward_with_aux", "target_logprobs", "init", "abstract", "declare",

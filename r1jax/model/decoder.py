@@ -135,8 +135,10 @@ def mtp_logits(params, tokens, h, ctx, cfg: ModelConfig):
   return logits, aux
 
 
-def _head_logprobs(params, h_BTD, targets_BT, cfg: ModelConfig, entropy: bool):
-  """log p(targets) and the entropy per position, fp32 [B, T], from final-normed hidden states.
+def _head_logprobs(params, h_BTD, targets_BT, cfg: ModelConfig, entropy: bool,
+                   temperature: float = 1.0):
+  """log p(targets) and the entropy per position, fp32 [B, T], from final-normed hidden states,
+  under softmax(logits / temperature).
   The head and its softmax run on `cfg.logits_chunk` positions of every row at a time (the batch
   axis stays whole, so its sharding over the mesh's batch axes is kept), each chunk recomputed in
   the backward pass (jax.checkpoint): at most [B, chunk, V] logits exist at once."""
@@ -149,7 +151,7 @@ def _head_logprobs(params, h_BTD, targets_BT, cfg: ModelConfig, entropy: bool):
 
   @jax.checkpoint
   def one(h_c, t_c):
-    logp = jax.nn.log_softmax(head(params, h_c, cfg), axis=-1)  # [B, chunk, V] fp32
+    logp = jax.nn.log_softmax(_tempered(head(params, h_c, cfg), temperature), axis=-1)
     picked = jnp.take_along_axis(logp, t_c[..., None], axis=-1)[..., 0]
     ent = -jnp.sum(jnp.exp(logp) * logp, -1) if entropy else jnp.zeros_like(picked)
     return picked, ent
@@ -159,9 +161,17 @@ def _head_logprobs(params, h_BTD, targets_BT, cfg: ModelConfig, entropy: bool):
   return unpad(picked), (unpad(ent) if entropy else None)
 
 
-def logits_logprobs(logits_BTV, targets_BT, entropy: bool):
-  """(log p(targets) fp32 [B, T], entropy [B, T] or None) from full logits."""
-  logp = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+def _tempered(logits, temperature: float):
+  """fp32 logits / temperature; at temperature 1 the logits themselves (no division)."""
+  logits = logits.astype(jnp.float32)
+  return logits if temperature == 1.0 else logits / temperature
+
+
+def logits_logprobs(logits_BTV, targets_BT, entropy: bool, temperature: float = 1.0):
+  """(log p(targets) fp32 [B, T], entropy [B, T] or None) from full logits, under
+  softmax(logits / temperature)."""
+  logits_BTV = _tempered(logits_BTV, temperature)
+  logp = jax.nn.log_softmax(logits_BTV, axis=-1)
   picked = jnp.take_along_axis(logp, targets_BT[..., None], axis=-1)[..., 0]
   if not entropy:
     return picked, None
@@ -171,13 +181,13 @@ def logits_logprobs(logits_BTV, targets_BT, entropy: bool):
 
 def chunked_target_logprobs(params, tokens, targets, cfg: ModelConfig, *, segment_ids=None,
                             positions=None, mtp: bool = False, token_mask=None, routing=None,
-                            entropy: bool = False):
+                            entropy: bool = False, temperature: float = 1.0):
   """`forward_with_aux` + `logits_logprobs` with the head run `cfg.logits_chunk` positions at a
   time (`_head_logprobs`): (log p(targets), entropy or None, aux), no [B, T, V] logits."""
   x, aux, ctx = forward_hidden(params, tokens, cfg, segment_ids=segment_ids, positions=positions,
                                token_mask=token_mask, routing=routing)
   picked, ent = _head_logprobs(params, L.rms_norm(x, params["final_norm"], cfg.rms_norm_eps),
-                               targets, cfg, entropy)
+                               targets, cfg, entropy, temperature)
   if mtp and "mtp" in params:
     aux["mtp_logits"], mtp_aux = mtp_logits(params, tokens, x, ctx, cfg)
     aux.update(mtp_aux)

@@ -12,10 +12,11 @@ stopped or `max_new_tokens` is reached. The jitted core is cached by `jax.jit` p
 whether top-k/top-p filtering is on); temperature, top-k, top-p, greedy and the stop ids are
 traced, so changing them does not recompile.
 
-`logprobs` are log p(token) under the model's *untempered* distribution (temperature 1, no top-k
-or top-p), whatever the sampling settings: they are GRPO's old log-probs when rollouts sample at
-temperature 1 without truncation. At other settings they are not the sampling distribution's
-log-probs (recompute them with the policy if the loss needs those).
+`logprobs` are log p(token) under softmax(logits / temperature), before top-k or top-p (greedy:
+temperature 1). They are GRPO's old log-probs: its loss scores the same tempered distribution
+(`model.target_logprobs(temperature=...)`, as TRL and verl do), so without top-k/top-p they are
+the sampling distribution's log-probs. With top-k or top-p they are not (the truncation is not
+in them), and the loss does not model it either.
 
 Sharding: called inside `with jax.set_mesh(mesh)`, the batch is split over the mesh's batch
 axes (when it divides) and the MoE dispatches experts with `shard_map`; the sampled tokens do not
@@ -76,15 +77,17 @@ def filter_logits(logits_BV, temperature, top_k, top_p):
 
 
 def sample_token(logits_BV, key, knobs, filtered: bool):
-  """Next tokens [B] int32 and their untempered log-probs [B] fp32. `knobs` holds the traced
-  settings (temperature, top_k, top_p, greedy); `filtered` (static) compiles top-k/top-p in."""
+  """Next tokens [B] int32 and their log-probs [B] fp32 under softmax(logits / temperature),
+  before top-k/top-p. `knobs` holds the traced settings (temperature, top_k, top_p, greedy);
+  `filtered` (static) compiles top-k/top-p in."""
   # ids past the tokenizer's vocabulary (padded embedding rows) are never sampled
   allowed = jnp.where(jnp.arange(logits_BV.shape[-1]) < knobs["vocab_limit"], logits_BV, -jnp.inf)
   scaled = (filter_logits(allowed, knobs["temperature"], knobs["top_k"], knobs["top_p"])
             if filtered else allowed / knobs["temperature"])
   token = jnp.where(knobs["greedy"], jnp.argmax(allowed, axis=-1),
                     jax.random.categorical(key, scaled, axis=-1)).astype(jnp.int32)
-  logprob = jnp.take_along_axis(jax.nn.log_softmax(logits_BV, axis=-1), token[:, None], -1)[:, 0]
+  tempered = logits_BV.astype(jnp.float32) / knobs["temperature"]  # x / 1.0 == x exactly
+  logprob = jnp.take_along_axis(jax.nn.log_softmax(tempered, axis=-1), token[:, None], -1)[:, 0]
   return token, logprob
 
 

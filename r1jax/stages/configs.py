@@ -127,7 +127,9 @@ class GRPOConfig(StageConfig):
 
   Attributes:
     prompts_per_step, group_size: prompts per step and completions per prompt (G).
-    max_new_tokens, temperature, top_p: rollout sampling.
+    max_new_tokens, temperature, top_p: rollout sampling. The loss scores the same tempered
+      distribution, softmax(logits / temperature), so the policy trained is the one sampled;
+      greedy evaluation (argmax) does not depend on it.
     reward_weights: {reward name: weight}; the total reward is the weighted sum.
     policy_loss: a registered policy loss (`r1jax.train.losses.policy`): "grpo" (PPO clip of the
       token ratio) or "gspo" (clip of the length-normalized sequence ratio).

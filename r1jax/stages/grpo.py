@@ -76,14 +76,15 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
   loss = grpo_lib.grpo_loss(pcfg, loss_type=s.loss_type, policy_loss=s.policy_loss,
                             eps_low=s.eps_low, eps_high=s.eps_high, beta=s.beta, budget=N,
                             is_correction=s.is_correction, is_threshold=s.is_threshold,
-                            is_threshold_low=s.is_threshold_low)
+                            is_threshold_low=s.is_threshold_low, temperature=s.temperature)
   lora_cfg = common.lora_config(ctx)
   # the reference policy: with LoRA the frozen base itself, else a copy of the start params
   step_fn = train.make_step(loss, tx, lr, accum_steps=int(c.train.accum_steps),
                             bias_gamma=float(c.train.bias_gamma) if cfg.is_moe else 0.0,
                             nonfinite=c.train.nonfinite,
                             reference_is_base=lora_cfg is not None and s.beta > 0)
-  old_logprobs = grpo_lib.old_logprobs_fn(pcfg) if s.is_correction != "none" else None
+  old_logprobs = (grpo_lib.old_logprobs_fn(pcfg, s.temperature) if s.is_correction != "none"
+                  else None)
   state = {"train": common.new_state(ctx, params, tx, name, cfg, lora_cfg),
            "ref": params if s.beta > 0 and lora_cfg is None else None}
   seed = ctx.seed(name)

@@ -106,10 +106,13 @@ def _masked_stats(x, mask, n):
 def grpo_loss(cfg: ModelConfig, *, loss_type: str = "grpo", policy_loss: str = "grpo",
               eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.0, budget: int = 1,
               is_correction: str = "none", is_threshold: float = 2.0,
-              is_threshold_low: float = 0.5):
+              is_threshold_low: float = 0.5, temperature: float = 1.0):
   """Loss plug-in over `GRPOBatch`es; `frozen` is the reference model's params when beta > 0
   (else None). `budget` is the completion token budget (Dr. GRPO's constant normalizer). `cfg`
-  must be the policy config the sampler ran (`rollout.sampler.policy_config`)."""
+  must be the policy config the sampler ran (`rollout.sampler.policy_config`). `temperature`
+  must be the rollouts' sampling temperature: every log-prob (policy, reference, entropy) is of
+  softmax(logits / temperature), the distribution the sampler drew from and whose log-probs it
+  returned, so the policy trained is the one sampled (TRL and verl do the same)."""
   assert loss_type in pl.AGGREGATIONS, loss_type
   assert policy_loss in pl.POLICY_LOSSES, policy_loss
   assert is_correction in pl.IS_CORRECTIONS, is_correction
@@ -118,7 +121,7 @@ def grpo_loss(cfg: ModelConfig, *, loss_type: str = "grpo", policy_loss: str = "
     return model.target_logprobs(params, batch.tokens, batch.targets, cfg,
                                  segment_ids=batch.segment_ids, token_mask=batch.segment_ids > 0,
                                  positions=batch.positions, routing=batch.routing,
-                                 entropy=entropy)
+                                 entropy=entropy, temperature=temperature)
 
   def loss_fn(params, batch: GRPOBatch, rng, ref_params):
     del rng
@@ -167,13 +170,14 @@ def grpo_loss(cfg: ModelConfig, *, loss_type: str = "grpo", policy_loss: str = "
   return loss_fn
 
 
-def old_logprobs_fn(cfg: ModelConfig):
-  """jitted (params, batch) -> the trainer's log p(targets) [B, T] at `params`, no gradient: the
-  old log-probs of an importance-corrected update."""
+def old_logprobs_fn(cfg: ModelConfig, temperature: float = 1.0):
+  """jitted (params, batch) -> the trainer's log p(targets) [B, T] at `params` and `temperature`,
+  no gradient: the old log-probs of an importance-corrected update."""
   def fn(params, batch: GRPOBatch):
     logp, _, _ = model.target_logprobs(params, batch.tokens, batch.targets, cfg,
                                        segment_ids=batch.segment_ids,
                                        token_mask=batch.segment_ids > 0,
-                                       positions=batch.positions, routing=batch.routing)
+                                       positions=batch.positions, routing=batch.routing,
+                                       temperature=temperature)
     return logp * batch.loss_mask
   return jax.jit(fn)
