@@ -50,7 +50,8 @@ class Rollout:
   """Numpy outputs of `generate`. P is the bucketed prompt length, N = max_new_tokens."""
   tokens: np.ndarray  # int32 [B, P + N]: left-padded prompt, then the completion
   completion: np.ndarray  # int32 [B, N], pad_id after the stop token
-  logprobs: np.ndarray  # float32 [B, N], untempered log p of each sampled token; 0 past the end
+  # float32 [B, N], log p of each sampled token under softmax(logits / temperature); 0 past the end
+  logprobs: np.ndarray
   completion_mask: np.ndarray  # bool [B, N], True for the `lengths` generated tokens
   lengths: np.ndarray  # int32 [B], completion lengths including the stop token
   truncated: np.ndarray  # bool [B], no stop token within N
