@@ -33,7 +33,9 @@ def save(run_dir: str, name: str, **run):
   with open(os.path.join(run_dir, "summary.json")) as f:
     summary = json.load(f)
   summary["run"] = dict(summary.get("run", {}), **{k: v for k, v in run.items() if v is not None})
-  with open(os.path.join(HERE, f"{name}.json"), "w") as f:
+  path = os.path.join(HERE, f"{name}.json")
+  os.makedirs(os.path.dirname(path), exist_ok=True)  # a new subfolder for a new probe
+  with open(path, "w") as f:
     json.dump(summary, f, indent=2)
 
 
