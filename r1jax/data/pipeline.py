@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 SFT_FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 # A few prefetch threads: tokenization is cheap, and the hosts' cores belong to the train step.
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
+_BATCH_PREFETCH = 2  # SFT batches built ahead of the step that consumes them
 
 
 # ----------------------------------------------------------------------------- record files
@@ -225,6 +226,9 @@ def sft_batches(records: Sequence[Mapping], tokenizer: Tokenizer, *, seq_len: in
   else:
     ds = ds.map(lambda example: _pad_example(example, seq_len))
     ds = ds.batch(batch_size, drop_remainder=True).to_iter_dataset(_READ_OPTIONS)
+  # Packing runs in Python; a background thread builds the next batches while the device
+  # trains on this one (its checkpointed state is that of the batches handed out).
+  ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=_BATCH_PREFETCH)
   return iter(ds)
 
 

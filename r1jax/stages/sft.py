@@ -94,8 +94,11 @@ def _run(ctx: common.Context, name: str, stage_cfg, cfg: ModelConfig, params, lo
     return common.shard(ctx, next(it)), {"flops": step_flops}
 
   with jax.set_mesh(ctx.mesh):
-    state, metrics = common.train_loop(ctx, name, state, steps=steps, next_batch=next_batch,
-                                       data_iter=it, update=lambda s, b: step_fn(s, b, frozen))
+    try:
+      state, metrics = common.train_loop(ctx, name, state, steps=steps, next_batch=next_batch,
+                                         data_iter=it, update=lambda s, b: step_fn(s, b, frozen))
+    finally:
+      it.close()  # stops its prefetch thread
   common.record_lora_output(ctx, name, state)
   return train.full_params(state), metrics
 
