@@ -18,7 +18,8 @@ split: `data.num_heldout_uncovered`) is disjoint from the traces and the RL prom
 operand order, and each split is a uniform random subset of its kind's problems, so the held-out
 problems look like the training ones (the covered kind has 955 problems; the splits use 950).
 The cold start never generalizes to an untraced kind of problem at this size (two-digit +
-two-digit with no traces: 0 of 64 at pass@16, measured), so "uncovered" is a kind the traces show rarely rather than never.
+two-digit with no traces: 0 of 64 at pass@16, measured), so "uncovered" is a kind the traces
+show rarely rather than never.
 
 Stages (each evaluated on the same held-out problems):
   cold_start      SFT on the 460 traced problems, each in both operand orders, 400 steps: close
@@ -28,9 +29,9 @@ Stages (each evaluated on the same held-out problems):
                   dynamic-sampling refill: as good at about 16 % less compute, README),
                   completions capped at 32 tokens (a correct one takes at most 24 with its end
                   token; longer ones are runaways, and the cap makes the updates and so the
-                  control about 15 % cheaper). 60 traces and 300 steps were chosen on the tuned seeds 4, 6, 13 and
-                  19 (docs/results/grpo_knob_probe/); the strong seeds 13 and 19 gained too
-                  little at 200 steps
+                  control about 15 % cheaper). 60 traces and 300 steps were chosen on the
+                  tuned seeds 4, 6, 13 and 19 (docs/results/grpo_knob_probe/); the strong
+                  seeds 13 and 19 gained too little at 200 steps
   sft_control     control branch: more cold-start SFT for the model FLOPs `grpo` spent
                   (generation + updates), starting from `cold_start`; the recipe continues
                   from `grpo`
