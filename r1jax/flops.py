@@ -98,10 +98,13 @@ def train_flops(cfg: ModelConfig, tokens: float, seq_len: float, mtp: bool = Fal
   return (2.0 if frozen_weights else 3.0) * forward_flops(cfg, tokens, seq_len, mtp)
 
 
-def generate_flops(cfg: ModelConfig, rows: int, prompt_len: int, decode_steps: int) -> float:
-  """Prefill of rows x prompt_len, then `decode_steps` steps of every row, step i attending over
-  prompt_len + i keys."""
-  prefill = forward_flops(cfg, rows * prompt_len, prompt_len)
+def generate_flops(cfg: ModelConfig, rows: int, prompt_len: int, decode_steps: int,
+                   prefill_rows: int | None = None) -> float:
+  """Prefill of prefill_rows (default: rows) x prompt_len, then `decode_steps` steps of every
+  row, step i attending over prompt_len + i keys. A shared prefill (`sampler.generate`) runs on
+  one row per distinct prompt."""
+  prefill_rows = rows if prefill_rows is None else prefill_rows
+  prefill = forward_flops(cfg, prefill_rows * prompt_len, prompt_len)
   mean_context = prompt_len + (decode_steps + 1) / 2.0
   return prefill + forward_flops(cfg, rows * decode_steps, mean_context)
 

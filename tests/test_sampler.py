@@ -165,6 +165,37 @@ def test_data_mesh_equals_single_device(moe, prompts, moe_sampled):
   np.testing.assert_allclose(out.logprobs, moe_sampled.logprobs, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("greedy", [False, True])
+def test_shared_prefill_equals_one_prefill_per_row(moe, prompts, greedy):
+  """Runs of G identical prompts (GRPO's groups) are prefilled once per run: the same tokens and
+  log-probs (to float rounding) as a prefill of every row, on a data mesh too. Routing replay's
+  recorded experts are copied to every row of a run."""
+  cfg, params = moe
+  grouped = [p for p in prompts[:4] for _ in range(4)]  # 4 distinct prompts x 4 samples
+  shared = _gen(moe, grouped, greedy=greedy, record_routing=True)
+  each = _gen(moe, grouped, greedy=greedy, record_routing=True, share_prefill=False)
+  assert sampler.prompt_groups(grouped) == 4
+  assert (shared.prefill_rows, each.prefill_rows) == (4, 16)
+  np.testing.assert_array_equal(shared.completion, each.completion)
+  np.testing.assert_allclose(shared.logprobs, each.logprobs, atol=1e-5, rtol=0)
+  np.testing.assert_array_equal(shared.routing, each.routing)
+  if not greedy:  # the samples of one prompt differ: each row keeps its own rng stream
+    assert len({tuple(r) for r in shared.completion[:4]}) > 1
+  mesh = parallel.make_mesh(dict(data=8))
+  with jax.set_mesh(mesh):
+    meshed = _gen((cfg, parallel.shard_params(params, cfg, mesh)), grouped, greedy=greedy)
+  np.testing.assert_array_equal(meshed.completion, each.completion)
+
+
+def test_prompt_groups_needs_every_run_identical():
+  assert sampler.prompt_groups([[1], [1], [2], [2]]) == 2
+  assert sampler.prompt_groups([[1], [1], [1], [1]]) == 4
+  assert sampler.prompt_groups([[1], [2], [1], [2]]) == 1
+  assert sampler.prompt_groups([[1], [1], [2], [3]]) == 1  # the second run is not one prompt
+  assert sampler.prompt_groups([[1], [1], [2]]) == 1  # 3 rows do not split into runs of 2
+  assert sampler.prompt_groups([[1, 2], [1, 2], [1, 3], [1, 3]]) == 2
+
+
 def test_policy_config_keeps_the_moe_dropless(moe, student):
   cfg = moe[0].replace(moe_impl="capacity", capacity_factor=1.25)  # drops assignments
   dec = sampler.policy_config(cfg)

@@ -117,7 +117,8 @@ def rollout(params, cfg: ModelConfig, records: Sequence[Mapping], *, tokenizer, 
       out = sampler.generate(params, cfg, chunk, rng=key,
                              record_routing=sampling.record_routing, **kw)
     B, L = out.tokens.shape
-    cost += flops.generate_flops(cfg, B, L - sampling.max_new_tokens, int(np.max(out.lengths)))
+    cost += flops.generate_flops(cfg, B, L - sampling.max_new_tokens, int(np.max(out.lengths)),
+                                 prefill_rows=out.prefill_rows)
     for b in range(real):
       completions.append(tokenizer.decode(out.completion[b, :int(out.lengths[b])].tolist(),
                                           skip_special=True))

@@ -8,7 +8,9 @@ Prompts are left-padded to a bucketed length (the longest prompt rounded up to a
 `PROMPT_BUCKET`, so prompt-length jitter does not recompile); positions start at 0 at each row's
 first real token, so a row's logits equal those of its unpadded sequence. A row stops at EOS or
 any of `stop_ids` (the stop token is part of the completion); the loop ends when every row has
-stopped or `max_new_tokens` is reached. The jitted core is cached by `jax.jit` per (cfg, shapes,
+stopped or `max_new_tokens` is reached. When the rows are runs of G identical prompts (GRPO's
+groups, pass@k's samples), each prompt is prefilled once and its cache copied to its G rows
+(`share_prefill`, on by default). The jitted core is cached by `jax.jit` per (cfg, shapes,
 whether top-k/top-p filtering is on); temperature, top-k, top-p, greedy and the stop ids are
 traced, so changing them does not recompile.
 
@@ -59,6 +61,7 @@ class Rollout:
   # int16 [B, P + N, L_moe, k]: the experts each MoE layer chose for the token at each slot
   # (record_routing=True, MoE models; routing replay, R3), else None
   routing: np.ndarray | None = None
+  prefill_rows: int | None = None  # rows the prefill ran on: B / G with a shared prefill
 
 
 def filter_logits(logits_BV, temperature, top_k, top_p):
@@ -109,18 +112,28 @@ ROUTING_DTYPE = jnp.int16  # expert ids (< 32768 experts); 2 bytes per token, la
 
 
 def _generate_core(params, prompt_BP, pad_B, rng, knobs, *, cfg: ModelConfig,
-                   max_new_tokens: int, filtered: bool, record_routing: bool = False):
+                   max_new_tokens: int, filtered: bool, record_routing: bool = False,
+                   groups: int = 1):
   """Prefill + while-loop decode. Returns completion [B, N], logprobs [B, N], lengths [B],
   stopped [B], and with record_routing the expert ids [B, P + N, L_moe, k] of every input
   slot (else None). `knobs`: traced sampling settings and stop ids (changing them does not
-  recompile)."""
+  recompile). groups = G > 1: the rows are runs of G identical prompts; each is prefilled once
+  and its cache and last logits are copied to the G rows of its run."""
   B, P = prompt_BP.shape
   N = max_new_tokens
   prompt_BP, pad_B = _batch_constraint(prompt_BP), _batch_constraint(pad_B)
   prompt_len_B = P - pad_B
-  cache = jax.tree.map(_batch_constraint, decoder.init_cache(cfg, B, P + N))
-  positions = jnp.maximum(jnp.arange(P, dtype=jnp.int32)[None, :] - pad_B[:, None], 0)
-  logits, cache, ids = decoder.forward_cached(params, prompt_BP, positions, cache, 0, pad_B, cfg)
+  # the prefill: one row per distinct prompt (U = B / G), every row when groups == 1
+  prompt_UP, pad_U = (prompt_BP[::groups], pad_B[::groups]) if groups > 1 else (prompt_BP, pad_B)
+  U = prompt_UP.shape[0]
+  cache = jax.tree.map(_batch_constraint, decoder.init_cache(cfg, U, P + N))
+  positions = jnp.maximum(jnp.arange(P, dtype=jnp.int32)[None, :] - pad_U[:, None], 0)
+  logits, cache, ids = decoder.forward_cached(params, prompt_UP, positions, cache, 0, pad_U, cfg)
+  logits = logits[:, -1:]
+  if groups > 1:  # cache leaves are [L, U, S, ...]; logits [U, 1, V]; expert ids [L_moe, U, P, k]
+    cache = jax.tree.map(lambda c: _batch_constraint(jnp.repeat(c, groups, axis=1)), cache)
+    logits = jnp.repeat(logits, groups, axis=0)
+    ids = None if ids is None else jnp.repeat(ids, groups, axis=1)
   routing = None
   if record_routing and ids is not None:
     L_moe, _, _, k = ids.shape
@@ -167,8 +180,25 @@ def _jitted_core(compiler_options: tuple = ()):
   """The jitted core, one per set of XLA compiler options; jax.jit caches the compiles per
   (cfg, shapes, filtered)."""
   return jax.jit(_generate_core,
-                 static_argnames=("cfg", "max_new_tokens", "filtered", "record_routing"),
+                 static_argnames=("cfg", "max_new_tokens", "filtered", "record_routing",
+                                  "groups"),
                  compiler_options=dict(compiler_options) or None)
+
+
+def prompt_groups(prompts: Sequence[Sequence[int]]) -> int:
+  """G when the rows are runs of G identical prompts (GRPO's groups, pass@k's samples: what
+  `engine.rollout` builds with repeats=G), else 1."""
+  B, first = len(prompts), list(prompts[0])
+  G = 1
+  while G < B and list(prompts[G]) == first:
+    G += 1
+  if G == 1 or B % G:
+    return 1
+  for start in range(G, B, G):
+    run = prompts[start:start + G]
+    if any(list(p) != list(run[0]) for p in run[1:]):
+      return 1
+  return G
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, bucket: int = PROMPT_BUCKET):
@@ -203,8 +233,13 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
              rng: jax.Array, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              greedy: bool = False, eos_id: int | None, stop_ids: Sequence[int] = (),
              pad_id: int = 0, vocab_limit: int | None = None, record_routing: bool = False,
-             compiler_options: dict | None = None) -> Rollout:
+             share_prefill: bool = True, compiler_options: dict | None = None) -> Rollout:
   """Sample up to `max_new_tokens` tokens after each prompt (lists of token ids).
+
+  share_prefill: when the rows are runs of G identical prompts (`prompt_groups`), prefill each
+  prompt once and give its cache to its G rows: the prefill costs 1/G. The sampled tokens are
+  those of the unshared prefill up to float rounding (a different batch size can round a matmul
+  differently); `Rollout.prefill_rows` says how many rows were prefilled.
 
   record_routing: also return the experts every MoE layer chose for every token
   (`Rollout.routing`), for routing replay in the update.
@@ -225,6 +260,7 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
            "vocab_limit": np.int32(vocab_limit or cfg.vocab_size)}
   filtered = not greedy and (top_k > 0 or top_p < 1)
   prompt_BP, pad_B = left_pad(prompts, pad_id)
+  groups = prompt_groups(prompts) if share_prefill else 1
   if max(map(len, prompts)) + max_new_tokens > cfg.max_position_embeddings:
     raise ValueError(f"generate: longest prompt {max(map(len, prompts))} + max_new_tokens="
                      f"{max_new_tokens} exceeds max_position_embeddings="
@@ -232,7 +268,7 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
   core = _jitted_core(tuple(sorted((compiler_options or {}).items())))
   out = core(params, prompt_BP, pad_B.astype(np.int32), rng, knobs,
              cfg=policy_config(cfg), max_new_tokens=int(max_new_tokens), filtered=filtered,
-             record_routing=bool(record_routing and cfg.is_moe))
+             record_routing=bool(record_routing and cfg.is_moe), groups=groups)
   # every process gets every row (gathered when the batch spans several processes), so all of
   # them score the same completions and make the same decisions
   completion, logprobs, lengths, stopped, routing = to_host(out)
@@ -240,7 +276,8 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
                  logprobs=logprobs,
                  completion_mask=np.arange(max_new_tokens)[None, :] < lengths[:, None],
                  lengths=lengths, truncated=~stopped,
-                 prompt_lengths=(prompt_BP.shape[1] - pad_B).astype(np.int32), routing=routing)
+                 prompt_lengths=(prompt_BP.shape[1] - pad_B).astype(np.int32), routing=routing,
+                 prefill_rows=len(prompts) // groups)
 
 
 def truncate_at_stop_strings(texts: Sequence[str], stops: Sequence[str], *,
