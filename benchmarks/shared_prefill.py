@@ -53,10 +53,9 @@ def main():
          for r in records for _ in range(args.group)]
 
   def call(share):
-    out = sampler.generate(params, cfg, ids, rng=jax.random.PRNGKey(0),
-                           max_new_tokens=args.new_tokens, eos_id=None, pad_id=tok.pad_id,
-                           vocab_limit=tok.vocab_size, temperature=0.8, share_prefill=share)
-    return out
+    return sampler.generate(params, cfg, ids, rng=jax.random.PRNGKey(0),
+                            max_new_tokens=args.new_tokens, eos_id=None, pad_id=tok.pad_id,
+                            vocab_limit=tok.vocab_size, temperature=0.8, share_prefill=share)
 
   names = {True: "shared prefill (one per prompt)", False: "one prefill per row"}
   outs = {share: call(share) for share in (True, False)}  # compile

@@ -85,12 +85,13 @@ def sample_token(logits_BV, key, knobs, filtered: bool):
   before top-k/top-p. `knobs` holds the traced settings (temperature, top_k, top_p, greedy);
   `filtered` (static) compiles top-k/top-p in."""
   # ids past the tokenizer's vocabulary (padded embedding rows) are never sampled
-  allowed = jnp.where(jnp.arange(logits_BV.shape[-1]) < knobs["vocab_limit"], logits_BV, -jnp.inf)
+  in_vocab = jnp.arange(logits_BV.shape[-1]) < knobs["vocab_limit"]
+  allowed = jnp.where(in_vocab, logits_BV, -jnp.inf)
+  tempered = logits_BV.astype(jnp.float32) / knobs["temperature"]  # x / 1.0 == x exactly
   scaled = (filter_logits(allowed, knobs["temperature"], knobs["top_k"], knobs["top_p"])
-            if filtered else allowed / knobs["temperature"])
+            if filtered else jnp.where(in_vocab, tempered, -jnp.inf))
   token = jnp.where(knobs["greedy"], jnp.argmax(allowed, axis=-1),
                     jax.random.categorical(key, scaled, axis=-1)).astype(jnp.int32)
-  tempered = logits_BV.astype(jnp.float32) / knobs["temperature"]  # x / 1.0 == x exactly
   logprob = jnp.take_along_axis(jax.nn.log_softmax(tempered, axis=-1), token[:, None], -1)[:, 0]
   return token, logprob
 
