@@ -35,7 +35,10 @@ Stages (each evaluated on the same held-out problems):
                   start (beta=0.04, DeepSeekMath's value): without it GRPO lowered the covered
                   problems on four of the five 9bd5601 seeds; with it the tuned seeds 24 and 25
                   kept their covered half and gained more on the uncovered one
-                  (docs/results/kl_probe/; beta=0.1 gained less)
+                  (docs/results/kl_probe/; beta=0.1 gained less). The update's batch ends
+                  after the longest completion, rounded up to 8 tokens (`length_bucket`: the
+                  same loss; 86 % of steps need 24 of the 32 columns): the KL term's reference
+                  forward had taken the recipe to 15.2 min (seed 28 at 2547ded)
   sft_control     control branch: more cold-start SFT for the model FLOPs `grpo` spent
                   (generation + updates), starting from `cold_start`; the recipe continues
                   from `grpo`
@@ -73,7 +76,8 @@ def get_config(arg=None):
               prompts_per_step=16, group_size=8, max_new_tokens=32, temperature=1.0,
               reward_weights={"accuracy": 1.0, "format": 0.2}, loss_type="grpo", eps_low=0.2,
               eps_high=0.2, beta=0.04, mu=1, ref_refresh_every=0, advantage_scale="group",
-              dynamic_sampling=False, max_refills=1, mask_truncated=False, top_p=1.0)
+              dynamic_sampling=False, max_refills=1, mask_truncated=False, top_p=1.0,
+              length_bucket=8)
   c.stages.cold_start = stage("sft", steps=400)
   c.stages.grpo = stage("grpo", steps=300, **grpo)
   c.stages.sft_control = stage("sft", steps=0, start_from="cold_start", branch=True,
