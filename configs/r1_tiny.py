@@ -46,7 +46,7 @@ Stages (each evaluated on the same held-out problems):
                   answer per prompt
   sft_rs          SFT on the rejection-sampled data
   grpo_final      GRPO again (all-scenario RL reduced to the same rule rewards), 20 steps
-                  with a 10-step lr warm-up and the same KL term: without them it lowered the
+                  with a 10-step lr warm-up and a KL term to sft_rs: without them it lowered the
                   held-out problems on every 9bd5601 seed (kl_probe: about neutral with them)
   distill         a dense Qwen2-style student trained from scratch for 400 steps (the
                   9bd5601 round cut it to 300: two of five students fell below 90 % of their
