@@ -73,11 +73,11 @@ def get_config(arg=None):
   c.checkpoint.every_steps = 50
   c.log.every_steps = 1  # per-step GRPO records for the per-bucket reward curves
   grpo = dict(lr=1e-4, warmup_steps=0, schedule="constant", weight_decay=0.0,
-              prompts_per_step=16, group_size=8, max_new_tokens=32, temperature=1.0,
+              prompts_per_step=32, group_size=8, max_new_tokens=32, temperature=1.0,
               reward_weights={"accuracy": 1.0, "format": 0.2}, loss_type="grpo", eps_low=0.2,
               eps_high=0.2, beta=0.04, mu=1, ref_refresh_every=0, advantage_scale="group",
               dynamic_sampling=False, max_refills=1, mask_truncated=False, top_p=1.0,
-              length_bucket=8)
+              length_bucket=8, drop_zero_var=True)
   c.stages.cold_start = stage("sft", steps=400)
   c.stages.grpo = stage("grpo", steps=300, **grpo)
   c.stages.sft_control = stage("sft", steps=0, start_from="cold_start", branch=True,
@@ -89,7 +89,7 @@ def get_config(arg=None):
   c.stages.sft_rs = stage("sft", steps=60, data_file="samples/rejection.jsonl", lr=2e-4,
                           warmup_steps=0, schedule="constant")
   c.stages.grpo_final = stage("grpo", steps=20, **dict(grpo, warmup_steps=10))
-  c.stages.distill = stage("distill", steps=400, mode="sequence",
+  c.stages.distill = stage("distill", steps=500, mode="sequence",
                            data_file="samples/rejection.jsonl", with_sft_split=True, lr=3e-3,
                            warmup_steps=20,
                            student=ml_collections.ConfigDict(tiny_student_fields()))

@@ -194,3 +194,67 @@ def test_length_bucket_cuts_padding_and_keeps_the_loss():
   # negative control: cutting one completion token too many changes the loss
   short = jax.tree.map(lambda x: x[:, :-4] if getattr(x, "ndim", 0) == 2 else x, cut)
   assert abs(float(grad(params, short)[0]) - float(l_full)) > 1e-4
+
+
+def test_update_groups_keeps_every_signal_group_in_power_of_two_batches():
+  """`drop_zero_var` keeps each group with a reward spread, fills up with flat groups to a
+  power-of-two count (at least `min_groups`, at most every group), and keeps group order."""
+  flat = np.ones(16, bool)
+  np.testing.assert_array_equal(grpo_stage.update_groups(flat), [0, 1])  # none: 2 flat groups
+  z = flat.copy()
+  z[[5]] = False
+  np.testing.assert_array_equal(grpo_stage.update_groups(z), [0, 5])
+  z[[3, 9]] = False
+  np.testing.assert_array_equal(grpo_stage.update_groups(z), [0, 3, 5, 9])
+  z[[11, 12]] = False  # 5 signal groups -> 8
+  kept = grpo_stage.update_groups(z)
+  assert len(kept) == 8 and set(np.flatnonzero(~z)) <= set(kept)
+  assert len(grpo_stage.update_groups(z, min_groups=16)) == 16
+  assert len(grpo_stage.update_groups(np.zeros(6, bool))) == 6  # capped at every group
+
+
+def test_drop_zero_var_update_has_the_full_batch_policy_gradient():
+  """Flat groups have zero advantage, so (beta = 0) the update on the kept groups has the full
+  batch's policy gradient, scaled by rows / kept rows under the "grpo" row mean. Checked on
+  r1_tiny's MoE policy with a hand-built rollout of 4 groups, 2 of them flat; the negative
+  control drops a group with a reward spread and the gradient changes."""
+  path = os.path.join(ROOT, "configs", "r1_tiny.py")
+  c, cfg, params = _setup(path)
+  pcfg = sampler.policy_config(cfg)
+  rng = np.random.default_rng(1)
+  G, groups, P, N = 4, 4, 8, 8
+  B = G * groups
+  prompt_lengths = rng.integers(3, P + 1, size=B).astype(np.int32)
+  lengths = rng.integers(2, N + 1, size=B).astype(np.int32)
+  toks = rng.integers(3, cfg.vocab_size, size=(B, P + N)).astype(np.int32)
+  mask = np.arange(N)[None, :] < lengths[:, None]
+  toks[:, P:] = np.where(mask, toks[:, P:], 0)
+  toks[:, :P] = np.where(np.arange(P)[None, :] >= P - prompt_lengths[:, None], toks[:, :P], 0)
+  logp = np.where(mask, -rng.uniform(0.5, 3.0, size=(B, N)), 0).astype(np.float32)
+  rollout = sampler.Rollout(tokens=toks, completion=toks[:, P:], logprobs=logp,
+                            completion_mask=mask, lengths=lengths,
+                            truncated=np.zeros(B, bool), prompt_lengths=prompt_lengths)
+  rewards = np.array([1, 1, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0, 1, 0, 1, 1], np.float32)
+  adv, zero_var = grpo.group_advantages(rewards, G)
+  np.testing.assert_array_equal(zero_var, [True, False, True, False])
+  kept = grpo_stage.update_groups(zero_var)
+  np.testing.assert_array_equal(kept, [1, 3])
+  loss = grpo.grpo_loss(pcfg, loss_type="grpo", eps_low=0.2, eps_high=0.2, beta=0.0, budget=N)
+  grad = testing.jit(jax.grad(lambda p, b: loss(p, b, None, None)[0]))
+
+  def grad_of(groups_kept):
+    sub = grpo_stage.take_groups(rollout, groups_kept, G)
+    sub_adv = adv.reshape(-1, G)[groups_kept].reshape(-1)
+    return grad(params, grpo_stage.grpo_batch(sub, sub_adv, mask_truncated=False))
+
+  g_full = grad(params, grpo_stage.grpo_batch(rollout, adv, mask_truncated=False))
+  g_kept = grad_of(kept)
+  scale = len(kept) / groups
+  for a, b in zip(jax.tree.leaves(g_kept), jax.tree.leaves(g_full)):
+    np.testing.assert_allclose(np.asarray(a) * scale, np.asarray(b), rtol=1e-3,
+                               atol=1e-5 * float(np.max(np.abs(np.asarray(b)))))
+  # negative control: leaving out a group with a reward spread changes the gradient
+  g_wrong = grad_of(np.array([0, 1]))
+  diff = max(float(np.max(np.abs(np.asarray(a) * scale - np.asarray(b))))
+             for a, b in zip(jax.tree.leaves(g_wrong), jax.tree.leaves(g_full)))
+  assert diff > 1e-5

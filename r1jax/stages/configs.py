@@ -150,6 +150,12 @@ class GRPOConfig(StageConfig):
     length_bucket: 0: the update runs on prompt + max_new_tokens columns (one compiled shape).
       > 0: on prompt + the batch's longest completion, rounded up to a multiple of this; the
       same loss with less work when completions are short, at one compile per length.
+    drop_zero_var: the update leaves out most groups whose rewards are all equal: their
+      advantages are zero, so they add no policy-gradient term, only the KL one (DAPO's
+      filter, without refills). It runs on the other groups, filled up with zero-variance
+      ones to a power-of-two count of at least 2 groups (one compile per count), and the loss
+      averages over those rows; the update's FLOPs (and so a matched control's) are what it
+      ran. With the tiny recipe's policy 88-94 % of groups are flat.
   """
   prompts_per_step: int = 16
   group_size: int = 8
@@ -174,6 +180,7 @@ class GRPOConfig(StageConfig):
   is_threshold: float = 2.0
   is_threshold_low: float = 0.5
   length_bucket: int = 0
+  drop_zero_var: bool = False
 
   def check(self, need):
     super().check(need)

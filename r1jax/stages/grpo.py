@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 
-from r1jax import flops, train
+from r1jax import flops, parallel, train
 from r1jax.data import pipeline
 from r1jax.rollout import engine, sampler
 from r1jax.stages import common
@@ -65,6 +65,28 @@ def grpo_batch(rollout: sampler.Rollout, advantages, *, mask_truncated: bool,
                else None))
 
 
+def update_groups(zero_var: np.ndarray, min_groups: int = 2) -> np.ndarray:
+  """The groups a `drop_zero_var` update keeps: every group with a reward spread, filled up
+  with the first flat ones to a power-of-two count of at least `min_groups` (capped at all
+  groups), so that the update compiles for a few batch sizes. Sorted group indices."""
+  zero_var = np.asarray(zero_var, bool)
+  n = len(zero_var)
+  signal = np.flatnonzero(~zero_var)
+  want = min(n, max(min_groups, 1 << max(len(signal) - 1, 0).bit_length()))
+  fill = np.flatnonzero(zero_var)[:want - len(signal)]
+  return np.sort(np.concatenate([signal, fill]))
+
+
+def take_groups(rollout: sampler.Rollout, groups: np.ndarray, group_size: int
+                ) -> sampler.Rollout:
+  """The rows of `groups` (every per-row array of the rollout)."""
+  rows = (np.asarray(groups)[:, None] * group_size + np.arange(group_size)).reshape(-1)
+  return dataclasses.replace(rollout, **{
+      f.name: np.asarray(getattr(rollout, f.name))[rows]
+      for f in dataclasses.fields(rollout)
+      if f.name != "prefill_rows" and getattr(rollout, f.name) is not None})
+
+
 def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
   c = ctx.config
   cfg, params = ctx.models["policy"]
@@ -88,6 +110,7 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
   state = {"train": common.new_state(ctx, params, tx, name, cfg, lora_cfg),
            "ref": params if s.beta > 0 and lora_cfg is None else None}
   seed = ctx.seed(name)
+  min_groups = _min_update_groups(ctx, s)
   it = pipeline.prompt_batches(ctx.splits["rl"], batch_size=s.prompts_per_step, seed=seed)
   sampling = engine.Sampling(max_new_tokens=N, temperature=s.temperature, top_p=s.top_p,
                              record_routing=s.routing_replay)
@@ -118,7 +141,12 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
       scored = engine.swap_groups(scored, candidates,
                                   engine.refill_pairs(zero_var, candidate_zero_var), G)
       adv, zero_var = grpo_lib.group_advantages(scored.rewards, G, s.advantage_scale)
-    batch = grpo_batch(scored.rollout, adv, mask_truncated=s.mask_truncated,
+    rollout, update_adv = scored.rollout, adv
+    if s.drop_zero_var:
+      groups = update_groups(zero_var, min_groups)
+      rollout = take_groups(rollout, groups, G)
+      update_adv = np.asarray(adv).reshape(-1, G)[groups].reshape(-1)
+    batch = grpo_batch(rollout, update_adv, mask_truncated=s.mask_truncated,
                        routing=s.routing_replay, length_bucket=s.length_bucket)
     if ctx.is_main and step % max(int(c.log.every_steps), 1) == 0:
       # written as they come, so a run resumed from a checkpoint keeps the samples before it
@@ -134,6 +162,7 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
                 zero_var_groups=float(zero_var.mean()), refills=float(refills),
                 rollout_seconds=time.time() - t0,
                 rollout_tokens_per_sec=float(lengths.sum()) / max(time.time() - t0, 1e-9))
+    host["update_rows"] = float(rollout.tokens.shape[0])
     host.update(fresh.reward_means())
     B, T = batch.tokens.shape
     update_flops = s.mu * flops.train_flops(pcfg, B * T, T, frozen_weights=lora_cfg is not None)
@@ -165,6 +194,19 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
   common.record_lora_output(ctx, name, state["train"])
   ctx.models["policy"] = (cfg, train.full_params(state["train"]))
   return metrics
+
+
+def _min_update_groups(ctx: common.Context, s: GRPOConfig) -> int:
+  """The fewest groups a `drop_zero_var` update runs on: a power of two >= 2 whose rows split
+  evenly into the gradient-accumulation micro-batches and over the batch's devices (else the
+  batch would be replicated), at most every group."""
+  mesh_shape = dict(ctx.mesh.shape)
+  devices = int(np.prod([mesh_shape.get(a, 1) for a in parallel.RULES["batch"]]))
+  accum = int(ctx.config.train.accum_steps)
+  m = 2
+  while m < s.prompts_per_step and (m * s.group_size) % int(np.lcm(devices, accum)):
+    m *= 2
+  return min(m, s.prompts_per_step)
 
 
 def _earlier_samples(path) -> list[dict]:
