@@ -25,20 +25,20 @@ Stages (each evaluated on the same held-out problems):
   cold_start      SFT on the 460 traced problems, each in both operand orders, 400 steps: close
                   to convergence, so that more SFT on the same traces (the control) has little
                   left to give; at 200 steps the control beat GRPO (README)
-  grpo            300 GRPO steps with accuracy + format rewards on answer-only prompts (no
-                  dynamic-sampling refill: as good at about 16 % less compute, README),
-                  completions capped at 32 tokens (a correct one takes at most 24 with its end
-                  token; longer ones are runaways, and the cap makes the updates and so the
-                  control about 15 % cheaper). 60 traces and 300 steps were chosen on the
-                  tuned seeds 4, 6, 13 and 19 (docs/results/grpo_knob_probe/); the strong
-                  seeds 13 and 19 gained too little at 200 steps. A k3 KL term to the cold
-                  start (beta=0.04, DeepSeekMath's value): without it GRPO lowered the covered
-                  problems on four of the five 9bd5601 seeds; with it the tuned seeds 24 and 25
-                  kept their covered half and gained more on the uncovered one
-                  (docs/results/kl_probe/; beta=0.1 gained less). The update's batch ends
-                  after the longest completion, rounded up to 8 tokens (`length_bucket`: the
-                  same loss; 86 % of steps need 24 of the 32 columns): the KL term's reference
-                  forward had taken the recipe to 15.2 min (seed 28 at 2547ded)
+  grpo            300 GRPO steps, 32 prompts x 8 samples, with accuracy + format rewards on
+                  answer-only prompts, completions capped at 32 tokens (a correct one takes at
+                  most 24 with its end token; longer ones are runaways). 60 traces and 300 steps
+                  were chosen on the tuned seeds 4, 6, 13 and 19 (docs/results/grpo_knob_probe/).
+                  A k3 KL term to the cold start (beta=0.04, DeepSeekMath's value): without it
+                  GRPO lowered the covered problems on four of the five 9bd5601 seeds
+                  (docs/results/kl_probe/, tuned seeds 24 and 25). The update leaves out the
+                  groups whose samples all got the same reward (`drop_zero_var`: their advantage
+                  is zero; 88-94 % of the groups with 16 prompts), and its batch ends after the
+                  longest completion, rounded up to 8 tokens (`length_bucket`). With them the
+                  update costs a fraction of what it did, so the step samples 32 prompts instead
+                  of 16, and the matched control shrinks with it. On the tuned seeds 31 and 33,
+                  from their d3aa4cf cold starts, GRPO raised the held-out problems to
+                  0.84 / 0.91 (0.79 / 0.80 without; docs/results/drop_zero_var_probe/)
   sft_control     control branch: more cold-start SFT for the model FLOPs `grpo` spent
                   (generation + updates), starting from `cold_start`; the recipe continues
                   from `grpo`
@@ -48,9 +48,9 @@ Stages (each evaluated on the same held-out problems):
   grpo_final      GRPO again (all-scenario RL reduced to the same rule rewards), 20 steps
                   with a 10-step lr warm-up and a KL term to sft_rs: without them it lowered the
                   held-out problems on every 9bd5601 seed (kl_probe: about neutral with them)
-  distill         a dense Qwen2-style student trained from scratch for 400 steps (the
-                  9bd5601 round cut it to 300: two of five students fell below 90 % of their
-                  teacher; docs/results/distill_probe/) on the rejection-sampled data
+  distill         a dense Qwen2-style student trained from scratch for 500 steps (at 400 the
+                  d3aa4cf round's seed 32 reached 89 % of its teacher, and 101 % at 500;
+                  docs/results/distill_probe/) on the rejection-sampled data
                   plus the cold-start traces (R1 distils by plain SFT on its curated SFT set:
                   rejection-sampled reasoning plus the earlier SFT data)
 """
