@@ -33,7 +33,7 @@ Stages (each evaluated on the same held-out problems):
                   GRPO lowered the covered problems on four of the five 9bd5601 seeds
                   (docs/results/kl_probe/, tuned seeds 24 and 25). The update leaves out the
                   groups whose samples all got the same reward (`drop_zero_var`: their advantage
-                  is zero; 88-94 % of the groups with 16 prompts), and its batch ends after the
+                  is zero; 79-92 % of the groups in the d3aa4cf round), and its batch ends after the
                   longest completion, rounded up to 8 tokens (`length_bucket`). With them the
                   update costs a fraction of what it did, so the step samples 32 prompts instead
                   of 16, and the matched control shrinks with it. On the tuned seeds 31 and 33,

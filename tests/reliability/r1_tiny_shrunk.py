@@ -34,7 +34,9 @@ def get_config(arg=None):
   c.eval.batch_size = 8  # one compiled generation shape (the default is 64 rows)
   c.checkpoint.update(every_steps=2, keep=2)
   c.log.update(every_steps=1, plots=False, tensorboard=False)
-  rollout = dict(prompts_per_step=2, group_size=4, max_new_tokens=12)  # 8 rows, as above
+  # 8 rows, as above. With drop_zero_var the update runs on 2 (or 4) of the 4 groups: the
+  # filtered path in every multi-process, kill and resume test
+  rollout = dict(prompts_per_step=4, group_size=2, max_new_tokens=12, drop_zero_var=True)
   c.stages.cold_start.update(steps=4, eval=False)
   c.stages.grpo.update(steps=4, eval=False, **rollout)
   c.stages.rejection.update(num_prompts=8, k=2, max_new_tokens=12)
