@@ -159,6 +159,21 @@ def test_fp8_policy_samples_and_scores_alike(monkeypatch):
   jax.clear_caches()
 
 
+def _hand_rollout(rng, vocab_size, B, P, N, *, min_prompt, lengths):
+  """A sampler.Rollout of random tokens: left-padded prompts of min_prompt..P tokens, then
+  completions whose lengths are drawn from [lengths[0], lengths[1]), padded with 0."""
+  prompt_lengths = rng.integers(min_prompt, P + 1, size=B).astype(np.int32)
+  lengths = rng.integers(*lengths, size=B).astype(np.int32)
+  toks = rng.integers(3, vocab_size, size=(B, P + N)).astype(np.int32)
+  mask = np.arange(N)[None, :] < lengths[:, None]
+  toks[:, P:] = np.where(mask, toks[:, P:], 0)
+  toks[:, :P] = np.where(np.arange(P)[None, :] >= P - prompt_lengths[:, None], toks[:, :P], 0)
+  logp = np.where(mask, -rng.uniform(0.5, 3.0, size=(B, N)), 0).astype(np.float32)
+  return sampler.Rollout(tokens=toks, completion=toks[:, P:], logprobs=logp,
+                         completion_mask=mask, lengths=lengths,
+                         truncated=np.zeros(B, bool), prompt_lengths=prompt_lengths)
+
+
 def test_length_bucket_cuts_padding_and_keeps_the_loss():
   """`length_bucket` ends the update's batch after the longest completion (rounded up): the cut
   columns are padding in every row and the model is causal, so the loss and its gradient are
@@ -169,16 +184,7 @@ def test_length_bucket_cuts_padding_and_keeps_the_loss():
   pcfg = sampler.policy_config(cfg)
   rng = np.random.default_rng(0)
   B, P, N = 8, 16, 16
-  prompt_lengths = rng.integers(4, P + 1, size=B).astype(np.int32)
-  lengths = rng.integers(3, 10, size=B).astype(np.int32)
-  toks = rng.integers(3, cfg.vocab_size, size=(B, P + N)).astype(np.int32)
-  mask = np.arange(N)[None, :] < lengths[:, None]
-  toks[:, P:] = np.where(mask, toks[:, P:], 0)
-  toks[:, :P] = np.where(np.arange(P)[None, :] >= P - prompt_lengths[:, None], toks[:, :P], 0)
-  logp = np.where(mask, -rng.uniform(0.5, 3.0, size=(B, N)), 0).astype(np.float32)
-  rollout = sampler.Rollout(tokens=toks, completion=toks[:, P:], logprobs=logp,
-                            completion_mask=mask, lengths=lengths,
-                            truncated=np.zeros(B, bool), prompt_lengths=prompt_lengths)
+  rollout = _hand_rollout(rng, cfg.vocab_size, B, P, N, min_prompt=4, lengths=(3, 10))
   adv = rng.normal(size=B).astype(np.float32)
   full = grpo_stage.grpo_batch(rollout, adv, mask_truncated=False)
   cut = grpo_stage.grpo_batch(rollout, adv, mask_truncated=False, length_bucket=4)
@@ -224,16 +230,7 @@ def test_drop_zero_var_update_has_the_full_batch_policy_gradient():
   rng = np.random.default_rng(1)
   G, groups, P, N = 4, 4, 8, 8
   B = G * groups
-  prompt_lengths = rng.integers(3, P + 1, size=B).astype(np.int32)
-  lengths = rng.integers(2, N + 1, size=B).astype(np.int32)
-  toks = rng.integers(3, cfg.vocab_size, size=(B, P + N)).astype(np.int32)
-  mask = np.arange(N)[None, :] < lengths[:, None]
-  toks[:, P:] = np.where(mask, toks[:, P:], 0)
-  toks[:, :P] = np.where(np.arange(P)[None, :] >= P - prompt_lengths[:, None], toks[:, :P], 0)
-  logp = np.where(mask, -rng.uniform(0.5, 3.0, size=(B, N)), 0).astype(np.float32)
-  rollout = sampler.Rollout(tokens=toks, completion=toks[:, P:], logprobs=logp,
-                            completion_mask=mask, lengths=lengths,
-                            truncated=np.zeros(B, bool), prompt_lengths=prompt_lengths)
+  rollout = _hand_rollout(rng, cfg.vocab_size, B, P, N, min_prompt=3, lengths=(2, N + 1))
   rewards = np.array([1, 1, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0, 1, 0, 1, 1], np.float32)
   adv, zero_var = grpo.group_advantages(rewards, G)
   np.testing.assert_array_equal(zero_var, [True, False, True, False])
