@@ -104,6 +104,7 @@ def r1_tiny_tables(folder: str = HERE):
           f"{_acc(st['grpo'], 'uncovered', 'pass@1')} / {_acc(st['grpo'], 'uncovered', 'pass@k')} |")
   print(f"\nmean grpo - cold_start over {len(gains)} seeds: {sum(gains) / len(gains):+.3f}")
   _heldout_table(runs)
+  _rl_mix_table(runs)
   _r1_tiny_goals(runs)
 
 
@@ -134,8 +135,98 @@ def _heldout_table(runs):
     print(f"| {seed} | " + " | ".join(cells) + f" | {diff:+.2f} |")
 
 
+def _rl_mix(run, entry):
+  """Greedy held-out accuracy at the RL prompt mix: the uncovered problems (the eval set's and
+  the large held-out set's, pooled by count) weighted by the RL prompts' uncovered fraction,
+  the covered eval problems by the rest. None for a run without the large held-out set."""
+  ev = entry.get("eval") or {}
+  if ev.get("heldout") is None:
+    return None
+  sp = run["splits"]
+  frac = sp["rl"]["uncovered"] / sp["rl"]["total"]
+  n_eval, n_held = sp["eval"]["uncovered"], ev["heldout"]["num_problems"]
+  unc = (ev["by_bucket"]["uncovered"]["accuracy"] * n_eval +
+         ev["heldout"]["accuracy"] * n_held) / (n_eval + n_held)
+  return frac * unc + (1 - frac) * ev["by_bucket"]["covered"]["accuracy"]
+
+
+def _pooled_uncovered(run, entry):
+  """Greedy accuracy on all held-out uncovered problems (eval set's and large set's pooled)."""
+  ev = entry["eval"]
+  n_eval, n_held = run["splits"]["eval"]["uncovered"], ev["heldout"]["num_problems"]
+  return (ev["by_bucket"]["uncovered"]["accuracy"] * n_eval +
+          ev["heldout"]["accuracy"] * n_held) / (n_eval + n_held)
+
+
+def _rl_mix_table(runs):
+  runs = {seed: s for seed, s in runs.items()
+          if _rl_mix(s, {e["name"]: e for e in s["stages"]}["grpo"]) is not None}
+  if not runs:
+    return
+  names = ("cold_start", "grpo", "sft_control", "sft_rs", "grpo_final", "distill")
+  s0 = next(iter(runs.values()))
+  frac = s0["splits"]["rl"]["uncovered"] / s0["splits"]["rl"]["total"]
+  print()
+  print(f"Held-out accuracy at the RL prompt mix ({frac:.2f} uncovered: all "
+        f"{s0['splits']['eval']['uncovered']} + "
+        f"{s0['splits']['heldout']['uncovered']} held-out uncovered problems pooled, "
+        f"{1 - frac:.2f} covered: the {s0['splits']['eval']['covered']} covered eval problems; "
+        "greedy):")
+  print()
+  print("| seed | " + " | ".join(names) + " | grpo - cold_start | grpo - sft_control "
+        "(uncovered, pooled) |")
+  print("|---|" + "---|" * (len(names) + 2))
+  for seed, s in runs.items():
+    st = {e["name"]: e for e in s["stages"]}
+    cells = [f"{_rl_mix(s, st[n]):.3f}" for n in names]
+    gain = _rl_mix(s, st["grpo"]) - _rl_mix(s, st["cold_start"])
+    ctl = _pooled_uncovered(s, st["grpo"]) - _pooled_uncovered(s, st["sft_control"])
+    print(f"| {seed} | " + " | ".join(cells) + f" | {gain:+.3f} | {ctl:+.3f} |")
+
+
 def _r1_tiny_goals(runs):
-  """The tiny recipe's goals (issue 16), each checked on every committed seed."""
+  """The tiny recipe's goals (issue 16), each checked on every committed seed.
+
+  From the round on seeds 39-43 on, the goals are measured on the held-out accuracy at
+  the RL prompt mix (`_rl_mix`), fixed before any of those seeds ran: on the 50/50 eval set the
+  covered half sat at 0.96-1.00 from the cold start on in the 7ad5bbe round, so half of it could
+  not move. The 50/50 eval-set rows of the earlier rounds follow as "also reported"."""
+  stages = [{e["name"]: e for e in s["stages"]} for s in runs.values()]
+  rows = []
+  if all(_rl_mix(s, st["grpo"]) is not None for s, st in zip(runs.values(), stages)):
+    mix = [_rl_mix(s, st["grpo"]) - _rl_mix(s, st["cold_start"])
+           for s, st in zip(runs.values(), stages)]
+    ctl = [_pooled_uncovered(s, st["grpo"]) - _pooled_uncovered(s, st["sft_control"])
+           for s, st in zip(runs.values(), stages)]
+    stud = [_rl_mix(s, st["distill"]) / max(_rl_mix(s, st["grpo_final"]), 1e-9)
+            for s, st in zip(runs.values(), stages)]
+    m = len(mix)
+    rows += [
+        ("grpo >= cold_start + 0.10 on the mean (held-out, RL mix)", f"{sum(mix) / m:+.3f}",
+         sum(mix) / m >= 0.10 - 1e-9),
+        ("grpo >= cold_start + 0.05 on every seed (held-out, RL mix)", f"min {min(mix):+.3f}",
+         min(mix) >= 0.05 - 1e-9),
+        ("grpo >= sft_control + 0.05 on held-out uncovered (pooled) in >= 4 of 5 seeds",
+         f"{sum(v >= 0.05 - 1e-9 for v in ctl)} of {m}",
+         sum(v >= 0.05 - 1e-9 for v in ctl) >= min(4, m)),
+        ("student >= 90 % of its teacher on every seed (held-out, RL mix)",
+         f"min {100 * min(stud):.0f} %", min(stud) >= 0.9 - 1e-9),
+    ]
+  walls = [s["run"]["wall_seconds"] for s in runs.values() if s["run"].get("alone")]
+  # Only a run that had the machine to itself times the recipe.
+  rows.append(("whole recipe <= 15 min, empty compilation cache, idle machine",
+               f"{max(walls) / 60:.1f} min" if walls else "no run had the machine alone",
+               bool(walls) and max(walls) <= 900))
+  print()
+  print("| goal | measured | met |")
+  print("|---|---|---|")
+  for goal, value, met in rows:
+    print(f"| {goal} | {value} | {'yes' if met else 'no'} |")
+  _eval_set_rows(runs)
+
+
+def _eval_set_rows(runs):
+  """The earlier rounds' goal rows: the 50/50 eval set and the large held-out set apart."""
   def acc(s, name, bucket=None):
     ev = {e["name"]: e for e in s["stages"]}[name]["eval"]
     return (ev["by_bucket"][bucket] if bucket else ev)["accuracy"]
@@ -146,16 +237,16 @@ def _r1_tiny_goals(runs):
   heldout = [_heldout(st["grpo"]) - _heldout(st["sft_control"]) for st in stages
              if _heldout(st["grpo"]) is not None]
   student = [acc(s, "distill") / max(acc(s, "grpo_final"), 1e-9) for s in runs.values()]
-  # Only a run that had the machine to itself times the recipe.
-  walls = [s["run"]["wall_seconds"] for s in runs.values() if s["run"].get("alone")]
   n = len(runs)
   print()
-  print("| goal | measured | met |")
+  print("Also reported (the goal rows of the rounds before seeds 39-43):")
+  print()
+  print("| row | measured | met |")
   print("|---|---|---|")
   rows = [
-      ("grpo >= cold_start + 0.10 on the mean (eval set, all)", f"{sum(gains) / n:+.3f}",
+      ("grpo >= cold_start + 0.10 on the mean (50/50 eval set, all)", f"{sum(gains) / n:+.3f}",
        sum(gains) / n >= 0.10 - 1e-9),
-      ("grpo >= cold_start + 0.05 on every seed (eval set, all)", f"min {min(gains):+.2f}",
+      ("grpo >= cold_start + 0.05 on every seed (50/50 eval set, all)", f"min {min(gains):+.2f}",
        min(gains) >= 0.05 - 1e-9),
       ("grpo >= sft_control + 0.05 on uncovered in >= 4 of 5 seeds (50-problem eval set)",
        f"{sum(v >= 0.05 - 1e-9 for v in vs_control)} of {n}",
@@ -176,13 +267,8 @@ def _r1_tiny_goals(runs):
         "grpo >= sft_control + 0.05 on uncovered in >= 4 of 5 seeds (large held-out set)",
         f"{sum(v >= 0.05 - 1e-9 for v in heldout)} of {len(heldout)}",
         sum(v >= 0.05 - 1e-9 for v in heldout) >= min(4, len(heldout))))
-  rows += [
-      ("student >= 90 % of its teacher on every seed", f"min {100 * min(student):.0f} %",
-       min(student) >= 0.9 - 1e-9),
-  ]
-  rows.append(("whole recipe <= 15 min, empty compilation cache, idle machine",
-               f"{max(walls) / 60:.1f} min" if walls else "no run had the machine alone",
-               bool(walls) and max(walls) <= 900))
+  rows.append(("student >= 90 % of its teacher on every seed (50/50 eval set)",
+               f"min {100 * min(student):.0f} %", min(student) >= 0.9 - 1e-9))
   for goal, value, met in rows:
     print(f"| {goal} | {value} | {'yes' if met else 'no'} |")
 
