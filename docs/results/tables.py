@@ -24,9 +24,9 @@ import json
 import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# the README's r1_tiny run: the settings frozen at d3aa4cf on the fresh seeds 29-33 (`--dir
-# at_9bd5601` prints the previous round, seeds 22-26; `--dir at_bad24e3` seeds 17-21; `--dir .`
-# the faaf891 run of seeds 12-16, whose files are in this folder)
+# the README's r1_tiny round: fresh seeds 39-43 with the recipe as at 7ad5bbe and the goal
+# measure fixed at b5e604d (`--dir at_7ad5bbe` prints the round before, seeds 34-38; `--dir
+# at_d3aa4cf` seeds 29-33, and so on back to `--dir .`, the faaf891 run of seeds 12-16)
 CURRENT = "at_b5e604d"
 
 
