@@ -137,27 +137,43 @@ def train_loop(ctx: Context, name: str, state, *, steps: int,
     ckpt.save(step, _saved_part(state), extra)
 
   every = max(int(c.log.every_steps), 1)
+  # A step's metrics come to the host only after the next step has been dispatched, so the host
+  # (building the next batch, logging) works while the device runs a step, instead of waiting
+  # on `device_get` every step. A step that saves a checkpoint, and the last one, fetch theirs
+  # at once: a checkpoint is written only after its step's metrics were checked. step_seconds
+  # is the time between two steps' metrics arriving: the loop's period, compiles included.
+  clock = [time.time()]
+
+  def finish(step, device_metrics, host_metrics):
+    nonlocal last
+    metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    metrics.update(host_metrics)
+    now = time.time()
+    metrics["step_seconds"], clock[0] = now - clock[0], now
+    _throughput(metrics, last.get("flops_total", 0.0), ctx.peak_flops)
+    if metrics.get("nonfinite", 0) and c.train.nonfinite == "stop":
+      ckpt.close()  # an asynchronous save of the last good step must commit before we exit
+      ctx.log.flush()
+      raise NonFiniteError(f"stage {name}: non-finite loss, gradient or update at step {step} "
+                           "(train.nonfinite=stop); the last good checkpoint is kept")
+    last = metrics
+    if step % every == 0 or step == steps or step == 1:
+      rec = ctx.log.metrics(name, step, metrics)
+      ctx.log.progress(name, step, steps, rec, log_keys)
+
+  pending = None  # (step, device metrics, host metrics) of a dispatched step not yet fetched
   with _Preemption() as pre:
     for step in range(start + 1, steps + 1):
-      t0 = time.time()
       batch, host_metrics = next_batch(state)
       state, metrics = update(state, batch)
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      metrics.update(host_metrics)
-      metrics["step_seconds"] = time.time() - t0
-      _throughput(metrics, last.get("flops_total", 0.0), ctx.peak_flops)
-      if metrics.get("nonfinite", 0) and c.train.nonfinite == "stop":
-        ckpt.close()  # an asynchronous save of the last good step must commit before we exit
-        ctx.log.flush()
-        raise NonFiniteError(f"stage {name}: non-finite loss, gradient or update at step {step} "
-                             "(train.nonfinite=stop); the last good checkpoint is kept")
-      last = metrics
-      if step % every == 0 or step == steps or step == 1:
-        rec = ctx.log.metrics(name, step, metrics)
-        ctx.log.progress(name, step, steps, rec, log_keys)
+      if pending is not None:
+        finish(*pending)
+      pending = (step, metrics, host_metrics)
       preempted = _any_process(pre.requested)
       if step == steps or ckpt.should_save(step) or preempted:
-        save(step, metrics)
+        finish(*pending)
+        pending = None
+        save(step, last)
       if preempted:
         ckpt.close()
         ctx.log.info(f"[{name}] SIGTERM: saved step {step}, exiting")
