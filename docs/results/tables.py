@@ -142,12 +142,9 @@ def _rl_mix(run, entry):
   ev = entry.get("eval") or {}
   if ev.get("heldout") is None:
     return None
-  sp = run["splits"]
-  frac = sp["rl"]["uncovered"] / sp["rl"]["total"]
-  n_eval, n_held = sp["eval"]["uncovered"], ev["heldout"]["num_problems"]
-  unc = (ev["by_bucket"]["uncovered"]["accuracy"] * n_eval +
-         ev["heldout"]["accuracy"] * n_held) / (n_eval + n_held)
-  return frac * unc + (1 - frac) * ev["by_bucket"]["covered"]["accuracy"]
+  frac = run["splits"]["rl"]["uncovered"] / run["splits"]["rl"]["total"]
+  return (frac * _pooled_uncovered(run, entry) +
+          (1 - frac) * ev["by_bucket"]["covered"]["accuracy"])
 
 
 def _pooled_uncovered(run, entry):
@@ -156,6 +153,33 @@ def _pooled_uncovered(run, entry):
   n_eval, n_held = run["splits"]["eval"]["uncovered"], ev["heldout"]["num_problems"]
   return (ev["by_bucket"]["uncovered"]["accuracy"] * n_eval +
           ev["heldout"]["accuracy"] * n_held) / (n_eval + n_held)
+
+
+def _gain_rows(gains, where, digits=2):
+  """The two cold-start goal rows: a mean gain of 0.10 and 0.05 on every seed."""
+  mean = sum(gains) / len(gains)
+  return [(f"grpo >= cold_start + 0.10 on the mean ({where})", f"{mean:+.3f}",
+           mean >= 0.10 - 1e-9),
+          (f"grpo >= cold_start + 0.05 on every seed ({where})", f"min {min(gains):+.{digits}f}",
+           min(gains) >= 0.05 - 1e-9)]
+
+
+def _lead_row(leads, goal):
+  """GRPO over the control by 0.05 in at least 4 of 5 seeds."""
+  won = sum(v >= 0.05 - 1e-9 for v in leads)
+  return (goal, f"{won} of {len(leads)}", won >= min(4, len(leads)))
+
+
+def _student_row(ratios, where):
+  return (f"student >= 90 % of its teacher on every seed ({where})",
+          f"min {100 * min(ratios):.0f} %", min(ratios) >= 0.9 - 1e-9)
+
+
+def _print_rows(header, rows):
+  print(f"| {header} | measured | met |")
+  print("|---|---|---|")
+  for goal, value, met in rows:
+    print(f"| {goal} | {value} | {'yes' if met else 'no'} |")
 
 
 def _rl_mix_table(runs):
@@ -194,34 +218,22 @@ def _r1_tiny_goals(runs):
   stages = [{e["name"]: e for e in s["stages"]} for s in runs.values()]
   rows = []
   if all(_rl_mix(s, st["grpo"]) is not None for s, st in zip(runs.values(), stages)):
-    mix = [_rl_mix(s, st["grpo"]) - _rl_mix(s, st["cold_start"])
-           for s, st in zip(runs.values(), stages)]
-    ctl = [_pooled_uncovered(s, st["grpo"]) - _pooled_uncovered(s, st["sft_control"])
-           for s, st in zip(runs.values(), stages)]
-    stud = [_rl_mix(s, st["distill"]) / max(_rl_mix(s, st["grpo_final"]), 1e-9)
-            for s, st in zip(runs.values(), stages)]
-    m = len(mix)
-    rows += [
-        ("grpo >= cold_start + 0.10 on the mean (held-out, RL mix)", f"{sum(mix) / m:+.3f}",
-         sum(mix) / m >= 0.10 - 1e-9),
-        ("grpo >= cold_start + 0.05 on every seed (held-out, RL mix)", f"min {min(mix):+.3f}",
-         min(mix) >= 0.05 - 1e-9),
-        ("grpo >= sft_control + 0.05 on held-out uncovered (pooled) in >= 4 of 5 seeds",
-         f"{sum(v >= 0.05 - 1e-9 for v in ctl)} of {m}",
-         sum(v >= 0.05 - 1e-9 for v in ctl) >= min(4, m)),
-        ("student >= 90 % of its teacher on every seed (held-out, RL mix)",
-         f"min {100 * min(stud):.0f} %", min(stud) >= 0.9 - 1e-9),
-    ]
+    pairs = list(zip(runs.values(), stages))
+    rows += _gain_rows([_rl_mix(s, st["grpo"]) - _rl_mix(s, st["cold_start"]) for s, st in pairs],
+                       "held-out, RL mix", digits=3)
+    rows.append(_lead_row(
+        [_pooled_uncovered(s, st["grpo"]) - _pooled_uncovered(s, st["sft_control"])
+         for s, st in pairs],
+        "grpo >= sft_control + 0.05 on held-out uncovered (pooled) in >= 4 of 5 seeds"))
+    rows.append(_student_row([_rl_mix(s, st["distill"]) / max(_rl_mix(s, st["grpo_final"]), 1e-9)
+                              for s, st in pairs], "held-out, RL mix"))
   walls = [s["run"]["wall_seconds"] for s in runs.values() if s["run"].get("alone")]
   # Only a run that had the machine to itself times the recipe.
   rows.append(("whole recipe <= 15 min, empty compilation cache, idle machine",
                f"{max(walls) / 60:.1f} min" if walls else "no run had the machine alone",
                bool(walls) and max(walls) <= 900))
   print()
-  print("| goal | measured | met |")
-  print("|---|---|---|")
-  for goal, value, met in rows:
-    print(f"| {goal} | {value} | {'yes' if met else 'no'} |")
+  _print_rows("goal", rows)
   _eval_set_rows(runs)
 
 
@@ -230,47 +242,25 @@ def _eval_set_rows(runs):
   def acc(s, name, bucket=None):
     ev = {e["name"]: e for e in s["stages"]}[name]["eval"]
     return (ev["by_bucket"][bucket] if bucket else ev)["accuracy"]
-  gains = [acc(s, "grpo") - acc(s, "cold_start") for s in runs.values()]
-  vs_control = [acc(s, "grpo", "uncovered") - acc(s, "sft_control", "uncovered")
-                for s in runs.values()]
   stages = [{e["name"]: e for e in s["stages"]} for s in runs.values()]
-  heldout = [_heldout(st["grpo"]) - _heldout(st["sft_control"]) for st in stages
-             if _heldout(st["grpo"]) is not None]
-  student = [acc(s, "distill") / max(acc(s, "grpo_final"), 1e-9) for s in runs.values()]
-  n = len(runs)
+  with_heldout = [st for st in stages if _heldout(st["grpo"]) is not None]
+  rows = _gain_rows([acc(s, "grpo") - acc(s, "cold_start") for s in runs.values()],
+                    "50/50 eval set, all")
+  rows.append(_lead_row(
+      [acc(s, "grpo", "uncovered") - acc(s, "sft_control", "uncovered") for s in runs.values()],
+      "grpo >= sft_control + 0.05 on uncovered in >= 4 of 5 seeds (50-problem eval set)"))
+  if with_heldout:
+    rows += _gain_rows([_heldout(st["grpo"]) - _heldout(st["cold_start"]) for st in with_heldout],
+                       "large held-out set")
+    rows.append(_lead_row(
+        [_heldout(st["grpo"]) - _heldout(st["sft_control"]) for st in with_heldout],
+        "grpo >= sft_control + 0.05 on uncovered in >= 4 of 5 seeds (large held-out set)"))
+  rows.append(_student_row([acc(s, "distill") / max(acc(s, "grpo_final"), 1e-9)
+                            for s in runs.values()], "50/50 eval set"))
   print()
   print("Also reported (the goal rows of the rounds before seeds 39-43):")
   print()
-  print("| row | measured | met |")
-  print("|---|---|---|")
-  rows = [
-      ("grpo >= cold_start + 0.10 on the mean (50/50 eval set, all)", f"{sum(gains) / n:+.3f}",
-       sum(gains) / n >= 0.10 - 1e-9),
-      ("grpo >= cold_start + 0.05 on every seed (50/50 eval set, all)", f"min {min(gains):+.2f}",
-       min(gains) >= 0.05 - 1e-9),
-      ("grpo >= sft_control + 0.05 on uncovered in >= 4 of 5 seeds (50-problem eval set)",
-       f"{sum(v >= 0.05 - 1e-9 for v in vs_control)} of {n}",
-       sum(v >= 0.05 - 1e-9 for v in vs_control) >= min(4, n)),
-  ]
-  heldout_gains = [_heldout(st["grpo"]) - _heldout(st["cold_start"]) for st in stages
-                   if _heldout(st["grpo"]) is not None]
-  if heldout_gains:
-    m = len(heldout_gains)
-    rows += [
-        ("grpo >= cold_start + 0.10 on the mean (large held-out set)",
-         f"{sum(heldout_gains) / m:+.3f}", sum(heldout_gains) / m >= 0.10 - 1e-9),
-        ("grpo >= cold_start + 0.05 on every seed (large held-out set)",
-         f"min {min(heldout_gains):+.2f}", min(heldout_gains) >= 0.05 - 1e-9),
-    ]
-  if heldout:
-    rows.append((
-        "grpo >= sft_control + 0.05 on uncovered in >= 4 of 5 seeds (large held-out set)",
-        f"{sum(v >= 0.05 - 1e-9 for v in heldout)} of {len(heldout)}",
-        sum(v >= 0.05 - 1e-9 for v in heldout) >= min(4, len(heldout))))
-  rows.append(("student >= 90 % of its teacher on every seed (50/50 eval set)",
-               f"min {100 * min(student):.0f} %", min(student) >= 0.9 - 1e-9))
-  for goal, value, met in rows:
-    print(f"| {goal} | {value} | {'yes' if met else 'no'} |")
+  _print_rows("row", rows)
 
 
 def stage_probe_table(folder: str):

@@ -142,14 +142,14 @@ def train_loop(ctx: Context, name: str, state, *, steps: int,
   # on `device_get` every step. A step that saves a checkpoint, and the last one, fetch theirs
   # at once: a checkpoint is written only after its step's metrics were checked. step_seconds
   # is the time between two steps' metrics arriving: the loop's period, compiles included.
-  clock = [time.time()]
+  clock = time.time()
 
   def finish(step, device_metrics, host_metrics):
-    nonlocal last
+    nonlocal last, clock
     metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
     metrics.update(host_metrics)
     now = time.time()
-    metrics["step_seconds"], clock[0] = now - clock[0], now
+    metrics["step_seconds"], clock = now - clock, now
     _throughput(metrics, last.get("flops_total", 0.0), ctx.peak_flops)
     if metrics.get("nonfinite", 0) and c.train.nonfinite == "stop":
       ckpt.close()  # an asynchronous save of the last good step must commit before we exit
