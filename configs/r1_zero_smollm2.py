@@ -55,6 +55,7 @@ def get_config(arg=None):
                         temperature=0.8,
                         reward_weights={"accuracy": 1.0, "format": 0.5, "tag_count": 0.5},
                         loss_type="dr_grpo", advantage_scale="none", eps_low=0.2,
-                        eps_high=0.28, beta=0.0, length_bucket=16)
+                        eps_high=0.28, beta=0.0, length_bucket=16, drop_zero_var=True,
+                        share_prompt=True)
   c.stage_order = ("base", "grpo")
   return c

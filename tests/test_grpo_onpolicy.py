@@ -255,3 +255,64 @@ def test_drop_zero_var_update_has_the_full_batch_policy_gradient():
   diff = max(float(np.max(np.abs(np.asarray(a) * scale - np.asarray(b))))
              for a, b in zip(jax.tree.leaves(g_wrong), jax.tree.leaves(g_full)))
   assert diff > 1e-5
+
+
+def _grouped_rollout(rng, vocab_size, groups, G, P, N):
+  """`_hand_rollout` of `groups` prompts, each repeated for its G rows (a GRPO group)."""
+  r = _hand_rollout(rng, vocab_size, groups * G, P, N, min_prompt=3, lengths=(2, N + 1))
+  first = np.repeat(np.arange(groups) * G, G)
+  toks = np.concatenate([r.tokens[first, :P], r.tokens[:, P:]], axis=1)
+  return dataclasses.replace(r, tokens=toks, prompt_lengths=r.prompt_lengths[first])
+
+
+@pytest.mark.parametrize("family", ["deepseek_moe", "qwen3"])
+def test_shared_prompt_update_equals_the_whole_row_update(family):
+  """`share_prompt` runs each group's prompt once and its G completions over the shared keys
+  and values: the loss, its metrics and its gradient equal the whole-row update's, on r1_tiny's
+  MLA + MoE policy (prompt tokens routed once) and on a tiny Qwen3 (GQA with q/k norms), with
+  groups of different left padding and completion lengths. The negative control gives the rows
+  of one group another group's prompt: the check fails."""
+  if family == "deepseek_moe":
+    c, cfg, params = _setup(os.path.join(ROOT, "configs", "r1_tiny.py"))
+    cfg = sampler.policy_config(cfg)
+  else:
+    cfg = ModelConfig.from_config(run_config.tiny_student_fields(
+        model_type="qwen3", head_dim=32, tie_word_embeddings=False))
+    params = testing.random_params(cfg, seed=3, std=0.3)
+  rng = np.random.default_rng(2)
+  G, groups, P, N = 4, 3, 10, 8
+  rollout = _grouped_rollout(rng, cfg.vocab_size, groups, G, P, N)
+  adv = rng.normal(size=groups * G).astype(np.float32)
+  whole = grpo_stage.grpo_batch(rollout, adv, mask_truncated=False)
+  shared = grpo_stage.grpo_batch(rollout, adv, mask_truncated=False, share_prompt=G)
+  assert shared.prefix_tokens.shape == (groups, P - 1) and shared.tokens.shape == (G * groups, N)
+  np.testing.assert_array_equal(shared.loss_mask.sum(), whole.loss_mask.sum())
+  loss = grpo.grpo_loss(cfg, loss_type="dr_grpo", eps_low=0.2, eps_high=0.28, beta=0.0,
+                        budget=N, temperature=0.8)
+  grad = testing.jit(jax.value_and_grad(lambda p, b: loss(p, b, None, None), has_aux=True))
+  (l_whole, m_whole), g_whole = grad(params, whole)
+  (l_shared, m_shared), g_shared = grad(params, shared)
+  np.testing.assert_allclose(float(l_shared), float(l_whole), rtol=1e-5, atol=1e-7)
+  for k in ("entropy", "tokens", "logp_mismatch_mean", "ratio_mean"):
+    np.testing.assert_allclose(float(m_shared[k]), float(m_whole[k]), rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(g_shared), jax.tree.leaves(g_whole)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                               atol=1e-6 * max(1.0, float(np.max(np.abs(np.asarray(b))))))
+  if cfg.is_moe:  # every real token routed: the shared prompt once, each row's own tokens
+    counts = np.asarray(m_shared["_counts"]["moe_bias"] if "moe_bias" in m_shared["_counts"]
+                        else next(iter(m_shared["_counts"].values())))
+    real = int(shared.prefix_valid.sum() + shared.segment_ids.sum())
+    assert counts.sum() == real * cfg.num_experts_per_tok * cfg.num_moe_layers
+  # negative control: group 0's rows scored under group 1's prompt
+  wrong = shared.replace(prefix_tokens=shared.prefix_tokens[[1, 1, 2]],
+                         prefix_valid=shared.prefix_valid[[1, 1, 2]],
+                         prefix_positions=shared.prefix_positions[[1, 1, 2]])
+  assert abs(float(grad(params, wrong)[0][0]) - float(l_whole)) > 1e-5
+
+
+def test_shared_prompt_batch_rejects_groups_with_different_prompts():
+  rng = np.random.default_rng(3)
+  rollout = _hand_rollout(rng, 64, 8, 6, 4, min_prompt=6, lengths=(1, 5))
+  with pytest.raises(AssertionError, match="differ in prompt"):
+    grpo_stage.grpo_batch(rollout, np.zeros(8, np.float32), mask_truncated=False,
+                          share_prompt=4)

@@ -23,7 +23,7 @@ from r1jax.model.params import abstract, declare, init, logical_axes, num_params
 
 
 def forward_with_aux(params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=None,
-                     mtp: bool = False, token_mask=None, routing=None):
+                     mtp: bool = False, token_mask=None, routing=None, prefix=None):
   """Logits [B, T, V] fp32 and aux: expert_counts [L_moe, E], balance (sequence-wise balance
   statistic summed over MoE layers), dropped (dropped expert assignments), and with mtp=True
   mtp_logits [D_mtp, B, T, V] where module k's position i predicts token i + k + 1.
@@ -39,10 +39,14 @@ def forward_with_aux(params, tokens, cfg: ModelConfig, *, segment_ids=None, posi
   expert ids instead of its top-k (the ids the sampler recorded, or `aux["expert_ids"]` of an
   earlier forward); gate weights still come from the current router. aux["expert_ids"]
   [L_moe, B, T, k] holds the experts each token went to (id E for padding).
+
+  prefix: (tokens, positions, valid) [B // G, Lp], a prefix shared by each G consecutive rows
+  and computed once per group; the logits are then those of `tokens`, which follow it in each
+  row (`decoder.forward_hidden_prefix`; segment_ids > 0 marks their real tokens).
   """
   return decoder.forward_with_aux(params, tokens, cfg, segment_ids=segment_ids,
                                   positions=positions, mtp=mtp, token_mask=token_mask,
-                                  routing=routing)
+                                  routing=routing, prefix=prefix)
 
 
 def forward(params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=None,
@@ -54,12 +58,16 @@ def forward(params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=Non
 
 def target_logprobs(params, tokens, targets, cfg: ModelConfig, *, segment_ids=None,
                     positions=None, mtp: bool = False, token_mask=None, routing=None,
-                    entropy: bool = False, temperature: float = 1.0):
+                    entropy: bool = False, temperature: float = 1.0, prefix=None):
   """(log p(targets) fp32 [B, T], per-position entropy [B, T] or None, aux): what the SFT and
   GRPO losses need, without the [B, T, V] logits when `cfg.logits_chunk` is set. Both are of
-  softmax(logits / temperature): GRPO trains the distribution its rollouts sample from."""
+  softmax(logits / temperature): GRPO trains the distribution its rollouts sample from.
+  prefix: (tokens, positions, valid) [B // G, Lp] of a prefix shared by each G consecutive rows,
+  computed once per group (`decoder.forward_hidden_prefix`); tokens etc. are then what follows
+  it in each row."""
+  assert prefix is None or not mtp, "MTP runs on whole rows"
   kw = dict(segment_ids=segment_ids, positions=positions, mtp=mtp, token_mask=token_mask,
-            routing=routing)
+            routing=routing, prefix=prefix)
   if cfg.logits_chunk:
     return decoder.chunked_target_logprobs(params, tokens, targets, cfg, entropy=entropy,
                                            temperature=temperature, **kw)

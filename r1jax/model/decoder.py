@@ -74,9 +74,15 @@ def run_slice(stacked, start: int, count: int):
 
 
 def forward_hidden(params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=None,
-                   token_mask=None, routing=None):
+                   token_mask=None, routing=None, prefix=None):
   """Tokens [B, T] -> (last hidden before the final norm [B, T, D], aux dict, rope/mask ctx).
-  routing [B, T, L_moe, k]: expert ids to replay in the MoE layers (R3), or None."""
+  routing [B, T, L_moe, k]: expert ids to replay in the MoE layers (R3), or None.
+  prefix: a shared prefix (`forward_hidden_prefix`), or None."""
+  if prefix is not None:
+    assert routing is None, "routing replay runs on whole rows, not on a shared prefix"
+    valid = segment_ids > 0 if segment_ids is not None else jnp.ones(tokens.shape, bool)
+    x, aux = forward_hidden_prefix(params, *prefix, tokens, positions, valid, cfg)
+    return x, aux, None
   if positions is None:
     positions = L.default_positions(tokens, segment_ids)
   if segment_ids is None:
@@ -102,6 +108,77 @@ def forward_hidden(params, tokens, cfg: ModelConfig, *, segment_ids=None, positi
     aux["balance"] = stats["balance"].sum()
     aux["dropped"] = stats["dropped"].sum()
   return x, aux, (cos, sin, mask, token_mask)
+
+
+def forward_hidden_prefix(params, prefix_tokens, prefix_positions, prefix_valid, tokens,
+                          positions, valid, cfg: ModelConfig):
+  """The last hidden [B, t, D] of rows that are a shared prefix followed by their own tokens,
+  with the prefix computed once per group (a GRPO group's prompt and its G completions).
+
+  prefix_tokens / prefix_positions [Bp, Lp] int, prefix_valid [Bp, Lp] bool (left padding is
+  False): one prefix per group of G = B // Bp consecutive rows. tokens / positions [B, t],
+  valid [B, t] bool. Row b is prefix b // G then tokens[b]; the result is the hidden of its t
+  tokens, the same as the whole row's forward (`forward_hidden`) to float rounding.
+
+  Two passes over the layers, through each attention family's cached form (what the sampler
+  runs): the prefixes [Bp, Lp] write their keys/values (per-layer outputs of the scan); then the
+  rows [B, t] attend over their group's prefix entries, repeated G times, and their own causal
+  entries. The gradient flows back through the shared entries, summed over the group. The work
+  of the prefix positions is done Bp times instead of B times. aux holds the MoE expert counts,
+  balance and dropped assignments of both passes (prefix tokens counted once)."""
+  Bp, Lp = prefix_tokens.shape
+  B, t = tokens.shape
+  assert B % Bp == 0, (B, Bp)
+  G = B // Bp
+  per_token = ATTENTION[cfg.attention].cache_shapes(cfg)
+  dtype = cfg.jnp_dtype
+  stats_of = ([], [])  # each pass's MoE stats, run by run
+
+  def empty(rows, length):
+    return {n: jnp.zeros((1, rows, length, *shape), dtype) for n, shape in per_token.items()}
+
+  # pass 1: the prefixes, causal over their valid slots; each layer's cache entries are kept
+  slots = jnp.arange(Lp, dtype=jnp.int32)
+  mask = (prefix_valid[:, None, :] & (slots[None, :] <= slots[:, None])[None])[:, None]
+  cos, sin = L.rope_cos_sin(cfg, prefix_positions)
+  x = embed(params, prefix_tokens, cfg)
+  entries = []
+  for stack, start, count in cfg.layer_runs:
+    def first(x, p):
+      x, stats, c = decoder_block(p, x, cos, sin, mask, cfg, cache=(empty(Bp, Lp), 0, 0),
+                                  token_mask=prefix_valid)
+      return x, ({n: v[0] for n, v in c.items()}, stats)
+    x, (kv, stats) = _layer_scan(cfg)(L.maybe_remat(first, cfg.remat), x,
+                                      run_slice(params[stack], start, count))
+    entries.append(kv)
+    if stack == "moe_layers":
+      stats_of[0].append(stats)
+
+  # pass 2: the rows, over [their group's prefix | their own tokens]
+  kv_valid = jnp.concatenate([jnp.repeat(prefix_valid, G, axis=0), valid], axis=1)  # [B, S]
+  slots = jnp.arange(Lp + t, dtype=jnp.int32)
+  causal = slots[None, :] <= (Lp + jnp.arange(t, dtype=jnp.int32))[:, None]
+  mask = (kv_valid[:, None, :] & causal[None])[:, None]
+  cos, sin = L.rope_cos_sin(cfg, positions)
+  x = embed(params, tokens, cfg)
+  for (stack, start, count), kv in zip(cfg.layer_runs, entries):
+    def second(x, inputs):
+      p, kv_layer = inputs
+      c = {n: jnp.concatenate([jnp.repeat(kv_layer[n], G, axis=0), empty(B, t)[n][0]],
+                              axis=1)[None] for n in per_token}
+      x, stats, _ = decoder_block(p, x, cos, sin, mask, cfg, cache=(c, 0, Lp), token_mask=valid)
+      return x, stats
+    x, stats = _layer_scan(cfg)(L.maybe_remat(second, cfg.remat), x,
+                                (run_slice(params[stack], start, count), kv))
+    if stack == "moe_layers":
+      stats_of[1].append(stats)
+  aux = {}
+  if stats_of[0]:
+    passes = [jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *runs) for runs in stats_of]
+    aux["expert_counts"] = passes[0]["counts"] + passes[1]["counts"]  # [L_moe, E]
+    aux["balance"] = passes[0]["balance"].sum() + passes[1]["balance"].sum()
+    aux["dropped"] = passes[0]["dropped"].sum() + passes[1]["dropped"].sum()
+  return x, aux
 
 
 def mtp_logits(params, tokens, h, ctx, cfg: ModelConfig):
@@ -181,11 +258,11 @@ def logits_logprobs(logits_BTV, targets_BT, entropy: bool, temperature: float = 
 
 def chunked_target_logprobs(params, tokens, targets, cfg: ModelConfig, *, segment_ids=None,
                             positions=None, mtp: bool = False, token_mask=None, routing=None,
-                            entropy: bool = False, temperature: float = 1.0):
+                            entropy: bool = False, temperature: float = 1.0, prefix=None):
   """`forward_with_aux` + `logits_logprobs` with the head run `cfg.logits_chunk` positions at a
   time (`_head_logprobs`): (log p(targets), entropy or None, aux), no [B, T, V] logits."""
   x, aux, ctx = forward_hidden(params, tokens, cfg, segment_ids=segment_ids, positions=positions,
-                               token_mask=token_mask, routing=routing)
+                               token_mask=token_mask, routing=routing, prefix=prefix)
   picked, ent = _head_logprobs(params, L.rms_norm(x, params["final_norm"], cfg.rms_norm_eps),
                                targets, cfg, entropy, temperature)
   if mtp and "mtp" in params:
@@ -195,9 +272,9 @@ def chunked_target_logprobs(params, tokens, targets, cfg: ModelConfig, *, segmen
 
 
 def forward_with_aux(params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=None,
-                     mtp: bool = False, token_mask=None, routing=None):
+                     mtp: bool = False, token_mask=None, routing=None, prefix=None):
   x, aux, ctx = forward_hidden(params, tokens, cfg, segment_ids=segment_ids, positions=positions,
-                               token_mask=token_mask, routing=routing)
+                               token_mask=token_mask, routing=routing, prefix=prefix)
   logits = head(params, L.rms_norm(x, params["final_norm"], cfg.rms_norm_eps), cfg)
   if mtp and "mtp" in params:
     aux["mtp_logits"], mtp_aux = mtp_logits(params, tokens, x, ctx, cfg)

@@ -156,6 +156,12 @@ class GRPOConfig(StageConfig):
       ones to a power-of-two count of at least 2 groups (one compile per count), and the loss
       averages over those rows; the update's FLOPs (and so a matched control's) are what it
       ran. In the tiny recipe's d3aa4cf round 79-92 % of the groups were flat.
+    share_prompt: the update runs each group's prompt once, not G times: the prompt's keys and
+      values are computed for the group and its G completions attend to them (the sampler's
+      cached attention, with the gradient through the shared entries). The same loss to float
+      rounding, with less work when prompts are long next to completions (r1_zero_smollm2: 121
+      prompt tokens, 16-64 completion tokens). Off by default: the committed tiny-recipe
+      rounds ran without it, and float order changes their numbers. Not with routing_replay.
   """
   prompts_per_step: int = 16
   group_size: int = 8
@@ -181,6 +187,7 @@ class GRPOConfig(StageConfig):
   is_threshold_low: float = 0.5
   length_bucket: int = 0
   drop_zero_var: bool = False
+  share_prompt: bool = False
 
   def check(self, need):
     super().check(need)
@@ -208,6 +215,8 @@ class GRPOConfig(StageConfig):
     need(0 <= self.is_threshold_low < self.is_threshold, "is_threshold_low",
          "must be in [0, is_threshold)")
     need(self.length_bucket >= 0, "length_bucket", "must be >= 0")
+    need(not (self.share_prompt and self.routing_replay), "share_prompt",
+         "cannot be on with routing_replay (replay runs on whole rows)")
 
   @property
   def rows(self) -> int:

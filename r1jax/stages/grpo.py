@@ -26,13 +26,25 @@ from r1jax.train.losses import grpo as grpo_lib
 
 
 def grpo_batch(rollout: sampler.Rollout, advantages, *, mask_truncated: bool,
-               routing: bool = False, length_bucket: int = 0) -> grpo_lib.GRPOBatch:
+               routing: bool = False, length_bucket: int = 0,
+               share_prompt: int = 0) -> grpo_lib.GRPOBatch:
   """Sampler output -> the update's batch (host arrays; r1jax.train.losses.GRPOBatch).
 
   With `length_bucket` > 0 the batch ends after the longest completion, rounded up to a
   multiple of `length_bucket` tokens (at most max_new_tokens): the columns cut are padding in
   every row, and the model is causal, so the loss is the same and the update does less work.
-  Each distinct length compiles the update once."""
+  Each distinct length compiles the update once.
+
+  With `share_prompt` = G > 0 the rows come in groups of G with one prompt (a GRPO group), and
+  the update runs each group's prompt once: the batch's prefix fields hold the prompts but their
+  last token, and its [B, T] fields the last prompt token and the completion (the positions whose
+  targets are completion tokens). Same loss to float rounding."""
+  if share_prompt > 0:
+    full = grpo_batch(rollout, advantages, mask_truncated=mask_truncated,
+                      length_bucket=length_bucket)
+    assert not routing, "routing replay runs on whole rows (share_prompt needs it off)"
+    return _split_prompt(full, rollout.tokens.shape[1] - rollout.completion.shape[1],
+                         share_prompt)
   toks = np.asarray(rollout.tokens)
   B, L = toks.shape
   N = rollout.completion.shape[1]
@@ -63,6 +75,26 @@ def grpo_batch(rollout: sampler.Rollout, advantages, *, mask_truncated: bool,
       old_logprobs=logp[:, 1:], advantages=np.asarray(advantages, np.float32),
       routing=(np.asarray(rollout.routing[:, :-1]) if routing and rollout.routing is not None
                else None))
+
+
+def _split_prompt(batch: grpo_lib.GRPOBatch, P: int, G: int) -> grpo_lib.GRPOBatch:
+  """A whole-row batch whose rows are groups of G with the same P-token prompt -> the batch that
+  runs each prompt once (`grpo_batch(share_prompt=G)`)."""
+  B = batch.tokens.shape[0]
+  assert B % G == 0, f"{B} rows are not groups of {G}"
+  if P < 2:
+    return batch  # a one-token prompt: nothing to share
+  cut = P - 1  # the last prompt token predicts the first completion token: it stays per row
+  prompts = batch.tokens[:, :cut].reshape(B // G, G, cut)
+  assert (prompts == prompts[:, :1]).all(), "share_prompt: rows of a group differ in prompt"
+  per_row = lambda x: None if x is None else x[:, cut:]
+  return grpo_lib.GRPOBatch(
+      tokens=batch.tokens[:, cut:], targets=batch.targets[:, cut:],
+      segment_ids=batch.segment_ids[:, cut:], positions=batch.positions[:, cut:],
+      loss_mask=batch.loss_mask[:, cut:], rollout_logprobs=batch.rollout_logprobs[:, cut:],
+      old_logprobs=batch.old_logprobs[:, cut:], advantages=batch.advantages,
+      routing=per_row(batch.routing), prefix_tokens=batch.tokens[::G, :cut],
+      prefix_positions=batch.positions[::G, :cut], prefix_valid=batch.segment_ids[::G, :cut])
 
 
 def update_groups(zero_var: np.ndarray, min_groups: int = 2) -> np.ndarray:
@@ -147,7 +179,8 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
       rollout = take_groups(rollout, groups, G)
       update_adv = np.asarray(adv).reshape(-1, G)[groups].reshape(-1)
     batch = grpo_batch(rollout, update_adv, mask_truncated=s.mask_truncated,
-                       routing=s.routing_replay, length_bucket=s.length_bucket)
+                       routing=s.routing_replay, length_bucket=s.length_bucket,
+                       share_prompt=G if s.share_prompt else 0)
     if ctx.is_main and step % max(int(c.log.every_steps), 1) == 0:
       # written as they come, so a run resumed from a checkpoint keeps the samples before it
       samples[:] = [x for x in samples if x["step"] < step]
@@ -164,14 +197,14 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
                 rollout_tokens_per_sec=float(lengths.sum()) / max(time.time() - t0, 1e-9))
     host["update_rows"] = float(rollout.tokens.shape[0])
     host.update(fresh.reward_means())
-    B, T = batch.tokens.shape
-    update_flops = s.mu * flops.train_flops(pcfg, B * T, T, frozen_weights=lora_cfg is not None)
+    forward = _forward_flops(pcfg, batch)
+    update_flops = s.mu * forward * (2.0 if lora_cfg is not None else 3.0)  # flops.train_flops
     if s.beta > 0:
-      update_flops += s.mu * flops.forward_flops(pcfg, B * T, T)
+      update_flops += s.mu * forward
     batch = common.shard(ctx, batch)
     if old_logprobs is not None:  # pi_old = the trainer at the sampler's parameters
       batch = batch.replace(old_logprobs=old_logprobs(train.full_params(st["train"]), batch))
-      update_flops += flops.forward_flops(pcfg, B * T, T)
+      update_flops += forward
     host["flops"] = scored.flops + update_flops
     return batch, host
 
@@ -194,6 +227,15 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
   common.record_lora_output(ctx, name, state["train"])
   ctx.models["policy"] = (cfg, train.full_params(state["train"]))
   return metrics
+
+
+def _forward_flops(cfg, batch: grpo_lib.GRPOBatch) -> float:
+  """Model FLOPs of one forward over an update batch: its rows, and each shared prompt once."""
+  B, T = batch.tokens.shape
+  if batch.prefix_tokens is None:
+    return flops.forward_flops(cfg, B * T, T)
+  Bp, Tp = batch.prefix_tokens.shape
+  return flops.forward_flops(cfg, Bp * Tp, Tp) + flops.forward_flops(cfg, B * T, Tp + T)
 
 
 def _min_update_groups(ctx: common.Context, s: GRPOConfig) -> int:

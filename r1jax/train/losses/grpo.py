@@ -46,6 +46,10 @@ class GRPOBatch:
     advantages: float32 [B].
     routing: int [B, T, L_moe, k] expert ids the sampler chose for each input token (R3), or
       None.
+    prefix_tokens, prefix_positions, prefix_valid: int32 [B // G, Tp], or None. With them, each
+      group of G consecutive rows shares this prompt prefix (valid 0 on its left padding), run
+      once per group (`model.target_logprobs(prefix=...)`), and the [B, T] fields are what
+      follows it in each row.
   """
   tokens: Any
   targets: Any
@@ -56,6 +60,16 @@ class GRPOBatch:
   old_logprobs: Any
   advantages: Any
   routing: Any = None
+  prefix_tokens: Any = None
+  prefix_positions: Any = None
+  prefix_valid: Any = None
+
+  @property
+  def prefix(self):
+    """The shared prefix as `model.target_logprobs` takes it, or None."""
+    if self.prefix_tokens is None:
+      return None
+    return self.prefix_tokens, self.prefix_positions, self.prefix_valid > 0
 
 
 def group_advantages(rewards, group_size: int, scale: str = "group", eps: float = 1e-4):
@@ -121,7 +135,7 @@ def grpo_loss(cfg: ModelConfig, *, loss_type: str = "grpo", policy_loss: str = "
     return model.target_logprobs(params, batch.tokens, batch.targets, cfg,
                                  segment_ids=batch.segment_ids, token_mask=batch.segment_ids > 0,
                                  positions=batch.positions, routing=batch.routing,
-                                 entropy=entropy, temperature=temperature)
+                                 entropy=entropy, temperature=temperature, prefix=batch.prefix)
 
   def loss_fn(params, batch: GRPOBatch, rng, ref_params):
     del rng
@@ -164,7 +178,10 @@ def grpo_loss(cfg: ModelConfig, *, loss_type: str = "grpo", policy_loss: str = "
     metrics["mismatch_clip_frac"] = jnp.sum(((mismatch < lo) | (mismatch > hi)) * full) / n
     if is_correction != "none":
       metrics["is_weight_mean"] = jnp.sum(w_is * full) / n
-    metrics.update(moe_metrics(aux, cfg, jnp.sum(batch.segment_ids > 0)))
+    real = jnp.sum(batch.segment_ids > 0)
+    if batch.prefix_valid is not None:
+      real = real + jnp.sum(batch.prefix_valid > 0)  # each shared prefix token routed once
+    metrics.update(moe_metrics(aux, cfg, real))
     return loss, metrics
 
   return loss_fn
@@ -178,6 +195,6 @@ def old_logprobs_fn(cfg: ModelConfig, temperature: float = 1.0):
                                        segment_ids=batch.segment_ids,
                                        token_mask=batch.segment_ids > 0,
                                        positions=batch.positions, routing=batch.routing,
-                                       temperature=temperature)
+                                       temperature=temperature, prefix=batch.prefix)
     return logp * batch.loss_mask
   return jax.jit(fn)
