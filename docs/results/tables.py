@@ -325,14 +325,19 @@ def fresh_uncovered(folder: str = os.path.join(HERE, "fresh_uncovered")):
       print(f"| {label} | {name} ({r['sizes'][name]}) | " + " | ".join(cells) + f" | {diff} |")
 
 
-def r1_zero_smollm2_table():
-  path = os.path.join(HERE, "r1_zero_smollm2.json")
+def r1_zero_smollm2_table(folder: str | None = None):
+  """The r1_zero_smollm2 run (r1_zero_smollm2.json and _curve.json), or an earlier one kept in
+  `folder` (summary.json and curve.json)."""
+  if folder:
+    path, curve_path = (os.path.join(HERE, folder, n) for n in ("summary.json", "curve.json"))
+  else:
+    path, curve_path = (os.path.join(HERE, f"r1_zero_smollm2{n}.json") for n in ("", "_curve"))
   if not os.path.exists(path):
     return
   with open(path) as f:
     s = json.load(f)
   st = {e["name"]: e for e in s["stages"]}
-  with open(os.path.join(HERE, "r1_zero_smollm2_curve.json")) as f:
+  with open(curve_path) as f:
     curve = json.load(f)
   print()
   print("| | greedy accuracy | sum / difference | pass@1 | pass@4 |")
@@ -353,8 +358,15 @@ def r1_zero_smollm2_table():
           f"{r['reward_accuracy']:.2f} | {r['completion_len']:.1f} | {r['zero_var_groups']:.2f} |")
   wall = s["run"].get("wall_seconds")
   if wall:
-    print(f"\nwall {wall / 60:.1f} min; GRPO step {st['grpo']['metrics']['step_seconds']:.0f} s "
-          f"(last), MFU {st['grpo']['metrics']['mfu']:.2f}")
+    # over the whole stage: the sum of the loop periods is its training time (one step's period
+    # need not hold that step's own work when the loop overlaps steps, as at ce768b2)
+    m = st["grpo"]["metrics"]
+    seconds = sum(r["step_seconds"] for r in curve)
+    peak = m["model_flops_per_sec"] / m["mfu"]
+    print(f"\nwall {wall / 60:.1f} min (stages: " +
+          ", ".join(f"{e['name']} {e['wall_seconds']:.0f} s" for e in s["stages"]) +
+          f"); GRPO steps {seconds:.0f} s in all, {seconds / len(curve):.0f} s per step on "
+          f"average, MFU {m['flops_total'] / seconds / peak:.2f} over them")
 
 
 def main():
@@ -373,6 +385,8 @@ def main():
   ap.add_argument("--probes", action="store_true", help="print the cold-start probe table")
   ap.add_argument("--stage_probe", metavar="SUBDIR",
                   help="print the runs of some stages only kept in this subfolder")
+  ap.add_argument("--smollm2", metavar="SUBDIR",
+                  help="print an earlier r1_zero_smollm2 run kept in this subfolder")
   ap.add_argument("--fresh", action="store_true",
                   help="print the larger uncovered check (fresh_uncovered.py)")
   a = ap.parse_args()
@@ -391,6 +405,9 @@ def main():
     return
   if a.probes:
     cold_start_probes()
+    return
+  if a.smollm2:
+    r1_zero_smollm2_table(a.smollm2)
     return
   if a.fresh:
     fresh_uncovered(os.path.join(HERE, "fresh_uncovered", a.dir or ""))

@@ -108,12 +108,16 @@ def barrier(name: str) -> None:
 
 def train_loop(ctx: Context, name: str, state, *, steps: int,
                next_batch: Callable[[Any], tuple[Any, dict]], data_iter,
-               update: Callable, log_keys=("loss",)) -> tuple[Any, dict]:
+               update: Callable, log_keys=("loss",), overlap: bool = True
+               ) -> tuple[Any, dict]:
   """Run `steps` updates of a stage, resumably.
 
   next_batch(state) -> (device batch, host metrics) draws the next batch (for GRPO it samples
   rollouts); update(state, batch) -> (state, metrics) is the jitted step. `data_iter` is the
   grain iterator whose state is checkpointed (or None).
+  overlap: fetch a step's metrics after the next step's dispatch (below). False fetches them at
+  once: for GRPO, whose next batch is sampled from the updated policy, so it waits for the step
+  anyway, and its step_seconds and rollout_seconds are then its own step's.
   Returns (final state, final metrics).
   """
   c = ctx.config
@@ -170,7 +174,7 @@ def train_loop(ctx: Context, name: str, state, *, steps: int,
         finish(*pending)
       pending = (step, metrics, host_metrics)
       preempted = _any_process(pre.requested)
-      if step == steps or ckpt.should_save(step) or preempted:
+      if step == steps or ckpt.should_save(step) or preempted or not overlap:
         finish(*pending)
         pending = None
         save(step, last)

@@ -223,7 +223,8 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
 
   with jax.set_mesh(ctx.mesh):
     state, metrics = common.train_loop(ctx, name, state, steps=steps, next_batch=next_batch,
-                                       data_iter=it, update=update, log_keys=("reward", "loss"))
+                                       data_iter=it, update=update, log_keys=("reward", "loss"),
+                                       overlap=False)
   common.record_lora_output(ctx, name, state["train"])
   ctx.models["policy"] = (cfg, train.full_params(state["train"]))
   return metrics
