@@ -201,6 +201,29 @@ def step_profile_md(d):
   return share.get("2+", 0.0), setup, rows
 
 
+def rollout_profile_md(d):
+  rows = ["| shape | median s | new tokens/s | ms per decode step | ops per step | "
+          "op thread ms per step | wall with 0 / 1 / 2+ ops running |",
+          "|---|---:|---:|---:|---:|---:|---|"]
+  for sh in d["shapes"]:
+    p, share = sh["profile"], sh["profile"]["wall_share_by_ops_running"]
+    rows.append(f"| {sh['batch']} x {sh['new_tokens']} | {sh['seconds']:.3f} | "
+                f"{sh['tokens_per_s']:.0f} | {sh['ms_per_new_token']:.2f} | "
+                f"{p['ops_per_step']:.0f} | {p['op_thread_ms_per_step']:.2f} | "
+                + " / ".join(f"{100 * share.get(k, 0.0):.0f} %" for k in ("0", "1", "2+"))
+                + " |")
+  head = d["shapes"][0]["profile"]
+  rows += ["", f"| op kind ({d['shapes'][0]['batch']} x {d['shapes'][0]['new_tokens']}) | "
+           "thread ms per decode step | ops per step |", "|---|---:|---:|"]
+  rows += [f"| {k['kind']} | {k['ms_per_step']:.3f} | {k['ops_per_step']:.1f} |"
+           for k in head["by_kind"][:12]]
+  setup = (f"r1jax's sampler on rollout.py's tiny MoE ({d['prompt_len']}-token prompts, no "
+           f"stop), one traced generate call per shape on {d['cpu_devices']} CPU device, per "
+           "new token; headline: the share of the first shape's wall time with both cores "
+           "running an op")
+  return head["wall_share_by_ops_running"].get("2+", 0.0), setup, rows
+
+
 @dataclasses.dataclass(frozen=True)
 class Benchmark:
   name: str
@@ -244,6 +267,9 @@ BENCHMARKS = (
     Benchmark("step_profile", "Where the SFT step's time goes on XLA:CPU (a profile)",
               ("--runs", "5", "--traced", "2"), step_profile_md, None,
               target_text="none (it explains train_step's gap)", suffix=""),
+    Benchmark("rollout_profile", "Where the sampler's time goes on XLA:CPU (a profile)",
+              ("--runs", "1", "--shapes", "128x40"), rollout_profile_md, None,
+              target_text="none (it explains rollout's gap)", suffix=""),
 )
 BY_NAME = {b.name: b for b in BENCHMARKS}
 

@@ -43,14 +43,19 @@ _NOT_OPS = ("ThunkExecutor", "$", "Slinky", "PjRt", "Execute", "ThreadpoolListen
 _STEP_EVENT = "ThunkExecutor::Execute (wait for completion)"
 
 
-def op_summary(events: list[dict], steps: int) -> dict:
+def op_summary(events: list[dict], steps: int, whole: bool = False) -> dict:
   """Per-step op counts and thread time by kind, and the share of the steps' wall time during
-  which 0, 1, 2, ... ops ran at once."""
+  which 0, 1, 2, ... ops ran at once. The steps' wall time is that of the last `steps`
+  executions of a compiled program, or with `whole` the span from the first op to the last (a
+  trace of several programs, e.g. a sampler's prefill and decode loop, as one)."""
   ops = [e for e in events if e.get("ph") == "X" and "dur" in e
          and not e["name"].startswith(_NOT_OPS)]
-  windows = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
-                   if e.get("ph") == "X" and e.get("name") == _STEP_EVENT)
-  windows = windows[-steps:]
+  if whole:
+    windows = [(min(e["ts"] for e in ops), max(e["ts"] + e["dur"] for e in ops))]
+  else:
+    windows = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                     if e.get("ph") == "X" and e.get("name") == _STEP_EVENT)
+    windows = windows[-steps:]
   by_kind, count = collections.Counter(), collections.Counter()
   for e in ops:
     kind = re.sub(r"\.\d+$", "", e["name"])
@@ -69,8 +74,8 @@ def op_summary(events: list[dict], steps: int) -> dict:
   wall = sum(b - a for a, b in windows)
   total = sum(by_kind.values())
   return {
-      "steps": len(windows),
-      "step_wall_ms": wall / len(windows) / 1e3,
+      "steps": steps if whole else len(windows),
+      "step_wall_ms": wall / (steps if whole else len(windows)) / 1e3,
       "ops_per_step": sum(count.values()) / steps,
       "op_thread_ms_per_step": total / steps / 1e3,
       "by_kind": [{"kind": k, "ms_per_step": d / steps / 1e3, "ops_per_step": count[k] / steps}

@@ -114,6 +114,13 @@ def test_step_profile_sums_ops_and_their_overlap():
   # of 200 us of step wall time: 70 with no op (20 + 50 at the steps' ends), 110 with one op,
   # 20 with two
   assert got["wall_share_by_ops_running"] == pytest.approx({"0": 0.35, "1": 0.55, "2+": 0.1})
+  # whole=True: one window from the first op to the last (0-250 us), over 5 decode steps
+  whole = step_profile.op_summary(events, steps=5, whole=True)
+  assert whole["steps"] == 5 and whole["step_wall_ms"] == pytest.approx(0.05)
+  assert whole["ops_per_step"] == pytest.approx(0.6)
+  # of 250 us: 40 + 20 + 50 with one op, 20 with two, 120 (80-200) with none
+  assert whole["wall_share_by_ops_running"] == pytest.approx(
+      {"0": 120 / 250, "1": 110 / 250, "2+": 20 / 250})
 
 
 def test_grpo_loss_and_grad_match_trl():

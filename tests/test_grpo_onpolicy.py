@@ -75,7 +75,9 @@ def _first_update_metrics(c, cfg, params, stage, score_cfg=None, temperature=Non
                           reward_weights=s.reward_weights)
   adv, _ = grpo.group_advantages(scored.rewards, s.group_size, s.advantage_scale)
   batch = jax.tree.map(np.asarray, grpo_stage.grpo_batch(
-      scored.rollout, adv, mask_truncated=s.mask_truncated, routing=s.routing_replay))
+      scored.rollout, adv, mask_truncated=s.mask_truncated, routing=s.routing_replay,
+      share_prompt=s.group_size if s.share_prompt else 0))
+  assert (batch.prefix_tokens is not None) == s.share_prompt
   loss = grpo.grpo_loss(score_cfg or pcfg, loss_type=s.loss_type, policy_loss=s.policy_loss,
                         eps_low=s.eps_low, eps_high=s.eps_high, beta=s.beta, budget=MAX_NEW,
                         temperature=loss_temperature)
@@ -93,7 +95,8 @@ def test_first_update_is_exactly_on_policy(path, stage):
   same figure); r1_zero_tiny's MLA policy reached 1.4e-5 once the arithmetic splits were dealt
   from shuffled problem lists (other prompts), after staying under 1e-5 before. The 30-layer
   SmolLM2 gets up to 3e-5 (measured 2.7e-5), its layers adding those roundings up; it is held to
-  1e-4. An off-policy bug is far larger (a capacity mismatch moves log-probs by more than 1e-3:
+  1e-4. Its config runs the update with each group's prompt shared (`share_prompt`), so that
+  path is checked on-policy here too. An off-policy bug is far larger (a capacity mismatch moves log-probs by more than 1e-3:
   the test below)."""
   c, cfg, params = _setup(path)
   m = _first_update_metrics(c, cfg, params, stage)
