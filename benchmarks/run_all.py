@@ -224,6 +224,23 @@ def rollout_profile_md(d):
   return head["wall_share_by_ops_running"].get("2+", 0.0), setup, rows
 
 
+def moe_profile_md(d):
+  small, large = (str(e) for e in d["experts"])
+  ps, pl = d["profiles"][small], d["profiles"][large]
+  rows = [f"| op kind | thread ms per step ({small} experts) | ({large} experts) | added | "
+          f"ops ({small}) | ops ({large}) |", "|---|---:|---:|---:|---:|---:|"]
+  rows += [f"| {r['kind']} | {r['small_ms']:.2f} | {r['large_ms']:.2f} | "
+           f"{r['large_ms'] - r['small_ms']:+.2f} | {r['small_ops']:.0f} | {r['large_ops']:.0f} |"
+           for r in d["by_kind_added"][:12]]
+  ratio = pl["step_wall_ms"] / ps["step_wall_ms"]
+  setup = (f"moe_scaling.py's step ({d['impl']}, 16 x 128 tokens), {small} vs {large} routed "
+           f"experts, {d['traced']} traced steps each: {ps['step_wall_ms']:.1f} vs "
+           f"{pl['step_wall_ms']:.1f} ms wall, {ps['op_thread_ms_per_step']:.1f} vs "
+           f"{pl['op_thread_ms_per_step']:.1f} ms of op thread time per step; headline: the "
+           "traced wall-time ratio")
+  return ratio, setup, rows
+
+
 @dataclasses.dataclass(frozen=True)
 class Benchmark:
   name: str
@@ -270,6 +287,9 @@ BENCHMARKS = (
     Benchmark("rollout_profile", "Where the sampler's time goes on XLA:CPU (a profile)",
               ("--runs", "1", "--shapes", "128x40"), rollout_profile_md, None,
               target_text="none (it explains rollout's gap)", suffix=""),
+    Benchmark("moe_profile", "Where the MoE step's added time goes as experts grow (a profile)",
+              ("--traced", "2"), moe_profile_md, None,
+              target_text="none (it explains moe_scaling's ratio)", suffix=""),
 )
 BY_NAME = {b.name: b for b in BENCHMARKS}
 
