@@ -13,12 +13,9 @@ add from the small case to the large one, which says what `moe_scaling`'s ratio 
 from __future__ import annotations
 
 import argparse
-import glob
-import gzip
 import json
 import pathlib
 import sys
-import tempfile
 
 import jax
 
@@ -26,21 +23,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks import provenance  # noqa: E402
 from benchmarks.moe_scaling import Case  # noqa: E402
-from benchmarks.step_profile import op_summary  # noqa: E402
+from benchmarks.step_profile import traced_ops  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "moe_profile.json"
-
-
-def profile(case: Case, traced: int) -> dict:
-  with tempfile.TemporaryDirectory() as trace_dir:
-    jax.profiler.start_trace(trace_dir)
-    for _ in range(traced):
-      case.run_step()
-    jax.profiler.stop_trace()
-    (path,) = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)
-    with gzip.open(path) as f:
-      events = json.load(f)["traceEvents"]
-  return op_summary(events, traced)
 
 
 def main():
@@ -55,7 +40,7 @@ def main():
   for e in (small, large):
     case = Case(args.impl, e, None)
     case.run_step()
-    profs[e] = profile(case, args.traced)
+    profs[e] = traced_ops(case.run_step, args.traced, args.traced)
   kinds = {e: {k["kind"]: k for k in p["by_kind"]} for e, p in profs.items()}
   names = set(kinds[small]) | set(kinds[large])
   zero = {"ms_per_step": 0.0, "ops_per_step": 0.0}

@@ -15,13 +15,10 @@ in `rollout.json` the way step_profile.py does for the training step.
 from __future__ import annotations
 
 import argparse
-import glob
-import gzip
 import json
 import pathlib
 import statistics
 import sys
-import tempfile
 import time
 
 import jax
@@ -31,7 +28,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks import provenance  # noqa: E402
 from benchmarks.rollout import tiny_config  # noqa: E402
-from benchmarks.step_profile import op_summary  # noqa: E402
+from benchmarks.step_profile import traced_ops  # noqa: E402
 from r1jax import model  # noqa: E402
 from r1jax.rollout import sampler  # noqa: E402
 
@@ -64,14 +61,7 @@ def main():
       t0 = time.perf_counter()
       call()
       times.append(time.perf_counter() - t0)
-    with tempfile.TemporaryDirectory() as trace_dir:
-      jax.profiler.start_trace(trace_dir)
-      call()
-      jax.profiler.stop_trace()
-      (path,) = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)
-      with gzip.open(path) as f:
-        events = json.load(f)["traceEvents"]
-    prof = op_summary(events, N, whole=True)  # "per step" = per new token
+    prof = traced_ops(call, 1, N, whole=True)  # "per step" = per new token
     seconds = statistics.median(times)
     shapes.append({"batch": B, "new_tokens": N, "seconds": seconds, "runs_s": times,
                    "tokens_per_s": B * N / seconds, "ms_per_new_token": 1e3 * seconds / N,

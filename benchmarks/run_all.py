@@ -181,24 +181,36 @@ def grpo_vs_trl_md(d):
   return d["ratio"], setup, rows
 
 
+def _shares(share: dict) -> str:
+  """"a % / b % / c %": the wall time with 0, 1 and 2+ ops running (step_profile.op_summary)."""
+  return " / ".join(f"{100 * share.get(k, 0.0):.0f} %" for k in ("0", "1", "2+"))
+
+
+def _op_kind_rows(title: str, by_kind: list[dict], ms: str = ".2f", ops: str = ".0f"):
+  rows = [f"| {title} | thread ms per step | ops per step |", "|---|---:|---:|"]
+  return rows + [f"| {k['kind']} | {k['ms_per_step']:{ms}} | {k['ops_per_step']:{ops}} |"
+                 for k in by_kind[:12]]
+
+
+def _traced(p: dict) -> str:
+  """What a profile of whole steps says, for a setup line; its headline is share["2+"]."""
+  return (f"{p['steps']} traced steps of {p['step_wall_ms']:.1f} ms wall, "
+          f"{p['ops_per_step']:.0f} ops and {p['op_thread_ms_per_step']:.1f} ms of op thread time "
+          f"each; share of the wall time with 0 / 1 / 2+ ops running: "
+          f"{_shares(p['wall_share_by_ops_running'])}; headline: the share with both cores "
+          "running an op")
+
+
 def step_profile_md(d):
   p = d["profile"]
   rows = ["| timed (round-robin) | median ms | tokens/s |", "|---|---:|---:|"]
   tokens = d["batch"] * d["seq_len"]
   rows += [f"| {r['name']} | {1e3 * r['seconds']:.1f} | {tokens / r['seconds']:.0f} |"
            for r in d["timed"]]
-  rows += ["", "| op kind (traced full steps) | thread ms per step | ops per step |",
-           "|---|---:|---:|"]
-  rows += [f"| {k['kind']} | {k['ms_per_step']:.2f} | {k['ops_per_step']:.0f} |"
-           for k in p["by_kind"][:12]]
-  share = p["wall_share_by_ops_running"]
+  rows += [""] + _op_kind_rows("op kind (traced full steps)", p["by_kind"])
   setup = (f"the tiny MoE's SFT step ({d['batch']} x {d['seq_len']} tokens, MTP off) on "
-           f"{d['cpu_devices']} CPU device; {p['steps']} traced steps of {p['step_wall_ms']:.1f} ms "
-           f"wall, {p['ops_per_step']:.0f} ops and {p['op_thread_ms_per_step']:.1f} ms of op thread "
-           "time each; share of the wall time with 0 / 1 / 2+ ops running: "
-           + " / ".join(f"{100 * share.get(k, 0.0):.0f} %" for k in ("0", "1", "2+"))
-           + "; headline: the share with both cores running an op")
-  return share.get("2+", 0.0), setup, rows
+           f"{d['cpu_devices']} CPU device; " + _traced(p))
+  return p["wall_share_by_ops_running"].get("2+", 0.0), setup, rows
 
 
 def rollout_profile_md(d):
@@ -206,22 +218,28 @@ def rollout_profile_md(d):
           "op thread ms per step | wall with 0 / 1 / 2+ ops running |",
           "|---|---:|---:|---:|---:|---:|---|"]
   for sh in d["shapes"]:
-    p, share = sh["profile"], sh["profile"]["wall_share_by_ops_running"]
+    p = sh["profile"]
     rows.append(f"| {sh['batch']} x {sh['new_tokens']} | {sh['seconds']:.3f} | "
                 f"{sh['tokens_per_s']:.0f} | {sh['ms_per_new_token']:.2f} | "
                 f"{p['ops_per_step']:.0f} | {p['op_thread_ms_per_step']:.2f} | "
-                + " / ".join(f"{100 * share.get(k, 0.0):.0f} %" for k in ("0", "1", "2+"))
-                + " |")
+                f"{_shares(p['wall_share_by_ops_running'])} |")
   head = d["shapes"][0]["profile"]
-  rows += ["", f"| op kind ({d['shapes'][0]['batch']} x {d['shapes'][0]['new_tokens']}) | "
-           "thread ms per decode step | ops per step |", "|---|---:|---:|"]
-  rows += [f"| {k['kind']} | {k['ms_per_step']:.3f} | {k['ops_per_step']:.1f} |"
-           for k in head["by_kind"][:12]]
+  rows += [""] + _op_kind_rows(
+      f"op kind ({d['shapes'][0]['batch']} x {d['shapes'][0]['new_tokens']}; per decode step)",
+      head["by_kind"], ms=".3f", ops=".1f")
   setup = (f"r1jax's sampler on rollout.py's tiny MoE ({d['prompt_len']}-token prompts, no "
            f"stop), one traced generate call per shape on {d['cpu_devices']} CPU device, per "
            "new token; headline: the share of the first shape's wall time with both cores "
            "running an op")
   return head["wall_share_by_ops_running"].get("2+", 0.0), setup, rows
+
+
+def grpo_update_profile_md(d):
+  p = d["profile"]
+  rows = _op_kind_rows("op kind (traced update steps)", p["by_kind"])
+  setup = (f"r1jax's GRPO update at grpo_vs_trl.py's shape ({d['rows']} rows x {d['positions']} "
+           f"positions, the tiny MoE): median {1e3 * d['seconds']:.1f} ms; " + _traced(p))
+  return p["wall_share_by_ops_running"].get("2+", 0.0), setup, rows
 
 
 def moe_profile_md(d):
@@ -287,6 +305,9 @@ BENCHMARKS = (
     Benchmark("rollout_profile", "Where the sampler's time goes on XLA:CPU (a profile)",
               ("--runs", "1", "--shapes", "128x40"), rollout_profile_md, None,
               target_text="none (it explains rollout's gap)", suffix=""),
+    Benchmark("grpo_update_profile", "Where the GRPO update's time goes on XLA:CPU (a profile)",
+              ("--runs", "2", "--traced", "1"), grpo_update_profile_md, None,
+              target_text="none (it explains grpo_vs_trl's update)", suffix=""),
     Benchmark("moe_profile", "Where the MoE step's added time goes as experts grow (a profile)",
               ("--traced", "2"), moe_profile_md, None,
               target_text="none (it explains moe_scaling's ratio)", suffix=""),

@@ -85,6 +85,19 @@ def op_summary(events: list[dict], steps: int, whole: bool = False) -> dict:
   }
 
 
+def traced_ops(fn, calls: int, steps: int, whole: bool = False) -> dict:
+  """`op_summary` of a jax.profiler trace of `calls` calls of fn() (each blocking)."""
+  with tempfile.TemporaryDirectory() as trace_dir:
+    jax.profiler.start_trace(trace_dir)
+    for _ in range(calls):
+      fn()
+    jax.profiler.stop_trace()
+    (path,) = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)
+    with gzip.open(path) as f:
+      events = json.load(f)["traceEvents"]
+  return op_summary(events, steps, whole=whole)
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--batch", type=int, default=32)
@@ -113,15 +126,7 @@ def main():
   timed = [{"name": n, "seconds": statistics.median(t), "runs_s": t}
            for n, t in zip(fns, times)]
 
-  with tempfile.TemporaryDirectory() as trace_dir:
-    jax.profiler.start_trace(trace_dir)
-    for _ in range(args.traced):
-      step()
-    jax.profiler.stop_trace()
-    (path,) = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)
-    with gzip.open(path) as f:
-      events = json.load(f)["traceEvents"]
-  prof = op_summary(events, args.traced)
+  prof = traced_ops(step, args.traced, args.traced)
 
   tokens = args.batch * args.seq_len
   print(f"tiny MoE SFT step, {args.batch} x {args.seq_len} tokens, jax {jax.__version__}, "
