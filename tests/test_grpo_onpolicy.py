@@ -268,19 +268,21 @@ def _grouped_rollout(rng, vocab_size, groups, G, P, N):
   return dataclasses.replace(r, tokens=toks, prompt_lengths=r.prompt_lengths[first])
 
 
-@pytest.mark.parametrize("family", ["deepseek_moe", "qwen3"])
+@pytest.mark.parametrize("family", ["deepseek_moe", "qwen3", "qwen3_scanned"])
 def test_shared_prompt_update_equals_the_whole_row_update(family):
   """`share_prompt` runs each group's prompt once and its G completions over the shared keys
   and values: the loss, its metrics and its gradient equal the whole-row update's, on r1_tiny's
-  MLA + MoE policy (prompt tokens routed once) and on a tiny Qwen3 (GQA with q/k norms), with
-  groups of different left padding and completion lengths. The negative control gives the rows
-  of one group another group's prompt: the check fails."""
+  MLA + MoE policy (prompt tokens routed once) and on a tiny Qwen3 (GQA with q/k norms; its
+  layers as a Python loop, as the tiny configs run them, and under lax.scan, as SmolLM2 and the
+  full-size configs do), with groups of different left padding and completion lengths. The
+  negative control gives the rows of one group another group's prompt: the check fails."""
   if family == "deepseek_moe":
     c, cfg, params = _setup(os.path.join(ROOT, "configs", "r1_tiny.py"))
     cfg = sampler.policy_config(cfg)
   else:
     cfg = ModelConfig.from_config(run_config.tiny_student_fields(
-        model_type="qwen3", head_dim=32, tie_word_embeddings=False))
+        model_type="qwen3", head_dim=32, tie_word_embeddings=False,
+        scan_layers=family == "qwen3_scanned"))
     params = testing.random_params(cfg, seed=3, std=0.3)
   rng = np.random.default_rng(2)
   G, groups, P, N = 4, 3, 10, 8
