@@ -36,6 +36,18 @@ from r1jax.rollout import sampler  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results" / "shared_prefill.json"
 
 
+def smollm2_prompts(prompts: int, group: int):
+  """SmolLM2-135M-Instruct (cfg, params, tokenizer) and the token ids of `prompts` of the task's
+  word problems in the shipped R1-Zero chat prompt, each repeated `group` times (a GRPO batch)."""
+  path = smollm2.ensure()
+  cfg, params = hf.load(path)
+  tok = tokenizer_lib.get_tokenizer(path)
+  records = tasks.word_problem_records(prompts, [0, 10], min_digits=1, max_digits=2)
+  ids = [tok.encode(template_lib.format_prompt(r["question"], "r1_zero_chat", tok.markers))
+         for r in records for _ in range(group)]
+  return cfg, params, tok, ids
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--prompts", type=int, default=8)
@@ -45,12 +57,7 @@ def main():
   ap.add_argument("--out", default=str(RESULTS))
   args = ap.parse_args()
 
-  path = smollm2.ensure()
-  cfg, params = hf.load(path)
-  tok = tokenizer_lib.get_tokenizer(path)
-  records = tasks.word_problem_records(args.prompts, [0, 10], min_digits=1, max_digits=2)
-  ids = [tok.encode(template_lib.format_prompt(r["question"], "r1_zero_chat", tok.markers))
-         for r in records for _ in range(args.group)]
+  cfg, params, tok, ids = smollm2_prompts(args.prompts, args.group)
 
   def call(share):
     return sampler.generate(params, cfg, ids, rng=jax.random.PRNGKey(0),

@@ -30,11 +30,8 @@ import optax
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks import provenance  # noqa: E402
-from r1jax import hf, train  # noqa: E402
-from r1jax.checkpoint import smollm2  # noqa: E402
-from r1jax.data import tasks  # noqa: E402
-from r1jax.data import template as template_lib  # noqa: E402
-from r1jax.data import tokenizer as tokenizer_lib  # noqa: E402
+from benchmarks.shared_prefill import smollm2_prompts  # noqa: E402
+from r1jax import train  # noqa: E402
 from r1jax.model import lora  # noqa: E402
 from r1jax.rollout import sampler  # noqa: E402
 from r1jax.stages import grpo as grpo_stage  # noqa: E402
@@ -63,12 +60,7 @@ def main():
   ap.add_argument("--out", default=str(RESULTS))
   args = ap.parse_args()
 
-  path = smollm2.ensure()
-  cfg, params = hf.load(path)
-  tok = tokenizer_lib.get_tokenizer(path)
-  records = tasks.word_problem_records(args.prompts, [0, 10], min_digits=1, max_digits=2)
-  ids = [tok.encode(template_lib.format_prompt(r["question"], "r1_zero_chat", tok.markers))
-         for r in records for _ in range(args.group)]
+  cfg, params, tok, ids = smollm2_prompts(args.prompts, args.group)
   rollout = sampler.generate(params, cfg, ids, rng=jax.random.PRNGKey(0),
                              max_new_tokens=args.new_tokens, eos_id=tok.eos_id,
                              pad_id=tok.pad_id, vocab_limit=tok.vocab_size, temperature=0.8)

@@ -90,12 +90,17 @@ def forward_flops(cfg: ModelConfig, tokens: float, context: float, mtp: bool = F
                    attention_flops_per_token(cfg, context, mtp))
 
 
+def train_factor(frozen_weights: bool = False) -> float:
+  """A training pass (forward + backward) in forwards: 3, or 2 with frozen weights (LoRA), whose
+  backward computes no weight gradients (the adapters' own FLOPs are negligible)."""
+  return 2.0 if frozen_weights else 3.0
+
+
 def train_flops(cfg: ModelConfig, tokens: float, seq_len: float, mtp: bool = False,
                 frozen_weights: bool = False) -> float:
-  """One training pass (forward + backward) over `tokens` tokens in rows of `seq_len`. With
-  frozen weights (LoRA) the backward computes no weight gradients: 2x the forward, not 3x (the
-  adapters' own FLOPs are negligible)."""
-  return (2.0 if frozen_weights else 3.0) * forward_flops(cfg, tokens, seq_len, mtp)
+  """One training pass (forward + backward) over `tokens` tokens in rows of `seq_len`
+  (`train_factor` forwards)."""
+  return train_factor(frozen_weights) * forward_flops(cfg, tokens, seq_len, mtp)
 
 
 def generate_flops(cfg: ModelConfig, rows: int, prompt_len: int, decode_steps: int,

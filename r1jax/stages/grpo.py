@@ -40,9 +40,9 @@ def grpo_batch(rollout: sampler.Rollout, advantages, *, mask_truncated: bool,
   last token, and its [B, T] fields the last prompt token and the completion (the positions whose
   targets are completion tokens). Same loss to float rounding."""
   if share_prompt > 0:
+    assert not routing, "routing replay runs on whole rows (share_prompt needs it off)"
     full = grpo_batch(rollout, advantages, mask_truncated=mask_truncated,
                       length_bucket=length_bucket)
-    assert not routing, "routing replay runs on whole rows (share_prompt needs it off)"
     return _split_prompt(full, rollout.tokens.shape[1] - rollout.completion.shape[1],
                          share_prompt)
   toks = np.asarray(rollout.tokens)
@@ -198,7 +198,7 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
     host["update_rows"] = float(rollout.tokens.shape[0])
     host.update(fresh.reward_means())
     forward = _forward_flops(pcfg, batch)
-    update_flops = s.mu * forward * (2.0 if lora_cfg is not None else 3.0)  # flops.train_flops
+    update_flops = s.mu * forward * flops.train_factor(frozen_weights=lora_cfg is not None)
     if s.beta > 0:
       update_flops += s.mu * forward
     batch = common.shard(ctx, batch)
