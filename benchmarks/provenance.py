@@ -1,9 +1,11 @@
 """The code a benchmark result was measured on: the git commit, and whether the work tree had
-uncommitted changes then. Every benchmark script stores this in its JSON, and
-`benchmarks/run_all.py` prints it in RESULTS.md, so a README figure can be traced to its commit."""
+uncommitted changes then, and when the JSON was written. Every benchmark script stores this in
+its JSON, and `benchmarks/run_all.py` prints it in RESULTS.md, so a README figure can be traced to
+its commit and its time."""
 
 from __future__ import annotations
 
+import datetime
 import pathlib
 import subprocess
 
@@ -25,15 +27,36 @@ def _git(*args: str) -> str | None:
 RESULT_PATHS = ("benchmarks/results/", "benchmarks/RESULTS.md")
 
 
+TIME_FORMAT = "%Y-%m-%d %H:%M UTC"
+
+
 def code() -> dict:
   """{"commit": HEAD's hash or None outside a git checkout, "dirty": tracked files other than
-  benchmark results changed}."""
+  benchmark results changed, "written": now, UTC}."""
   commit = _git("rev-parse", "HEAD")
   status = _git("status", "--porcelain", "--untracked-files=no")
+  written = datetime.datetime.now(datetime.timezone.utc).strftime(TIME_FORMAT)
   if status is None:
-    return {"commit": commit, "dirty": None}
+    return {"commit": commit, "dirty": None, "written": written}
   changed = [line[3:] for line in status.splitlines()]
-  return {"commit": commit, "dirty": any(not p.startswith(RESULT_PATHS) for p in changed)}
+  return {"commit": commit, "dirty": any(not p.startswith(RESULT_PATHS) for p in changed),
+          "written": written}
+
+
+def written(d: dict, path: pathlib.Path) -> str:
+  """When a result's JSON was written, for RESULTS.md: "written T" from its own record (since
+  2026-12-06); for older files "committed T", when git last committed the file (a clone resets
+  every file's mtime); outside git, "file time T", the file's mtime."""
+  if d.get("written"):
+    return "written " + d["written"]
+  committed = _git("log", "-1", "--format=%ct", "--", str(path))
+  if committed:
+    return "committed " + _utc(int(committed))
+  return "file time " + _utc(path.stat().st_mtime)
+
+
+def _utc(seconds: float) -> str:
+  return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime(TIME_FORMAT)
 
 
 def describe(d: dict) -> str:

@@ -333,11 +333,12 @@ def section(b: Benchmark, results_dir: pathlib.Path, runs: dict) -> tuple[list[s
     lines += [f"not run (no `{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}`)."
               f" Run `python benchmarks/{b.script.name}`.", ""]
     return [f"| {b.name} | not run | {b.target_text} | - | - | - |"], lines
-  measured = datetime.datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
   try:
     d = json.loads(path.read_text())
+    measured = provenance.written(d, path)
     headline, setup, rows = b.writer(d)
   except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+    measured = provenance.written({}, path)
     lines += [f"could not read `{path.name}` ({type(e).__name__}: {e}).", ""]
     return [f"| {b.name} | unreadable | {b.target_text} | - | {measured} | - |"], lines
   if b.target is None:
@@ -348,7 +349,7 @@ def section(b: Benchmark, results_dir: pathlib.Path, runs: dict) -> tuple[list[s
     met = headline >= b.target if b.higher_is_better else headline <= b.target
     status = "met" if met else "not met"
   lines += [f"Headline: **{_ratio_text(headline, b)}** (target: {b.target_text}; {status}). "
-            f"JSON written {measured} at commit {provenance.describe(d)} ({_versions(d)}).", "",
+            f"JSON {measured}, at commit {provenance.describe(d)} ({_versions(d)}).", "",
             setup + ".", ""] + rows + [""]
   return [f"| {b.name} | {_ratio_text(headline, b)} | {b.target_text} | {status} | "
           f"{measured} | {provenance.describe(d)} |"], lines
@@ -371,7 +372,7 @@ def write_markdown(out: pathlib.Path, results_dir: pathlib.Path, runs: dict | No
       f"| accelerator | {accel} |",
       f"| python / jax | {m.get('python')} / {m.get('jax', m.get('jax_error'))} |",
       f"| platform | {m.get('platform')} |", "",
-      "| benchmark | headline | target | status | JSON written | commit |",
+      "| benchmark | headline | target | status | JSON | commit |",
       "|---|---:|---|---|---|---|"]
   summary, body = [], []
   for b in BENCHMARKS:

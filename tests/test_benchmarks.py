@@ -2,6 +2,7 @@
 (r1jax's GRPO loss and gradient equal TRL's on identical inputs) at a tiny size."""
 
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -66,7 +67,7 @@ def test_markdown_headline_and_verdict(tmp_path):
   (tmp_path / "moe_scaling.json").write_text(json.dumps(d))
   text = run_all.write_markdown(tmp_path / "R.md", tmp_path)
   assert " | 0123456 + uncommitted changes |" in text
-  assert "at commit 0123456 + uncommitted changes" in text
+  assert ", at commit 0123456 + uncommitted changes" in text
 
 
 def test_results_record_the_commit_they_were_measured_on():
@@ -85,7 +86,8 @@ def test_dirty_ignores_the_benchmarks_own_result_files(monkeypatch):
   for kind, expected in (("results", False), ("code", True)):
     monkeypatch.setattr(provenance, "_git",
                         lambda *args, k=kind: status[k] if args[0] == "status" else "abc")
-    assert provenance.code() == {"commit": "abc", "dirty": expected}, kind
+    got = provenance.code()
+    assert {k: got[k] for k in ("commit", "dirty")} == {"commit": "abc", "dirty": expected}, kind
 
 
 def test_dirty_reads_git_status_as_git_prints_it(monkeypatch):
@@ -95,7 +97,28 @@ def test_dirty_reads_git_status_as_git_prints_it(monkeypatch):
   out = {"rev-parse": "abc\n", "status": " M benchmarks/RESULTS.md\n M benchmarks/results/x.json\n"}
   monkeypatch.setattr(provenance.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
       cmd, 0, stdout=out[cmd[1]], stderr=""))
-  assert provenance.code() == {"commit": "abc", "dirty": False}
+  assert provenance.code()["dirty"] is False
+
+
+def test_results_record_when_they_were_written(tmp_path):
+  """RESULTS.md once read each JSON's time from its mtime, which a clone resets to the clone's
+  time: a JSON's own record comes first, then the time git committed it, then the mtime."""
+  import datetime
+  from benchmarks import provenance
+  got = datetime.datetime.strptime(provenance.code()["written"], provenance.TIME_FORMAT)
+  now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+  assert abs((now - got).total_seconds()) < 120
+  assert (provenance.written({"written": "2026-01-02 03:04 UTC"}, tmp_path)
+          == "written 2026-01-02 03:04 UTC")
+  committed = run_all.RESULTS_DIR / "moe_scaling.json"  # committed, without its own record
+  seconds = subprocess.run(["git", "log", "-1", "--format=%ct", "--", str(committed)],
+                           cwd=run_all.ROOT, capture_output=True, text=True).stdout.strip()
+  assert provenance.written({}, committed) == "committed " + datetime.datetime.fromtimestamp(
+      int(seconds), datetime.timezone.utc).strftime(provenance.TIME_FORMAT)
+  outside = tmp_path / "x.json"
+  outside.write_text("{}")
+  os.utime(outside, (0, 0))
+  assert provenance.written({}, outside) == "file time 1970-01-01 00:00 UTC"
 
 
 def test_step_profile_sums_ops_and_their_overlap():
