@@ -155,6 +155,23 @@ def test_same_rng_same_output_different_rng_different(moe, prompts, moe_sampled)
   assert (other.completion != moe_sampled.completion).mean() > 0.3
 
 
+def test_sampling_is_categoricals_with_noise_drawn_first_or_per_step(moe, prompts, moe_sampled,
+                                                                    monkeypatch):
+  """Each token is jax.random.categorical's draw from the step's key: argmax(logits + Gumbel
+  noise). The noise of every step is drawn before the decode loop when it is small (fewer ops per
+  step), else in each step; both give the same rollout."""
+  logits = 3 * jax.random.normal(jax.random.key(1), (64, 128))
+  knobs = {"vocab_limit": 128, "temperature": np.float32(1.0), "greedy": False}
+  for seed in range(4):
+    key = jax.random.key(seed)
+    token, _ = sampler.sample_token(logits, key, knobs, False)
+    np.testing.assert_array_equal(token, jax.random.categorical(key, logits, axis=-1))
+  monkeypatch.setattr(sampler, "NOISE_BYTES", 0)  # every step draws its own noise
+  per_step = _gen(moe, prompts)
+  np.testing.assert_array_equal(per_step.completion, moe_sampled.completion)
+  np.testing.assert_array_equal(per_step.logprobs, moe_sampled.logprobs)
+
+
 def test_data_mesh_equals_single_device(moe, prompts, moe_sampled):
   cfg, params = moe
   mesh = parallel.make_mesh(dict(data=8))

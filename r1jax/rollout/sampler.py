@@ -80,18 +80,29 @@ def filter_logits(logits_BV, temperature, top_k, top_p):
   return jnp.where(logits < cutoff, -jnp.inf, logits)
 
 
-def sample_token(logits_BV, key, knobs, filtered: bool):
+def gumbel_noise(key, shape):
+  """The Gumbel noise `jax.random.categorical(key, logits)` adds to float32 logits of `shape`
+  before its argmax: sampling with it gives categorical's very tokens."""
+  return jax.random.gumbel(key, shape, jnp.float32)
+
+
+def sample_token(logits_BV, key, knobs, filtered: bool, noise_BV=None):
   """Next tokens [B] int32 and their log-probs [B] fp32 under softmax(logits / temperature),
   before top-k/top-p. `knobs` holds the traced settings (temperature, top_k, top_p, greedy);
-  `filtered` (static) compiles top-k/top-p in."""
+  `filtered` (static) compiles top-k/top-p in. noise_BV: `gumbel_noise(key, [B, V])` drawn
+  beforehand (the same tokens as drawing it here)."""
   # ids past the tokenizer's vocabulary (padded embedding rows) are never sampled
   in_vocab = jnp.arange(logits_BV.shape[-1]) < knobs["vocab_limit"]
   allowed = jnp.where(in_vocab, logits_BV, -jnp.inf)
   tempered = logits_BV.astype(jnp.float32) / knobs["temperature"]  # x / 1.0 == x exactly
   scaled = (filter_logits(allowed, knobs["temperature"], knobs["top_k"], knobs["top_p"])
             if filtered else jnp.where(in_vocab, tempered, -jnp.inf))
+  assert scaled.dtype == jnp.float32, scaled.dtype  # what gumbel_noise draws
+  if noise_BV is None:
+    noise_BV = gumbel_noise(key, scaled.shape)
+  # jax.random.categorical's sampling: argmax(logits + Gumbel noise)
   token = jnp.where(knobs["greedy"], jnp.argmax(allowed, axis=-1),
-                    jax.random.categorical(key, scaled, axis=-1)).astype(jnp.int32)
+                    jnp.argmax(scaled + noise_BV, axis=-1)).astype(jnp.int32)
   logprob = jnp.take_along_axis(jax.nn.log_softmax(tempered, axis=-1), token[:, None], -1)[:, 0]
   return token, logprob
 
@@ -109,17 +120,21 @@ def _batch_constraint(x):
   return jax.lax.with_sharding_constraint(x, spec)
 
 
+# the most sampling noise (N x B x V float32) drawn before the decode loop (`noise_first`);
+# beyond it, each decode step draws its own
+NOISE_BYTES = 16 << 20
 ROUTING_DTYPE = jnp.int16  # expert ids (< 32768 experts); 2 bytes per token, layer and choice
 
 
 def _generate_core(params, prompt_BP, pad_B, rng, knobs, *, cfg: ModelConfig,
                    max_new_tokens: int, filtered: bool, record_routing: bool = False,
-                   groups: int = 1):
+                   groups: int = 1, noise_first: bool = False):
   """Prefill + while-loop decode. Returns completion [B, N], logprobs [B, N], lengths [B],
   stopped [B], and with record_routing the expert ids [B, P + N, L_moe, k] of every input
   slot (else None). `knobs`: traced sampling settings and stop ids (changing them does not
   recompile). groups = G > 1: the rows are runs of G identical prompts; each is prefilled once
-  and its cache and last logits are copied to the G rows of its run."""
+  and its cache and last logits are copied to the G rows of its run. noise_first: draw every
+  step's sampling noise before the loop (the same tokens as drawing it step by step)."""
   B, P = prompt_BP.shape
   N = max_new_tokens
   prompt_BP, pad_B = _batch_constraint(prompt_BP), _batch_constraint(pad_B)
@@ -143,11 +158,16 @@ def _generate_core(params, prompt_BP, pad_B, rng, knobs, *, cfg: ModelConfig,
   # one key per step, drawn before the loop (keys[i] == fold_in(rng, i) with JAX's default
   # partitionable threefry); a fold_in inside the loop runs threefry's rolled loop every step
   keys = jax.random.split(rng, N)
+  # noise_first: the sampling noise of all N steps at once (drawing it in the loop runs
+  # threefry's rolled loop, a chain of small ops, in every decode step)
+  noise = (jax.vmap(lambda key: gumbel_noise(key, (B, logits.shape[-1])))(keys)
+           if noise_first else None)
 
   def emit(state, logits_BV, i):
     """Sample token i for the rows still running and record it."""
     out, logprobs, lengths, stopped = state
-    token, logprob = sample_token(logits_BV, keys[i], knobs, filtered)
+    token, logprob = sample_token(logits_BV, keys[i], knobs, filtered,
+                                  None if noise is None else noise[i])
     token = jnp.where(stopped, knobs["pad_id"], token)
     logprob = jnp.where(stopped, 0.0, logprob)
     lengths = lengths + (~stopped).astype(jnp.int32)
@@ -182,7 +202,7 @@ def _jitted_core(compiler_options: tuple = ()):
   (cfg, shapes, filtered)."""
   return jax.jit(_generate_core,
                  static_argnames=("cfg", "max_new_tokens", "filtered", "record_routing",
-                                  "groups"),
+                                  "groups", "noise_first"),
                  compiler_options=dict(compiler_options) or None)
 
 
@@ -269,7 +289,8 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
   core = _jitted_core(tuple(sorted((compiler_options or {}).items())))
   out = core(params, prompt_BP, pad_B.astype(np.int32), rng, knobs,
              cfg=policy_config(cfg), max_new_tokens=int(max_new_tokens), filtered=filtered,
-             record_routing=bool(record_routing and cfg.is_moe), groups=groups)
+             record_routing=bool(record_routing and cfg.is_moe), groups=groups,
+             noise_first=max_new_tokens * len(prompts) * cfg.vocab_size * 4 <= NOISE_BYTES)
   # every process gets every row (gathered when the batch spans several processes), so all of
   # them score the same completions and make the same decisions
   completion, logprobs, lengths, stopped, routing = to_host(out)

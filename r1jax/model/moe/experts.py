@@ -174,8 +174,10 @@ def experts_blocked(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig):
   rows = jnp.zeros((nb * b, D), dtype).at[slot].set(
       sorted_rows(x_ND, order, k).astype(dtype), mode="drop")
   # the expert of each block (blocks past the last expert's rows hold zeros: any expert will do)
-  block_expert = jnp.minimum(jnp.searchsorted(padded_end, jnp.arange(nb) * b, side="right"),
-                             E - 1)
+  # (compare_all: one [nb, E] comparison; the default "scan" method is a rolled while loop of
+  # log2(E) trips, a chain of small ops in every layer of every decode step)
+  block_expert = jnp.minimum(jnp.searchsorted(padded_end, jnp.arange(nb) * b, side="right",
+                                              method="compare_all"), E - 1)
   xb = rows.reshape(nb, b, D)
 
   def mm(x, w):
