@@ -10,7 +10,9 @@ defaults: r1jax's sampler with the config's dropless MoE, transformers' default 
 implementation and thread count (`--hf_experts` picks another). Shapes (`--shapes`, batch x N):
 16 x 128, and 128 x 40, the GRPO rollout of configs/grpo_tiny.py (16 prompts x 8 completions x
 40 tokens), which is the headline. Throughput is new tokens per second of wall time, median of
-`--runs` timed runs after a warm-up run (which includes our compile).
+`--runs` timed calls after a warm-up call of each side (which includes our compile), the two
+sides timed round-robin, one call of each per round (since 2026-12-06; before, all of one side's
+runs came first).
 """
 
 from __future__ import annotations
@@ -46,21 +48,25 @@ def tiny_config() -> ModelConfig:
   return ModelConfig.from_config(mod.get_config().model).replace(num_nextn_predict_layers=0)
 
 
-def median_seconds(fn, runs: int):
-  fn()  # warm-up (compiles ours)
-  times = []
-  for _ in range(runs):
-    start = time.perf_counter()
+def round_robin_seconds(fns, runs: int):
+  """Each fn's call times, one call of each per round after a warm-up call of each (which
+  compiles ours), so the machine's drift over the rounds reaches every side alike."""
+  for fn in fns:
     fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), times
+  times = [[] for _ in fns]
+  for _ in range(runs):
+    for fn, t in zip(fns, times):
+      start = time.perf_counter()
+      fn()
+      t.append(time.perf_counter() - start)
+  return times
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--shapes", default="128x40,16x128", help="batch x new tokens, first = headline")
   ap.add_argument("--prompt_len", type=int, default=16)
-  ap.add_argument("--runs", type=int, default=3)
+  ap.add_argument("--runs", type=int, default=5)
   ap.add_argument("--out", default=str(RESULTS))
   ap.add_argument("--hf_experts", default="default",
                   choices=("default", "eager", "batched_mm", "grouped_mm"))
@@ -103,9 +109,9 @@ def main():
       assert out.shape == (B, args.prompt_len + N), out.shape
 
     rows = []
-    for name, fn in (("r1jax sampler (jit, while_loop)", ours),
-                     ("transformers generate (use_cache)", theirs)):
-      seconds, all_times = median_seconds(fn, args.runs)
+    names = ("r1jax sampler (jit, while_loop)", "transformers generate (use_cache)")
+    for name, all_times in zip(names, round_robin_seconds((ours, theirs), args.runs)):
+      seconds = statistics.median(all_times)
       rows.append({"name": name, "seconds": seconds, "tokens_per_s": B * N / seconds,
                    "runs_s": all_times})
     shapes.append({"batch": B, "new_tokens": N, "results": rows,
@@ -126,7 +132,7 @@ def main():
   head_shape = shapes[0]
   result = {"model": "configs/tiny_moe.py", "params": n_params, "batch": head_shape["batch"],
             "new_tokens": head_shape["new_tokens"], "prompt_len": args.prompt_len,
-            "runs": args.runs, "logits_parity": parity, "jax": jax.__version__,
+            "runs": args.runs, "timing": "round-robin", "logits_parity": parity, "jax": jax.__version__,
             "torch": torch.__version__, "transformers": transformers.__version__,
             "torch_threads": torch.get_num_threads(), "hf_experts_implementation": experts,
             "results": head_shape["results"], "ratio": head_shape["ratio"], "shapes": shapes}

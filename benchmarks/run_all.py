@@ -98,7 +98,8 @@ def rollout_md(d):
                   f"{r['tokens_per_s']:.0f} | |")
     rows.append(f"| {sh['batch']} x {sh['new_tokens']} | ratio | | | {sh['ratio']:.2f}x |")
   setup = (f"batch {d['batch']} x {d['new_tokens']} sampled tokens after {d['prompt_len']}-token "
-           f"prompts, {d['params'] / 1e6:.2f}M params, median of {d['runs']} runs after a "
+           f"prompts, {d['params'] / 1e6:.2f}M params, median of {d['runs']} "
+           f"{'round-robin ' if d.get('timing') == 'round-robin' else ''}runs after a "
            f"warm-up; logits parity {d['logits_parity']:.1e}")
   return d["ratio"], setup, rows
 
