@@ -55,12 +55,22 @@ def _layer_scan(cfg: ModelConfig):
   return jax.lax.scan if cfg.scan_layers else _loop
 
 
+def _unstack(a):
+  """a's slices along axis 0 by one `lax.split`: its gradient is one concatenate of the slices'
+  gradients. Indexing a[i] per layer would make it a sum of L zero-padded copies of the whole
+  stack (XLA:CPU's pad_add fusions: 0.74 s of a 5.6 s SmolLM2-135M training step)."""
+  return [x[0] for x in jax.lax.split(a, (1,) * a.shape[0], axis=0)]
+
+
 def _loop(body, carry, xs):
   """lax.scan's result, computed as a Python loop over the leading axis of `xs` (unstacked
   per-iteration outputs, stacked once at the end)."""
+  n = jax.tree.leaves(xs)[0].shape[0]
+  slices = jax.tree.map(_unstack, xs)
   outs = []
-  for i in range(jax.tree.leaves(xs)[0].shape[0]):
-    carry, out = body(carry, jax.tree.map(lambda a: a[i], xs))
+  for i in range(n):
+    carry, out = body(carry, jax.tree.map(lambda s: s[i], slices,
+                                          is_leaf=lambda s: isinstance(s, list)))
     outs.append(out)
   return carry, jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
