@@ -58,6 +58,7 @@ def main():
   import torch
   import transformers
 
+  peak = flops.measured_cpu_peak()  # first: measured after torch's steps it read up to 2x lower
   path = smollm2.ensure()
   cfg, params = hf.load(path)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
@@ -84,7 +85,6 @@ def main():
   times = time_round_robin(steps, 0, args.runs)
   tokens = args.batch * args.seq_len
   step_flops = flops.train_flops(cfg, tokens, args.seq_len)
-  peak = flops.measured_cpu_peak()
   for row, all_times in zip(rows, times):
     seconds = statistics.median(all_times)
     row.update(seconds=seconds, tokens_per_s=tokens / seconds, runs_s=all_times,
