@@ -8,6 +8,8 @@ MoE, dropless, 16 prompts x 8 completions x 40 tokens after 16-token prompts, th
 AdamW): one rollout is sampled and scored, then its update step is run once (compile), timed
 `--runs` times and traced `--traced` times (`step_profile.op_summary`). The update is the half of
 the GRPO step where r1jax is slower than TRL (`grpo_vs_trl.json`); this says where its time goes.
+The same update with `share_prompt` (each group's prompt run once; off by default) is timed
+round-robin beside it, from the same starting state, and its first loss compared.
 """
 
 from __future__ import annotations
@@ -59,19 +61,29 @@ def main():
   rewards = gvt.digit_fraction([tok.decode(c, skip_special=True) for c in out.completion])
   adv, _ = grpo_lib.group_advantages(rewards, a.group, "group")
   batch = grpo_batch(out, adv, mask_truncated=False)
-  state = job.state
+  # the same update with each group's prompt run once (`share_prompt`, off by default): a second
+  # job, so each side steps its own state from the same start
+  shared_job = gvt.R1jaxGRPO(cfg, jax.tree.map(lambda x: x.copy(), params), tok, prompts, a)
+  shared_batch = grpo_batch(out, adv, mask_truncated=False, share_prompt=args.group)
+  states = {"whole": job.state, "shared": shared_job.state}
+  first_loss = {}
 
-  def step():
-    nonlocal state
-    state, metrics = job.step_fn(state, batch)
-    jax.block_until_ready(metrics["loss"])
+  def stepper(name, fn, b):
+    def step():
+      states[name], metrics = fn(states[name], b)
+      first_loss.setdefault(name, float(jax.block_until_ready(metrics["loss"])))
+    return step
 
-  step()  # compile
-  times = []
-  for _ in range(args.runs):
-    t0 = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t0)
+  step = stepper("whole", job.step_fn, batch)
+  shared_step = stepper("shared", shared_job.step_fn, shared_batch)
+  step()  # compiles
+  shared_step()
+  times, shared_times = [], []
+  for _ in range(args.runs):  # round-robin, one of each per round
+    for fn, ts in ((step, times), (shared_step, shared_times)):
+      t0 = time.perf_counter()
+      fn()
+      ts.append(time.perf_counter() - t0)
   prof = traced_ops(step, args.traced, args.traced)
   B, T = batch.tokens.shape
   seconds = statistics.median(times)
@@ -85,9 +97,21 @@ def main():
   share = prof["wall_share_by_ops_running"]
   print("  share of the step's wall time with 0 / 1 / 2+ ops running: "
         + " / ".join(f"{100 * share.get(k, 0.0):.0f} %" for k in ("0", "1", "2+")))
+  shared_seconds = statistics.median(shared_times)
+  loss_diff = abs(first_loss["whole"] - first_loss["shared"])
+  print(f"  with share_prompt ({shared_batch.tokens.shape[1]} positions per row after a "
+        f"{shared_batch.prefix_tokens.shape[1]}-token prompt run once per group): median "
+        f"{1e3 * shared_seconds:.1f} ms against {1e3 * seconds:.1f} ms whole rows, timed "
+        f"round-robin: {seconds / shared_seconds:.2f}x; first-step loss difference "
+        f"{loss_diff:.1e}")
   result = {"benchmark": "grpo_update_profile", "rows": B, "positions": T,
             "prompts": args.prompts, "group": args.group, "new_tokens": args.new_tokens,
             "jax": jax.__version__, "seconds": seconds, "runs_s": times, "profile": prof,
+            "share_prompt": {"seconds": shared_seconds, "runs_s": shared_times,
+                             "positions": int(shared_batch.tokens.shape[1]),
+                             "prefix_positions": int(shared_batch.prefix_tokens.shape[1]),
+                             "speedup": seconds / shared_seconds,
+                             "first_step_loss_difference": loss_diff},
             **provenance.code()}
   pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
