@@ -240,6 +240,12 @@ def grpo_update_profile_md(d):
   rows = _op_kind_rows("op kind (traced update steps)", p["by_kind"])
   setup = (f"r1jax's GRPO update at grpo_vs_trl.py's shape ({d['rows']} rows x {d['positions']} "
            f"positions, the tiny MoE): median {1e3 * d['seconds']:.1f} ms; " + _traced(p))
+  shared = d.get("share_prompt")
+  if shared:
+    setup += (f". With share_prompt (the {shared['prefix_positions']}-token prompt once per "
+              f"group, {shared['positions']} positions per row): median "
+              f"{1e3 * shared['seconds']:.1f} ms round-robin beside it, {shared['speedup']:.2f}x, "
+              f"first-step losses {shared['first_step_loss_difference']:.1e} apart")
   return p["wall_share_by_ops_running"].get("2+", 0.0), setup, rows
 
 
