@@ -15,7 +15,6 @@ round-robin beside it, from the same starting state, and its first loss compared
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import statistics
 import sys
@@ -112,10 +111,8 @@ def main():
                              "prefix_positions": int(shared_batch.prefix_tokens.shape[1]),
                              "speedup": seconds / shared_seconds,
                              "first_step_loss_difference": loss_diff},
-            **provenance.code()}
-  pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
-  print(f"wrote {args.out}")
+}
+  provenance.write_result(args.out, result)
 
 
 if __name__ == "__main__":

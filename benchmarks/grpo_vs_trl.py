@@ -45,7 +45,6 @@ dropless; ours also applies the aux-loss-free router-bias update.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import statistics
@@ -482,11 +481,7 @@ def main():
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "machine": machine_info(),
             "results": rows, "ratio": ratio,
             "loss_crosscheck": check}
-  out = pathlib.Path(a.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  result.update(provenance.code())
-  out.write_text(json.dumps(result, indent=2) + "\n")
-  print(f"wrote {out}")
+  provenance.write_result(a.out, result)
 
 
 if __name__ == "__main__":

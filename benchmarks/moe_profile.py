@@ -13,7 +13,6 @@ add from the small case to the large one, which says what `moe_scaling`'s ratio 
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 
@@ -68,10 +67,8 @@ def main():
   out = {"benchmark": "moe_profile", "impl": args.impl, "experts": [small, large],
          "traced": args.traced, "jax": jax.__version__, "profiles": {str(e): p for e, p in
                                                                     profs.items()},
-         "by_kind_added": rows, **provenance.code()}
-  pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  pathlib.Path(args.out).write_text(json.dumps(out, indent=1))
-  print(f"wrote {args.out}")
+         "by_kind_added": rows}
+  provenance.write_result(args.out, out)
 
 
 if __name__ == "__main__":

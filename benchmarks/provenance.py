@@ -6,6 +6,7 @@ its commit and its time."""
 from __future__ import annotations
 
 import datetime
+import json
 import pathlib
 import subprocess
 
@@ -64,3 +65,13 @@ def describe(d: dict) -> str:
   if not d.get("commit"):
     return "not recorded"
   return d["commit"][:7] + (" + uncommitted changes" if d.get("dirty") else "")
+
+
+def write_result(path, result: dict) -> pathlib.Path:
+  """Write a benchmark's result JSON to `path` with `code()` (commit, dirty, written) added, and
+  say so on stdout."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps({**result, **code()}, indent=1) + "\n")
+  print(f"wrote {path}")
+  return path

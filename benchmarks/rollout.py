@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import pathlib
 import statistics
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +31,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks import provenance  # noqa: E402
+from benchmarks.train_step import time_round_robin  # noqa: E402
 from r1jax import hf, model  # noqa: E402
 from r1jax.model.config import ModelConfig  # noqa: E402
 from r1jax.rollout import sampler  # noqa: E402
@@ -46,20 +45,6 @@ def tiny_config() -> ModelConfig:
   spec.loader.exec_module(mod)
   # no MTP module: generation does not use it (transformers would skip its weights anyway)
   return ModelConfig.from_config(mod.get_config().model).replace(num_nextn_predict_layers=0)
-
-
-def round_robin_seconds(fns, runs: int):
-  """Each fn's call times, one call of each per round after a warm-up call of each (which
-  compiles ours), so the machine's drift over the rounds reaches every side alike."""
-  for fn in fns:
-    fn()
-  times = [[] for _ in fns]
-  for _ in range(runs):
-    for fn, t in zip(fns, times):
-      start = time.perf_counter()
-      fn()
-      t.append(time.perf_counter() - start)
-  return times
 
 
 def main():
@@ -110,7 +95,8 @@ def main():
 
     rows = []
     names = ("r1jax sampler (jit, while_loop)", "transformers generate (use_cache)")
-    for name, all_times in zip(names, round_robin_seconds((ours, theirs), args.runs)):
+    # one warm-up call of each (compiles ours), then one call of each per round
+    for name, all_times in zip(names, time_round_robin((ours, theirs), 1, args.runs)):
       seconds = statistics.median(all_times)
       rows.append({"name": name, "seconds": seconds, "tokens_per_s": B * N / seconds,
                    "runs_s": all_times})
@@ -136,11 +122,7 @@ def main():
             "torch": torch.__version__, "transformers": transformers.__version__,
             "torch_threads": torch.get_num_threads(), "hf_experts_implementation": experts,
             "results": head_shape["results"], "ratio": head_shape["ratio"], "shapes": shapes}
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  result.update(provenance.code())
-  out.write_text(json.dumps(result, indent=2) + "\n")
-  print(f"wrote {out}")
+  provenance.write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=2")  # before jax loads
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import pathlib  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -77,10 +76,8 @@ def main():
     print(f"{r['batch']:4d}x{r['new_tokens']:<4d} {r['seconds']['1 device']:11.3f} "
           f"{r['seconds']['2 devices']:12.3f} {r['speedup']:8.2f}x  {r['same_tokens']}")
   out = {"benchmark": "rollout_mesh_ab", "rounds": args.rounds, "jax": jax.__version__,
-         "rows": rows, **provenance.code()}
-  pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  pathlib.Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
-  print(f"wrote {args.out}")
+         "rows": rows}
+  provenance.write_result(args.out, out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ in `rollout.json` the way step_profile.py does for the training step.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import statistics
 import sys
@@ -81,10 +80,8 @@ def main():
     print("    share of the wall time with 0 / 1 / 2+ ops running: "
           + " / ".join(f"{100 * share.get(k, 0.0):.0f} %" for k in ("0", "1", "2+")))
   out = {"benchmark": "rollout_profile", "prompt_len": args.prompt_len, "jax": jax.__version__,
-         "cpu_devices": jax.device_count(), "shapes": shapes, **provenance.code()}
-  pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  pathlib.Path(args.out).write_text(json.dumps(out, indent=1))
-  print(f"wrote {args.out}")
+         "cpu_devices": jax.device_count(), "shapes": shapes}
+  provenance.write_result(args.out, out)
 
 
 if __name__ == "__main__":

@@ -124,10 +124,8 @@ def main():
           f"{r['speedup']:8.2f}x {r['old']['ops_per_step']:8.0f} {r['new']['ops_per_step']:8.0f}"
           f"  {r['same_tokens_and_logprobs']}")
   out = {"benchmark": "sampler_ab", "old_commit": old_commit, "rounds": args.rounds,
-         "calls": args.calls, "rows": table, **provenance.code()}
-  pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  pathlib.Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
-  print(f"wrote {args.out}")
+         "calls": args.calls, "rows": table}
+  provenance.write_result(args.out, out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ are compared too: they must be the same.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import statistics
 import sys
@@ -93,11 +92,7 @@ def main():
             "prompt_len": P, "new_tokens": N, "rounds": args.rounds, "jax": jax.__version__,
             "results": rows, "speedup": ratio, "same_tokens": same,
             "max_logprob_diff": lp_diff}
-  result.update(provenance.code())
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=2) + "\n")
-  print(f"wrote {out}")
+  provenance.write_result(args.out, result)
 
 
 if __name__ == "__main__":

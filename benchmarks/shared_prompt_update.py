@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import pathlib
 import statistics
 import sys
@@ -108,11 +107,7 @@ def main():
   result = {"model": "SmolLM2-135M-Instruct", "lora_rank": 16, "prompts": args.prompts,
             "group": args.group, "new_tokens": args.new_tokens, "rounds": args.rounds,
             "jax": jax.__version__, "results": rows}
-  result.update(provenance.code())
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=2) + "\n")
-  print(f"wrote {out}")
+  provenance.write_result(args.out, result)
 
 
 if __name__ == "__main__":

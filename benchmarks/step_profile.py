@@ -143,10 +143,8 @@ def main():
         + " / ".join(f"{100 * share.get(k, 0.0):.0f} %" for k in ("0", "1", "2+")))
   out = {"benchmark": "step_profile", "batch": args.batch, "seq_len": args.seq_len,
          "jax": jax.__version__, "cpu_devices": jax.device_count(),
-         "timed": timed, "profile": prof, **provenance.code()}
-  pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  pathlib.Path(args.out).write_text(json.dumps(out, indent=1))
-  print(f"wrote {args.out}")
+         "timed": timed, "profile": prof}
+  provenance.write_result(args.out, out)
 
 
 if __name__ == "__main__":

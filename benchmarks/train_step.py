@@ -234,11 +234,7 @@ def main():
             "results": rows, "ratio": ratio, "ratio_basis": "r1jax launcher / transformers",
             "step_ratio": step_ratio, "scan_over_loop_step_time": scan_ratio,
             "target_ratio": 1.3}
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  result.update(provenance.code())
-  out.write_text(json.dumps(result, indent=2) + "\n")
-  print(f"wrote {out}")
+  provenance.write_result(args.out, result)
 
 
 if __name__ == "__main__":

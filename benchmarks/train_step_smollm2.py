@@ -24,7 +24,6 @@ checkpoint's scanned layers) is traced with jax.profiler and its XLA:CPU ops sum
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import statistics
@@ -126,12 +125,8 @@ def main():
             "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "hf_attn_implementation": attn, "results": rows, "ratio": ratio,
             "ratio_basis": "r1jax make_step / transformers", "loop_ratio": loop_ratio,
-            "profile": profile,
-            **provenance.code()}
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=2) + "\n")
-  print(f"wrote {out}")
+            "profile": profile}
+  provenance.write_result(args.out, result)
 
 
 if __name__ == "__main__":

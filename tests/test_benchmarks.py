@@ -115,6 +115,9 @@ def test_results_record_when_they_were_written(tmp_path):
                            cwd=run_all.ROOT, capture_output=True, text=True).stdout.strip()
   assert provenance.written({}, committed) == "committed " + datetime.datetime.fromtimestamp(
       int(seconds), datetime.timezone.utc).strftime(provenance.TIME_FORMAT)
+  written = provenance.write_result(tmp_path / "sub" / "r.json", {"ratio": 2.0})
+  got = json.loads(written.read_text())  # the result with the code's provenance added
+  assert got["ratio"] == 2.0 and got["commit"] and "dirty" in got and got["written"]
   outside = tmp_path / "x.json"
   outside.write_text("{}")
   os.utime(outside, (0, 0))
