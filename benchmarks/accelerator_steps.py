@@ -13,6 +13,11 @@ train; MFU counts model FLOPs only, so the recomputed forward is not credited):
 Rows:
 - SFT: `train.make_step(sft_loss)` on a fixed random batch of `--batch` x `--seq_len` tokens;
   median of `--runs` steps after the compile and one warm-up.
+- SFT with the FP8 recipe (`--fp8 xla,mosaic`): the same SFT step with `model.fp8` (1x128 /
+  128x128 e4m3 scales; forward and dgrad GEMMs in FP8, and the dense layers' wgrad), the MoE
+  model on `ragged_dot` as the full-size configs run it, once with XLA dots on e4m3-rounded
+  operands and once with the Mosaic GPU wgmma kernels. Beside the bf16 `ragged_dot` row, these
+  rows say whether FP8 makes a step faster on the device.
 - GRPO: one step as the GRPO stage runs it: `sampler.generate` of `--grpo_rows` sequences
   (`--prompt_len` prompt tokens, `--new_tokens` sampled, no early stop), then the clipped-ratio
   update on them. Rollout and update are timed apart.
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import statistics
 import sys
@@ -85,6 +91,18 @@ def _median_s(fn, runs: int) -> tuple[float, list[float]]:
 def _mfu(model_flops_per_s: float, peak: float, measured_peak: float) -> dict:
   return {"model_tflops_per_s": model_flops_per_s / 1e12, "mfu": model_flops_per_s / peak,
           "mfu_vs_measured_peak": model_flops_per_s / measured_peak}
+
+
+def use_fp8_gemm(gemm: str):
+  """Route the FP8 GEMMs of the rows that follow: 'mosaic' = the Mosaic GPU wgmma kernels
+  (R1JAX_MOSAIC_GPU=1), 'xla' = XLA dots on e4m3-rounded operands. The switch is read when a
+  function is traced, so the caches of earlier traces are dropped."""
+  if gemm not in ("xla", "mosaic"):
+    raise ValueError(f"--fp8 takes xla and/or mosaic, not {gemm!r}")
+  if gemm == "mosaic" and jax.default_backend() != "gpu":
+    raise RuntimeError("the Mosaic wgmma kernels need a GPU")
+  os.environ["R1JAX_MOSAIC_GPU"] = "1" if gemm == "mosaic" else "0"
+  jax.clear_caches()
 
 
 def sft_row(name, cfg, params, a, peak):
@@ -177,6 +195,10 @@ def main():
   ap.add_argument("--models", default="moe,dense")
   ap.add_argument("--moe_impls", default="blocked,ragged_dot")
   ap.add_argument("--kinds", default="sft,grpo")
+  ap.add_argument("--fp8", default="",
+                  help="FP8 GEMM paths for extra SFT rows with model.fp8 (the DeepSeek-V3 recipe; "
+                       "the MoE model on ragged_dot): 'xla' (XLA dots on e4m3-rounded operands), "
+                       "'mosaic' (the wgmma kernels, GPU only), or both")
   ap.add_argument("--attn_impls", default="xla",
                   help="model.attn_impl values; after the first, SFT rows only (cudnn: GPUs)")
   ap.add_argument("--remat", default="full",
@@ -205,12 +227,18 @@ def main():
            for attn in a.attn_impls.split(",")[1:] for m in a.models.split(",")]
   if "moe" in a.models.split(","):
     plan += [("moe", impl, kind, "xla") for impl in impls[1:] for kind in a.kinds.split(",")]
+  # then SFT with the FP8 recipe on the full-size configs' MoE path (ragged_dot), beside the bf16
+  # rows above: what decides those configs' default (README, "Performance")
+  plan += [(m, "ragged_dot" if m == "moe" else None, "sft", "xla", gemm)
+           for gemm in filter(None, a.fp8.split(",")) for m in a.models.split(",")]
+  plan = [p if len(p) == 5 else (*p, None) for p in plan]
   report = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
             "jax": jax.__version__, "peak_flops": peak, "peak_source": peak_source,
             "measured_peak": a.measured_peak, "args": vars(a), "rows": [], "not_run": []}
   cache = {}
-  for m, impl, kind, attn in plan:
-    name = f"{m}{'/' + impl if impl else ''}{'/' + attn if attn != 'xla' else ''} {kind}"
+  for m, impl, kind, attn, fp8_gemm in plan:
+    name = (f"{m}{'/' + impl if impl else ''}{'/' + attn if attn != 'xla' else ''}"
+            f"{'/fp8-' + fp8_gemm if fp8_gemm else ''} {kind}")
     if time.perf_counter() - start > a.budget_s:
       report["not_run"].append(name)
       print(f"{name}: not run (budget of {a.budget_s:.0f} s spent)", flush=True)
@@ -228,7 +256,9 @@ def main():
       cfg, params, n = cache[m]
       if impl:
         cfg = cfg.replace(moe_impl=impl)
-      cfg = cfg.replace(attn_impl=attn)
+      cfg = cfg.replace(attn_impl=attn, fp8=bool(fp8_gemm))
+      if fp8_gemm:
+        use_fp8_gemm(fp8_gemm)
       row = (sft_row if kind == "sft" else grpo_row)(name, cfg, params, a, peak)
       row.update(params=n, active_matmul_params=flops.matmul_params_per_token(cfg))
       report["rows"].append(row)

@@ -13,9 +13,10 @@ scale of its valid elements.
 Backends: the GEMM is the grouped Pallas kernel of `_grouped.py` with a single group (Mosaic TPU
 or the interpreter; on TPU the FP8 tiles are widened to bf16 in VMEM since MXUs before v7 have no
 FP8 path, which still halves HBM traffic). On GPU with R1JAX_MOSAIC_GPU=1 it is the Mosaic GPU
-wgmma kernel of `_mosaic_gpu.py` (FP8 operands, B K-major, per-128-K-block promotion in fp32);
-it lowers on CPU but has not yet run on a GPU, so by default compiled GPU calls fall back to XLA
-(operands dequantized to bf16, fp32 accumulation: correct, not faster than bf16). Quantization is
+wgmma kernel of `_mosaic_gpu.py` (FP8 operands, B K-major, per-128-K-block promotion in fp32).
+Compiled on an H200 it matched its reference (relative error 1.3e-4) and ran at 0.73-0.94x of a
+bf16 `jnp.dot` (README, "On an H200"), so it stays opt-in; without the switch compiled GPU calls
+use XLA (operands dequantized to bf16, fp32 accumulation: correct, not faster than bf16). Quantization is
 plain jnp, which XLA fuses into the producer. Numerics are tested in interpret mode on CPU.
 """
 

@@ -63,7 +63,7 @@ def _fp8_gemm(backend: str, interpreted_on_cpu: bool = True) -> str:
     return "FP8 GEMM, Pallas kernel (Mosaic TPU; e4m3 widened to bf16 where the MXU lacks FP8)"
   if backend == "gpu":
     if os.environ.get("R1JAX_MOSAIC_GPU", "0") == "1":
-      return "FP8 GEMM, Mosaic GPU wgmma kernel (R1JAX_MOSAIC_GPU=1; not yet run on a GPU)"
+      return "FP8 GEMM, Mosaic GPU wgmma kernel (R1JAX_MOSAIC_GPU=1; Hopper)"
     return "FP8 recipe, XLA bf16 dot on e4m3-rounded operands (fallback; R1JAX_MOSAIC_GPU=1 for wgmma)"
   return ("FP8 recipe, Pallas kernel in interpret mode" if interpreted_on_cpu
           else "FP8 recipe, XLA dot on e4m3-rounded operands")
