@@ -214,6 +214,18 @@ def step_profile_md(d):
   return p["wall_share_by_ops_running"].get("2+", 0.0), setup, rows
 
 
+def step_threads_md(d):
+  rows = ["| side | 1 core ms | 2 cores ms | gain from the 2nd core |", "|---|---:|---:|---:|"]
+  rows += [f"| {r['name']} | {1e3 * r['one_core_s']:.1f} | {1e3 * r['two_cores_s']:.1f} | "
+           f"{r['second_core_speedup']:.2f}x |" for r in d["rows"]]
+  ratios = d.get("r1jax_over_transformers") or {}
+  setup = (f"train_step.py's SFT step ({d['batch']} x {d['seq_len']} tokens) in child processes "
+           f"pinned to 1 and 2 cores, median of {d['rounds']} children's medians of {d['runs']} "
+           "steps; headline: r1jax's step speed / transformers' on one core"
+           + (f" ({ratios['2']:.2f}x on two)" if "2" in ratios else ""))
+  return ratios.get("1"), setup, rows
+
+
 def rollout_profile_md(d):
   rows = ["| shape | median s | new tokens/s | ms per decode step | ops per step | "
           "op thread ms per step | wall with 0 / 1 / 2+ ops running |",
@@ -309,6 +321,9 @@ BENCHMARKS = (
     Benchmark("step_profile", "Where the SFT step's time goes on XLA:CPU (a profile)",
               ("--runs", "5", "--traced", "2"), step_profile_md, None,
               target_text="none (it explains train_step's gap)", suffix=""),
+    Benchmark("step_threads", "What the second core gives each side's SFT step",
+              ("--runs", "3", "--warmup", "1", "--rounds", "1"), step_threads_md, None,
+              target_text="none (it tests step_profile's reading of train_step's gap)"),
     Benchmark("rollout_profile", "Where the sampler's time goes on XLA:CPU (a profile)",
               ("--runs", "1", "--shapes", "128x40"), rollout_profile_md, None,
               target_text="none (it explains rollout's gap)", suffix=""),
