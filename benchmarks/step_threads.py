@@ -18,6 +18,9 @@ Rows:
   gradient sum, so XLA:CPU's thunk executor could run them side by side on the two cores;
 - transformers: `DeepseekV3ForCausalLM` on the same weights at its defaults, `loss.backward()` +
   clip + AdamW (`train_step.torch_step`).
+With `--sides r1jax_generate,transformers_generate` the rows are `rollout.py`'s sampling calls
+instead (`--generate_shape` rows x new tokens after 16-token prompts, no early stop; its tiny MoE
+and weights), one call per timed run; write those to another file with `--out`.
 """
 
 from __future__ import annotations
@@ -35,9 +38,12 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "step_threads.json"
 SIDES = ("r1jax", "r1jax_halves", "transformers")
+GENERATE_SIDES = ("r1jax_generate", "transformers_generate")
 NAMES = {"r1jax": "r1jax make_step (jit, sft_loss, AdamW)",
          "r1jax_halves": "r1jax, the batch as two independent halves in one step",
-         "transformers": "transformers DeepseekV3 (backward + AdamW), its defaults"}
+         "transformers": "transformers DeepseekV3 (backward + AdamW), its defaults",
+         "r1jax_generate": "r1jax sampler.generate (rollout.py's call)",
+         "transformers_generate": "transformers generate (rollout.py's call)"}
 
 
 def halves_loss(loss_fn):
@@ -71,6 +77,9 @@ def child(side: str, cpus: list[int], a) -> dict:
   from r1jax import hf, model, train
   from r1jax.train import state as state_lib
 
+  if side in GENERATE_SIDES:
+    once, threads = generate_call(side, a)
+    return _time(once, threads, a)
   cfg = tiny_config(None, "blocked")
   params = jax.jit(model.init, static_argnums=0)(cfg, jax.random.key(0))
   batch = make_batch(cfg, a.batch, a.seq_len)
@@ -94,6 +103,44 @@ def child(side: str, cpus: list[int], a) -> dict:
       holder["state"], metrics = step(holder["state"], jbatch)
       return float(jax.block_until_ready(metrics["loss"]))
     threads = None
+  return _time(once, threads, a)
+
+
+def generate_call(side: str, a):
+  """rollout.py's sampling call on its tiny MoE: (a function making one call, torch threads)."""
+  import jax
+  import numpy as np
+  from benchmarks.rollout import tiny_config as rollout_config
+  from r1jax import hf, model
+  from r1jax.rollout import sampler
+
+  cfg = rollout_config()
+  params = jax.jit(model.init, static_argnums=0)(cfg, jax.random.key(0))
+  B, N = (int(v) for v in a.generate_shape.split("x"))
+  prompts = np.random.default_rng(0).integers(2, cfg.vocab_size, (B, 16))
+  if side == "r1jax_generate":
+    def once():
+      out = sampler.generate(params, cfg, prompts.tolist(), max_new_tokens=N,
+                             rng=jax.random.key(0), temperature=1.0, eos_id=None)
+      return float(np.asarray(out.lengths).min())
+    return once, None
+  import torch
+  import transformers
+  with tempfile.TemporaryDirectory() as tmp:
+    hf.save(tmp, cfg, params)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+  ids = torch.as_tensor(prompts)
+
+  def once():
+    with torch.no_grad():
+      out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                              temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=N,
+                              min_new_tokens=N, use_cache=True, pad_token_id=0)
+    return float(out.shape[1] - ids.shape[1])
+  return once, torch.get_num_threads()
+
+
+def _time(once, threads, a) -> dict:
   first_loss = once()
   for _ in range(a.warmup):
     once()
@@ -114,8 +161,9 @@ def main():
   ap.add_argument("--runs", type=int, default=15)
   ap.add_argument("--rounds", type=int, default=2)
   ap.add_argument("--lr", type=float, default=1e-3)
-  ap.add_argument("--sides", default=",".join(SIDES))
-  ap.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
+  ap.add_argument("--sides", default=",".join(SIDES), help=f"of {SIDES + GENERATE_SIDES}")
+  ap.add_argument("--generate_shape", default="128x40", help="rows x new tokens (generate sides)")
+  ap.add_argument("--child", choices=SIDES + GENERATE_SIDES, help=argparse.SUPPRESS)
   ap.add_argument("--cpus", default=None, help=argparse.SUPPRESS)
   ap.add_argument("--out", default=str(RESULTS))
   a = ap.parse_args()
@@ -135,7 +183,7 @@ def main():
       for n, cpus in core_sets.items():
         cmd = [sys.executable, __file__, "--child", s, "--cpus", ",".join(map(str, cpus)),
                f"--batch={a.batch}", f"--seq_len={a.seq_len}", f"--warmup={a.warmup}",
-               f"--runs={a.runs}", f"--lr={a.lr}"]
+               f"--runs={a.runs}", f"--lr={a.lr}", f"--generate_shape={a.generate_shape}"]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
         res = json.loads(out.stdout.strip().splitlines()[-1])
         medians[(s, n)].append(res["median_s"])
@@ -152,22 +200,27 @@ def main():
                  "second_core_speedup": one / two,
                  "children": {str(n): children[(s, n)] for n in core_sets}})
   by = {r["side"]: r for r in rows}
-  print(f"tiny DeepSeek-V3 SFT step, batch {a.batch} x {a.seq_len}, jax {jax.__version__}, "
-        f"torch {torch.__version__}; median of {a.rounds} children's medians of {a.runs} steps")
+  what = (f"sampling {a.generate_shape} (rows x new tokens)" if set(sides) & set(GENERATE_SIDES)
+          else f"SFT step, batch {a.batch} x {a.seq_len}")
+  print(f"tiny DeepSeek-V3 {what}, jax {jax.__version__}, torch {torch.__version__}; median of "
+        f"{a.rounds} children's medians of {a.runs} calls")
   print(f"{'':58s} {'1 core ms':>10s} {'2 cores ms':>11s} {'2nd core':>9s}")
   for r in rows:
     print(f"{r['name']:58s} {1e3 * r['one_core_s']:10.1f} {1e3 * r['two_cores_s']:11.1f} "
           f"{r['second_core_speedup']:8.2f}x")
   ratios = {}
-  if "r1jax" in by and "transformers" in by:
-    ratios = {str(n): by["transformers"][k] / by["r1jax"][k]
-              for n, k in ((1, "one_core_s"), (2, "two_cores_s"))}
-    print(f"r1jax step speed / transformers': {ratios['1']:.2f}x on one core, "
-          f"{ratios['2']:.2f}x on two")
+  for ours, theirs in (("r1jax", "transformers"), ("r1jax_generate", "transformers_generate")):
+    if ours in by and theirs in by:
+      ratios = {str(n): by[theirs][k] / by[ours][k]
+                for n, k in ((1, "one_core_s"), (2, "two_cores_s"))}
+      print(f"{ours} speed / {theirs}': {ratios['1']:.2f}x on one core, "
+            f"{ratios['2']:.2f}x on two")
   sys.path.insert(0, str(ROOT))
   from benchmarks import provenance
   provenance.write_result(a.out, {
       "benchmark": "step_threads", "batch": a.batch, "seq_len": a.seq_len, "warmup": a.warmup,
+      "sides": sides, "generate_shape": a.generate_shape if set(sides) & set(GENERATE_SIDES)
+      else None,
       "runs": a.runs, "rounds": a.rounds, "jax": jax.__version__, "torch": torch.__version__,
       "core_sets": {str(n): c for n, c in core_sets.items()}, "rows": rows,
       "r1jax_over_transformers": ratios})
