@@ -6,7 +6,7 @@
 # 2. benchmarks/pallas_kernels_bench.py with R1JAX_MOSAIC_GPU=1: compiled kernels against their
 #    references, then FP8 vs bf16 GEMM timings at DeepSeek-V3 shapes
 # 3. benchmarks/accelerator_steps.py: SFT and GRPO step throughput and MFU (dense ~0.5B, MoE ~1B
-#    active); STEPS_ARGS="--models moe --kinds sft --moe_impls ragged_dot --fp8 xla,mosaic"
+#    active); STEPS_CAP=300 STEPS_ARGS="--models moe --kinds sft --moe_impls ragged_dot --fp8 xla,mosaic"
 #    times the FP8 recipe beside bf16 (what decides the full-size configs' default)
 # 4. configs/r1_tiny.py end to end, with its wall time (started first, in the background; the
 #    benchmarks wait for it or for its time cap)
