@@ -47,6 +47,26 @@ def tiny_config() -> ModelConfig:
   return ModelConfig.from_config(mod.get_config().model).replace(num_nextn_predict_layers=0)
 
 
+def sampling_calls(params, cfg: ModelConfig, hf_model, prompts: np.ndarray, N: int):
+  """(r1jax's call, transformers' call), each sampling N new tokens after every prompt row at
+  temperature 1, no early stop."""
+  import torch
+
+  def ours():
+    out = sampler.generate(params, cfg, prompts.tolist(), max_new_tokens=N,
+                           rng=jax.random.key(0), temperature=1.0, eos_id=None)
+    assert out.lengths.min() == N
+
+  def theirs():
+    ids = torch.as_tensor(prompts)
+    with torch.no_grad():
+      out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                              temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=N,
+                              min_new_tokens=N, use_cache=True, pad_token_id=0)
+    assert out.shape == (prompts.shape[0], prompts.shape[1] + N), out.shape
+  return ours, theirs
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--shapes", default="128x40,16x128", help="batch x new tokens, first = headline")
@@ -80,19 +100,7 @@ def main():
   for shape in args.shapes.split(","):
     B, N = (int(v) for v in shape.split("x"))
     prompts = np.random.default_rng(0).integers(2, cfg.vocab_size, (B, args.prompt_len))
-
-    def ours():
-      out = sampler.generate(params, cfg, prompts.tolist(), max_new_tokens=N,
-                             rng=jax.random.key(0), temperature=1.0, eos_id=None)
-      assert out.lengths.min() == N
-
-    def theirs():
-      with torch.no_grad():
-        out = hf_model.generate(torch.as_tensor(prompts), attention_mask=torch.ones_like(
-            torch.as_tensor(prompts)), do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-            max_new_tokens=N, min_new_tokens=N, use_cache=True, pad_token_id=0)
-      assert out.shape == (B, args.prompt_len + N), out.shape
-
+    ours, theirs = sampling_calls(params, cfg, hf_model, prompts, N)
     rows = []
     names = ("r1jax sampler (jit, while_loop)", "transformers generate (use_cache)")
     # one warm-up call of each (compiles ours), then one call of each per round

@@ -33,7 +33,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "step_threads.json"
@@ -110,45 +109,27 @@ def generate_call(side: str, a):
   """rollout.py's sampling call on its tiny MoE: (a function making one call, torch threads)."""
   import jax
   import numpy as np
-  from benchmarks.rollout import tiny_config as rollout_config
+  from benchmarks.rollout import sampling_calls, tiny_config as rollout_config
   from r1jax import hf, model
-  from r1jax.rollout import sampler
 
   cfg = rollout_config()
   params = jax.jit(model.init, static_argnums=0)(cfg, jax.random.key(0))
   B, N = (int(v) for v in a.generate_shape.split("x"))
   prompts = np.random.default_rng(0).integers(2, cfg.vocab_size, (B, 16))
   if side == "r1jax_generate":
-    def once():
-      out = sampler.generate(params, cfg, prompts.tolist(), max_new_tokens=N,
-                             rng=jax.random.key(0), temperature=1.0, eos_id=None)
-      return float(np.asarray(out.lengths).min())
-    return once, None
+    return sampling_calls(params, cfg, None, prompts, N)[0], None
   import torch
   import transformers
   with tempfile.TemporaryDirectory() as tmp:
     hf.save(tmp, cfg, params)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-  ids = torch.as_tensor(prompts)
-
-  def once():
-    with torch.no_grad():
-      out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                              temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=N,
-                              min_new_tokens=N, use_cache=True, pad_token_id=0)
-    return float(out.shape[1] - ids.shape[1])
-  return once, torch.get_num_threads()
+  return sampling_calls(params, cfg, hf_model, prompts, N)[1], torch.get_num_threads()
 
 
 def _time(once, threads, a) -> dict:
+  from benchmarks.train_step import time_round_robin
   first_loss = once()
-  for _ in range(a.warmup):
-    once()
-  times = []
-  for _ in range(a.runs):
-    t0 = time.perf_counter()
-    once()
-    times.append(time.perf_counter() - t0)
+  times = time_round_robin([once], a.warmup, a.runs)[0]
   return {"median_s": statistics.median(times), "runs_s": times, "first_loss": first_loss,
           "cpus": sorted(os.sched_getaffinity(0)), "torch_threads": threads}
 
