@@ -20,6 +20,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from r1jax import flops, parallel, run_config, train
+from r1jax.errors import UserError
 from r1jax.model import params as param_lib
 from r1jax.train import state as state_lib
 
@@ -143,7 +144,11 @@ def report(config, num_devices: int | None = None) -> str:
   cfg = run_config.validate(config)
   n = num_devices or needed_devices(config, jax.device_count())
   if jax.device_count() < n:
-    raise RuntimeError(f"dry run needs {n} devices, have {jax.device_count()}")
+    raise UserError(
+        f"the dry run's mesh needs {n} devices and this process has {jax.device_count()} "
+        f"({jax.default_backend()}); on a CPU, leave XLA_FLAGS without "
+        f"--xla_force_host_platform_device_count (the launcher then simulates them), or set it "
+        f"to {n}")
   mesh = parallel.make_mesh(config.mesh.to_dict(), jax.devices()[:n])
   tx, lr = train.make_optimizer(config.optim, 1000)
   state = abstract_state(cfg, tx, mesh)

@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     config = _parse(argv)
     from r1jax import run_config
     run_config.validate(config)  # before anything is written to the run directory
-    if FLAGS.dry_run and "jax" not in sys.modules:
+    if FLAGS.dry_run:
       _simulate_devices(config)
     _compilation_cache(FLAGS.compilation_cache)
     from r1jax.parallel import distributed
@@ -158,14 +158,22 @@ def _compilation_cache(directory: str) -> str | None:
 
 
 def _simulate_devices(config):
-  """--dry_run on a machine without the mesh's devices: simulate them with host CPU devices
-  (must happen before jax is imported)."""
+  """--dry_run: simulate the mesh's devices with host CPU devices, unless the user chose another
+  platform (JAX_PLATFORMS) or the host device count (XLA_FLAGS). Works once jax is imported (the
+  config module imports it), as long as no backend has started: jax_num_cpu_devices and
+  jax_platforms are read when the first backend starts."""
   import math
+  import jax
+  if (os.environ.get("JAX_PLATFORMS", "cpu") != "cpu" or
+      "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")):
+    return
   sizes = [int(config.mesh.get(a, 1)) for a in ("data", "fsdp", "expert", "tensor")]
   n = FLAGS.dry_run_devices or (math.prod(sizes) if -1 not in sizes else 8)
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" --xla_force_host_platform_device_count={n}").strip()
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  try:
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", n)
+  except RuntimeError as e:  # a backend already started: dry_run.report names what is missing
+    logging.warning("cannot simulate %d host devices for the dry run: %s", n, e)
 
 
 def _write_config(config, workdir: str):

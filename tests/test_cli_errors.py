@@ -1,5 +1,6 @@
 """User errors at the command line: each exits 2 with exactly one `error: ...` line on stderr and
-no traceback (DESIGN.md, "The command line"). All of them fail before anything compiles."""
+no traceback (DESIGN.md, "The command line"). All of them fail before anything compiles; the
+dry-run test that succeeds is the one exception."""
 
 import os
 import subprocess
@@ -121,3 +122,24 @@ def test_compilation_cache_flag(tmp_path, monkeypatch):
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "c")
   finally:
     jax.config.update("jax_compilation_cache_dir", old)
+
+
+def _dry_run(*args, env):
+  return subprocess.run([sys.executable, "-m", "r1jax.launch", "--config", SFT_TINY, "--dry_run",
+                         *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_dry_run_simulates_the_mesh_devices_itself():
+  """The README's dry-run command as a user types it: no XLA_FLAGS, no JAX_PLATFORMS. The
+  launcher makes the mesh's host devices (the config module has imported jax by then, so only
+  jax's own config, set before any backend starts, can do it). The one test here that compiles."""
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  proc = _dry_run("--config.mesh.data=2", "--config.model.num_hidden_layers=2", env=env)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "(2 devices)" in proc.stdout and "per device:" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_dry_run_with_fewer_devices_than_its_mesh_is_one_line():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  assert_user_error(_dry_run("--config.mesh.data=4", env=env), "needs 4 devices",
+                    "this process has 2")
