@@ -113,6 +113,8 @@ def main(argv=None) -> int:
     config = _parse(argv)
     from r1jax import run_config
     run_config.validate(config)  # before anything is written to the run directory
+    if FLAGS.dry_run_devices < 0:
+      raise UserError(f"--dry_run_devices={FLAGS.dry_run_devices} must be >= 0 (0: the mesh's)")
     if FLAGS.dry_run:
       _simulate_devices(config)
     _compilation_cache(FLAGS.compilation_cache)
@@ -167,7 +169,8 @@ def _simulate_devices(config):
   if (os.environ.get("JAX_PLATFORMS", "cpu") != "cpu" or
       "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")):
     return
-  sizes = [int(config.mesh.get(a, 1)) for a in ("data", "fsdp", "expert", "tensor")]
+  from r1jax.parallel import mesh as mesh_lib
+  sizes = mesh_lib.axis_sizes(config.mesh.to_dict())
   n = FLAGS.dry_run_devices or (math.prod(sizes) if -1 not in sizes else 8)
   try:
     jax.config.update("jax_platforms", "cpu")

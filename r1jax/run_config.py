@@ -13,6 +13,7 @@ import ml_collections
 
 from r1jax.errors import ConfigError
 from r1jax.model.config import ModelConfig, model_section
+from r1jax.parallel import mesh as mesh_lib
 
 STAGE_KINDS = ("pretrain", "sft", "grpo", "rejection_sampling", "distill", "eval")
 TRAINING_KINDS = ("pretrain", "sft", "grpo", "distill")
@@ -91,6 +92,7 @@ def validate(c) -> ModelConfig:
   if int(c.seed) < 0:
     raise ConfigError(f"seed={c.seed} must be >= 0")
   cfg = ModelConfig.from_config(c.model)
+  mesh_lib.axis_sizes(c.mesh.to_dict())  # the device count is checked when the mesh is built
   order = list(c.stage_order)
   if not order:
     raise ConfigError("stage_order is empty: name at least one stage of `stages`")

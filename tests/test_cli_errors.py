@@ -143,3 +143,12 @@ def test_dry_run_with_fewer_devices_than_its_mesh_is_one_line():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   assert_user_error(_dry_run("--config.mesh.data=4", env=env), "needs 4 devices",
                     "this process has 2")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (("--config.mesh.data=0",), "mesh.data=0 must be a positive size"),
+    (("--config.mesh.fsdp=-1",), "at most one axis may be -1"),
+    (("--dry_run_devices=-3",), "--dry_run_devices=-3 must be >= 0")])
+def test_dry_run_bad_mesh_is_one_line_before_any_device_starts(args, fragment):
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  assert_user_error(_dry_run(*args, env=env), fragment)

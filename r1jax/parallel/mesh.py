@@ -17,7 +17,8 @@ from r1jax.axes import AXES, BATCH_AXES, batch_axes  # noqa: F401  (re-exported)
 from r1jax.errors import ConfigError
 
 
-def resolve_axis_sizes(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+def axis_sizes(mesh_cfg: Mapping[str, int]) -> list[int]:
+  """The config's size of each axis in AXES order, -1 for "the rest"; checked without devices."""
   sizes = []
   for a in AXES:
     v = int(mesh_cfg.get(a, 1))
@@ -29,6 +30,11 @@ def resolve_axis_sizes(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[i
     raise ConfigError(f"mesh.{unknown[0]} is not a mesh axis (axes: {', '.join(AXES)})")
   if sizes.count(-1) > 1:
     raise ConfigError("mesh: at most one axis may be -1")
+  return sizes
+
+
+def resolve_axis_sizes(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+  sizes = axis_sizes(mesh_cfg)
   fixed = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % fixed:
