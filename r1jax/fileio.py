@@ -48,9 +48,11 @@ def under(directory, path) -> epath.Path:
 def check_workdir(workdir: str) -> None:
   """Raise UserError (one line) for a workdir URL that cannot work here: a scheme orbax cannot
   checkpoint to, a missing client library, a bucket that does not exist or cannot be reached.
-  Filesystem paths pass unchecked (they are created)."""
+  A filesystem path must be a directory or not exist yet (it is created)."""
   scheme, sep, rest = workdir.partition("://")
   if not sep:
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+      raise UserError(f"--workdir {workdir}: exists and is not a directory")
     return
   if scheme not in SCHEMES:
     raise UserError(f"--workdir {workdir}: {scheme}:// is not supported; use gs://BUCKET/PATH "

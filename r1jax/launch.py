@@ -135,7 +135,10 @@ def main(argv=None) -> int:
     # resolved once, here: everything below (orbax above all) sees an absolute path or a URL
     workdir = os.fspath(fileio.absolute(workdir))
     from r1jax import recipe
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    try:
+      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a read-only or missing mount, a file in the path, permissions
+      raise UserError(f"--workdir {workdir}: cannot create it ({e.strerror or e})") from None
     _write_config(config, workdir)
     summary = recipe.Recipe(config, workdir, run_info=recipe.provenance(argv)).run()
   except UserError as e:

@@ -152,3 +152,13 @@ def test_dry_run_with_fewer_devices_than_its_mesh_is_one_line():
 def test_dry_run_bad_mesh_is_one_line_before_any_device_starts(args, fragment):
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   assert_user_error(_dry_run(*args, env=env), fragment)
+
+
+@pytest.mark.parametrize("sub, fragment", [("", "exists and is not a directory"),
+                                           ("run", "cannot create it")])
+def test_workdir_that_is_a_file_is_one_line(tmp_path, sub, fragment):
+  afile = tmp_path / "afile"
+  afile.write_text("keep me\n")
+  proc = launch("--config", SFT_TINY, workdir=afile / sub if sub else afile)
+  assert_user_error(proc, fragment)
+  assert afile.read_text() == "keep me\n"
