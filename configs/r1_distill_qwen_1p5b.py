@@ -8,6 +8,11 @@
 
 R1 distils by plain SFT (no RL on students) on ~800k samples for 2 epochs; the JSONL records hold
 `question`, `completion` (the teacher's reasoning + answer) and `answer`.
+
+The batch, 64 rows of 16,384 tokens, is sized for 64 devices (fsdp 8 x data 8: one row each).
+`--dry_run --dry_run_devices=64` puts that at 36.1 GiB per device. On 8 devices, add
+`--config.train.accum_steps=8` (one row per device per micro-batch; 53.2 GiB in the dry run).
+Without it, 8 devices would each hold 8 rows: 268 GiB.
 """
 
 from r1jax.run_config import base_config, stage
@@ -19,7 +24,8 @@ def get_config(arg=None):
                   intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                   num_key_value_heads=2, max_position_embeddings=131072, rope_theta=10000.0,
                   tie_word_embeddings=False, rms_norm_eps=1e-6, dtype="bfloat16",
-                  param_dtype="float32", remat="full", logits_chunk=1024)
+                  param_dtype="float32", remat="full", logits_chunk=1024,
+                  attn_chunk=2048)  # 2k queries at a time: [H, 2k, 16k] scores, not [H, 16k, 16k]
   c.mesh.update(data=-1, fsdp=8, expert=1, tensor=1)
   c.data.update(task="file", batch_size=64, seq_len=16384, template="r1", pack=True)
   c.optim.update(lr=5e-5, warmup_steps=100, schedule="cosine", weight_decay=0.0,

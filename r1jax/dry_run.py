@@ -175,9 +175,11 @@ def report(config, num_devices: int | None = None) -> str:
   # optim.mu_dtype sets the first moment only; optax keeps the second in the parameter dtype
   moment_dtypes = " + ".join(sorted({jnp.dtype(x.dtype).name for x in
                                      jax.tree.leaves(state.opt_state) if x.ndim}))
+  accum = int(config.train.accum_steps)
   lines = [
-      f"dry run: {cfg.model_type}, {param_lib.num_params(cfg) / 1e9:.1f}B parameters, "
-      f"mesh {sizes} ({n} devices), batch {B} x {T} tokens, remat={cfg.remat}",
+      f"dry run: {cfg.model_type}, {_count(param_lib.num_params(cfg))} parameters, "
+      f"mesh {sizes} ({n} devices), batch {B} x {T} tokens"
+      + (f" in {accum} micro-batches" if accum > 1 else "") + f", remat={cfg.remat}",
       f"experts: moe_impl={cfg.moe_impl}, expert_dispatch={cfg.expert_dispatch}, "
       f"capacity_factor={cfg.capacity_factor}",
       f"compiled the SFT train step in {seconds:.1f} s on {jax.devices()[0].platform}",
@@ -191,9 +193,17 @@ def report(config, num_devices: int | None = None) -> str:
   mtp = float(config.train.mtp_weight) > 0
   step_flops = flops.train_flops(cfg, B * T, T, mtp=mtp)
   lines.append(f"model FLOPs per step: {step_flops:.4g} ({step_flops / n:.4g} per device; "
-               f"{flops.matmul_params_per_token(cfg, mtp) / 1e9:.2f}B active matmul "
+               f"{_count(flops.matmul_params_per_token(cfg, mtp))} active matmul "
                "parameters per token); a step at 40 % MFU takes "
                + ", ".join(f"{step_flops / (0.4 * flops.PEAK_FLOPS[k] * n):.3g} s on {k}"
                            for k in ("h200", "tpu v5p", "tpu7x")))
+  if -1 in parallel.mesh.axis_sizes(config.mesh.to_dict()) and not num_devices:
+    lines.append(f"the mesh's -1 axis took the {n} devices at hand; --dry_run_devices N "
+                 "(a multiple of the fixed axes) for the slice you plan to rent")
   lines += kernel_table(cfg)
   return "\n".join(lines)
+
+
+def _count(x: float) -> str:
+  """12.3B, 456.7M, 1.8M: a parameter count a reader takes in at a glance."""
+  return f"{x / 1e9:.1f}B" if x >= 1e9 else f"{x / 1e6:.1f}M"

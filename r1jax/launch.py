@@ -167,14 +167,12 @@ def _simulate_devices(config):
   platform (JAX_PLATFORMS) or the host device count (XLA_FLAGS). Works once jax is imported (the
   config module imports it), as long as no backend has started: jax_num_cpu_devices and
   jax_platforms are read when the first backend starts."""
-  import math
   import jax
   if (os.environ.get("JAX_PLATFORMS", "cpu") != "cpu" or
       "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")):
     return
   from r1jax.parallel import mesh as mesh_lib
-  sizes = mesh_lib.axis_sizes(config.mesh.to_dict())
-  n = FLAGS.dry_run_devices or (math.prod(sizes) if -1 not in sizes else 8)
+  n = FLAGS.dry_run_devices or mesh_lib.simulated_devices(config.mesh.to_dict())
   try:
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", n)

@@ -235,6 +235,17 @@ def test_mesh_minus_one_takes_the_rest():
   assert dict(mesh.shape) == dict(data=2, fsdp=1, expert=4, tensor=1)
 
 
+def test_dry_run_simulates_a_mesh_the_config_can_take():
+  from r1jax.parallel.mesh import simulated_devices
+  assert simulated_devices(dict(data=-1)) == 8
+  assert simulated_devices(dict(data=-1, fsdp=4)) == 8
+  assert simulated_devices(dict(data=-1, fsdp=8, expert=8)) == 64  # deepseek_v2_lite.py
+  assert simulated_devices(dict(data=-1, fsdp=3)) == 6
+  assert simulated_devices(dict(data=1, fsdp=4, expert=64)) == 256
+  with pytest.raises(ConfigError, match="at most one axis"):
+    simulated_devices(dict(data=-1, fsdp=-1))
+
+
 # ------------------------------------------------------------------ all-to-all drop counting
 
 def _two_level_capacity(ids_Nk, cfg, n_shards, ep):

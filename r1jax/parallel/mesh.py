@@ -33,6 +33,14 @@ def axis_sizes(mesh_cfg: Mapping[str, int]) -> list[int]:
   return sizes
 
 
+def simulated_devices(mesh_cfg: Mapping[str, int]) -> int:
+  """How many host devices a dry run simulates for this mesh: its size, or with a -1 axis (the
+  rest) about 8, a multiple of the fixed axes (at least one device per position of them)."""
+  sizes = axis_sizes(mesh_cfg)
+  fixed = math.prod(s for s in sizes if s != -1)
+  return fixed if -1 not in sizes else fixed * max(1, 8 // fixed)
+
+
 def resolve_axis_sizes(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
   sizes = axis_sizes(mesh_cfg)
   fixed = math.prod(s for s in sizes if s != -1)
