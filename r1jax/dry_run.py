@@ -197,11 +197,28 @@ def report(config, num_devices: int | None = None) -> str:
                "parameters per token); a step at 40 % MFU takes "
                + ", ".join(f"{step_flops / (0.4 * flops.PEAK_FLOPS[k] * n):.3g} s on {k}"
                            for k in ("h200", "tpu v5p", "tpu7x")))
+  lines += _stage_caveat(config)
   if -1 in parallel.mesh.axis_sizes(config.mesh.to_dict()) and not num_devices:
     lines.append(f"the mesh's -1 axis took the {n} devices at hand; --dry_run_devices N "
                  "(a multiple of the fixed axes) for the slice you plan to rent")
   lines += kernel_table(cfg)
   return "\n".join(lines)
+
+
+def _stage_caveat(config) -> list[str]:
+  """What the report does not cover when the first training stage is not SFT-shaped: it always
+  compiles the SFT step at data.batch_size x data.seq_len."""
+  stages = run_config.stage_configs(config)
+  first = next((n for n in config.stage_order if stages[n].kind in run_config.TRAINING_KINDS),
+               None)
+  if first is None or stages[first].kind in ("sft", "pretrain"):
+    return []
+  s = stages[first]
+  shape = (f": {s.rows} rows (prompts_per_step x group_size) of prompt + {s.max_new_tokens} "
+           "new tokens" if s.kind == "grpo" else "")
+  return [f"note: the first training stage, {first!r}, is {s.kind}; the figures above are the "
+          f"SFT step's at data.batch_size x data.seq_len, not its update{shape}, which the dry "
+          "run does not compile"]
 
 
 def _count(x: float) -> str:

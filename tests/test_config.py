@@ -294,3 +294,16 @@ def test_dry_run_names_the_kernels_of_every_layer_part():
   by = {b: [line for line in rd if line.strip().startswith(b)] for b in ("cpu", "gpu", "tpu")}
   assert "jax.lax.ragged_dot (XLA:TPU)" in by["tpu"][4] and "work items" in by["gpu"][4]
   assert "cuDNN fused" in by["gpu"][1] and "needs a GPU" in by["cpu"][1]
+
+
+@pytest.mark.parametrize("name, caveat", [
+    ("r1_tiny", None), ("r1_zero_tiny", None),  # SFT / pretrain first: the step it compiles
+    ("r1_zero_smollm2", "'grpo', is grpo; the figures above are the SFT step's"),
+])
+def test_dry_run_says_when_it_does_not_compile_the_first_stage(name, caveat):
+  from r1jax import dry_run
+  from r1jax.run_config import from_file
+  lines = dry_run._stage_caveat(from_file(os.path.join(CONFIGS_DIR, f"{name}.py")))
+  assert (lines == []) if caveat is None else (len(lines) == 1 and caveat in lines[0]), lines
+  if caveat:
+    assert "32 rows (prompts_per_step x group_size) of prompt + 64 new tokens" in lines[0]
