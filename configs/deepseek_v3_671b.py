@@ -4,8 +4,9 @@
     python -m r1jax.launch --config configs/deepseek_v3_671b.py --config.mesh.expert=64 ...
 
 The default mesh is 256 devices: experts over 64, FSDP over 4 (override mesh.* for your slice).
-Its dry run reports 79.8 GiB per device (the README's table): full fine-tuning fits 256 H200s
-(141 GB = 131 GiB); --config.mesh.fsdp=8 --config.data.batch_size=512 on 512 devices, 58.2 GiB.
+Its dry run reports 82.7 GiB per device (the README's table; benchmarks/results/dry_runs.txt):
+full fine-tuning fits 256 H200s (141 GB = 131 GiB); --config.mesh.fsdp=8
+--config.data.batch_size=512 on 512 devices, 60.7 GiB.
 On GPU/TPU, --config.model.expert_dispatch=ragged_all_to_all sends only the routed rows.
 """
 

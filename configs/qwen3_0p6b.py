@@ -6,8 +6,9 @@
 
 The fields are Qwen3-0.6B's config.json. With `init_from` a local HF dir of the model, its own
 config.json is what loads (`hf.load`; these fields then only size the dry run). Without it the
-model starts from random weights. SFT at 16 x 4096 tokens in bfloat16 with full rematerialization
-on one device; the README quotes the dry run's memory per device.
+model starts from random weights. SFT at 16 x 4096 tokens in bfloat16 with full rematerialization,
+data-parallel over every device (the dry run simulates 8: 14.0 GiB per device, as the README
+quotes).
 """
 
 from r1jax.run_config import base_config, stage

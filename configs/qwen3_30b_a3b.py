@@ -7,7 +7,8 @@
 The fields are Qwen3-30B-A3B's config.json; with `init_from` its own config.json is what loads.
 The default mesh is 32 devices: experts over 8, FSDP over 4. SFT at 64 x 4096 tokens in
 bfloat16 with full rematerialization, expert capacity 1.25x the mean load: the dry run reports
-57.9 GiB per device (dropless all-to-all sizes its buffers for the worst case: 267 GiB).
+24.8 GiB per device (benchmarks/results/dry_runs.txt; dropless all-to-all sizes its buffers for
+the worst case, 267 GiB before the grouped matmuls ran as work items off TPU).
 """
 
 from r1jax.run_config import base_config, stage
