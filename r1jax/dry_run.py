@@ -150,25 +150,37 @@ def report(config, num_devices: int | None = None) -> str:
         f"--xla_force_host_platform_device_count (the launcher then simulates them), or set it "
         f"to {n}")
   mesh = parallel.make_mesh(config.mesh.to_dict(), jax.devices()[:n])
-  tx, lr = train.make_optimizer(config.optim, 1000)
+  first, s = _first_training_stage(config)
+  grpo = s is not None and s.kind == "grpo" and not _lora(config) and not s.share_prompt
+  if grpo:
+    from r1jax.stages import common
+    tx, lr = train.make_optimizer(common.merged(config.optim, s.optim), 1000)
+  else:
+    tx, lr = train.make_optimizer(config.optim, 1000)
   state = abstract_state(cfg, tx, mesh)
-  B, T = int(config.data.batch_size), int(config.data.seq_len)
-  batch = {k: jax.ShapeDtypeStruct((B, T), jnp.float32 if k == "loss_mask" else jnp.int32,
-                                   sharding=parallel.batch_sharding((B, T), mesh))
-           for k in ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
-  loss = train.sft_loss(cfg, mtp_weight=float(config.train.mtp_weight),
-                        balance_alpha=float(config.train.balance_alpha))
-  step = train.make_step(loss, tx, lr, accum_steps=int(config.train.accum_steps),
-                         bias_gamma=float(config.train.bias_gamma), jit=False)
+  if grpo:
+    step, batch, ref, B, T, what = _grpo_update(config, cfg, s, tx, lr, mesh, state)
+  else:
+    B, T = int(config.data.batch_size), int(config.data.seq_len)
+    batch = {k: jax.ShapeDtypeStruct((B, T), jnp.float32 if k == "loss_mask" else jnp.int32,
+                                     sharding=parallel.batch_sharding((B, T), mesh))
+             for k in ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
+    loss = train.sft_loss(cfg, mtp_weight=float(config.train.mtp_weight),
+                          balance_alpha=float(config.train.balance_alpha))
+    step = train.make_step(loss, tx, lr, accum_steps=int(config.train.accum_steps),
+                           bias_gamma=float(config.train.bias_gamma), jit=False)
+    ref, what = None, "the SFT train step"
   state_sh = jax.tree.map(lambda x: x.sharding, state)
+  sharding_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
   t0 = time.time()
   with jax.set_mesh(mesh):
-    compiled = jax.jit(step, in_shardings=(state_sh, jax.tree.map(lambda x: x.sharding, batch)),
+    compiled = jax.jit(step, in_shardings=(state_sh, sharding_of(batch), sharding_of(ref)),
                        out_shardings=(state_sh, None), donate_argnums=(0,)).lower(
-                           state, batch).compile()
+                           state, batch, ref).compile()
   seconds = time.time() - t0
   mem = compiled.memory_analysis()
   params_b = _bytes_per_device(state.params) + _bytes_per_device(state.router_bias)
+  ref_b = _bytes_per_device(ref) if ref is not None else 0
   opt_b = _bytes_per_device(state.opt_state)
   temp_b = int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else 0
   sizes = dict(zip(parallel.AXES, mesh.devices.shape))
@@ -182,22 +194,25 @@ def report(config, num_devices: int | None = None) -> str:
       + (f" in {accum} micro-batches" if accum > 1 else "") + f", remat={cfg.remat}",
       f"experts: moe_impl={cfg.moe_impl}, expert_dispatch={cfg.expert_dispatch}, "
       f"capacity_factor={cfg.capacity_factor}",
-      f"compiled the SFT train step in {seconds:.1f} s on {jax.devices()[0].platform}",
+      f"compiled {what} in {seconds:.1f} s on {jax.devices()[0].platform}",
       "per device:",
       f"  parameters        {params_b / GiB:9.2f} GiB ({cfg.param_dtype})",
       f"  optimizer state   {opt_b / GiB:9.2f} GiB (AdamW moments: {moment_dtypes})",
       f"  temporaries       {temp_b / GiB:9.2f} GiB (activations, gradients, buffers; "
       "XLA memory analysis)",
-      f"  total             {(params_b + opt_b + temp_b) / GiB:9.2f} GiB",
+  ] + ([f"  reference policy  {ref_b / GiB:9.2f} GiB (GRPO's KL term: a copy of the start "
+          "parameters)"] if ref is not None else []) + [
+      f"  total             {(params_b + opt_b + temp_b + ref_b) / GiB:9.2f} GiB",
   ]
-  mtp = float(config.train.mtp_weight) > 0
-  step_flops = flops.train_flops(cfg, B * T, T, mtp=mtp)
+  mtp = float(config.train.mtp_weight) > 0 and not grpo
+  step_flops = flops.train_flops(cfg, B * T, T, mtp=mtp) + (
+      flops.forward_flops(cfg, B * T, T) if ref is not None else 0.0)
   lines.append(f"model FLOPs per step: {step_flops:.4g} ({step_flops / n:.4g} per device; "
                f"{_count(flops.matmul_params_per_token(cfg, mtp))} active matmul "
                "parameters per token); a step at 40 % MFU takes "
                + ", ".join(f"{step_flops / (0.4 * flops.PEAK_FLOPS[k] * n):.3g} s on {k}"
                            for k in ("h200", "tpu v5p", "tpu7x")))
-  lines += _stage_caveat(config)
+  lines += [] if grpo else _stage_caveat(config)
   if -1 in parallel.mesh.axis_sizes(config.mesh.to_dict()) and not num_devices:
     lines.append(f"the mesh's -1 axis took the {n} devices at hand; --dry_run_devices N "
                  "(a multiple of the fixed axes) for the slice you plan to rent")
@@ -205,20 +220,65 @@ def report(config, num_devices: int | None = None) -> str:
   return "\n".join(lines)
 
 
-def _stage_caveat(config) -> list[str]:
-  """What the report does not cover when the first training stage is not SFT-shaped: it always
-  compiles the SFT step at data.batch_size x data.seq_len."""
+def _first_training_stage(config):
+  """(name, typed stage config) of the first stage in stage_order that trains, or (None, None)."""
   stages = run_config.stage_configs(config)
   first = next((n for n in config.stage_order if stages[n].kind in run_config.TRAINING_KINDS),
                None)
-  if first is None or stages[first].kind in ("sft", "pretrain"):
-    return []
-  s = stages[first]
-  shape = (f": {s.rows} rows (prompts_per_step x group_size) of prompt + {s.max_new_tokens} "
-           "new tokens" if s.kind == "grpo" else "")
-  return [f"note: the first training stage, {first!r}, is {s.kind}; the figures above are the "
-          f"SFT step's at data.batch_size x data.seq_len, not its update{shape}, which the dry "
-          "run does not compile"]
+  return first, (stages[first] if first else None)
+
+
+def _lora(config) -> bool:
+  return "lora" in config and int(config.lora.rank) > 0
+
+
+def _grpo_update(config, cfg, s, tx, lr, mesh, state):
+  """The GRPO stage's update step on abstract inputs: s.rows rows (prompts x group) of a
+  data.seq_len-token prompt and s.max_new_tokens completion tokens, with the reference policy
+  when beta > 0. Returns (step, batch, ref, B, T, description)."""
+  from r1jax.rollout import sampler
+  from r1jax.stages import grpo as grpo_stage
+  from r1jax.train.losses import grpo as grpo_lib
+  pcfg = sampler.policy_config(cfg)
+  step = train.make_step(grpo_stage.update_loss(pcfg, s), tx, lr,
+                         accum_steps=int(config.train.accum_steps),
+                         bias_gamma=float(config.train.bias_gamma) if cfg.is_moe else 0.0,
+                         jit=False)
+  P, B = int(config.data.seq_len), s.rows
+  T = P + s.max_new_tokens - 1
+  arr = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
+                                                  sharding=parallel.batch_sharding(shape, mesh))
+  routing = None
+  if s.routing_replay and cfg.is_moe:
+    routing = arr((B, T, cfg.num_moe_layers, cfg.num_experts_per_tok), sampler.ROUTING_DTYPE)
+  batch = grpo_lib.GRPOBatch(
+      tokens=arr((B, T), jnp.int32), targets=arr((B, T), jnp.int32),
+      segment_ids=arr((B, T), jnp.int32), positions=arr((B, T), jnp.int32),
+      loss_mask=arr((B, T), jnp.float32), rollout_logprobs=arr((B, T), jnp.float32),
+      old_logprobs=arr((B, T), jnp.float32), advantages=arr((B,), jnp.float32),
+      routing=routing)
+  ref = None
+  if s.beta > 0:
+    ref = train.full_params(state)  # the start params, laid out as the policy's
+  what = (f"the GRPO update of stage {s.name!r} ({B} rows = prompts_per_step x group_size, each "
+          f"a {P}-token prompt (data.seq_len) + {s.max_new_tokens} new tokens)")
+  return step, batch, ref, B, T, what
+
+
+def _stage_caveat(config) -> list[str]:
+  """What the report does not cover: it compiles the SFT step at data.batch_size x data.seq_len
+  unless the first training stage is GRPO (full fine-tuning, whole rows)."""
+  first, s = _first_training_stage(config)
+  notes = []
+  if _lora(config):
+    notes.append(f"note: lora.rank={config.lora.rank}; the figures above are full fine-tuning's "
+                 "(the dry run does not build LoRA states)")
+  if s is not None and s.kind not in ("sft", "pretrain"):
+    why = "GRPO with share_prompt" if s.kind == "grpo" else s.kind
+    notes.append(f"note: the first training stage, {first!r}, is {why}; the figures above are "
+                 "the SFT step's at data.batch_size x data.seq_len, not its update, which the "
+                 "dry run does not compile")
+  return notes
 
 
 def _count(x: float) -> str:

@@ -298,12 +298,34 @@ def test_dry_run_names_the_kernels_of_every_layer_part():
 
 @pytest.mark.parametrize("name, caveat", [
     ("r1_tiny", None), ("r1_zero_tiny", None),  # SFT / pretrain first: the step it compiles
-    ("r1_zero_smollm2", "'grpo', is grpo; the figures above are the SFT step's"),
+    ("r1_zero_smollm2", "'grpo', is GRPO with share_prompt; the figures above are the SFT step's"),
 ])
 def test_dry_run_says_when_it_does_not_compile_the_first_stage(name, caveat):
   from r1jax import dry_run
   from r1jax.run_config import from_file
   lines = dry_run._stage_caveat(from_file(os.path.join(CONFIGS_DIR, f"{name}.py")))
-  assert (lines == []) if caveat is None else (len(lines) == 1 and caveat in lines[0]), lines
-  if caveat:
-    assert "32 rows (prompts_per_step x group_size) of prompt + 64 new tokens" in lines[0]
+  if caveat is None:
+    assert lines == [], lines
+  if caveat:  # and its LoRA
+    assert len(lines) == 2 and "lora.rank=16" in lines[0] and caveat in lines[1], lines
+
+
+def test_dry_run_compiles_a_first_grpo_stage_with_its_reference_and_routing():
+  """grpo_tiny without its SFT stage, with a KL term and routing replay: the dry run compiles
+  the GRPO update on its rows, adds the reference policy's bytes, and the total adds up."""
+  import re
+  from r1jax import dry_run
+  from r1jax.run_config import from_file
+  c = from_file(os.path.join(CONFIGS_DIR, "grpo_tiny.py"))
+  c.stage_order = ("grpo",)
+  c.stages.grpo.beta = 0.04
+  c.stages.grpo.routing_replay = True
+  out = dry_run.report(c, 2)
+  s = c.stages.grpo
+  rows, T = s.prompts_per_step * s.group_size, c.data.seq_len + s.max_new_tokens - 1
+  assert f"batch {rows} x {T} tokens" in out and "compiled the GRPO update of stage 'grpo'" in out
+  gib = {k: float(re.search(rf"  {k} +([0-9.]+) GiB", out).group(1))
+         for k in ("parameters", "optimizer state", "temporaries", "reference policy", "total")}
+  assert gib["reference policy"] == gib["parameters"], out
+  assert abs(sum(v for k, v in gib.items() if k != "total") - gib["total"]) <= 0.02, out
+  assert "note:" not in out, out

@@ -119,6 +119,15 @@ def take_groups(rollout: sampler.Rollout, groups: np.ndarray, group_size: int
       if f.name != "prefill_rows" and getattr(rollout, f.name) is not None})
 
 
+def update_loss(pcfg, s: GRPOConfig):
+  """The stage's GRPO loss over `pcfg`, the sampler's policy config (the update scores with it)."""
+  return grpo_lib.grpo_loss(pcfg, loss_type=s.loss_type, policy_loss=s.policy_loss,
+                            eps_low=s.eps_low, eps_high=s.eps_high, beta=s.beta,
+                            budget=s.max_new_tokens, is_correction=s.is_correction,
+                            is_threshold=s.is_threshold, is_threshold_low=s.is_threshold_low,
+                            temperature=s.temperature)
+
+
 def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
   c = ctx.config
   cfg, params = ctx.models["policy"]
@@ -127,10 +136,7 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
   G, N = s.group_size, s.max_new_tokens
   template = s.template or c.data.template
   tx, lr = train.make_optimizer(common.merged(c.optim, s.optim), steps * s.mu)
-  loss = grpo_lib.grpo_loss(pcfg, loss_type=s.loss_type, policy_loss=s.policy_loss,
-                            eps_low=s.eps_low, eps_high=s.eps_high, beta=s.beta, budget=N,
-                            is_correction=s.is_correction, is_threshold=s.is_threshold,
-                            is_threshold_low=s.is_threshold_low, temperature=s.temperature)
+  loss = update_loss(pcfg, s)
   lora_cfg = common.lora_config(ctx)
   # the reference policy: with LoRA the frozen base itself, else a copy of the start params
   step_fn = train.make_step(loss, tx, lr, accum_steps=int(c.train.accum_steps),
