@@ -138,3 +138,11 @@ def test_convert_refuses_a_foreign_dir(tmp_path):
   with pytest.raises(CheckpointError, match="not a SmolLM2 conversion"):
     smollm2.convert(str(tmp_path))
   assert os.listdir(tmp_path) == ["notes.txt"]
+
+
+def test_convert_under_a_file_is_one_line_error(tmp_path, capsys):
+  (tmp_path / "afile").write_text("mine")
+  assert smollm2.main(["--out", str(tmp_path / "afile" / "smollm2")]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and err.count("\n") == 1 and "cannot write there" in err, err
+  assert (tmp_path / "afile").read_text() == "mine"

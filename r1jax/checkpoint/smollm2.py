@@ -142,8 +142,11 @@ def convert(out_dir: str) -> str:
     raise CheckpointError(f"{out_dir}: exists and is not a SmolLM2 conversion (no "
                           f"{_missing(out_dir)[0]}); remove it or choose another dir")
   parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+  try:
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+  except OSError as e:  # a file in the path, a read-only or missing mount, permissions
+    raise CheckpointError(f"{out_dir}: cannot write there ({e.strerror or e})") from None
   try:
     with _offline():
       _write_hf(gguf_path, tmp)
