@@ -139,7 +139,10 @@ def main(argv=None) -> int:
       epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a read-only or missing mount, a file in the path, permissions
       raise UserError(f"--workdir {workdir}: cannot create it ({e.strerror or e})") from None
-    _write_config(config, workdir)
+    try:  # the run's first write
+      _write_config(config, workdir)
+    except OSError as e:
+      raise UserError(f"--workdir {workdir}: cannot write there ({e.strerror or e})") from None
     summary = recipe.Recipe(config, workdir, run_info=recipe.provenance(argv)).run()
   except UserError as e:
     return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)

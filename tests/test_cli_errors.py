@@ -162,3 +162,15 @@ def test_workdir_that_is_a_file_is_one_line(tmp_path, sub, fragment):
   proc = launch("--config", SFT_TINY, workdir=afile / sub if sub else afile)
   assert_user_error(proc, fragment)
   assert afile.read_text() == "keep me\n"
+
+
+def test_workdir_it_cannot_write_is_one_line(tmp_path):
+  """A directory the run cannot write into (a read-only mount; root ignores chmod, so the write
+  is made to fail): one line naming the workdir, exit 2."""
+  code = ("import sys\nfrom r1jax import fileio, launch\n"
+          "def refuse(*a, **k):\n  raise PermissionError(13, 'Permission denied')\n"
+          "fileio.atomic_write_json = refuse\nsys.exit(launch.main(sys.argv))")
+  proc = subprocess.run([sys.executable, "-c", code, "--config", SFT_TINY, "--workdir",
+                         str(tmp_path)], cwd=ROOT, env=dict(os.environ), capture_output=True,
+                        text=True, timeout=180)
+  assert_user_error(proc, f"--workdir {tmp_path}: cannot write there (Permission denied)")
