@@ -158,8 +158,11 @@ def report(config, num_devices: int | None = None) -> str:
   else:
     tx, lr = train.make_optimizer(config.optim, 1000)
   state = abstract_state(cfg, tx, mesh)
+  run_cfg = cfg  # the model config the compiled step runs
   if grpo:
-    step, batch, ref, B, T, what = _grpo_update(config, cfg, s, tx, lr, mesh, state)
+    from r1jax.rollout import sampler
+    run_cfg = sampler.policy_config(cfg)
+    step, batch, ref, B, T, what = _grpo_update(config, run_cfg, s, tx, lr, mesh, state)
   else:
     B, T = int(config.data.batch_size), int(config.data.seq_len)
     batch = {k: jax.ShapeDtypeStruct((B, T), jnp.float32 if k == "loss_mask" else jnp.int32,
@@ -192,8 +195,9 @@ def report(config, num_devices: int | None = None) -> str:
       f"dry run: {cfg.model_type}, {_count(param_lib.num_params(cfg))} parameters, "
       f"mesh {sizes} ({n} devices), batch {B} x {T} tokens"
       + (f" in {accum} micro-batches" if accum > 1 else "") + f", remat={cfg.remat}",
-      f"experts: moe_impl={cfg.moe_impl}, expert_dispatch={cfg.expert_dispatch}, "
-      f"capacity_factor={cfg.capacity_factor}",
+      f"experts: moe_impl={run_cfg.moe_impl}, expert_dispatch={run_cfg.expert_dispatch}, "
+      f"capacity_factor={run_cfg.capacity_factor}"
+      + (" (GRPO's policy is dropless: sampler.policy_config)" if grpo and cfg.is_moe else ""),
       f"compiled {what} in {seconds:.1f} s on {jax.devices()[0].platform}",
       "per device:",
       f"  parameters        {params_b / GiB:9.2f} GiB ({cfg.param_dtype})",
@@ -216,7 +220,7 @@ def report(config, num_devices: int | None = None) -> str:
   if -1 in parallel.mesh.axis_sizes(config.mesh.to_dict()) and not num_devices:
     lines.append(f"the mesh's -1 axis took the {n} devices at hand; --dry_run_devices N "
                  "(a multiple of the fixed axes) for the slice you plan to rent")
-  lines += kernel_table(cfg)
+  lines += kernel_table(run_cfg)
   return "\n".join(lines)
 
 
@@ -232,25 +236,24 @@ def _lora(config) -> bool:
   return "lora" in config and int(config.lora.rank) > 0
 
 
-def _grpo_update(config, cfg, s, tx, lr, mesh, state):
-  """The GRPO stage's update step on abstract inputs: s.rows rows (prompts x group) of a
-  data.seq_len-token prompt and s.max_new_tokens completion tokens, with the reference policy
-  when beta > 0. Returns (step, batch, ref, B, T, description)."""
+def _grpo_update(config, pcfg, s, tx, lr, mesh, state):
+  """The GRPO stage's update step over the policy config `pcfg` on abstract inputs: s.rows rows
+  (prompts x group) of a data.seq_len-token prompt and s.max_new_tokens completion tokens, with
+  the reference policy when beta > 0. Returns (step, batch, ref, B, T, description)."""
   from r1jax.rollout import sampler
   from r1jax.stages import grpo as grpo_stage
   from r1jax.train.losses import grpo as grpo_lib
-  pcfg = sampler.policy_config(cfg)
   step = train.make_step(grpo_stage.update_loss(pcfg, s), tx, lr,
                          accum_steps=int(config.train.accum_steps),
-                         bias_gamma=float(config.train.bias_gamma) if cfg.is_moe else 0.0,
+                         bias_gamma=float(config.train.bias_gamma) if pcfg.is_moe else 0.0,
                          jit=False)
   P, B = int(config.data.seq_len), s.rows
   T = P + s.max_new_tokens - 1
   arr = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
                                                   sharding=parallel.batch_sharding(shape, mesh))
   routing = None
-  if s.routing_replay and cfg.is_moe:
-    routing = arr((B, T, cfg.num_moe_layers, cfg.num_experts_per_tok), sampler.ROUTING_DTYPE)
+  if s.routing_replay and pcfg.is_moe:
+    routing = arr((B, T, pcfg.num_moe_layers, pcfg.num_experts_per_tok), sampler.ROUTING_DTYPE)
   batch = grpo_lib.GRPOBatch(
       tokens=arr((B, T), jnp.int32), targets=arr((B, T), jnp.int32),
       segment_ids=arr((B, T), jnp.int32), positions=arr((B, T), jnp.int32),
