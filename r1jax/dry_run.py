@@ -28,7 +28,7 @@ GiB = 1024**3
 
 
 def needed_devices(config, default: int) -> int:
-  sizes = [int(config.mesh.get(a, 1)) for a in parallel.AXES]
+  sizes = parallel.mesh.axis_sizes(config.mesh.to_dict())
   return math.prod(sizes) if -1 not in sizes else default
 
 
@@ -150,7 +150,7 @@ def report(config, num_devices: int | None = None) -> str:
         f"--xla_force_host_platform_device_count (the launcher then simulates them), or set it "
         f"to {n}")
   mesh = parallel.make_mesh(config.mesh.to_dict(), jax.devices()[:n])
-  first, s = _first_training_stage(config)
+  _, s = _first_training_stage(config)
   grpo = s is not None and s.kind == "grpo" and not _lora(config) and not s.share_prompt
   if grpo:
     from r1jax.stages import common
@@ -158,12 +158,10 @@ def report(config, num_devices: int | None = None) -> str:
   else:
     tx, lr = train.make_optimizer(config.optim, 1000)
   state = abstract_state(cfg, tx, mesh)
-  run_cfg = cfg  # the model config the compiled step runs
   if grpo:
-    from r1jax.rollout import sampler
-    run_cfg = sampler.policy_config(cfg)
-    step, batch, ref, B, T, what = _grpo_update(config, run_cfg, s, tx, lr, mesh, state)
+    run_cfg, step, batch, ref, B, T, what = _grpo_update(config, cfg, s, tx, lr, mesh, state)
   else:
+    run_cfg = cfg
     B, T = int(config.data.batch_size), int(config.data.seq_len)
     batch = {k: jax.ShapeDtypeStruct((B, T), jnp.float32 if k == "loss_mask" else jnp.int32,
                                      sharding=parallel.batch_sharding((B, T), mesh))
@@ -236,13 +234,15 @@ def _lora(config) -> bool:
   return "lora" in config and int(config.lora.rank) > 0
 
 
-def _grpo_update(config, pcfg, s, tx, lr, mesh, state):
-  """The GRPO stage's update step over the policy config `pcfg` on abstract inputs: s.rows rows
-  (prompts x group) of a data.seq_len-token prompt and s.max_new_tokens completion tokens, with
-  the reference policy when beta > 0. Returns (step, batch, ref, B, T, description)."""
+def _grpo_update(config, cfg, s, tx, lr, mesh, state):
+  """The GRPO stage's update step on abstract inputs: s.rows rows (prompts x group) of a
+  data.seq_len-token prompt and s.max_new_tokens completion tokens, with the reference policy
+  when beta > 0. It runs the sampler's policy config (dropless). Returns (policy config, step,
+  batch, ref, B, T, description)."""
   from r1jax.rollout import sampler
   from r1jax.stages import grpo as grpo_stage
   from r1jax.train.losses import grpo as grpo_lib
+  pcfg = sampler.policy_config(cfg)
   step = train.make_step(grpo_stage.update_loss(pcfg, s), tx, lr,
                          accum_steps=int(config.train.accum_steps),
                          bias_gamma=float(config.train.bias_gamma) if pcfg.is_moe else 0.0,
@@ -265,7 +265,7 @@ def _grpo_update(config, pcfg, s, tx, lr, mesh, state):
     ref = train.full_params(state)  # the start params, laid out as the policy's
   what = (f"the GRPO update of stage {s.name!r} ({B} rows = prompts_per_step x group_size, each "
           f"a {P}-token prompt (data.seq_len) + {s.max_new_tokens} new tokens)")
-  return step, batch, ref, B, T, what
+  return pcfg, step, batch, ref, B, T, what
 
 
 def _stage_caveat(config) -> list[str]:
