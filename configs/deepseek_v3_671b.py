@@ -34,7 +34,8 @@ def get_config(arg=None):
       mscale_all_dim=1.0,
       # mtp
       num_nextn_predict_layers=1,
-      moe_impl="ragged_dot", capacity_factor=1.25, expert_dispatch="all_to_all",
+      moe_impl="ragged_dot", capacity_factor=None, dropless_fast_factor=2.0,
+      expert_dispatch="all_to_all",
       dtype="bfloat16", param_dtype="float32", remat="full", attn_chunk=512,
       logits_chunk=1024)
   c.mesh.update(dict(data=1, fsdp=4, expert=64, tensor=1))

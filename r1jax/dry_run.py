@@ -195,6 +195,8 @@ def report(config, num_devices: int | None = None) -> str:
       + (f" in {accum} micro-batches" if accum > 1 else "") + f", remat={cfg.remat}",
       f"experts: moe_impl={run_cfg.moe_impl}, expert_dispatch={run_cfg.expert_dispatch}, "
       f"capacity_factor={run_cfg.capacity_factor}"
+      + (f", dropless_fast_factor={run_cfg.dropless_fast_factor}"
+         if run_cfg.capacity_factor is None and run_cfg.dropless_fast_factor else "")
       + (" (GRPO's policy is dropless: sampler.policy_config)" if grpo and cfg.is_moe else ""),
       f"compiled {what} in {seconds:.1f} s on {jax.devices()[0].platform}",
       "per device:",

@@ -79,7 +79,10 @@ def _parse(argv, fv: flags.FlagValues = FLAGS):
   try:
     fv(argv)
   except flags.Error as e:
-    raise UserError(str(e).splitlines()[0]) from None
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    if len(lines) > 1 and "Traceback" in lines[1]:  # get_config raised: its own error is last
+      raise UserError(f"{lines[0]} {lines[-1]}") from None
+    raise UserError(lines[0]) from None
   except (AttributeError, KeyError) as e:  # config_flags: override of a key the config lacks
     key = re.findall(r"'(\w+)'", str(e))
     flag = next((a.split("=")[0] for a in argv if a.startswith("--config.") and key and

@@ -74,6 +74,14 @@ def test_nonexistent_config_file(tmp_path):
   assert_user_error(proc, str(missing))
 
 
+def test_config_whose_get_config_raises_names_its_error(tmp_path):
+  """A config's own error (here an unknown `:ARG`) is the line's end, not a traceback."""
+  bad = tmp_path / "picky.py"
+  bad.write_text("def get_config(arg=None):\n  raise ValueError(f'unknown argument {arg!r}')\n")
+  proc = launch("--config", f"{bad}:bogus", workdir=tmp_path / "run")
+  assert_user_error(proc, "ValueError: unknown argument 'bogus'")
+
+
 def test_init_from_nonexistent_checkpoint_dir(tmp_path):
   missing = tmp_path / "no_such_checkpoint"
   proc = launch("--config", SFT_TINY, f"--config.init_from={missing}", workdir=tmp_path / "run")

@@ -101,9 +101,12 @@ def _flat(tree):
   return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree.flatten_with_path(tree)[0]}
 
 
-@pytest.mark.parametrize("mesh_name,dispatch", CASES)
-def test_logits_and_grads_match_single_device(params, batch, reference, mesh_name, dispatch):
-  cfg = CFG.replace(expert_dispatch=dispatch)
+# + dropless exchanges with fast buffers (2x the mean load; `dispatch._dropless`) inside the model
+@pytest.mark.parametrize("mesh_name,dispatch,fast", [case + (None,) for case in CASES] + [
+    ("data2_expert4", "all_to_all", 2.0), ("fsdp2_expert2_tensor2", "ragged_all_to_all", 2.0)])
+def test_logits_and_grads_match_single_device(params, batch, reference, mesh_name, dispatch,
+                                              fast):
+  cfg = CFG.replace(expert_dispatch=dispatch, dropless_fast_factor=fast)
   mesh = _mesh(mesh_name)
   sharded_params = parallel.shard_params(params, cfg, mesh)
   with jax.set_mesh(mesh):
@@ -361,6 +364,55 @@ def test_ragged_all_to_all_capacity_drops_are_counted():
     y, dropped = jit(lambda *a: expert_lib.dispatch(*a, cfg, mesh))(p, x, w, ids)
   assert float(dropped) == (~kept).sum() > 0
   np.testing.assert_allclose(y, _experts_numpy(p, x, w, ids, kept), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("strategy", ["all_to_all", "ragged_all_to_all"])
+def test_dropless_exchange_fast_buffers_and_exact_fallback(strategy):
+  """Dropless exchanges (capacity_factor None) with dropless_fast_factor f: buffers of f x the
+  mean load while every device's load fits, else the exchange over token slices. Both give every
+  assignment's output, and the gradients of the one device's computation. The skewed routing
+  overflows the fast buffers, so only the fallback can get it right (the fast buffers would drop
+  rows), and the balanced one fits them. n = 70 tokens per device (a mean of 35 rows per pair):
+  the fallback runs 3 slices of 24, the last one padded."""
+  mesh = _mesh("data2_expert4")
+  N, D, k, E = 560, CFG.hidden_size, CFG.num_experts_per_tok, CFG.n_routed_experts
+  ep, E_loc, n = 4, E // 4, N // 8
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((N, D)).astype(np.float32)
+  w = rng.random((N, k)).astype(np.float32)
+  p = {key: 0.1 * rng.standard_normal((E,) + s).astype(np.float32)
+       for key, s in (("gate", (D, 64)), ("up", (D, 64)), ("down", (64, D)))}
+  skewed = np.stack([rng.choice(E, k, replace=False, p=np.where(np.arange(E) < 4, 8.0, 1.0) /
+                                (4 * 8 + 12)) for _ in range(N)]).astype(np.int32)
+  t = np.arange(N)
+  balanced = np.stack([t % E, (t + 1 + (t // E) % (E - 1)) % E], 1).astype(np.int32)
+  fast = 1.5
+  assert n * k / ep >= expert_lib.FAST_MIN_MEAN
+
+  def loads(ids):  # the largest count the fast buffers must hold, and their size
+    dest = ids.reshape(8, n * k) // E_loc
+    sent = np.stack([np.bincount(d, minlength=ep) for d in dest])  # [device, destination]
+    if strategy == "all_to_all":
+      return sent.max(), math.ceil(n * k / ep * fast)
+    recv = sent.reshape(2, ep, ep).sum(1)  # rows each device of a group receives
+    return recv.max(), math.ceil(n * k * fast)
+
+  assert loads(skewed)[0] > loads(skewed)[1] and loads(balanced)[0] <= loads(balanced)[1]
+  every = np.ones((N, k), bool)
+  grad_of = lambda c: jit(jax.grad(lambda p, x: jnp.sum(
+      expert_lib.dispatch(p, x, jnp.asarray(w), jnp.asarray(ids), c, mesh)[0] ** 2), (0, 1)))
+  for ids in (skewed, balanced):
+    for f in (None, fast):
+      cfg = CFG.replace(expert_dispatch=strategy, dropless_fast_factor=f)
+      with jax.set_mesh(mesh):
+        y, dropped = jit(lambda *a: expert_lib.dispatch(*a, cfg, mesh))(p, x, w, ids)
+        grads = grad_of(cfg)(p, x)
+      assert float(dropped) == 0
+      np.testing.assert_allclose(y, _experts_numpy(p, x, w, ids, every), rtol=1e-4, atol=1e-4)
+      single = jax.grad(lambda p, x: jnp.sum(moe_lib.routed_experts(
+          p, x, jnp.asarray(w), jnp.asarray(ids), CFG)[0] ** 2), (0, 1))(p, x)
+      for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(single)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_ragged_all_to_all_lowers_to_the_native_collective():

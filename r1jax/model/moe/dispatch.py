@@ -8,13 +8,12 @@ over `expert`, so each device owns E_loc = E / |expert| experts. Two strategies
   all of them (dropless), reduce-scatter the partial outputs back. Works on every backend; exact.
 - "all_to_all": each device packs its assignments per destination device into a [P, C, D]
   buffer, `all_to_all` sends them to the expert owners, which run their experts and send the
-  results back. C is all assignments (dropless) when capacity_factor is None, else
-  ceil(n*k/P * capacity_factor); overflowing assignments are dropped and counted.
+  results back. C is ceil(n*k/P * capacity_factor), and overflowing assignments are dropped and
+  counted; dropless (capacity_factor None) see `_dropless`.
 - "ragged_all_to_all": assignments sorted by destination are exchanged with
   `jax.lax.ragged_all_to_all`, so only the rows actually routed travel (no per-destination
-  padding). The receive buffer holds every row that could arrive (dropless) when capacity_factor
-  is None, else ceil(n*k * capacity_factor) rows, shared among the senders in device order; rows
-  that do not fit are dropped and counted. XLA:CPU has no ragged all-to-all, so on CPU the same
+  padding). The receive buffer holds ceil(n*k * capacity_factor) rows, shared among the senders
+  in device order; rows that do not fit are dropped and counted; dropless see `_dropless`. XLA:CPU has no ragged all-to-all, so on CPU the same
   offsets drive an emulation built from a dense `all_to_all` (`ragged_exchange`); the native op is
   used on GPU and TPU.
 
@@ -37,6 +36,7 @@ from r1jax.model.config import ModelConfig
 from r1jax.model.moe.experts import combine_sorted, routed_experts, sorted_rows
 
 EXPERT_KEYS = ("gate", "up", "down")
+FAST_MIN_MEAN = 16  # mean rows per (source, destination) pair below which `_dropless` runs exact
 
 
 def _allgather_local(p, x, w, ids, cfg: ModelConfig, ep: int, tokens_sharded: bool):
@@ -56,12 +56,12 @@ def _allgather_local(p, x, w, ids, cfg: ModelConfig, ep: int, tokens_sharded: bo
   return y, dropped
 
 
-def _all_to_all_local(p, x, w, ids, cfg: ModelConfig, ep: int):
+def _all_to_all_local(p, x, w, ids, cfg: ModelConfig, ep: int, C: int):
+  """The all_to_all exchange with C rows per (source, destination) pair."""
   n, D = x.shape
   k = ids.shape[1]
   E_loc = p["gate"].shape[0]
   A = n * k
-  C = A if cfg.capacity_factor is None else min(A, math.ceil(A / ep * cfg.capacity_factor))
   dest = (ids // E_loc).reshape(-1)  # ep for masked tokens (id E): sent nowhere
   order = jnp.argsort(dest, stable=True)
   counts = jnp.bincount(dest, length=ep + 1)
@@ -119,12 +119,12 @@ def ragged_exchange(operand, output, input_offsets, send_sizes, output_offsets, 
   return output.at[dest.reshape(-1)].set(got.reshape((-1,) + operand.shape[1:]), mode="drop")
 
 
-def _ragged_local(p, x, w, ids, cfg: ModelConfig, ep: int, native: bool | None):
+def _ragged_local(p, x, w, ids, cfg: ModelConfig, ep: int, native: bool | None, R: int):
+  """The ragged exchange into an R-row receive buffer."""
   n, D = x.shape
   k = ids.shape[1]
   E_loc = p["gate"].shape[0]
   A = n * k
-  R = ep * A if cfg.capacity_factor is None else min(ep * A, math.ceil(A * cfg.capacity_factor))
   me = jax.lax.axis_index("expert")
   flat = ids.reshape(-1)
   order = jnp.argsort(flat, stable=True)            # by destination device, then local expert
@@ -159,6 +159,63 @@ def _ragged_local(p, x, w, ids, cfg: ModelConfig, ep: int, native: bool | None):
   return y, dropped
 
 
+def _chunked(run, x, w, ids, chunks: int, no_expert: int):
+  """run(x, w, ids) -> (y, dropped) over `chunks` consecutive slices of the local tokens, one
+  after another (`lax.map`, each slice rematerialized in the backward pass), so only one slice's
+  buffers are live at a time. Tokens are independent in the routed experts, so this equals one
+  call on all of them. The last slice is padded with tokens routed nowhere (id `no_expert`)."""
+  n, D = x.shape
+  nc = -(-n // chunks)
+  pad = nc * chunks - n
+  if pad:
+    x = jnp.pad(x, ((0, pad), (0, 0)))
+    w = jnp.pad(w, ((0, pad), (0, 0)))
+    ids = jnp.pad(ids, ((0, pad), (0, 0)), constant_values=no_expert)
+  split = lambda a: a.reshape((chunks, nc) + a.shape[1:])
+  ys, dropped = jax.lax.map(jax.checkpoint(lambda a: run(*a)), (split(x), split(w), split(ids)))
+  return ys.reshape(chunks * nc, D)[:n], dropped.sum()
+
+
+def _dropless(p, x, w, ids, cfg: ModelConfig, ep: int, strategy: str, native: bool | None,
+              token_axes):
+  """A dropless exchange (capacity_factor None) whose buffers do not have to hold the worst case.
+
+  A token's k experts are distinct, so one device sends at most n * min(k, E_loc) rows to one
+  other device: that is the exact bound per (source, destination) pair for "all_to_all", and
+  ep times it is the receive buffer of "ragged_all_to_all". Both are ep / min(k, E_loc) times
+  the mean load, which at DeepSeek-V3's scale (ep 64, E_loc 4, k 8) is 16x more memory than
+  the routing ever uses. With `cfg.dropless_fast_factor` f, the buffers are f x the mean load
+  (ceil(n*k/ep * f) rows per pair, ceil(n*k * f) received rows) whenever every device's load
+  fits them, which every device of the mesh learns with one pmax of a count. When one does
+  not fit, the exchange runs over token slices small enough that each slice's exact bound
+  fits the same buffers. Either branch computes the same thing: nothing is dropped.
+  Below FAST_MIN_MEAN rows per pair on average (decode steps), the counts vary too much for the
+  fast buffers to hold them often, and the exact buffers are small: those run exact."""
+  n, k = ids.shape
+  E_loc = p["gate"].shape[0]
+  per_pair = min(k, E_loc)
+  dest = (ids // E_loc).reshape(-1)  # ep for tokens routed nowhere
+  sent = jnp.bincount(dest, length=ep + 1)[:ep]  # rows to each device
+  if strategy == "all_to_all":
+    run = lambda rows: lambda *a: _all_to_all_local(p, *a, cfg, ep, rows)
+    exact = lambda tokens: tokens * per_pair
+    fast = math.ceil(n * k / ep * cfg.dropless_fast_factor) if cfg.dropless_fast_factor else 0
+    load = lambda: jnp.max(sent)
+  else:
+    run = lambda rows: lambda *a: _ragged_local(p, *a, cfg, ep, native, rows)
+    exact = lambda tokens: ep * tokens * per_pair
+    fast = math.ceil(n * k * cfg.dropless_fast_factor) if cfg.dropless_fast_factor else 0
+    load = lambda: jnp.max(jax.lax.psum(sent, "expert"))  # rows each device receives
+  if not fast or fast >= exact(n) or n * k / ep < FAST_MIN_MEAN:
+    return run(exact(n))(x, w, ids)
+  chunks = min(n, -(-exact(n) // fast))
+  nc = -(-n // chunks)
+  fits = jax.lax.pmax(load(), token_axes) <= fast
+  return jax.lax.cond(
+      fits, lambda: run(fast)(x, w, ids),
+      lambda: _chunked(run(exact(nc)), x, w, ids, chunks, no_expert=ep * E_loc))
+
+
 def dispatch(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig, mesh, native: bool | None = None):
   """Routed-expert output [N, D] fp32 and dropped-assignment count on a multi-device mesh.
 
@@ -176,10 +233,14 @@ def dispatch(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig, mesh, native: bool |
     strategy = "allgather"  # nothing to exchange: tokens are already where the experts are
 
   def local(pe, x, w, ids):
-    if strategy == "all_to_all":
-      y, dropped = _all_to_all_local(pe, x, w, ids, cfg, ep)
+    A = ids.size
+    cf = cfg.capacity_factor
+    if strategy != "allgather" and cf is None:
+      y, dropped = _dropless(pe, x, w, ids, cfg, ep, strategy, native, bax)
+    elif strategy == "all_to_all":
+      y, dropped = _all_to_all_local(pe, x, w, ids, cfg, ep, min(A, math.ceil(A / ep * cf)))
     elif strategy == "ragged_all_to_all":
-      y, dropped = _ragged_local(pe, x, w, ids, cfg, ep, native)
+      y, dropped = _ragged_local(pe, x, w, ids, cfg, ep, native, min(ep * A, math.ceil(A * cf)))
     else:
       y, dropped = _allgather_local(pe, x, w, ids, cfg, ep, tokens_sharded)
     # every device counted drops among distinct (token, expert) pairs of its own
