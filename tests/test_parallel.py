@@ -309,7 +309,7 @@ def test_all_to_all_drops_follow_per_device_capacity():
 
   kept = _two_level_capacity(ids, cfg, n_shards=8, ep=4)
   with jax.set_mesh(mesh):
-    y, dropped = jit(lambda *a: expert_lib.dispatch(*a, cfg, mesh))(p, x, w, ids)
+    y, dropped, _ = jit(lambda *a: expert_lib.dispatch(*a, cfg, mesh))(p, x, w, ids)
   assert float(dropped) == (~kept).sum() > 0
   np.testing.assert_allclose(y, _experts_numpy(p, x, w, ids, kept), rtol=1e-4, atol=1e-4)
 
@@ -361,7 +361,7 @@ def test_ragged_all_to_all_capacity_drops_are_counted():
   n = N // 8
   kept = _ragged_kept(ids, n_shards=8, ep=4, E_loc=E // 4, R=math.ceil(n * k * 0.75))
   with jax.set_mesh(mesh):
-    y, dropped = jit(lambda *a: expert_lib.dispatch(*a, cfg, mesh))(p, x, w, ids)
+    y, dropped, _ = jit(lambda *a: expert_lib.dispatch(*a, cfg, mesh))(p, x, w, ids)
   assert float(dropped) == (~kept).sum() > 0
   np.testing.assert_allclose(y, _experts_numpy(p, x, w, ids, kept), rtol=1e-4, atol=1e-4)
 
@@ -405,9 +405,10 @@ def test_dropless_exchange_fast_buffers_and_exact_fallback(strategy):
     for f in (None, fast):
       cfg = CFG.replace(expert_dispatch=strategy, dropless_fast_factor=f)
       with jax.set_mesh(mesh):
-        y, dropped = jit(lambda *a: expert_lib.dispatch(*a, cfg, mesh))(p, x, w, ids)
+        y, dropped, sliced = jit(lambda *a: expert_lib.dispatch(*a, cfg, mesh))(p, x, w, ids)
         grads = grad_of(cfg)(p, x)
       assert float(dropped) == 0
+      assert float(sliced) == (f is not None and ids is skewed)  # which branch ran
       np.testing.assert_allclose(y, _experts_numpy(p, x, w, ids, every), rtol=1e-4, atol=1e-4)
       single = jax.grad(lambda p, x: jnp.sum(moe_lib.routed_experts(
           p, x, jnp.asarray(w), jnp.asarray(ids), CFG)[0] ** 2), (0, 1))(p, x)

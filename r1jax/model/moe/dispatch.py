@@ -190,7 +190,8 @@ def _dropless(p, x, w, ids, cfg: ModelConfig, ep: int, strategy: str, native: bo
   not fit, the exchange runs over token slices small enough that each slice's exact bound
   fits the same buffers. Either branch computes the same thing: nothing is dropped.
   Below FAST_MIN_MEAN rows per pair on average (decode steps), the counts vary too much for the
-  fast buffers to hold them often, and the exact buffers are small: those run exact."""
+  fast buffers to hold them often, and the exact buffers are small: those run exact.
+  Returns (y, dropped, sliced): sliced is 1.0 where the sliced exchange ran, else 0.0."""
   n, k = ids.shape
   E_loc = p["gate"].shape[0]
   per_pair = min(k, E_loc)
@@ -207,17 +208,19 @@ def _dropless(p, x, w, ids, cfg: ModelConfig, ep: int, strategy: str, native: bo
     fast = math.ceil(n * k * cfg.dropless_fast_factor) if cfg.dropless_fast_factor else 0
     load = lambda: jnp.max(jax.lax.psum(sent, "expert"))  # rows each device receives
   if not fast or fast >= exact(n) or n * k / ep < FAST_MIN_MEAN:
-    return run(exact(n))(x, w, ids)
+    return run(exact(n))(x, w, ids) + (jnp.zeros((), jnp.float32),)
   chunks = min(n, -(-exact(n) // fast))
   nc = -(-n // chunks)
   fits = jax.lax.pmax(load(), token_axes) <= fast
-  return jax.lax.cond(
+  y, dropped = jax.lax.cond(
       fits, lambda: run(fast)(x, w, ids),
       lambda: _chunked(run(exact(nc)), x, w, ids, chunks, no_expert=ep * E_loc))
+  return y, dropped, 1.0 - fits.astype(jnp.float32)
 
 
 def dispatch(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig, mesh, native: bool | None = None):
-  """Routed-expert output [N, D] fp32 and dropped-assignment count on a multi-device mesh.
+  """Routed-expert output [N, D] fp32, the dropped-assignment count, and 1.0 where a dropless
+  exchange overflowed its fast buffers and ran in token slices (`_dropless`), on a mesh.
 
   `native` (ragged_all_to_all only): None picks the native collective off CPU."""
   bax = batch_axes(mesh)
@@ -235,8 +238,9 @@ def dispatch(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig, mesh, native: bool |
   def local(pe, x, w, ids):
     A = ids.size
     cf = cfg.capacity_factor
+    sliced = jnp.zeros((), jnp.float32)
     if strategy != "allgather" and cf is None:
-      y, dropped = _dropless(pe, x, w, ids, cfg, ep, strategy, native, bax)
+      y, dropped, sliced = _dropless(pe, x, w, ids, cfg, ep, strategy, native, bax)
     elif strategy == "all_to_all":
       y, dropped = _all_to_all_local(pe, x, w, ids, cfg, ep, min(A, math.ceil(A / ep * cf)))
     elif strategy == "ragged_all_to_all":
@@ -245,9 +249,9 @@ def dispatch(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig, mesh, native: bool |
       y, dropped = _allgather_local(pe, x, w, ids, cfg, ep, tokens_sharded)
     # every device counted drops among distinct (token, expert) pairs of its own
     red = bax if tokens_sharded else (("expert",) if ep > 1 else ())
-    return y, (jax.lax.psum(dropped, red) if red else dropped)
+    return y, (jax.lax.psum(dropped, red) if red else dropped), sliced  # sliced: the same on all
 
   pe = {key: p[key] for key in EXPERT_KEYS}
   fn = jax.shard_map(local, mesh=mesh, in_specs=({key: exp for key in EXPERT_KEYS}, tok, tok, tok),
-                     out_specs=(tok, P()), check_vma=False)
+                     out_specs=(tok, P(), P()), check_vma=False)
   return fn(pe, x_ND, weights_Nk, ids_Nk)

@@ -22,6 +22,14 @@ def _forward(params, batch, cfg: ModelConfig, mtp: bool):
                                 positions=batch["positions"], mtp=mtp)
 
 
+def sliced_exchange_possible(cfg: ModelConfig) -> bool:
+  """Whether the dropless exchange can overflow its fast buffers and run in token slices
+  (`moe.dispatch._dropless`); `moe_sliced_frac` is the fraction of MoE layers where it did (of
+  both passes' layers in a shared-prefix forward)."""
+  return (cfg.is_moe and cfg.capacity_factor is None and bool(cfg.dropless_fast_factor)
+          and cfg.expert_dispatch != "allgather")
+
+
 def moe_metrics(aux, cfg: ModelConfig, num_tokens: int):
   """Load-balance metrics and the expert counts the bias update consumes."""
   m, counts = {}, {}
@@ -30,6 +38,8 @@ def moe_metrics(aux, cfg: ModelConfig, num_tokens: int):
     assignments = num_tokens * cfg.num_experts_per_tok * cfg.num_moe_layers
     m["moe_drop_frac"] = aux["dropped"] / assignments
     m["balance"] = aux["balance"]
+    if sliced_exchange_possible(cfg):
+      m["moe_sliced_frac"] = aux["moe_sliced"] / cfg.num_moe_layers
   if "mtp_expert_counts" in aux:
     counts[MTP_BIAS] = aux["mtp_expert_counts"]
   m["_counts"] = counts
