@@ -116,7 +116,7 @@ def test_sft_loss_composes_ce_mtp_and_balance(monkeypatch):
   mtp_logits = jnp.asarray(rng.standard_normal((1, B, T, V)), jnp.float32)
   aux = {"mtp_logits": mtp_logits, "expert_counts": jnp.ones((3, 16)), "dropped": 2.0,
          "balance": jnp.float32(1.25), "mtp_expert_counts": jnp.ones((1, 16)),
-         "moe_sliced": 1.0}
+         "moe_rounds": 5.0}
   fake_forward(monkeypatch, objectives, aux)
   batch = {"tokens": jnp.zeros((B, T), jnp.int32), "targets": jnp.asarray([[1, 2, 3, 4]]),
            "loss_mask": jnp.asarray([[0.0, 1.0, 1.0, 1.0]]),
@@ -132,11 +132,11 @@ def test_sft_loss_composes_ce_mtp_and_balance(monkeypatch):
   # 2 dropped of B*T*k*L_moe = 1*4*2*3 = 24 assignments
   np.testing.assert_allclose(float(metrics["moe_drop_frac"]), 2 / 24, rtol=1e-6)
   assert set(metrics["_counts"]) == {objectives.MOE_BIAS, objectives.MTP_BIAS}
-  # the sliced exchange can only run dropless, with fast buffers, between devices
-  assert "moe_sliced_frac" not in metrics
-  sliced = TINY_MOE.replace(expert_dispatch="all_to_all", dropless_fast_factor=2.0)
-  _, metrics = train.sft_loss(sliced)(logits, batch, None, None)
-  np.testing.assert_allclose(float(metrics["moe_sliced_frac"]), 1 / 3, rtol=1e-6)  # 1 of 3 layers
+  # more exchange rounds only run dropless, with fast buffers, between devices
+  assert "moe_exchange_rounds" not in metrics
+  fast = TINY_MOE.replace(expert_dispatch="all_to_all", dropless_fast_factor=2.0)
+  _, metrics = train.sft_loss(fast)(logits, batch, None, None)
+  np.testing.assert_allclose(float(metrics["moe_exchange_rounds"]), 5 / 3, rtol=1e-6)  # 3 layers
 
 
 # ----------------------------------------------------------------------------- distillation

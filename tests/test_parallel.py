@@ -371,11 +371,13 @@ def test_ragged_all_to_all_capacity_drops_are_counted():
 @pytest.mark.parametrize("strategy", ["all_to_all", "ragged_all_to_all"])
 def test_dropless_exchange_fast_buffers_and_exact_fallback(strategy):
   """Dropless exchanges (capacity_factor None) with dropless_fast_factor f: buffers of f x the
-  mean load while every device's load fits, else the exchange over token slices. Both give every
-  assignment's output, and the gradients of the one device's computation. The skewed routing
-  overflows the fast buffers, so only the fallback can get it right (the fast buffers would drop
-  rows), and the balanced one fits them. n = 70 tokens per device (a mean of 35 rows per pair):
-  the fallback runs 3 slices of 24, the last one padded."""
+  mean load, and the exchange over the fewest token slices (1, 2, 3 here) whose every slice fits
+  them on every device. Every case gives every assignment's output and the gradients of the one
+  device's computation, and reports how many exchanges ran. The skewed and concentrated routings
+  overflow the fast buffers, so only the slices can get them right (the fast buffers alone would
+  drop rows); the concentrated one needs the most slices (each slice's exact bound), and the
+  balanced one fits in one. n = 70 tokens per device (a mean of 35 rows per pair): 2 slices of
+  35, or 3 of 24 with the last one padded."""
   mesh = _mesh("data2_expert4")
   N, D, k, E = 560, CFG.hidden_size, CFG.num_experts_per_tok, CFG.n_routed_experts
   ep, E_loc, n = 4, E // 4, N // 8
@@ -384,33 +386,42 @@ def test_dropless_exchange_fast_buffers_and_exact_fallback(strategy):
   w = rng.random((N, k)).astype(np.float32)
   p = {key: 0.1 * rng.standard_normal((E,) + s).astype(np.float32)
        for key, s in (("gate", (D, 64)), ("up", (D, 64)), ("down", (64, D)))}
-  skewed = np.stack([rng.choice(E, k, replace=False, p=np.where(np.arange(E) < 4, 8.0, 1.0) /
-                                (4 * 8 + 12)) for _ in range(N)]).astype(np.int32)
+  skewed = np.stack([rng.choice(E, k, replace=False, p=np.where(np.arange(E) < 4, 2.5, 1.0) /
+                                (4 * 2.5 + 12)) for _ in range(N)]).astype(np.int32)
   t = np.arange(N)
   balanced = np.stack([t % E, (t + 1 + (t // E) % (E - 1)) % E], 1).astype(np.int32)
+  concentrated = np.stack([t % 2, 2 + t % 2], 1).astype(np.int32)  # all on device 0's experts
   fast = 1.5
   assert n * k / ep >= expert_lib.FAST_MIN_MEAN
+  rows = math.ceil(n * k / ep * fast) if strategy == "all_to_all" else math.ceil(n * k * fast)
+  exact_rows = n * min(k, E_loc) * (1 if strategy == "all_to_all" else ep)
+  most = math.ceil(exact_rows / rows)
+  assert most == 3
 
-  def loads(ids):  # the largest count the fast buffers must hold, and their size
-    dest = ids.reshape(8, n * k) // E_loc
-    sent = np.stack([np.bincount(d, minlength=ep) for d in dest])  # [device, destination]
-    if strategy == "all_to_all":
-      return sent.max(), math.ceil(n * k / ep * fast)
-    recv = sent.reshape(2, ep, ep).sum(1)  # rows each device of a group receives
-    return recv.max(), math.ceil(n * k * fast)
+  def slices(ids):  # the fewest slices in (1, 2, 3) whose loads all fit the fast buffers
+    for s in (1, 2):
+      nc = math.ceil(n / s)
+      dest = ids.reshape(8, n, k) // E_loc  # [device, token, k]
+      sent = np.stack([[np.bincount(dest[d, j * nc:(j + 1) * nc].reshape(-1), minlength=ep)
+                        for j in range(s)] for d in range(8)])  # [device, slice, destination]
+      if strategy == "ragged_all_to_all":
+        sent = sent.reshape(2, ep, s, ep).sum(1)  # rows each device of a group receives
+      if sent.max() <= rows:
+        return s
+    return most
 
-  assert loads(skewed)[0] > loads(skewed)[1] and loads(balanced)[0] <= loads(balanced)[1]
+  assert (slices(skewed), slices(concentrated), slices(balanced)) == (2, 3, 1)
   every = np.ones((N, k), bool)
   grad_of = lambda c: jit(jax.grad(lambda p, x: jnp.sum(
       expert_lib.dispatch(p, x, jnp.asarray(w), jnp.asarray(ids), c, mesh)[0] ** 2), (0, 1)))
-  for ids in (skewed, balanced):
+  for ids in (skewed, concentrated, balanced):
     for f in (None, fast):
       cfg = CFG.replace(expert_dispatch=strategy, dropless_fast_factor=f)
       with jax.set_mesh(mesh):
-        y, dropped, sliced = jit(lambda *a: expert_lib.dispatch(*a, cfg, mesh))(p, x, w, ids)
+        y, dropped, ran = jit(lambda *a: expert_lib.dispatch(*a, cfg, mesh))(p, x, w, ids)
         grads = grad_of(cfg)(p, x)
       assert float(dropped) == 0
-      assert float(sliced) == (f is not None and ids is skewed)  # which branch ran
+      assert float(ran) == (slices(ids) if f else 1)
       np.testing.assert_allclose(y, _experts_numpy(p, x, w, ids, every), rtol=1e-4, atol=1e-4)
       single = jax.grad(lambda p, x: jnp.sum(moe_lib.routed_experts(
           p, x, jnp.asarray(w), jnp.asarray(ids), CFG)[0] ** 2), (0, 1))(p, x)

@@ -117,7 +117,7 @@ def forward_hidden(params, tokens, cfg: ModelConfig, *, segment_ids=None, positi
     aux["expert_ids"] = stats["ids"]  # [L_moe, B, T, k]
     aux["balance"] = stats["balance"].sum()
     aux["dropped"] = stats["dropped"].sum()
-    aux["moe_sliced"] = stats["sliced"].sum()  # MoE layers whose exchange ran in slices
+    aux["moe_rounds"] = stats["rounds"].sum()  # exchanges one after another, over MoE layers
   return x, aux, (cos, sin, mask, token_mask)
 
 
@@ -189,7 +189,7 @@ def forward_hidden_prefix(params, prefix_tokens, prefix_positions, prefix_valid,
     aux["expert_counts"] = passes[0]["counts"] + passes[1]["counts"]  # [L_moe, E]
     aux["balance"] = passes[0]["balance"].sum() + passes[1]["balance"].sum()
     aux["dropped"] = passes[0]["dropped"].sum() + passes[1]["dropped"].sum()
-    aux["moe_sliced"] = (passes[0]["sliced"].sum() + passes[1]["sliced"].sum()) / 2  # per pass
+    aux["moe_rounds"] = (passes[0]["rounds"].sum() + passes[1]["rounds"].sum()) / 2  # per pass
   return x, aux
 
 

@@ -15,7 +15,8 @@ from r1jax.model.moe.routing import route, route_pallas, route_replay, sequence_
 
 def moe_block(p, x_BTD, cfg: ModelConfig, token_mask=None, replay_ids=None):
   """Routed + shared experts. Returns [B, T, D] and stats {counts [E], balance, dropped,
-  sliced (1.0 where the dropless exchange ran in token slices: `dispatch._dropless`),
+  rounds (expert exchanges run one after another: 1 but where a dropless exchange's routing
+  overflowed its fast buffers, `dispatch._dropless`),
   ids [B, T, k] (the chosen experts; E for padding)}. Tokens where token_mask [B, T] is False
   go to no routed expert (padding). replay_ids [B, T, k]: use these experts (R3,
   `route_replay`) instead of the router's top-k."""
@@ -34,9 +35,9 @@ def moe_block(p, x_BTD, cfg: ModelConfig, token_mask=None, replay_ids=None):
     weights = jnp.where(live, weights, 0.0)
   mesh = jax.sharding.get_abstract_mesh()
   if not mesh.empty and mesh.size > 1:
-    y, dropped, sliced = dispatch_lib.dispatch(p, x, weights, ids, cfg, mesh)
+    y, dropped, rounds = dispatch_lib.dispatch(p, x, weights, ids, cfg, mesh)
   else:
-    (y, dropped), sliced = routed_experts(p, x, weights, ids, cfg), jnp.zeros((), jnp.float32)
+    (y, dropped), rounds = routed_experts(p, x, weights, ids, cfg), jnp.ones((), jnp.float32)
   y = y.astype(dtype).reshape(B, T, D)
   if "shared" in p:
     y = y + L.swiglu_mlp(p["shared"], x_BTD, dtype, cfg.fp8)
@@ -44,5 +45,5 @@ def moe_block(p, x_BTD, cfg: ModelConfig, token_mask=None, replay_ids=None):
                                   ).astype(jnp.float32),
            "balance": sequence_balance(scores.reshape(B, T, -1),
                                        ids.reshape(B, T, -1), cfg),
-           "dropped": dropped, "sliced": sliced, "ids": ids.reshape(B, T, -1)}
+           "dropped": dropped, "rounds": rounds, "ids": ids.reshape(B, T, -1)}
   return y, stats

@@ -176,6 +176,14 @@ def _chunked(run, x, w, ids, chunks: int, no_expert: int):
   return ys.reshape(chunks * nc, D)[:n], dropped.sum()
 
 
+def _slice_loads(dest, n: int, k: int, ep: int, slices: int):
+  """The rows each slice of `slices` consecutive token slices sends to each device: [slices,
+  ep] (the last slice holds what is left when slices does not divide n)."""
+  nc = -(-n // slices)
+  which = jnp.arange(n * k) // (nc * k)  # assignment j belongs to token j // k
+  return jnp.zeros((slices, ep + 1), jnp.int32).at[which, dest].add(1)[:, :ep]
+
+
 def _dropless(p, x, w, ids, cfg: ModelConfig, ep: int, strategy: str, native: bool | None,
               token_axes):
   """A dropless exchange (capacity_factor None) whose buffers do not have to hold the worst case.
@@ -184,43 +192,53 @@ def _dropless(p, x, w, ids, cfg: ModelConfig, ep: int, strategy: str, native: bo
   other device: that is the exact bound per (source, destination) pair for "all_to_all", and
   ep times it is the receive buffer of "ragged_all_to_all". Both are ep / min(k, E_loc) times
   the mean load, which at DeepSeek-V3's scale (ep 64, E_loc 4, k 8) is 16x more memory than
-  the routing ever uses. With `cfg.dropless_fast_factor` f, the buffers are f x the mean load
-  (ceil(n*k/ep * f) rows per pair, ceil(n*k * f) received rows) whenever every device's load
-  fits them, which every device of the mesh learns with one pmax of a count. When one does
-  not fit, the exchange runs over token slices small enough that each slice's exact bound
-  fits the same buffers. Either branch computes the same thing: nothing is dropped.
+  the routing ever uses. With `cfg.dropless_fast_factor` f, the buffers hold f x the mean load
+  (ceil(n*k/ep * f) rows per pair, or ceil(n*k * f) received rows), and the exchange runs over
+  the fewest consecutive token slices (1, 2, 4, ... up to S) whose every slice fits them
+  anywhere in the mesh: each device counts its slices' loads, and one pmax makes the choice the
+  same on every device. S slices are small enough that each one's exact bound fits, so some
+  choice always does. Tokens are independent in the routed experts, so the output is the same
+  for any choice, and nothing is dropped; an overflow costs one more exchange per slice.
   Below FAST_MIN_MEAN rows per pair on average (decode steps), the counts vary too much for the
   fast buffers to hold them often, and the exact buffers are small: those run exact.
-  Returns (y, dropped, sliced): sliced is 1.0 where the sliced exchange ran, else 0.0."""
+  Returns (y, dropped, slices): the number of exchanges that ran one after another."""
   n, k = ids.shape
   E_loc = p["gate"].shape[0]
   per_pair = min(k, E_loc)
-  dest = (ids // E_loc).reshape(-1)  # ep for tokens routed nowhere
-  sent = jnp.bincount(dest, length=ep + 1)[:ep]  # rows to each device
+  f = cfg.dropless_fast_factor
   if strategy == "all_to_all":
     run = lambda rows: lambda *a: _all_to_all_local(p, *a, cfg, ep, rows)
     exact = lambda tokens: tokens * per_pair
-    fast = math.ceil(n * k / ep * cfg.dropless_fast_factor) if cfg.dropless_fast_factor else 0
-    load = lambda: jnp.max(sent)
+    fast = math.ceil(n * k / ep * f) if f else 0
+    load = lambda sent: jnp.max(sent, axis=-1)  # the fullest pair of each slice
   else:
     run = lambda rows: lambda *a: _ragged_local(p, *a, cfg, ep, native, rows)
     exact = lambda tokens: ep * tokens * per_pair
-    fast = math.ceil(n * k * cfg.dropless_fast_factor) if cfg.dropless_fast_factor else 0
-    load = lambda: jnp.max(jax.lax.psum(sent, "expert"))  # rows each device receives
+    fast = math.ceil(n * k * f) if f else 0
+    load = lambda sent: jnp.max(jax.lax.psum(sent, "expert"), axis=-1)  # fullest receiver
   if not fast or fast >= exact(n) or n * k / ep < FAST_MIN_MEAN:
-    return run(exact(n))(x, w, ids) + (jnp.zeros((), jnp.float32),)
-  chunks = min(n, -(-exact(n) // fast))
-  nc = -(-n // chunks)
-  fits = jax.lax.pmax(load(), token_axes) <= fast
-  y, dropped = jax.lax.cond(
-      fits, lambda: run(fast)(x, w, ids),
-      lambda: _chunked(run(exact(nc)), x, w, ids, chunks, no_expert=ep * E_loc))
-  return y, dropped, 1.0 - fits.astype(jnp.float32)
+    return run(exact(n))(x, w, ids) + (jnp.ones((), jnp.float32),)
+  most = min(n, -(-exact(n) // fast))  # slices whose exact bound (about) fits `fast`
+  ladder = [s for s in (2 ** i for i in range(most.bit_length())) if s < most] + [most]
+  dest = (ids // E_loc).reshape(-1)  # ep for tokens routed nowhere
+  fits = jnp.stack([jnp.max(load(_slice_loads(dest, n, k, ep, s))) <= fast for s in ladder[:-1]]
+                   + [jnp.bool_(True)])
+  choice = jnp.argmax(jax.lax.pmin(fits.astype(jnp.int32), token_axes))  # first fit everywhere
+
+  def branch(s):
+    rows = fast if s < most else max(fast, exact(-(-n // s)))
+    if s == 1:
+      return lambda: run(rows)(x, w, ids)
+    return lambda: _chunked(run(rows), x, w, ids, s, no_expert=ep * E_loc)
+
+  y, dropped = jax.lax.switch(choice, [branch(s) for s in ladder])
+  return y, dropped, jnp.asarray(ladder, jnp.float32)[choice]
 
 
 def dispatch(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig, mesh, native: bool | None = None):
-  """Routed-expert output [N, D] fp32, the dropped-assignment count, and 1.0 where a dropless
-  exchange overflowed its fast buffers and ran in token slices (`_dropless`), on a mesh.
+  """Routed-expert output [N, D] fp32, the dropped-assignment count, and the number of expert
+  exchanges that ran one after another (1 but where a dropless exchange's routing overflowed
+  its fast buffers: `_dropless`), on a mesh.
 
   `native` (ragged_all_to_all only): None picks the native collective off CPU."""
   bax = batch_axes(mesh)
@@ -238,9 +256,9 @@ def dispatch(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig, mesh, native: bool |
   def local(pe, x, w, ids):
     A = ids.size
     cf = cfg.capacity_factor
-    sliced = jnp.zeros((), jnp.float32)
+    rounds = jnp.ones((), jnp.float32)
     if strategy != "allgather" and cf is None:
-      y, dropped, sliced = _dropless(pe, x, w, ids, cfg, ep, strategy, native, bax)
+      y, dropped, rounds = _dropless(pe, x, w, ids, cfg, ep, strategy, native, bax)
     elif strategy == "all_to_all":
       y, dropped = _all_to_all_local(pe, x, w, ids, cfg, ep, min(A, math.ceil(A / ep * cf)))
     elif strategy == "ragged_all_to_all":
@@ -249,7 +267,7 @@ def dispatch(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig, mesh, native: bool |
       y, dropped = _allgather_local(pe, x, w, ids, cfg, ep, tokens_sharded)
     # every device counted drops among distinct (token, expert) pairs of its own
     red = bax if tokens_sharded else (("expert",) if ep > 1 else ())
-    return y, (jax.lax.psum(dropped, red) if red else dropped), sliced  # sliced: the same on all
+    return y, (jax.lax.psum(dropped, red) if red else dropped), rounds  # the same on all
 
   pe = {key: p[key] for key in EXPERT_KEYS}
   fn = jax.shard_map(local, mesh=mesh, in_specs=({key: exp for key in EXPERT_KEYS}, tok, tok, tok),

@@ -22,10 +22,11 @@ def _forward(params, batch, cfg: ModelConfig, mtp: bool):
                                 positions=batch["positions"], mtp=mtp)
 
 
-def sliced_exchange_possible(cfg: ModelConfig) -> bool:
-  """Whether the dropless exchange can overflow its fast buffers and run in token slices
-  (`moe.dispatch._dropless`); `moe_sliced_frac` is the fraction of MoE layers where it did (of
-  both passes' layers in a shared-prefix forward)."""
+def fast_exchange(cfg: ModelConfig) -> bool:
+  """Whether the dropless exchange has fast buffers that the routing can overflow, so that it runs
+  more exchanges one after another (`moe.dispatch._dropless`). `moe_exchange_rounds` is their
+  mean number per MoE layer: 1.0 when every layer's routing fit (in a shared-prefix forward, the
+  mean over both passes)."""
   return (cfg.is_moe and cfg.capacity_factor is None and bool(cfg.dropless_fast_factor)
           and cfg.expert_dispatch != "allgather")
 
@@ -38,8 +39,8 @@ def moe_metrics(aux, cfg: ModelConfig, num_tokens: int):
     assignments = num_tokens * cfg.num_experts_per_tok * cfg.num_moe_layers
     m["moe_drop_frac"] = aux["dropped"] / assignments
     m["balance"] = aux["balance"]
-    if sliced_exchange_possible(cfg):
-      m["moe_sliced_frac"] = aux["moe_sliced"] / cfg.num_moe_layers
+    if fast_exchange(cfg):
+      m["moe_exchange_rounds"] = aux["moe_rounds"] / cfg.num_moe_layers
   if "mtp_expert_counts" in aux:
     counts[MTP_BIAS] = aux["mtp_expert_counts"]
   m["_counts"] = counts
