@@ -7,9 +7,9 @@
 The fields are Qwen3-30B-A3B's config.json; with `init_from` its own config.json is what loads.
 The default mesh is 32 devices: experts over 8, FSDP over 4. SFT at 64 x 4096 tokens in
 bfloat16 with full rematerialization, dropless as in transformers (all_to_all buffers of 2x the
-mean load when the routing fits them, else an exact exchange over token slices): the dry run
-reports 28.4 GiB per device (benchmarks/results/dry_runs.txt; 24.8 GiB when it dropped past
-capacity 1.25).
+mean load, over the fewest token slices whose every slice fits them): the dry run reports
+28.7 GiB per device (benchmarks/results/dry_runs.txt; 24.8 GiB when it dropped past capacity
+1.25).
 """
 
 from r1jax.run_config import base_config, stage
