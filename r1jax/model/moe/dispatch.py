@@ -1,7 +1,7 @@
 """Expert parallelism: token dispatch to the devices that own their experts, in `jax.shard_map`.
 
 Tokens are split over the batch axes (`data`, `fsdp`, `expert`); expert weights [E, ...] are split
-over `expert`, so each device owns E_loc = E / |expert| experts. Two strategies
+over `expert`, so each device owns E_loc = E / |expert| experts. Three strategies
 (`model.expert_dispatch`):
 
 - "allgather": all-gather the tokens of the expert group, each device runs its local experts on
@@ -13,11 +13,13 @@ over `expert`, so each device owns E_loc = E / |expert| experts. Two strategies
 - "ragged_all_to_all": assignments sorted by destination are exchanged with
   `jax.lax.ragged_all_to_all`, so only the rows actually routed travel (no per-destination
   padding). The receive buffer holds ceil(n*k * capacity_factor) rows, shared among the senders
-  in device order; rows that do not fit are dropped and counted; dropless see `_dropless`. XLA:CPU has no ragged all-to-all, so on CPU the same
-  offsets drive an emulation built from a dense `all_to_all` (`ragged_exchange`); the native op is
-  used on GPU and TPU.
+  in device order; rows that do not fit are dropped and counted; dropless see `_dropless`.
+  XLA:CPU has no ragged all-to-all, so on CPU the same offsets drive an emulation built from a
+  dense `all_to_all` (`ragged_exchange`); the native op is used on GPU and TPU.
 
-Both return the combined routed-expert output for the local tokens and the number of dropped
+Dropless exchanges (capacity_factor None) size their buffers by `model.dropless_fast_factor` x
+the mean load and run over the fewest token slices that fit them (`_dropless`). Each strategy
+returns the combined routed-expert output for the local tokens and the number of dropped
 assignments (summed over the mesh). Results equal the single-device computation up to float
 summation order.
 """
@@ -195,7 +197,7 @@ def _dropless(p, x, w, ids, cfg: ModelConfig, ep: int, strategy: str, native: bo
   the routing ever uses. With `cfg.dropless_fast_factor` f, the buffers hold f x the mean load
   (ceil(n*k/ep * f) rows per pair, or ceil(n*k * f) received rows), and the exchange runs over
   the fewest consecutive token slices (1, 2, 4, ... up to S) whose every slice fits them
-  anywhere in the mesh: each device counts its slices' loads, and one pmax makes the choice the
+  anywhere in the mesh: each device counts its slices' loads, and one pmin makes the choice the
   same on every device. S slices are small enough that each one's exact bound fits, so some
   choice always does. Tokens are independent in the routed experts, so the output is the same
   for any choice, and nothing is dropped; an overflow costs one more exchange per slice.
