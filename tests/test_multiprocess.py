@@ -40,7 +40,8 @@ def _worker(args):
 
   distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   cfg = ModelConfig.from_config(run_config.tiny_moe_fields(
-      num_hidden_layers=2, num_nextn_predict_layers=0, expert_dispatch="all_to_all"))
+      num_hidden_layers=2, num_nextn_predict_layers=0, expert_dispatch="all_to_all",
+      dropless_fast_factor=args.fast_factor or None))
   mesh = parallel.make_mesh(MESH)
   assert jax.device_count() == 4 and jax.local_device_count() == 4 // jax.process_count()
 
@@ -77,7 +78,8 @@ def _worker(args):
     for i in range(STEPS):
       state, metrics = step(state, sharded)
       losses.append(float(metrics["loss"]))
-      print(f"step {i + 1} loss {losses[-1]:.6f}", flush=True)
+      print(f"step {i + 1} loss {losses[-1]:.6f} exchanges "
+            f"{float(metrics.get('moe_exchange_rounds', 1.0)):.2f}", flush=True)
       if args.pause_s:
         time.sleep(args.pause_s)
   final = multihost_utils.process_allgather(train.full_params(state), tiled=True)
@@ -98,6 +100,7 @@ def _main():
   ap.add_argument("--num_processes", type=int)
   ap.add_argument("--process_id", type=int)
   ap.add_argument("--pause_s", type=float, default=0.0)
+  ap.add_argument("--fast_factor", type=float, default=0.0)  # 0: exact dropless buffers
   _worker(ap.parse_args())
 
 
@@ -139,14 +142,19 @@ def _finish(proc, timeout):
   return proc.returncode, out, err
 
 
-def test_two_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("fast", [0.0, 1.0], ids=["exact_buffers", "fast_buffers"])
+def test_two_processes_match_one_process(tmp_path, fast):
+  """With fast buffers of 1x the mean load the routing overflows them, so the exchange runs in
+  token slices, chosen alike by both processes (`moe.dispatch._dropless`)."""
   # a generous heartbeat: on a loaded machine a short one can end a healthy run
-  procs = _pair(tmp_path / "two", heartbeat_s=120)
-  reference = _spawn(tmp_path / "one", 4)
+  procs = _pair(tmp_path / "two", "--fast_factor", fast, heartbeat_s=120)
+  reference = _spawn(tmp_path / "one", 4, "--fast_factor", fast)
   results = [_finish(p, 600) for p in procs + [reference]]
   for rc, out, err in results:
     assert rc == 0, f"worker failed (rc {rc}):\n{out}\n{err[-3000:]}"
     assert out.count("loss") == STEPS
+    exchanges = [float(line.split()[-1]) for line in out.splitlines() if " loss " in line]
+    assert (max(exchanges) > 1) == bool(fast), exchanges
   two = json.loads((tmp_path / "two" / "losses.json").read_text())
   one = json.loads((tmp_path / "one" / "losses.json").read_text())
   assert len(two) == STEPS and two[-1] < two[0]
