@@ -138,8 +138,10 @@ class ModelConfig:
   param_dtype: str = "float32"
   moe_impl: str = "ragged_dot"
   capacity_factor: float | None = None  # None = dropless
-  # dropless capacity path: buffers of this factor x the mean expert load when every expert's
-  # load fits, else N slots (exact either way; the sampler's decode steps use it)
+  # dropless buffers of this factor x the mean load, exact either way: the capacity path's
+  # per-expert buffers when every expert's load fits, else N slots; the all_to_all and
+  # ragged_all_to_all exchanges' buffers, over the fewest token slices that fit them
+  # (moe/dispatch.py `_dropless`; metric moe_exchange_rounds)
   dropless_fast_factor: float | None = None
   router_impl: str = "jnp"
   # selection score given to the experts of dropped groups before the top-k (model/moe/routing.py
