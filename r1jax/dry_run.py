@@ -216,7 +216,7 @@ def report(config, num_devices: int | None = None) -> str:
                "parameters per token); a step at 40 % MFU takes "
                + ", ".join(f"{step_flops / (0.4 * flops.PEAK_FLOPS[k] * n):.3g} s on {k}"
                            for k in ("h200", "tpu v5p", "tpu7x")))
-  lines += [] if grpo else _stage_caveat(config)
+  lines += ([] if grpo else _stage_caveat(config)) + _dispatch_hint(run_cfg, sizes["expert"])
   if -1 in parallel.mesh.axis_sizes(config.mesh.to_dict()) and not num_devices:
     lines.append(f"the mesh's -1 axis took the {n} devices at hand; --dry_run_devices N "
                  "(a multiple of the fixed axes) for the slice you plan to rent")
@@ -284,6 +284,24 @@ def _stage_caveat(config) -> list[str]:
                  "the SFT step's at data.batch_size x data.seq_len, not its update, which the "
                  "dry run does not compile")
   return notes
+
+
+def _dispatch_hint(cfg, expert: int) -> list[str]:
+  """A note where a dropless MoE on an expert axis runs an exchange whose buffers grow with the
+  expert axis: allgather (every token of the group on every device) or all_to_all /
+  ragged_all_to_all without fast buffers (the exact bound, ep / min(k, E_loc) x the mean load)."""
+  if not cfg.is_moe or cfg.capacity_factor is not None or expert <= 1:
+    return []
+  if cfg.expert_dispatch == "allgather":
+    what = "allgather gathers every token of the expert group onto each device"
+  elif not cfg.dropless_fast_factor:
+    what = (f"{cfg.expert_dispatch} without dropless_fast_factor sizes its buffers for the "
+            "exact bound, expert / min(k, local experts) x the mean load")
+  else:
+    return []
+  return [f"note: dropless experts on a {expert}-way expert axis: {what}; "
+          "--config.model.expert_dispatch=all_to_all --config.model.dropless_fast_factor=2.0 "
+          "sizes them by the load (model/moe/dispatch.py _dropless)"]
 
 
 def _count(x: float) -> str:

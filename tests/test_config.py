@@ -310,6 +310,21 @@ def test_dry_run_says_when_it_does_not_compile_the_first_stage(name, caveat):
     assert len(lines) == 2 and "lora.rank=16" in lines[0] and caveat in lines[1], lines
 
 
+def test_dry_run_hints_at_fast_buffers_for_dropless_exchanges_on_an_expert_axis():
+  from r1jax import dry_run
+  from r1jax.run_config import from_file
+  v3 = ModelConfig.from_config(from_file(os.path.join(CONFIGS_DIR, "deepseek_v3_671b.py")).model)
+  assert v3.capacity_factor is None and v3.dropless_fast_factor == 2.0
+  assert dry_run._dispatch_hint(v3, 64) == []  # the config as shipped: fast buffers
+  assert dry_run._dispatch_hint(v3.replace(capacity_factor=1.25), 64) == []  # drops, counted
+  assert dry_run._dispatch_hint(v3.replace(dropless_fast_factor=None), 1) == []  # no exchange
+  exact = dry_run._dispatch_hint(v3.replace(dropless_fast_factor=None), 64)
+  gather = dry_run._dispatch_hint(v3.replace(expert_dispatch="allgather"), 64)
+  assert len(exact) == 1 and "all_to_all without dropless_fast_factor" in exact[0], exact
+  assert len(gather) == 1 and "allgather gathers every token" in gather[0], gather
+  assert "--config.model.dropless_fast_factor=2.0" in exact[0]
+
+
 def test_dry_run_compiles_a_first_grpo_stage_with_its_reference_and_routing():
   """grpo_tiny without its SFT stage, with a KL term and routing replay: the dry run compiles
   the GRPO update on its rows, adds the reference policy's bytes, and the total adds up."""
