@@ -171,8 +171,8 @@ def report(config, num_devices: int | None = None) -> str:
     step = train.make_step(loss, tx, lr, accum_steps=int(config.train.accum_steps),
                            bias_gamma=float(config.train.bias_gamma), jit=False)
     ref, what = None, "the SFT train step"
-  state_sh = jax.tree.map(lambda x: x.sharding, state)
   sharding_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+  state_sh = sharding_of(state)
   t0 = time.time()
   with jax.set_mesh(mesh):
     compiled = jax.jit(step, in_shardings=(state_sh, sharding_of(batch), sharding_of(ref)),
@@ -290,15 +290,15 @@ def _dispatch_hint(cfg, expert: int) -> list[str]:
   """A note where a dropless MoE on an expert axis runs an exchange whose buffers grow with the
   expert axis: allgather (every token of the group on every device) or all_to_all /
   ragged_all_to_all without fast buffers (the exact bound, ep / min(k, E_loc) x the mean load)."""
-  if not cfg.is_moe or cfg.capacity_factor is not None or expert <= 1:
+  from r1jax.model.moe import dispatch
+  if (not cfg.is_moe or cfg.capacity_factor is not None or expert <= 1
+      or dispatch.has_fast_buffers(cfg)):
     return []
   if cfg.expert_dispatch == "allgather":
     what = "allgather gathers every token of the expert group onto each device"
-  elif not cfg.dropless_fast_factor:
+  else:
     what = (f"{cfg.expert_dispatch} without dropless_fast_factor sizes its buffers for the "
             "exact bound, expert / min(k, local experts) x the mean load")
-  else:
-    return []
   return [f"note: dropless experts on a {expert}-way expert axis: {what}; "
           "--config.model.expert_dispatch=all_to_all --config.model.dropless_fast_factor=2.0 "
           "sizes them by the load (model/moe/dispatch.py _dropless)"]

@@ -186,6 +186,14 @@ def _slice_loads(dest, n: int, k: int, ep: int, slices: int):
   return jnp.zeros((slices, ep + 1), jnp.int32).at[which, dest].add(1)[:, :ep]
 
 
+def has_fast_buffers(cfg: ModelConfig) -> bool:
+  """Whether a dropless exchange between devices runs fast buffers that the routing can
+  overflow into token slices (`_dropless`; the metric `moe_exchange_rounds` counts them; in a
+  shared-prefix forward it is the mean over both passes)."""
+  return (cfg.is_moe and cfg.capacity_factor is None and bool(cfg.dropless_fast_factor)
+          and cfg.expert_dispatch != "allgather")
+
+
 def _dropless(p, x, w, ids, cfg: ModelConfig, ep: int, strategy: str, native: bool | None,
               token_axes):
   """A dropless exchange (capacity_factor None) whose buffers do not have to hold the worst case.

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from r1jax import model
 from r1jax.model.config import ModelConfig
+from r1jax.model.moe import dispatch
 from r1jax.train.losses import core
 
 MOE_BIAS = "moe_layers/moe/router_bias"
@@ -22,15 +23,6 @@ def _forward(params, batch, cfg: ModelConfig, mtp: bool):
                                 positions=batch["positions"], mtp=mtp)
 
 
-def fast_exchange(cfg: ModelConfig) -> bool:
-  """Whether the dropless exchange has fast buffers that the routing can overflow, so that it runs
-  more exchanges one after another (`moe.dispatch._dropless`). `moe_exchange_rounds` is their
-  mean number per MoE layer: 1.0 when every layer's routing fit (in a shared-prefix forward, the
-  mean over both passes)."""
-  return (cfg.is_moe and cfg.capacity_factor is None and bool(cfg.dropless_fast_factor)
-          and cfg.expert_dispatch != "allgather")
-
-
 def moe_metrics(aux, cfg: ModelConfig, num_tokens: int):
   """Load-balance metrics and the expert counts the bias update consumes."""
   m, counts = {}, {}
@@ -39,7 +31,7 @@ def moe_metrics(aux, cfg: ModelConfig, num_tokens: int):
     assignments = num_tokens * cfg.num_experts_per_tok * cfg.num_moe_layers
     m["moe_drop_frac"] = aux["dropped"] / assignments
     m["balance"] = aux["balance"]
-    if fast_exchange(cfg):
+    if dispatch.has_fast_buffers(cfg):  # exchanges per MoE layer, 1.0 where the routing fit
       m["moe_exchange_rounds"] = aux["moe_rounds"] / cfg.num_moe_layers
   if "mtp_expert_counts" in aux:
     counts[MTP_BIAS] = aux["mtp_expert_counts"]
