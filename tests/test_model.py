@@ -206,15 +206,18 @@ def test_moe_forward_adds_no_floats_with_a_scatter(params, tokens, impl):
 
 
 def test_chunked_attention_matches_full(params, tokens):
-  """attn_chunk=4 (4 query blocks of the 16 tokens, each under checkpoint) is the same model:
-  logits and gradients equal the unchunked ones; a chunk that does not divide T is ignored."""
+  """attn_chunk=4 (4 query blocks of the 16 tokens, each under checkpoint) is the same model, and
+  so is attn_chunk=6, which does not divide T (3 blocks, the last padded with 2 queries that see
+  nothing): logits and gradients equal the unchunked ones."""
   cfg = CFG.replace(num_nextn_predict_layers=0)
   params = {k: v for k, v in params.items() if k != "mtp"}
   (loss_ref, logits_ref), grads_ref = value_and_grad(cfg)(params, tokens)
-  (loss, logits), grads = value_and_grad(cfg.replace(attn_chunk=4))(params, tokens)
-  np.testing.assert_allclose(logits, logits_ref, rtol=1e-5, atol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               grads, grads_ref)
+  assert tokens.shape[1] % 6
+  for chunk in (4, 6):
+    (loss, logits), grads = value_and_grad(cfg.replace(attn_chunk=chunk))(params, tokens)
+    np.testing.assert_allclose(logits, logits_ref, rtol=1e-5, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 grads, grads_ref)
   from r1jax.model import layers
   rng = np.random.default_rng(0)
   q, k, v = (jnp.asarray(rng.standard_normal((1, 6, 2, 4)), jnp.float32) for _ in range(3))
@@ -223,6 +226,9 @@ def test_chunked_attention_matches_full(params, tokens):
                              layers.attend(q, k, v, mask, 0.5), rtol=1e-6)
   np.testing.assert_allclose(layers.attend(q, k, v, mask, 0.5, chunk=3),
                              layers.attend(q, k, v, mask, 0.5), rtol=1e-6, atol=1e-7)
+  # the 6 queries run as 2 blocks of 4 (padded), not as one block
+  jaxpr = str(jax.make_jaxpr(lambda q: layers.attend(q, k, v, mask, 0.5, chunk=4))(q))
+  assert "scan" in jaxpr and "f32[2,1,4,2,4]" in jaxpr, jaxpr
 
 
 @pytest.mark.parametrize("heads,kv_heads,d,e", [(4, 2, 8, 8), (2, 2, 12, 8)])

@@ -147,7 +147,9 @@ def attend(q, k, v, mask, scale: float, chunk: int | None = None, impl: str = "x
 
   `chunk` splits the queries into blocks of that many, one block at a time under
   `jax.checkpoint`, so the [H, T, S] scores never exist at once (forward or backward): the same
-  result, with score memory divided by T / chunk. Ignored unless it divides T and T > chunk.
+  result, with score memory divided by T / chunk. Where chunk does not divide T (a GRPO row is
+  a bucketed prompt + max_new_tokens - 1 columns), the queries are padded to a multiple of it;
+  the padded queries attend to nothing and are dropped.
 
   `impl="cudnn"` runs jax.nn.dot_product_attention's fused cuDNN kernel instead (GPU, bf16): the
   same mask and scale, with v zero-padded to q's head dim where they differ (MLA's 192 / 128) and
@@ -160,13 +162,16 @@ def attend(q, k, v, mask, scale: float, chunk: int | None = None, impl: str = "x
                                        implementation=FUSED_IMPLEMENTATION[impl])
     return out[..., :e]
   T = q.shape[1]
-  if chunk is not None and chunk < T and T % chunk == 0:
-    n = T // chunk
+  if chunk is not None and chunk < T:
+    n = -(-T // chunk)
+    pad = lambda a, axis: jnp.pad(a, [(0, n * chunk - T) if i == axis else (0, 0)
+                                      for i in range(a.ndim)])
     split = lambda a, axis: jnp.moveaxis(
         a.reshape(a.shape[:axis] + (n, chunk) + a.shape[axis + 1:]), axis, 0)
     block = jax.checkpoint(lambda qm: attend(qm[0], k, v, qm[1], scale))
-    out = jax.lax.map(block, (split(q, 1), split(mask, 2)))   # [n, B, chunk, H, e]
-    return jnp.moveaxis(out, 0, 1).reshape(q.shape[:3] + (v.shape[-1],))
+    out = jax.lax.map(block, (split(pad(q, 1), 1), split(pad(mask, 2), 2)))  # [n, B, chunk, H, e]
+    return jnp.moveaxis(out, 0, 1).reshape(q.shape[:1] + (n * chunk,) + q.shape[2:3]
+                                           + (v.shape[-1],))[:, :T]
   B, T, H, _ = q.shape
   K = k.shape[2]
   qg = q.reshape(B, T, K, H // K, q.shape[-1])
