@@ -158,6 +158,7 @@ def report(config, num_devices: int | None = None) -> str:
   else:
     tx, lr = train.make_optimizer(config.optim, 1000)
   state = abstract_state(cfg, tx, mesh)
+  rollout = []
   if grpo:
     run_cfg, step, batch, ref, B, T, what = _grpo_update(config, cfg, s, tx, lr, mesh, state)
   else:
@@ -189,6 +190,9 @@ def report(config, num_devices: int | None = None) -> str:
   moment_dtypes = " + ".join(sorted({jnp.dtype(x.dtype).name for x in
                                      jax.tree.leaves(state.opt_state) if x.ndim}))
   accum = int(config.train.accum_steps)
+  resident_b = params_b + opt_b + ref_b
+  if grpo:
+    rollout = _grpo_rollout(config, run_cfg, s, mesh, state, resident_b)
   lines = [
       f"dry run: {cfg.model_type}, {_count(param_lib.num_params(cfg))} parameters, "
       f"mesh {sizes} ({n} devices), batch {B} x {T} tokens"
@@ -206,8 +210,8 @@ def report(config, num_devices: int | None = None) -> str:
       "XLA memory analysis)",
   ] + ([f"  reference policy  {ref_b / GiB:9.2f} GiB (GRPO's KL term: a copy of the start "
           "parameters)"] if ref is not None else []) + [
-      f"  total             {(params_b + opt_b + temp_b + ref_b) / GiB:9.2f} GiB",
-  ]
+      f"  total             {(resident_b + temp_b) / GiB:9.2f} GiB",
+  ] + rollout
   mtp = float(config.train.mtp_weight) > 0 and not grpo
   step_flops = flops.train_flops(cfg, B * T, T, mtp=mtp) + (
       flops.forward_flops(cfg, B * T, T) if ref is not None else 0.0)
@@ -249,7 +253,7 @@ def _grpo_update(config, cfg, s, tx, lr, mesh, state):
                          accum_steps=int(config.train.accum_steps),
                          bias_gamma=float(config.train.bias_gamma) if pcfg.is_moe else 0.0,
                          jit=False)
-  P, B = int(config.data.seq_len), s.rows
+  P, B = _prompt_len(config), s.rows
   T = P + s.max_new_tokens - 1
   arr = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
                                                   sharding=parallel.batch_sharding(shape, mesh))
@@ -266,8 +270,38 @@ def _grpo_update(config, cfg, s, tx, lr, mesh, state):
   if s.beta > 0:
     ref = train.full_params(state)  # the start params, laid out as the policy's
   what = (f"the GRPO update of stage {s.name!r} ({B} rows = prompts_per_step x group_size, each "
-          f"a {P}-token prompt (data.seq_len) + {s.max_new_tokens} new tokens)")
+          f"a {P}-token prompt (data.seq_len{'' if P == config.data.seq_len else ' padded'}) + "
+          f"{s.max_new_tokens} new tokens)")
   return pcfg, step, batch, ref, B, T, what
+
+
+def _prompt_len(config) -> int:
+  """A GRPO stage's prompt columns: data.seq_len tokens, left-padded to the sampler's bucket."""
+  from r1jax.rollout import sampler
+  return -(-int(config.data.seq_len) // sampler.PROMPT_BUCKET) * sampler.PROMPT_BUCKET
+
+
+def _grpo_rollout(config, pcfg, s, mesh, state, resident_b: int) -> list[str]:
+  """The report's lines for a GRPO stage's rollout: `sampler.generate`'s core compiled at the
+  stage's rows, with the policy's parameters as the stage passes them. The training state (and
+  the reference) stay resident while it runs."""
+  from r1jax.rollout import sampler
+  P, N = _prompt_len(config), s.max_new_tokens
+  t0 = time.time()
+  with jax.set_mesh(mesh):
+    groups = sampler.prefill_groups(s.rows, s.group_size)
+    compiled = sampler.lower(train.full_params(state), pcfg, rows=s.rows, prompt_len=P,
+                             max_new_tokens=N, groups=groups, filtered=s.top_p < 1,
+                             record_routing=s.routing_replay).compile()
+  mem = compiled.memory_analysis()
+  temp_b = int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else 0
+  return [
+      f"compiled the rollout (sampler.generate: {s.rows} rows, {s.rows // groups} prefilled, "
+      f"{P} + {N} cache slots) in {time.time() - t0:.1f} s; per device:",
+      f"  rollout temporaries {temp_b / GiB:7.2f} GiB (KV cache, activations, weights gathered "
+      "for decoding; XLA memory analysis)",
+      f"  rollout total       {(resident_b + temp_b) / GiB:7.2f} GiB (with the parameters, "
+      "optimizer state and reference policy, which stay resident)"]
 
 
 def _stage_caveat(config) -> list[str]:

@@ -327,7 +327,8 @@ def test_dry_run_hints_at_fast_buffers_for_dropless_exchanges_on_an_expert_axis(
 
 def test_dry_run_compiles_a_first_grpo_stage_with_its_reference_and_routing():
   """grpo_tiny without its SFT stage, with a KL term and routing replay: the dry run compiles
-  the GRPO update on its rows, adds the reference policy's bytes, and the total adds up."""
+  the GRPO update on its rows, adds the reference policy's bytes, and the total adds up. It
+  compiles the rollout too, whose total adds its temporaries to the resident state."""
   import re
   from r1jax import dry_run
   from r1jax.run_config import from_file
@@ -343,4 +344,11 @@ def test_dry_run_compiles_a_first_grpo_stage_with_its_reference_and_routing():
          for k in ("parameters", "optimizer state", "temporaries", "reference policy", "total")}
   assert gib["reference policy"] == gib["parameters"], out
   assert abs(sum(v for k, v in gib.items() if k != "total") - gib["total"]) <= 0.02, out
+  rows = s.prompts_per_step * s.group_size
+  assert (f"compiled the rollout (sampler.generate: {rows} rows, {s.prompts_per_step} "
+          f"prefilled, {c.data.seq_len} + {s.max_new_tokens} cache slots)") in out, out
+  roll = {k: float(re.search(rf"  rollout {k} +([0-9.]+) GiB", out).group(1))
+          for k in ("temporaries", "total")}
+  resident = gib["parameters"] + gib["optimizer state"] + gib["reference policy"]
+  assert roll["temporaries"] > 0 and abs(resident + roll["temporaries"] - roll["total"]) <= 0.02
   assert "note:" not in out, out

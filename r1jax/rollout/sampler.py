@@ -264,6 +264,30 @@ def policy_config(cfg: ModelConfig) -> ModelConfig:
 
 
 
+def _statics(cfg: ModelConfig, rows: int, max_new_tokens: int, *, groups: int, filtered: bool,
+             record_routing: bool) -> dict:
+  """The jitted core's static arguments for a call of `rows` prompts."""
+  return dict(cfg=policy_config(cfg), max_new_tokens=int(max_new_tokens), filtered=filtered,
+              record_routing=bool(record_routing and cfg.is_moe), groups=groups,
+              noise_first=max_new_tokens * rows * cfg.vocab_size * 4 <= NOISE_BYTES)
+
+
+def lower(params, cfg: ModelConfig, *, rows: int, prompt_len: int, max_new_tokens: int,
+          groups: int = 1, filtered: bool = False, record_routing: bool = False):
+  """The jitted core of a `generate` call, lowered on abstract inputs: `rows` prompts padded to
+  `prompt_len` tokens, in runs of `groups` that share a prefill (`prefill_groups`). params may be
+  ShapeDtypeStructs with shardings. `--dry_run` compiles it for a GRPO stage's rollout; call it
+  inside `with jax.set_mesh(mesh)`, as `generate`."""
+  knobs = {"temperature": np.float32(1.0), "top_k": np.int32(0), "top_p": np.float32(1.0),
+           "greedy": np.bool_(False), "stop_ids": np.zeros((1,), np.int32),
+           "pad_id": np.int32(0), "vocab_limit": np.int32(cfg.vocab_size)}
+  return _jitted_core().lower(
+      params, jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32),
+      jax.ShapeDtypeStruct((rows,), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.uint32), knobs,
+      **_statics(cfg, rows, max_new_tokens, groups=groups, filtered=filtered,
+                 record_routing=record_routing))
+
+
 def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              rng: jax.Array, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              greedy: bool = False, eos_id: int | None, stop_ids: Sequence[int] = (),
@@ -294,7 +318,6 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
            "top_k": np.int32(top_k), "top_p": np.float32(top_p), "greedy": np.bool_(greedy),
            "stop_ids": np.asarray(stops or [-1], np.int32), "pad_id": np.int32(pad_id),
            "vocab_limit": np.int32(vocab_limit or cfg.vocab_size)}
-  filtered = not greedy and (top_k > 0 or top_p < 1)
   prompt_BP, pad_B = left_pad(prompts, pad_id)
   groups = prefill_groups(len(prompts), prompt_groups(prompts)) if share_prefill else 1
   if max(map(len, prompts)) + max_new_tokens > cfg.max_position_embeddings:
@@ -303,9 +326,9 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
                      f"{cfg.max_position_embeddings}")
   core = _jitted_core(tuple(sorted((compiler_options or {}).items())))
   out = core(params, prompt_BP, pad_B.astype(np.int32), rng, knobs,
-             cfg=policy_config(cfg), max_new_tokens=int(max_new_tokens), filtered=filtered,
-             record_routing=bool(record_routing and cfg.is_moe), groups=groups,
-             noise_first=max_new_tokens * len(prompts) * cfg.vocab_size * 4 <= NOISE_BYTES)
+             **_statics(cfg, len(prompts), max_new_tokens, groups=groups,
+                        filtered=not greedy and (top_k > 0 or top_p < 1),
+                        record_routing=record_routing))
   # every process gets every row (gathered when the batch spans several processes), so all of
   # them score the same completions and make the same decisions
   completion, logprobs, lengths, stopped, routing = to_host(out)
