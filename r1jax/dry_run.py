@@ -288,8 +288,8 @@ def _grpo_rollout(config, pcfg, s, mesh, state, resident_b: int) -> list[str]:
   from r1jax.rollout import sampler
   P, N = _prompt_len(config), s.max_new_tokens
   t0 = time.time()
+  groups = s.group_size  # the stage's rows are runs of G samples of one prompt
   with jax.set_mesh(mesh):
-    groups = sampler.prefill_groups(s.rows, s.group_size)
     compiled = sampler.lower(train.full_params(state), pcfg, rows=s.rows, prompt_len=P,
                              max_new_tokens=N, groups=groups, filtered=s.top_p < 1,
                              record_routing=s.routing_replay).compile()

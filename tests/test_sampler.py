@@ -202,23 +202,6 @@ def test_shared_prefill_equals_one_prefill_per_row(moe, prompts, greedy):
   with jax.set_mesh(mesh):
     meshed = _gen((cfg, parallel.shard_params(params, cfg, mesh)), grouped, greedy=greedy)
   np.testing.assert_array_equal(meshed.completion, each.completion)
-  # 4 prefill rows do not split over 8 devices: runs of 2 share one, 8 rows, one per device
-  assert meshed.prefill_rows == 8
-
-
-def test_prefill_groups_keep_the_prefill_split_over_the_batch_shards():
-  """The largest divisor of G whose prefill rows split over the mesh's batch shards; G itself
-  without a mesh or where the rows do not split either. 671B's GRPO rollout: 32 prompts x 16 on
-  256 devices (fsdp 4 x expert 64 split the batch) prefills 256 rows, not 32 on every device."""
-  assert sampler.prefill_groups(512, 16) == 16  # no mesh
-  v3 = parallel.abstract_mesh(dict(data=1, fsdp=4, expert=64, tensor=1), 256)
-  with jax.sharding.use_abstract_mesh(v3):
-    assert sampler.prefill_groups(512, 16) == 2
-    assert sampler.prefill_groups(4096, 16) == 16
-    assert sampler.prefill_groups(768, 12) == 3  # 256 prefill rows
-    assert sampler.prefill_groups(100, 4) == 4  # 100 rows do not split over 256 devices
-  with jax.sharding.use_abstract_mesh(parallel.abstract_mesh(dict(data=8), 8)):
-    assert sampler.prefill_groups(16, 4) == 2 and sampler.prefill_groups(8, 8) == 1
 
 
 def test_prompt_groups_needs_every_run_identical():

@@ -108,19 +108,16 @@ def sample_token(logits_BV, key, knobs, filtered: bool, noise_BV=None):
   return token, logprob
 
 
-def _batch_shards() -> int:
-  """How many ways the context mesh splits the batch (1 without a mesh)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  return 1 if mesh.empty else math.prod(mesh.shape[a] for a in batch_axes(mesh))
-
-
 def _batch_constraint(x):
   """Split dim 0 over the context mesh's batch axes when it divides; no-op without a mesh."""
-  shards = _batch_shards()
-  if shards == 1 or x.shape[0] % shards:
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
     return x
-  axes = batch_axes(jax.sharding.get_abstract_mesh())
-  return jax.lax.with_sharding_constraint(x, PartitionSpec(axes, *([None] * (x.ndim - 1))))
+  axes = batch_axes(mesh)
+  if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+    return x
+  spec = PartitionSpec(axes, *([None] * (x.ndim - 1)))
+  return jax.lax.with_sharding_constraint(x, spec)
 
 
 # the most sampling noise (N x B x V float32) drawn before the decode loop (`noise_first`);
@@ -225,17 +222,6 @@ def prompt_groups(prompts: Sequence[Sequence[int]]) -> int:
   return G
 
 
-def prefill_groups(rows: int, groups: int) -> int:
-  """How many rows share one prefill: the largest divisor g of `groups` (runs of that many
-  identical prompts) whose rows / g prefill rows still split over the context mesh's batch
-  shards. A prefill whose rows do not split runs whole on every device: 32 prompts of 16 samples
-  on 256 devices would prefill 32 rows on each, where 256 rows of 2 samples take one each."""
-  shards = _batch_shards()
-  if rows % shards:  # the rows do not split either: nothing to keep
-    return groups
-  return max(g for g in range(1, groups + 1) if groups % g == 0 and (rows // g) % shards == 0)
-
-
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, bucket: int = PROMPT_BUCKET):
   """Left-padded int32 [B, P] with P = the longest prompt rounded up to `bucket`, and the pad
   lengths [B]."""
@@ -275,7 +261,7 @@ def _statics(cfg: ModelConfig, rows: int, max_new_tokens: int, *, groups: int, f
 def lower(params, cfg: ModelConfig, *, rows: int, prompt_len: int, max_new_tokens: int,
           groups: int = 1, filtered: bool = False, record_routing: bool = False):
   """The jitted core of a `generate` call, lowered on abstract inputs: `rows` prompts padded to
-  `prompt_len` tokens, in runs of `groups` that share a prefill (`prefill_groups`). params may be
+  `prompt_len` tokens, in runs of `groups` identical ones that share a prefill. params may be
   ShapeDtypeStructs with shardings. `--dry_run` compiles it for a GRPO stage's rollout; call it
   inside `with jax.set_mesh(mesh)`, as `generate`."""
   knobs = {"temperature": np.float32(1.0), "top_k": np.int32(0), "top_p": np.float32(1.0),
@@ -296,10 +282,9 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
   """Sample up to `max_new_tokens` tokens after each prompt (lists of token ids).
 
   share_prefill: when the rows are runs of G identical prompts (`prompt_groups`), prefill each
-  prompt once and give its cache to its G rows: the prefill costs 1/G. On a mesh whose batch
-  shards the B / G prefill rows do not fill, fewer rows share one (`prefill_groups`). The sampled
-  tokens are those of the unshared prefill up to float rounding (a different batch size can
-  round a matmul differently); `Rollout.prefill_rows` says how many rows were prefilled.
+  prompt once and give its cache to its G rows: the prefill costs 1/G. The sampled tokens are
+  those of the unshared prefill up to float rounding (a different batch size can round a matmul
+  differently); `Rollout.prefill_rows` says how many rows were prefilled.
 
   record_routing: also return the experts every MoE layer chose for every token
   (`Rollout.routing`), for routing replay in the update.
@@ -319,7 +304,7 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
            "stop_ids": np.asarray(stops or [-1], np.int32), "pad_id": np.int32(pad_id),
            "vocab_limit": np.int32(vocab_limit or cfg.vocab_size)}
   prompt_BP, pad_B = left_pad(prompts, pad_id)
-  groups = prefill_groups(len(prompts), prompt_groups(prompts)) if share_prefill else 1
+  groups = prompt_groups(prompts) if share_prefill else 1
   if max(map(len, prompts)) + max_new_tokens > cfg.max_position_embeddings:
     raise ValueError(f"generate: longest prompt {max(map(len, prompts))} + max_new_tokens="
                      f"{max_new_tokens} exceeds max_position_embeddings="
