@@ -173,6 +173,10 @@ def test_chunked_logits_give_the_same_losses_and_gradients(params, tokens, tie):
       positions=sft_batch["positions"], loss_mask=mask, rollout_logprobs=old, old_logprobs=old,
       advantages=jnp.asarray([1.0, -0.5], jnp.float32))
   ref = jax.tree.map(lambda x: x * 1.01, p)
+  # MTP's heads are chunked too: log-probs of each depth's targets, no [D, B, T, V] logits
+  _, _, aux = model.target_logprobs(p, tokens, targets, cfg.replace(logits_chunk=5), mtp=True)
+  D = cfg.num_nextn_predict_layers
+  assert "mtp_logits" not in aux and aux["mtp_logprobs"].shape == (D, B, T), aux.keys()
   for make, batch in ((lambda c: train.sft_loss(c, mtp_weight=0.3), sft_batch),
                       (lambda c: grpo.grpo_loss(c, beta=0.04, budget=T), grpo_batch)):
     results = [jit(jax.value_and_grad(make(c), has_aux=True))(p, batch, None, ref)

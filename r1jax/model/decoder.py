@@ -193,31 +193,42 @@ def forward_hidden_prefix(params, prefix_tokens, prefix_positions, prefix_valid,
   return x, aux
 
 
-def mtp_logits(params, tokens, h, ctx, cfg: ModelConfig):
+def mtp_logits(params, tokens, h, ctx, cfg: ModelConfig, targets=None):
   """Multi-token prediction, depth k = 1..D: position i of module k predicts token i + k + 1.
 
   h_k = Layer_k(eh_proj[RMSNorm(Emb(t_{i+k})); RMSNorm(h_{k-1})]); logits = head(norm_k(h_k)).
   The embeddings of the shifted tokens beyond the sequence end are of token 0; those positions
   have no target and are masked by the loss. Returns ([D, B, T, V] fp32 logits, aux).
-  """
+
+  targets [B, T] (the main head's, targets[i] = tokens[i + 1]): return instead module k's
+  log p(targets[i + k]) [D, B, T] (k = 1..D; token 0 past the end), its head run
+  `cfg.logits_chunk` positions at a time as the main head's (`_head_logprobs`): no [B, T, V]
+  logits."""
   cos, sin, mask, token_mask = ctx
   dtype = cfg.jnp_dtype
   T = tokens.shape[1]
 
   def body(carry, inputs):
     h_prev, shifted = carry
-    p = inputs
+    p, target_BT = inputs
     shifted = jnp.concatenate([shifted[:, 1:], jnp.zeros_like(shifted[:, :1])], axis=1)
     e = L.rms_norm(embed(params, shifted, cfg), p["enorm"], cfg.rms_norm_eps)
     hn = L.rms_norm(h_prev, p["hnorm"], cfg.rms_norm_eps)
     x = L.dense(jnp.concatenate([e, hn], axis=-1), p["eh_proj"], dtype)
     x, stats, _ = decoder_block(p["layer"], x, cos, sin, mask, cfg, token_mask=token_mask)
-    logits = head(params, L.rms_norm(x, p["norm"], cfg.rms_norm_eps), cfg)
-    return (x, shifted), (logits, stats)
+    normed = L.rms_norm(x, p["norm"], cfg.rms_norm_eps)
+    out = (head(params, normed, cfg) if target_BT is None
+           else _head_logprobs(params, normed, target_BT, cfg, entropy=False)[0])
+    return (x, shifted), (out, stats)
 
   assert T >= 1
+  D = jax.tree.leaves(params["mtp"])[0].shape[0]
+  shifted_targets = None
+  if targets is not None:  # module k (1-based) predicts targets[i + k]
+    shifted_targets = jnp.stack([jnp.pad(targets[:, k:], ((0, 0), (0, min(k, T))))[:, :T]
+                                 for k in range(1, D + 1)])
   _, (logits, stats) = _layer_scan(cfg)(L.maybe_remat(body, cfg.remat), (h, tokens),
-                                        params["mtp"])
+                                        (params["mtp"], shifted_targets))
   aux = {}
   if stats is not None:
     aux = {"mtp_expert_counts": stats["counts"], "mtp_balance": stats["balance"].sum()}
@@ -278,7 +289,7 @@ def chunked_target_logprobs(params, tokens, targets, cfg: ModelConfig, *, segmen
   picked, ent = _head_logprobs(params, L.rms_norm(x, params["final_norm"], cfg.rms_norm_eps),
                                targets, cfg, entropy, temperature)
   if mtp and "mtp" in params:
-    aux["mtp_logits"], mtp_aux = mtp_logits(params, tokens, x, ctx, cfg)
+    aux["mtp_logprobs"], mtp_aux = mtp_logits(params, tokens, x, ctx, cfg, targets=targets)
     aux.update(mtp_aux)
   return picked, ent, aux
 

@@ -33,13 +33,16 @@ def mtp_targets(targets_BT, mask_BT, segment_ids_BT, depth: int):
   return pad(targets_BT), pad(mask_BT) * same * mask_BT
 
 
-def mtp_loss(mtp_logits_DBTV, targets_BT, mask_BT, segment_ids_BT):
-  """Mean over MTP depths of the masked cross-entropy (DeepSeek-V3: lambda/D * sum_k L_k)."""
+def mtp_loss(mtp_logits_DBTV, targets_BT, mask_BT, segment_ids_BT, *, logprobs: bool = False):
+  """Mean over MTP depths of the masked cross-entropy (DeepSeek-V3: lambda/D * sum_k L_k).
+  logprobs: the first argument is [D, B, T] log p of each depth's targets (the model's
+  `mtp_logprobs`, under `logits_chunk`) instead of [D, B, T, V] logits."""
   D = mtp_logits_DBTV.shape[0]
   total = 0.0
   for k in range(D):
     t, m = mtp_targets(targets_BT, mask_BT, segment_ids_BT, k + 1)
-    total = total + cross_entropy(mtp_logits_DBTV[k], t, m)
+    total = total + (masked_mean(-mtp_logits_DBTV[k], m) if logprobs
+                     else cross_entropy(mtp_logits_DBTV[k], t, m))
   return total / D
 
 

@@ -52,8 +52,9 @@ def sft_loss(cfg: ModelConfig, *, mtp_weight: float = 0.0, balance_alpha: float 
     n = jnp.sum(batch["loss_mask"])
     loss, metrics = ce, {"ce": ce, "tokens": n, "_weight": n}  # a token mean
     if use_mtp:
-      mtp = core.mtp_loss(aux["mtp_logits"], batch["targets"], batch["loss_mask"],
-                            batch["segment_ids"])
+      chunked = "mtp_logprobs" in aux  # cfg.logits_chunk: no [D, B, T, V] logits
+      mtp = core.mtp_loss(aux["mtp_logprobs" if chunked else "mtp_logits"], batch["targets"],
+                          batch["loss_mask"], batch["segment_ids"], logprobs=chunked)
       loss, metrics["mtp_loss"] = loss + mtp_weight * mtp, mtp
     metrics.update(moe_metrics(aux, cfg, jnp.sum(batch["segment_ids"] > 0)))
     if balance_alpha and "balance" in metrics:
