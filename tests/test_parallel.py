@@ -377,7 +377,9 @@ def test_dropless_exchange_fast_buffers_and_exact_fallback(strategy):
   overflow the fast buffers, so only the slices can get them right (the fast buffers alone would
   drop rows); the concentrated one needs the most slices (each slice's exact bound), and the
   balanced one fits in one. n = 70 tokens per device (a mean of 35 rows per pair): 2 slices of
-  35, or 3 of 24 with the last one padded."""
+  35, or 3 of 24 with the last one padded. With dropless_max_tokens 35 every routing exchanges in
+  2 slices or more (4 for the skewed one, 6 for the concentrated), with buffers sized for 35
+  tokens."""
   mesh = _mesh("data2_expert4")
   N, D, k, E = 560, CFG.hidden_size, CFG.num_experts_per_tok, CFG.n_routed_experts
   ep, E_loc, n = 4, E // 4, N // 8
@@ -398,8 +400,16 @@ def test_dropless_exchange_fast_buffers_and_exact_fallback(strategy):
   most = math.ceil(exact_rows / rows)
   assert most == 3
 
-  def slices(ids):  # the fewest slices in (1, 2, 3) whose loads all fit the fast buffers
-    for s in (1, 2):
+  def slices(ids, least=1):
+    """The fewest slices in (least, 2 least, ...) whose loads all fit the fast buffers (sized
+    for n / least tokens), else the most: each slice's exact bound."""
+    n_least = math.ceil(n / least)
+    rows = (math.ceil(n_least * k / ep * fast) if strategy == "all_to_all"
+            else math.ceil(n_least * k * fast))
+    most = least * math.ceil(n_least * min(k, E_loc) * (1 if strategy == "all_to_all" else ep)
+                             / rows)
+    s = least
+    while s < most:
       nc = math.ceil(n / s)
       dest = ids.reshape(8, n, k) // E_loc  # [device, token, k]
       sent = np.stack([[np.bincount(dest[d, j * nc:(j + 1) * nc].reshape(-1), minlength=ep)
@@ -408,20 +418,26 @@ def test_dropless_exchange_fast_buffers_and_exact_fallback(strategy):
         sent = sent.reshape(2, ep, s, ep).sum(1)  # rows each device of a group receives
       if sent.max() <= rows:
         return s
+      s *= 2
     return most
 
   assert (slices(skewed), slices(concentrated), slices(balanced)) == (2, 3, 1)
+  # dropless_max_tokens 35: the 70 tokens always exchange in 2 slices or more, buffers for 35
+  assert (slices(skewed, 2), slices(concentrated, 2), slices(balanced, 2)) == (4, 6, 2)
   every = np.ones((N, k), bool)
   grad_of = lambda c: jit(jax.grad(lambda p, x: jnp.sum(
       expert_lib.dispatch(p, x, jnp.asarray(w), jnp.asarray(ids), c, mesh)[0] ** 2), (0, 1)))
   for ids in (skewed, concentrated, balanced):
-    for f in (None, fast):
-      cfg = CFG.replace(expert_dispatch=strategy, dropless_fast_factor=f)
+    for f, max_tokens in ((None, None), (fast, None), (fast, 35)) + (
+        ((None, 35),) if ids is skewed else ()):
+      cfg = CFG.replace(expert_dispatch=strategy, dropless_fast_factor=f,
+                        dropless_max_tokens=max_tokens)
       with jax.set_mesh(mesh):
         y, dropped, ran = jit(lambda *a: expert_lib.dispatch(*a, cfg, mesh))(p, x, w, ids)
         grads = grad_of(cfg)(p, x)
       assert float(dropped) == 0
-      assert float(ran) == (slices(ids) if f else 1)
+      least = 2 if max_tokens else 1
+      assert float(ran) == (slices(ids, least) if f else least), (f, max_tokens)
       np.testing.assert_allclose(y, _experts_numpy(p, x, w, ids, every), rtol=1e-4, atol=1e-4)
       single = jax.grad(lambda p, x: jnp.sum(moe_lib.routed_experts(
           p, x, jnp.asarray(w), jnp.asarray(ids), CFG)[0] ** 2), (0, 1))(p, x)

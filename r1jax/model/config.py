@@ -143,6 +143,10 @@ class ModelConfig:
   # ragged_all_to_all exchanges' buffers, over the fewest token slices that fit them
   # (moe/dispatch.py `_dropless`; metric moe_exchange_rounds)
   dropless_fast_factor: float | None = None
+  # the most tokens per device one dropless exchange carries: longer rows exchange in at least
+  # ceil(tokens / this) slices, one after another, and the fast buffers are sized for one slice
+  # (moe/dispatch.py `_dropless`); None: all of them at once
+  dropless_max_tokens: int | None = None
   router_impl: str = "jnp"
   # selection score given to the experts of dropped groups before the top-k (model/moe/routing.py
   # `route`): "neg_inf" as DeepSeek's own code, so they are never chosen; "zero" as the
@@ -325,6 +329,8 @@ class ModelConfig:
            f"capacity_factor={self.capacity_factor} must be positive or None")
       need(self.dropless_fast_factor is None or self.dropless_fast_factor > 0,
            f"dropless_fast_factor={self.dropless_fast_factor} must be positive or None")
+      need(self.dropless_max_tokens is None or self.dropless_max_tokens > 0,
+           f"dropless_max_tokens={self.dropless_max_tokens} must be positive or None")
     if self.attention == "gqa":
       need(self.num_attention_heads % self.kv_heads == 0,
            f"num_key_value_heads={self.kv_heads} must divide "

@@ -211,25 +211,35 @@ def _dropless(p, x, w, ids, cfg: ModelConfig, ep: int, strategy: str, native: bo
   for any choice, and nothing is dropped; an overflow costs one more exchange per slice.
   Below FAST_MIN_MEAN rows per pair on average (decode steps), the counts vary too much for the
   fast buffers to hold them often, and the exact buffers are small: those run exact.
+  With `cfg.dropless_max_tokens` M, n > M tokens always exchange in at least ceil(n / M)
+  slices (the ladder starts there), and every buffer is sized for one slice: a long row's
+  exchange takes the memory of an M-token one.
   Returns (y, dropped, slices): the number of exchanges that ran one after another."""
   n, k = ids.shape
   E_loc = p["gate"].shape[0]
   per_pair = min(k, E_loc)
   f = cfg.dropless_fast_factor
+  least = -(-n // cfg.dropless_max_tokens) if cfg.dropless_max_tokens else 1
+  n_least = -(-n // least)  # tokens per slice of the fewest slices
   if strategy == "all_to_all":
     run = lambda rows: lambda *a: _all_to_all_local(p, *a, cfg, ep, rows)
     exact = lambda tokens: tokens * per_pair
-    fast = math.ceil(n * k / ep * f) if f else 0
+    fast = math.ceil(n_least * k / ep * f) if f else 0
     load = lambda sent: jnp.max(sent, axis=-1)  # the fullest pair of each slice
   else:
     run = lambda rows: lambda *a: _ragged_local(p, *a, cfg, ep, native, rows)
     exact = lambda tokens: ep * tokens * per_pair
-    fast = math.ceil(n * k * f) if f else 0
+    fast = math.ceil(n_least * k * f) if f else 0
     load = lambda sent: jnp.max(jax.lax.psum(sent, "expert"), axis=-1)  # fullest receiver
-  if not fast or fast >= exact(n) or n * k / ep < FAST_MIN_MEAN:
-    return run(exact(n))(x, w, ids) + (jnp.ones((), jnp.float32),)
-  most = min(n, -(-exact(n) // fast))  # slices whose exact bound (about) fits `fast`
-  ladder = [s for s in (2 ** i for i in range(most.bit_length())) if s < most] + [most]
+  rounds = lambda s: jnp.full((), s, jnp.float32)
+  if not fast or fast >= exact(n_least) or n_least * k / ep < FAST_MIN_MEAN:
+    if least == 1:
+      return run(exact(n))(x, w, ids) + (rounds(1),)
+    return _chunked(run(exact(n_least)), x, w, ids, least, no_expert=ep * E_loc) + (rounds(least),)
+  # slices whose exact bound (about) fits `fast`
+  most = min(n, least * -(-exact(n_least) // fast))
+  ladder = [least * 2 ** i for i in range((most // least).bit_length()) if least * 2 ** i < most]
+  ladder += [most]
   dest = (ids // E_loc).reshape(-1)  # ep for tokens routed nowhere
   fits = jnp.stack([jnp.max(load(_slice_loads(dest, n, k, ep, s))) <= fast for s in ladder[:-1]]
                    + [jnp.bool_(True)])
