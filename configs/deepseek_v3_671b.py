@@ -39,6 +39,7 @@ def get_config(arg=None):
       # mtp
       num_nextn_predict_layers=1,
       moe_impl="ragged_dot", capacity_factor=None, dropless_fast_factor=2.0,
+      dropless_max_tokens=4096,  # longer rows exchange in slices of 4096 tokens per device
       expert_dispatch="all_to_all",
       dtype="bfloat16", param_dtype="float32", remat="full", attn_chunk=512,
       logits_chunk=1024)
