@@ -201,6 +201,8 @@ def report(config, num_devices: int | None = None) -> str:
       f"capacity_factor={run_cfg.capacity_factor}"
       + (f", dropless_fast_factor={run_cfg.dropless_fast_factor}"
          if run_cfg.capacity_factor is None and run_cfg.dropless_fast_factor else "")
+      + (f", dropless_max_tokens={run_cfg.dropless_max_tokens}"
+         if run_cfg.capacity_factor is None and run_cfg.dropless_max_tokens else "")
       + (" (GRPO's policy is dropless: sampler.policy_config)" if grpo and cfg.is_moe else ""),
       f"compiled {what} in {seconds:.1f} s on {jax.devices()[0].platform}",
       "per device:",
