@@ -158,7 +158,6 @@ def report(config, num_devices: int | None = None) -> str:
   else:
     tx, lr = train.make_optimizer(config.optim, 1000)
   state = abstract_state(cfg, tx, mesh)
-  rollout = []
   if grpo:
     run_cfg, step, batch, ref, B, T, what = _grpo_update(config, cfg, s, tx, lr, mesh, state)
   else:
@@ -191,8 +190,7 @@ def report(config, num_devices: int | None = None) -> str:
                                      jax.tree.leaves(state.opt_state) if x.ndim}))
   accum = int(config.train.accum_steps)
   resident_b = params_b + opt_b + ref_b
-  if grpo:
-    rollout = _grpo_rollout(config, run_cfg, s, mesh, state, resident_b)
+  rollout = _grpo_rollout(config, run_cfg, s, mesh, state, resident_b) if grpo else []
   lines = [
       f"dry run: {cfg.model_type}, {_count(param_lib.num_params(cfg))} parameters, "
       f"mesh {sizes} ({n} devices), batch {B} x {T} tokens"

@@ -250,6 +250,16 @@ def policy_config(cfg: ModelConfig) -> ModelConfig:
 
 
 
+def _knobs(cfg: ModelConfig, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           greedy: bool = False, stop_ids: Sequence[int] = (), pad_id: int = 0,
+           vocab_limit: int | None = None) -> dict:
+  """The jitted core's traced settings (changing them does not recompile)."""
+  return {"temperature": np.float32(temperature), "top_k": np.int32(top_k),
+          "top_p": np.float32(top_p), "greedy": np.bool_(greedy),
+          "stop_ids": np.asarray(list(stop_ids) or [-1], np.int32), "pad_id": np.int32(pad_id),
+          "vocab_limit": np.int32(vocab_limit or cfg.vocab_size)}
+
+
 def _statics(cfg: ModelConfig, rows: int, max_new_tokens: int, *, groups: int, filtered: bool,
              record_routing: bool) -> dict:
   """The jitted core's static arguments for a call of `rows` prompts."""
@@ -264,12 +274,10 @@ def lower(params, cfg: ModelConfig, *, rows: int, prompt_len: int, max_new_token
   `prompt_len` tokens, in runs of `groups` identical ones that share a prefill. params may be
   ShapeDtypeStructs with shardings. `--dry_run` compiles it for a GRPO stage's rollout; call it
   inside `with jax.set_mesh(mesh)`, as `generate`."""
-  knobs = {"temperature": np.float32(1.0), "top_k": np.int32(0), "top_p": np.float32(1.0),
-           "greedy": np.bool_(False), "stop_ids": np.zeros((1,), np.int32),
-           "pad_id": np.int32(0), "vocab_limit": np.int32(cfg.vocab_size)}
   return _jitted_core().lower(
       params, jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32),
-      jax.ShapeDtypeStruct((rows,), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.uint32), knobs,
+      jax.ShapeDtypeStruct((rows,), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.uint32),
+      _knobs(cfg),
       **_statics(cfg, rows, max_new_tokens, groups=groups, filtered=filtered,
                  record_routing=record_routing))
 
@@ -299,10 +307,8 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
   if not 0 < top_p <= 1:
     raise ValueError(f"generate: top_p={top_p} must be in (0, 1]")
   stops = sorted({int(s) for s in stop_ids} | ({int(eos_id)} if eos_id is not None else set()))
-  knobs = {"temperature": np.float32(1.0 if greedy else temperature),
-           "top_k": np.int32(top_k), "top_p": np.float32(top_p), "greedy": np.bool_(greedy),
-           "stop_ids": np.asarray(stops or [-1], np.int32), "pad_id": np.int32(pad_id),
-           "vocab_limit": np.int32(vocab_limit or cfg.vocab_size)}
+  knobs = _knobs(cfg, temperature=1.0 if greedy else temperature, top_k=top_k, top_p=top_p,
+                 greedy=greedy, stop_ids=stops, pad_id=pad_id, vocab_limit=vocab_limit)
   prompt_BP, pad_B = left_pad(prompts, pad_id)
   groups = prompt_groups(prompts) if share_prefill else 1
   if max(map(len, prompts)) + max_new_tokens > cfg.max_position_embeddings:
