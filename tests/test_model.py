@@ -212,13 +212,17 @@ def test_moe_forward_adds_no_floats_with_a_scatter(params, tokens, impl):
 def test_chunked_attention_matches_full(params, tokens):
   """attn_chunk=4 (4 query blocks of the 16 tokens, each under checkpoint) is the same model, and
   so is attn_chunk=6, which does not divide T (3 blocks, the last padded with 2 queries that see
-  nothing): logits and gradients equal the unchunked ones."""
+  nothing), and attn_key_chunk=5 (key blocks with a running softmax): logits and gradients equal
+  the unchunked ones."""
   cfg = CFG.replace(num_nextn_predict_layers=0)
   params = {k: v for k, v in params.items() if k != "mtp"}
   (loss_ref, logits_ref), grads_ref = value_and_grad(cfg)(params, tokens)
   assert tokens.shape[1] % 6
-  for chunk in (4, 6):
-    (loss, logits), grads = value_and_grad(cfg.replace(attn_chunk=chunk))(params, tokens)
+  # attn_key_chunk 5 adds key blocks (the last padded) with a running softmax, in the query
+  # chunks or alone
+  for chunk, key_chunk in ((4, None), (6, None), (6, 5), (None, 5)):
+    (loss, logits), grads = value_and_grad(cfg.replace(attn_chunk=chunk,
+                                                       attn_key_chunk=key_chunk))(params, tokens)
     np.testing.assert_allclose(logits, logits_ref, rtol=1e-5, atol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  grads, grads_ref)
@@ -230,6 +234,12 @@ def test_chunked_attention_matches_full(params, tokens):
                              layers.attend(q, k, v, mask, 0.5), rtol=1e-6)
   np.testing.assert_allclose(layers.attend(q, k, v, mask, 0.5, chunk=3),
                              layers.attend(q, k, v, mask, 0.5), rtol=1e-6, atol=1e-7)
+  # key blocks: a fully masked query row (a left-padded row's padding) still averages every real
+  # key as the one-block softmax does; padded keys weigh nothing
+  padded = mask.at[:, :, :2, :].set(False)
+  for key_chunk in (4, 5):
+    np.testing.assert_allclose(layers.attend(q, k, v, padded, 0.5, chunk=4, key_chunk=key_chunk),
+                               layers.attend(q, k, v, padded, 0.5), rtol=1e-6, atol=1e-6)
   # the 6 queries run as 2 blocks of 4 (padded), not as one block
   jaxpr = str(jax.make_jaxpr(lambda q: layers.attend(q, k, v, mask, 0.5, chunk=4))(q))
   assert "scan" in jaxpr and "f32[2,1,4,2,4]" in jaxpr, jaxpr

@@ -163,6 +163,7 @@ class ModelConfig:
   # (the loop made the tiny sampler ~8 % slower).
   scan_layers: bool = True
   attn_chunk: int | None = None  # queries per attention chunk (exact; bounds [H, T, S] scores)
+  attn_key_chunk: int | None = None  # keys per block within a chunk (online softmax, layers.attend)
   # the training and prefill attention: "xla" (einsums and an fp32 softmax, every backend) or
   # "cudnn" (jax.nn.dot_product_attention's fused cuDNN kernel: GPUs, bf16/fp16 only; attn_chunk
   # is then unused, since the kernel never forms the scores)
@@ -265,6 +266,8 @@ class ModelConfig:
     need(self.param_dtype in DTYPES, f"param_dtype={self.param_dtype!r} is not one of {DTYPES}")
     need(self.attn_chunk is None or self.attn_chunk > 0,
          f"attn_chunk={self.attn_chunk} must be positive or None")
+    need(self.attn_key_chunk is None or self.attn_key_chunk > 0,
+         f"attn_key_chunk={self.attn_key_chunk} must be positive or None")
     need(self.attn_impl in ATTN_IMPLS,
          f"attn_impl={self.attn_impl!r} is not one of {ATTN_IMPLS}")
     need(self.attn_impl != "cudnn" or self.dtype in ("bfloat16", "float16"),

@@ -141,7 +141,8 @@ def attention_mask(segment_ids_q, segment_ids_k, positions_q, positions_k):
 FUSED_IMPLEMENTATION = {"cudnn": "cudnn"}
 
 
-def attend(q, k, v, mask, scale: float, chunk: int | None = None, impl: str = "xla"):
+def attend(q, k, v, mask, scale: float, chunk: int | None = None, impl: str = "xla",
+           key_chunk: int | None = None):
   """Softmax attention. q [B,T,H,d], k [B,S,K,d], v [B,S,K,e] with H a multiple of K (GQA);
   mask bool [B,1,T,S]. Scores and softmax in fp32. Returns [B,T,H,e].
 
@@ -150,6 +151,10 @@ def attend(q, k, v, mask, scale: float, chunk: int | None = None, impl: str = "x
   result, with score memory divided by T / chunk. Where chunk does not divide T (a GRPO row is
   a bucketed prompt + max_new_tokens - 1 columns), the queries are padded to a multiple of it;
   the padded queries attend to nothing and are dropped.
+
+  `key_chunk` also splits the keys (`attend_key_blocks`: a running max and sum over key blocks,
+  each under `jax.checkpoint`), so at most [H, chunk, key_chunk] scores exist at once: the same
+  result to float rounding.
 
   `impl="cudnn"` runs jax.nn.dot_product_attention's fused cuDNN kernel instead (GPU, bf16): the
   same mask and scale, with v zero-padded to q's head dim where they differ (MLA's 192 / 128) and
@@ -168,10 +173,12 @@ def attend(q, k, v, mask, scale: float, chunk: int | None = None, impl: str = "x
                                       for i in range(a.ndim)])
     split = lambda a, axis: jnp.moveaxis(
         a.reshape(a.shape[:axis] + (n, chunk) + a.shape[axis + 1:]), axis, 0)
-    block = jax.checkpoint(lambda qm: attend(qm[0], k, v, qm[1], scale))
+    block = jax.checkpoint(lambda qm: attend(qm[0], k, v, qm[1], scale, key_chunk=key_chunk))
     out = jax.lax.map(block, (split(pad(q, 1), 1), split(pad(mask, 2), 2)))  # [n, B, chunk, H, e]
     return jnp.moveaxis(out, 0, 1).reshape(q.shape[:1] + (n * chunk,) + q.shape[2:3]
                                            + (v.shape[-1],))[:, :T]
+  if key_chunk is not None and key_chunk < k.shape[1]:
+    return attend_key_blocks(q, k, v, mask, scale, key_chunk)
   B, T, H, _ = q.shape
   K = k.shape[2]
   qg = q.reshape(B, T, K, H // K, q.shape[-1])
@@ -180,6 +187,43 @@ def attend(q, k, v, mask, scale: float, chunk: int | None = None, impl: str = "x
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bske->btkge", probs, v, preferred_element_type=jnp.float32)
   return out.reshape(B, T, H, v.shape[-1]).astype(v.dtype)
+
+
+def attend_key_blocks(q, k, v, mask, scale: float, key_chunk: int):
+  """`attend` over the keys in blocks of key_chunk (the last padded): each block updates a
+  running max, softmax denominator and weighted sum of values (fp32), under `jax.checkpoint`, so
+  the backward pass keeps those per block, not the [H, T, S] scores. Masked keys score NEG_INF
+  as in `attend` (a fully masked row averages every real key); padded keys score -inf and weigh
+  nothing."""
+  B, T, H, d = q.shape
+  S, K, e = k.shape[1], k.shape[2], v.shape[-1]
+  n = -(-S // key_chunk)
+  pad = lambda a, axis: jnp.pad(a, [(0, n * key_chunk - S) if i == axis else (0, 0)
+                                    for i in range(a.ndim)])
+  blocks = lambda a, axis: jnp.moveaxis(
+      a.reshape(a.shape[:axis] + (n, key_chunk) + a.shape[axis + 1:]), axis, 0)
+  real = jnp.arange(n * key_chunk).reshape(n, key_chunk) < S
+  qg = q.reshape(B, T, K, H // K, d)
+
+  @jax.checkpoint
+  def step(carry, block):
+    m, l, acc = carry  # running max and denominator [B, K, G, T]; sum of values [B, T, K, G, e]
+    k_b, v_b, mask_b, real_b = block
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k_b, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(real_b, jnp.where(mask_b[:, :, None], s, NEG_INF), -jnp.inf)
+    m_new = jnp.maximum(m, s.max(-1))
+    rescale = jnp.exp(m - m_new)
+    p = jnp.exp(s - m_new[..., None])
+    acc = acc * jnp.moveaxis(rescale, 3, 1)[..., None] + jnp.einsum(
+        "bkgts,bske->btkge", p.astype(v_b.dtype), v_b, preferred_element_type=jnp.float32)
+    return (m_new, l * rescale + p.sum(-1), acc), None
+
+  G = H // K
+  init = (jnp.full((B, K, G, T), NEG_INF, jnp.float32), jnp.zeros((B, K, G, T), jnp.float32),
+          jnp.zeros((B, T, K, G, e), jnp.float32))
+  (_, l, acc), _ = jax.lax.scan(step, init, (blocks(pad(k, 1), 1), blocks(pad(v, 1), 1),
+                                             blocks(pad(mask, 3), 3), real))
+  return (acc / jnp.moveaxis(l, 3, 1)[..., None]).reshape(B, T, H, e).astype(v.dtype)
 
 
 def default_positions(tokens, segment_ids):
