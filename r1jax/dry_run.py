@@ -107,8 +107,10 @@ def kernel_table(cfg) -> list[str]:
     if cfg.attn_impl == "cudnn":
       return ("cuDNN fused attention (jax.nn.dot_product_attention)" if b == "gpu" else
               "none: attn_impl='cudnn' needs a GPU")
-    return "XLA einsum, fp32 softmax" + (f", {cfg.attn_chunk}-query chunks" if cfg.attn_chunk
-                                         else "")
+    return ("XLA einsum, fp32 softmax"
+            + (f", {cfg.attn_chunk}-query chunks" if cfg.attn_chunk else "")
+            + (f", {cfg.attn_key_chunk}-key blocks (running softmax)" if cfg.attn_key_chunk
+               else ""))
 
   def router(b):
     if cfg.router_impl != "pallas":

@@ -294,6 +294,9 @@ def test_dry_run_names_the_kernels_of_every_layer_part():
   by = {b: [line for line in rd if line.strip().startswith(b)] for b in ("cpu", "gpu", "tpu")}
   assert "jax.lax.ragged_dot (XLA:TPU)" in by["tpu"][4] and "work items" in by["gpu"][4]
   assert "cuDNN fused" in by["gpu"][1] and "needs a GPU" in by["cpu"][1]
+  chunked = dry_run.kernel_table(ModelConfig.from_config(tiny_moe_fields(
+      attn_chunk=512, attn_key_chunk=1024)))
+  assert "512-query chunks, 1024-key blocks (running softmax)" in "\n".join(chunked)
 
 
 @pytest.mark.parametrize("name, caveat", [
