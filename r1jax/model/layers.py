@@ -168,15 +168,9 @@ def attend(q, k, v, mask, scale: float, chunk: int | None = None, impl: str = "x
     return out[..., :e]
   T = q.shape[1]
   if chunk is not None and chunk < T:
-    n = -(-T // chunk)
-    pad = lambda a, axis: jnp.pad(a, [(0, n * chunk - T) if i == axis else (0, 0)
-                                      for i in range(a.ndim)])
-    split = lambda a, axis: jnp.moveaxis(
-        a.reshape(a.shape[:axis] + (n, chunk) + a.shape[axis + 1:]), axis, 0)
     block = jax.checkpoint(lambda qm: attend(qm[0], k, v, qm[1], scale, key_chunk=key_chunk))
-    out = jax.lax.map(block, (split(pad(q, 1), 1), split(pad(mask, 2), 2)))  # [n, B, chunk, H, e]
-    return jnp.moveaxis(out, 0, 1).reshape(q.shape[:1] + (n * chunk,) + q.shape[2:3]
-                                           + (v.shape[-1],))[:, :T]
+    out = jax.lax.map(block, (_blocks(q, 1, chunk), _blocks(mask, 2, chunk)))  # [n, B, c, H, e]
+    return jnp.moveaxis(out, 0, 1).reshape(q.shape[:1] + (-1,) + out.shape[3:])[:, :T]
   if key_chunk is not None and key_chunk < k.shape[1]:
     return attend_key_blocks(q, k, v, mask, scale, key_chunk)
   B, T, H, _ = q.shape
@@ -189,6 +183,14 @@ def attend(q, k, v, mask, scale: float, chunk: int | None = None, impl: str = "x
   return out.reshape(B, T, H, v.shape[-1]).astype(v.dtype)
 
 
+def _blocks(a, axis: int, size: int):
+  """a's `axis` zero-padded to a multiple of size and cut into blocks of size, the blocks
+  leading: [n, ..., size, ...]."""
+  n = -(-a.shape[axis] // size)
+  a = jnp.pad(a, [(0, n * size - a.shape[axis]) if i == axis else (0, 0) for i in range(a.ndim)])
+  return jnp.moveaxis(a.reshape(a.shape[:axis] + (n, size) + a.shape[axis + 1:]), axis, 0)
+
+
 def attend_key_blocks(q, k, v, mask, scale: float, key_chunk: int):
   """`attend` over the keys in blocks of key_chunk (the last padded): each block updates a
   running max, softmax denominator and weighted sum of values (fp32), under `jax.checkpoint`, so
@@ -197,13 +199,9 @@ def attend_key_blocks(q, k, v, mask, scale: float, key_chunk: int):
   nothing."""
   B, T, H, d = q.shape
   S, K, e = k.shape[1], k.shape[2], v.shape[-1]
-  n = -(-S // key_chunk)
-  pad = lambda a, axis: jnp.pad(a, [(0, n * key_chunk - S) if i == axis else (0, 0)
-                                    for i in range(a.ndim)])
-  blocks = lambda a, axis: jnp.moveaxis(
-      a.reshape(a.shape[:axis] + (n, key_chunk) + a.shape[axis + 1:]), axis, 0)
-  real = jnp.arange(n * key_chunk).reshape(n, key_chunk) < S
-  qg = q.reshape(B, T, K, H // K, d)
+  G = H // K
+  real = _blocks(jnp.ones((S,), bool), 0, key_chunk)  # False for the padded keys
+  qg = q.reshape(B, T, K, G, d)
 
   @jax.checkpoint
   def step(carry, block):
@@ -218,11 +216,10 @@ def attend_key_blocks(q, k, v, mask, scale: float, key_chunk: int):
         "bkgts,bske->btkge", p.astype(v_b.dtype), v_b, preferred_element_type=jnp.float32)
     return (m_new, l * rescale + p.sum(-1), acc), None
 
-  G = H // K
   init = (jnp.full((B, K, G, T), NEG_INF, jnp.float32), jnp.zeros((B, K, G, T), jnp.float32),
           jnp.zeros((B, T, K, G, e), jnp.float32))
-  (_, l, acc), _ = jax.lax.scan(step, init, (blocks(pad(k, 1), 1), blocks(pad(v, 1), 1),
-                                             blocks(pad(mask, 3), 3), real))
+  (_, l, acc), _ = jax.lax.scan(step, init, (_blocks(k, 1, key_chunk), _blocks(v, 1, key_chunk),
+                                             _blocks(mask, 3, key_chunk), real))
   return (acc / jnp.moveaxis(l, 3, 1)[..., None]).reshape(B, T, H, e).astype(v.dtype)
 
 
