@@ -257,6 +257,7 @@ def _grpo_update(config, cfg, s, tx, lr, mesh, state):
                          jit=False)
   P, B = _prompt_len(config), s.rows
   T = P + s.max_new_tokens - 1
+  T += -T % parallel.context_size(mesh)  # the stage's columns padding (`grpo.pad_columns`)
   arr = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
                                                   sharding=parallel.batch_sharding(shape, mesh))
   routing = None

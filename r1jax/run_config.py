@@ -39,7 +39,7 @@ def base_config(**model_fields) -> ml_collections.ConfigDict:
   c.max_steps = 0
   c.model = model_section(**model_fields)
   c.init_from = ""  # a HF checkpoint dir to start the first stage from ("" = random init)
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, context=1, tensor=1))
   c.data = ml_collections.ConfigDict(dict(
       tokenizer="char",  # "char" (built in) or a dir/file with a HF tokenizer.json
       task="arithmetic",  # built-in task, or "file" to read train_file / eval_file
@@ -120,6 +120,10 @@ def validate(c) -> ModelConfig:
                         f"prompts_per_step x group_size = {s.rows}")
   if int(c.data.batch_size) <= 0 or int(c.data.seq_len) <= 1:
     raise ConfigError("data.batch_size must be > 0 and data.seq_len > 1")
+  context = int(c.mesh.get("context", 1))
+  if context > 1 and int(c.data.seq_len) % context:
+    raise ConfigError(f"data.seq_len={c.data.seq_len} must be a multiple of mesh.context={context}"
+                      " (each context device holds seq_len / context positions of every row)")
   if not 0.0 <= float(c.data.get("rl_uncovered_frac", 0.5)) <= 1.0:
     raise ConfigError(f"data.rl_uncovered_frac={c.data.rl_uncovered_frac} must be in [0, 1]")
   if int(c.data.get("num_heldout_uncovered", 0)) < 0:

@@ -11,6 +11,7 @@ training config's capacity-limited MoE (what the update used before it shared th
 policy config), the same tokens get different log-probs.
 """
 
+import contextlib
 import dataclasses
 import glob
 import os
@@ -19,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from r1jax import hf, launch, model, recipe, run_config
+from r1jax import hf, launch, model, parallel, recipe, run_config
 from r1jax.checkpoint import sources
 from r1jax.model.config import ModelConfig
 from r1jax.data.tokenizer import get_tokenizer
@@ -203,6 +204,39 @@ def test_length_bucket_cuts_padding_and_keeps_the_loss():
   # negative control: cutting one completion token too many changes the loss
   short = jax.tree.map(lambda x: x[:, :-4] if getattr(x, "ndim", 0) == 2 else x, cut)
   assert abs(float(grad(params, short)[0]) - float(l_full)) > 1e-4
+
+
+def test_context_parallel_update_equals_the_single_device_update():
+  """With a `context` mesh axis the stage pads the update's columns to a multiple of it
+  (`pad_columns`: 31 -> 32 here); the padding changes neither the loss, its metrics nor its
+  gradient. On a data 2 x context 4 mesh (each device 8 of each row's 32 positions), r1_tiny's
+  MLA + MoE policy then gives the single-device update. Unpadded, 31 columns do not split over
+  4 devices, so each row would run whole on every context device."""
+  c, cfg, params = _setup(os.path.join(ROOT, "configs", "r1_tiny.py"))
+  pcfg = sampler.policy_config(cfg)
+  rng = np.random.default_rng(4)
+  B, P, N = 8, 16, 16
+  rollout = _hand_rollout(rng, cfg.vocab_size, B, P, N, min_prompt=4, lengths=(3, N + 1))
+  adv = rng.normal(size=B).astype(np.float32)
+  batch = grpo_stage.grpo_batch(rollout, adv, mask_truncated=False)
+  padded = grpo_stage.pad_columns(batch, 4)
+  assert batch.tokens.shape == (B, 31) and padded.tokens.shape == (B, 32)
+  assert grpo_stage.pad_columns(padded, 4) is padded and grpo_stage.pad_columns(batch, 1) is batch
+  loss = grpo.grpo_loss(pcfg, loss_type="grpo", eps_low=0.2, eps_high=0.2, beta=0.0, budget=N)
+  grad = testing.jit(jax.value_and_grad(lambda p, b: loss(p, b, None, None), has_aux=True))
+  (l_ref, m_ref), g_ref = grad(params, batch)
+  mesh = parallel.make_mesh(dict(data=2, context=4))
+  for got_batch, p in ((padded, params), (parallel.shard_batch(padded, mesh),
+                                          parallel.shard_params(params, pcfg, mesh))):
+    with jax.set_mesh(mesh) if got_batch is not padded else contextlib.nullcontext():
+      (l_got, m_got), g_got = grad(p, got_batch)
+    np.testing.assert_allclose(float(l_got), float(l_ref), rtol=1e-5, atol=1e-7)
+    for k in ("entropy", "tokens", "logp_mismatch_mean", "ratio_mean"):
+      np.testing.assert_allclose(float(m_got[k]), float(m_ref[k]), rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_ref)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  assert parallel.shard_batch(padded, mesh).tokens.sharding.spec == jax.sharding.PartitionSpec(
+      "data", "context")
 
 
 def test_update_groups_keeps_every_signal_group_in_power_of_two_batches():

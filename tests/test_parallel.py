@@ -36,11 +36,13 @@ CFG = ModelConfig.from_config(run_config.tiny_moe_fields(
     num_hidden_layers=2, moe_impl="capacity", capacity_factor=None, num_nextn_predict_layers=1))
 B, T = 8, 32  # B divides every mesh's batch split (8 or 4 devices)
 MESHES = {"data8": dict(data=8), "data2_expert4": dict(data=2, expert=4),
-          "fsdp2_expert2_tensor2": dict(fsdp=2, expert=2, tensor=2)}
+          "fsdp2_expert2_tensor2": dict(fsdp=2, expert=2, tensor=2),
+          "data2_expert2_context2": dict(data=2, expert=2, context=2)}
 # (mesh, expert_dispatch): without an `expert` axis both strategies are the same program
 CASES = [("data8", "allgather"), ("data2_expert4", "allgather"), ("data2_expert4", "all_to_all"),
          ("data2_expert4", "ragged_all_to_all"), ("fsdp2_expert2_tensor2", "allgather"),
-         ("fsdp2_expert2_tensor2", "all_to_all"), ("fsdp2_expert2_tensor2", "ragged_all_to_all")]
+         ("fsdp2_expert2_tensor2", "all_to_all"), ("fsdp2_expert2_tensor2", "ragged_all_to_all"),
+         ("data2_expert2_context2", "allgather"), ("data2_expert2_context2", "all_to_all")]
 TOL = 1e-5
 
 
@@ -117,6 +119,8 @@ def test_logits_and_grads_match_single_device(params, batch, reference, mesh_nam
   (loss_ref, (logits_ref, counts_ref)), grads_ref = reference
   # the inputs really were split: batch over the batch axes, experts over `expert`
   assert len(logits.sharding.device_set) == 8
+  if "context" in MESHES[mesh_name]:  # context parallelism: each device kept its own positions
+    assert logits.sharding.spec[1] == "context", logits.sharding.spec
   if "expert" in MESHES[mesh_name]:
     gate = sharded_params["moe_layers"]["moe"]["gate"]
     assert gate.addressable_shards[0].data.shape[1] == CFG.n_routed_experts // mesh.shape["expert"]
@@ -127,6 +131,42 @@ def test_logits_and_grads_match_single_device(params, batch, reference, mesh_nam
   assert flat.keys() == flat_ref.keys()
   for k in flat:
     np.testing.assert_allclose(flat[k], flat_ref[k], rtol=0, atol=TOL, err_msg=k)
+
+
+def test_context_parallel_chunks_match_single_device_and_split_the_work(params, batch):
+  """Context parallelism through every chunked path: a 4-way `context` axis (8 of each row's 32
+  positions per device) with query chunks of 3 (each device's 8 positions padded to 9), key
+  blocks of 5, and the main and MTP heads' log-probs 3 positions at a time give the single-device
+  log-probs and gradients. The compiled program splits the work: per device, about the FLOPs of
+  the 8-way row split, not those of the whole batch (k and v are expanded for every key on every
+  context device, the one part not split)."""
+  cfg = CFG.replace(attn_chunk=3, attn_key_chunk=5, logits_chunk=3)
+
+  def f(p, b):
+    picked, _, aux = model.decoder.chunked_target_logprobs(
+        p, b["tokens"], b["targets"], cfg, segment_ids=b["segment_ids"],
+        positions=b["positions"], mtp=True)
+    return (jnp.sum(picked * b["loss_mask"]) + 0.3 * jnp.sum(aux["mtp_logprobs"]),
+            (picked, aux["mtp_logprobs"]))
+
+  value_and_grad = jit(jax.value_and_grad(f, has_aux=True))
+  (_, ref), grads_ref = value_and_grad(params, batch)
+  flops = {}
+  for name, mesh_cfg in (("rows", dict(data=8)), ("context", dict(fsdp=2, context=4))):
+    mesh = parallel.make_mesh(mesh_cfg)
+    args = parallel.shard_params(params, cfg, mesh), parallel.shard_batch(batch, mesh)
+    with jax.set_mesh(mesh):
+      (_, got), grads = value_and_grad(*args)
+      flops[name] = value_and_grad.lower(*args).compile().cost_analysis()["flops"]
+    if name == "context":
+      assert got[0].sharding.spec == P("fsdp", "context"), got[0].sharding.spec
+      for a, b in zip(got, ref):
+        np.testing.assert_allclose(a, b, rtol=0, atol=TOL)
+      flat, flat_ref = _flat(grads), _flat(grads_ref)
+      for k in flat:
+        np.testing.assert_allclose(flat[k], flat_ref[k], rtol=0, atol=TOL, err_msg=k)
+  whole = value_and_grad.lower(params, batch).compile().cost_analysis()["flops"]
+  assert flops["context"] < 1.5 * flops["rows"] < 0.25 * whole, (flops, whole)
 
 
 def _optimizer():
@@ -195,13 +235,17 @@ def _shipped_config(name):
 LARGE = 2**20  # bytes: a parameter this big must not sit whole on every device
 
 
-@pytest.mark.parametrize("name,num_devices", [("deepseek_v3_671b", 256), ("deepseek_v2_lite", 64)])
-def test_full_size_parameters_split_over_the_whole_mesh(name, num_devices):
-  """The shipped configs on their default meshes (abstract: spec_for reads only the axis sizes):
-  every parameter over 1 MiB is split over all devices (none replicated, as MLA's q_b / kv_b and
-  the stacked norms were), so a device holds 1/num_devices of the parameters, and of their
-  gradients and AdamW moments, which take the same specs."""
+@pytest.mark.parametrize("name,num_devices,mesh_update", [
+    ("deepseek_v3_671b", 256, {}), ("deepseek_v3_671b", 256, dict(fsdp=2, context=2)),
+    ("deepseek_v2_lite", 64, {})])
+def test_full_size_parameters_split_over_the_whole_mesh(name, num_devices, mesh_update):
+  """The shipped configs on their default meshes (abstract: spec_for reads only the axis sizes),
+  and the 671B with half its FSDP axis given to context parallelism: every parameter over 1 MiB
+  is split over all devices (none replicated, as MLA's q_b / kv_b and the stacked norms were), so
+  a device holds 1/num_devices of the parameters, and of their gradients and AdamW moments,
+  which take the same specs."""
   config = _shipped_config(name)
+  config.mesh.update(mesh_update)
   cfg = ModelConfig.from_config(config.model)
   mesh = parallel.abstract_mesh(config.mesh.to_dict(), num_devices)
   shapes, specs = model.abstract(cfg), parallel.param_specs(cfg, mesh)
@@ -237,7 +281,7 @@ def test_mesh_config_errors(mesh_cfg, match):
 
 def test_mesh_minus_one_takes_the_rest():
   mesh = parallel.make_mesh(dict(data=-1, expert=4))
-  assert dict(mesh.shape) == dict(data=2, fsdp=1, expert=4, tensor=1)
+  assert dict(mesh.shape) == dict(data=2, fsdp=1, expert=4, context=1, tensor=1)
 
 
 def test_dry_run_simulates_a_mesh_the_config_can_take():

@@ -23,6 +23,8 @@ def decoder_block(p, x, cos, sin, mask, cfg: ModelConfig, *, cache=None, token_m
   token_mask [B, T] (MoE): padding goes to no expert; replay_ids [B, T, k]: R3 routing.
   Returns (x, MoE stats or None for a dense FFN, the updated stack cache or None)."""
   attention = ATTENTION[cfg.attention]
+  if cache is None:
+    x = L.constrain_positions(x)  # context parallelism: each device its own positions
   h = L.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
   if cache is None:
     y, c = attention.forward(p["attn"], h, cos, sin, mask, cfg), None

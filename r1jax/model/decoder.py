@@ -99,7 +99,7 @@ def forward_hidden(params, tokens, cfg: ModelConfig, *, segment_ids=None, positi
     segment_ids = jnp.zeros_like(tokens)
   cos, sin = L.rope_cos_sin(cfg, positions)
   mask = L.attention_mask(segment_ids, segment_ids, positions, positions)
-  x = embed(params, tokens, cfg)
+  x = L.constrain_positions(embed(params, tokens, cfg))
   aux = {}
   replay = None if routing is None else jnp.moveaxis(routing, 2, 0)  # [L_moe, B, T, k]
   moe_stats = []
@@ -211,8 +211,11 @@ def mtp_logits(params, tokens, h, ctx, cfg: ModelConfig, targets=None):
   def body(carry, inputs):
     h_prev, shifted = carry
     p, target_BT = inputs
-    shifted = jnp.concatenate([shifted[:, 1:], jnp.zeros_like(shifted[:, :1])], axis=1)
-    e = L.rms_norm(embed(params, shifted, cfg), p["enorm"], cfg.rms_norm_eps)
+    # a shift along the positions: under context parallelism its result keeps their split
+    shifted = L.constrain_positions(
+        jnp.concatenate([shifted[:, 1:], jnp.zeros_like(shifted[:, :1])], axis=1))
+    e = L.rms_norm(L.constrain_positions(embed(params, shifted, cfg)), p["enorm"],
+                   cfg.rms_norm_eps)
     hn = L.rms_norm(h_prev, p["hnorm"], cfg.rms_norm_eps)
     x = L.dense(jnp.concatenate([e, hn], axis=-1), p["eh_proj"], dtype)
     x, stats, _ = decoder_block(p["layer"], x, cos, sin, mask, cfg, token_mask=token_mask)
@@ -225,8 +228,9 @@ def mtp_logits(params, tokens, h, ctx, cfg: ModelConfig, targets=None):
   D = jax.tree.leaves(params["mtp"])[0].shape[0]
   shifted_targets = None
   if targets is not None:  # module k (1-based) predicts targets[i + k]
-    shifted_targets = jnp.stack([jnp.pad(targets[:, k:], ((0, 0), (0, min(k, T))))[:, :T]
-                                 for k in range(1, D + 1)])
+    shifted_targets = jnp.stack([
+        L.constrain_positions(jnp.pad(targets[:, k:], ((0, 0), (0, min(k, T))))[:, :T])
+        for k in range(1, D + 1)])
   _, (logits, stats) = _layer_scan(cfg)(L.maybe_remat(body, cfg.remat), (h, tokens),
                                         (params["mtp"], shifted_targets))
   aux = {}
@@ -242,12 +246,9 @@ def _head_logprobs(params, h_BTD, targets_BT, cfg: ModelConfig, entropy: bool,
   The head and its softmax run on `cfg.logits_chunk` positions of every row at a time (the batch
   axis stays whole, so its sharding over the mesh's batch axes is kept), each chunk recomputed in
   the backward pass (jax.checkpoint): at most [B, chunk, V] logits exist at once."""
-  B, T, D = h_BTD.shape
-  chunk = min(cfg.logits_chunk, T)
-  count = -(-T // chunk)
-  pad = count * chunk - T
-  h = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0))).reshape(B, count, chunk, D)
-  t = jnp.pad(targets_BT, ((0, 0), (0, pad))).reshape(B, count, chunk)
+  T = h_BTD.shape[1]
+  shards = L.position_shards(T)  # context parallelism: each device's positions, chunk by chunk
+  chunk = min(cfg.logits_chunk, T // shards)
 
   @jax.checkpoint
   def one(h_c, t_c):
@@ -256,8 +257,9 @@ def _head_logprobs(params, h_BTD, targets_BT, cfg: ModelConfig, entropy: bool,
     ent = -jnp.sum(jnp.exp(logp) * logp, -1) if entropy else jnp.zeros_like(picked)
     return picked, ent
 
-  picked, ent = jax.lax.map(lambda a: one(*a), (jnp.moveaxis(h, 1, 0), jnp.moveaxis(t, 1, 0)))
-  unpad = lambda x: jnp.moveaxis(x, 0, 1).reshape(B, count * chunk)[:, :T]
+  picked, ent = jax.lax.map(lambda a: one(*a), (L._blocks(h_BTD, 1, chunk, shards),
+                                                 L._blocks(targets_BT, 1, chunk, shards)))
+  unpad = lambda x: L._unblocks(x, 1, T, shards)
   return unpad(picked), (unpad(ent) if entropy else None)
 
 

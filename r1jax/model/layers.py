@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from r1jax.axes import CONTEXT, batch_axes, context_size
 from r1jax.model.config import ModelConfig, yarn_mscale
 
 NEG_INF = -1e30  # finite, so a fully masked row (padding) gives a uniform softmax, not NaN
@@ -129,6 +130,29 @@ def apply_rope(x, cos, sin, interleave: bool):
   return out.astype(x.dtype)
 
 
+# ------------------------------------------------------- context parallelism
+def position_shards(length: int) -> int:
+  """How many devices split a row's `length` positions: the context mesh's `context` axis
+  where it divides length, else 1 (no mesh, no context axis, or a length it does not divide)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  cp = 1 if mesh.empty else context_size(mesh)
+  return cp if cp > 1 and length % cp == 0 else 1
+
+
+def constrain_positions(x, axis: int = 1, split: bool = True):
+  """x with its leading (row) axis over the batch axes and its positions `axis` over `context`
+  (split) or whole on every device (not split: an all-gather over `context`). A no-op where
+  `position_shards` is 1, so models without a context axis run exactly as before."""
+  if position_shards(x.shape[axis]) == 1:
+    return x
+  mesh = jax.sharding.get_abstract_mesh()
+  rows = batch_axes(mesh)
+  rows = rows if rows and x.shape[0] % math.prod(mesh.shape[a] for a in rows) == 0 else None
+  spec = [None] * x.ndim
+  spec[0], spec[axis] = rows, (CONTEXT if split else None)
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
+
+
 # ------------------------------------------------------------- attention
 def attention_mask(segment_ids_q, segment_ids_k, positions_q, positions_k):
   """Causal + same-segment mask [B, 1, T, S] from segment ids and positions."""
@@ -152,6 +176,10 @@ def attend(q, k, v, mask, scale: float, chunk: int | None = None, impl: str = "x
   a bucketed prompt + max_new_tokens - 1 columns), the queries are padded to a multiple of it;
   the padded queries attend to nothing and are dropped.
 
+  With a `context` mesh axis that divides T (context parallelism), each device keeps its own
+  queries and mask rows and gathers every key and value; query chunks are cut within each
+  device's positions (`_blocks`).
+
   `key_chunk` also splits the keys (`attend_key_blocks`: a running max and sum over key blocks,
   each under `jax.checkpoint`), so at most [H, chunk, key_chunk] scores exist at once: the same
   result to float rounding.
@@ -167,10 +195,14 @@ def attend(q, k, v, mask, scale: float, chunk: int | None = None, impl: str = "x
                                        implementation=FUSED_IMPLEMENTATION[impl])
     return out[..., :e]
   T = q.shape[1]
-  if chunk is not None and chunk < T:
+  shards = position_shards(T) if T == k.shape[1] else 1  # context parallelism (self-attention)
+  if shards > 1:  # each device: its own queries against every key (an all-gather of k and v)
+    q, mask = constrain_positions(q), constrain_positions(mask, axis=2)
+    k, v = constrain_positions(k, split=False), constrain_positions(v, split=False)
+  if chunk is not None and chunk < T // shards:
     block = jax.checkpoint(lambda qm: attend(qm[0], k, v, qm[1], scale, key_chunk=key_chunk))
-    out = jax.lax.map(block, (_blocks(q, 1, chunk), _blocks(mask, 2, chunk)))  # [n, B, c, H, e]
-    return jnp.moveaxis(out, 0, 1).reshape(q.shape[:1] + (-1,) + out.shape[3:])[:, :T]
+    out = jax.lax.map(block, (_blocks(q, 1, chunk, shards), _blocks(mask, 2, chunk, shards)))
+    return _unblocks(out, 1, T, shards)  # out: [n, B, shards * chunk, H, e]
   if key_chunk is not None and key_chunk < k.shape[1]:
     return attend_key_blocks(q, k, v, mask, scale, key_chunk)
   B, T, H, _ = q.shape
@@ -183,12 +215,31 @@ def attend(q, k, v, mask, scale: float, chunk: int | None = None, impl: str = "x
   return out.reshape(B, T, H, v.shape[-1]).astype(v.dtype)
 
 
-def _blocks(a, axis: int, size: int):
+def _blocks(a, axis: int, size: int, shards: int = 1):
   """a's `axis` zero-padded to a multiple of size and cut into blocks of size, the blocks
-  leading: [n, ..., size, ...]."""
+  leading: [n, ..., size, ...].
+
+  With shards > 1 (context parallelism: `axis` split over that many devices), each shard's
+  part is cut the same way, and block i holds every shard's i-th block side by side:
+  [n, ..., shards * size, ...]. So each block keeps the axis's split, and a loop over the
+  blocks runs on every device at once, each on its own positions."""
+  if shards > 1:
+    parts = _blocks(a.reshape(a.shape[:axis] + (shards, -1) + a.shape[axis + 1:]), axis + 1, size)
+    return parts.reshape(parts.shape[:axis + 1] + (shards * size,) + parts.shape[axis + 3:])
   n = -(-a.shape[axis] // size)
   a = jnp.pad(a, [(0, n * size - a.shape[axis]) if i == axis else (0, 0) for i in range(a.ndim)])
   return jnp.moveaxis(a.reshape(a.shape[:axis] + (n, size) + a.shape[axis + 1:]), axis, 0)
+
+
+def _unblocks(out, axis: int, length: int, shards: int = 1):
+  """The inverse of `_blocks` on a loop's outputs [n, ..., shards * size, ...]: [..., length,
+  ...] (`axis` counted without the leading n), the padding dropped."""
+  n, size = out.shape[0], out.shape[axis + 1] // shards
+  out = out.reshape(out.shape[:axis + 1] + (shards, size) + out.shape[axis + 2:])
+  out = jnp.moveaxis(out, 0, axis + 1)  # [..., shards, n, size, ...]
+  out = out.reshape(out.shape[:axis] + (shards, n * size) + out.shape[axis + 3:])
+  out = jax.lax.slice_in_dim(out, 0, length // shards, axis=axis + 1)
+  return out.reshape(out.shape[:axis] + (length,) + out.shape[axis + 2:])
 
 
 def attend_key_blocks(q, k, v, mask, scale: float, key_chunk: int):

@@ -77,6 +77,9 @@ def mla(p, x, cos, sin, mask, cfg: ModelConfig):
   q_pe = L.apply_rope(q_pe, cos, sin, cfg.rope_interleave)
   latent, k_pe = project_latent(p, x, cfg, dtype)
   k_pe = L.apply_rope(k_pe[:, :, None, :], cos, sin, cfg.rope_interleave)
+  # context parallelism: every device gathers the keys' latent and rope key (576 values per
+  # token at V3 size) and expands them itself, rather than gathering per-head keys and values
+  latent, k_pe = L.constrain_positions(latent, split=False), L.constrain_positions(k_pe, split=False)
   kv = L.dense(latent, p["kv_b"], dtype, cfg.fp8)  # [B, T, H, nope + v]
   k_nope, v = kv[..., :cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]
   B, T = x.shape[:2]

@@ -1,4 +1,5 @@
-"""The device mesh: axes `data`, `fsdp`, `expert`, `tensor` built from the config's `mesh` section.
+"""The device mesh: axes `data`, `fsdp`, `expert`, `context`, `tensor` built from the config's
+`mesh` section.
 
 Axis sizes of -1 take the rest of the devices (at most one). Axes are `Auto` (GSPMD propagates
 shardings from the jit in/out shardings); expert dispatch uses `jax.shard_map` explicitly.
@@ -13,7 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-from r1jax.axes import AXES, BATCH_AXES, batch_axes  # noqa: F401  (re-exported)
+from r1jax.axes import AXES, BATCH_AXES, batch_axes, context_size  # noqa: F401  (re-exported)
 from r1jax.errors import ConfigError
 
 
@@ -56,7 +57,7 @@ def resolve_axis_sizes(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[i
 
 
 def make_mesh(mesh_cfg: Mapping[str, int] | None = None, devices=None) -> Mesh:
-  """A mesh over `devices` (default: all) with the four named axes."""
+  """A mesh over `devices` (default: all) with the named axes (AXES)."""
   devices = list(jax.devices() if devices is None else devices)
   sizes = resolve_axis_sizes(dict(mesh_cfg or {"data": -1}), len(devices))
   if devices == list(jax.devices()):

@@ -1,12 +1,14 @@
 """Logical axis names -> mesh axes. The one place that knows how the model is laid out.
 
 Dense weights shard their model dimension over `fsdp` (and `expert`, which is plain data
-parallelism outside the MoE layers); expert weights shard the expert dimension over `expert`;
-heads and FFN widths over `tensor`. Weights without a model dimension (MLA's up-projections
-q_b [q_lora, H, hd] and kv_b [kv_lora, H, hd], stacked norms [L, D]) shard their input dimension
-over `fsdp` x `expert` the same way, so no large weight (nor its gradient and AdamW moments) is
-replicated. A mesh axis is used at most once per array, and an axis is dropped for a dimension it
-does not divide (small models on big meshes stay correct).
+parallelism outside the MoE layers, and `context`, whose devices hold other positions of the
+same rows); expert weights shard the expert dimension over `expert`; heads and FFN widths over
+`tensor`. Weights without a model dimension (MLA's up-projections q_b [q_lora, H, hd] and kv_b
+[kv_lora, H, hd], stacked norms [L, D]) shard their input dimension over `fsdp` x `expert` x
+`context` the same way, so no large weight (nor its gradient and AdamW moments) is replicated.
+Batches split their rows over the batch axes and their positions over `context`. A mesh axis
+is used at most once per array, and an axis is dropped for a dimension it does not divide
+(small models on big meshes stay correct).
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from r1jax.model import params as param_lib
 
 RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp", "expert"),
-    "embed": ("fsdp", "expert"),
+    "seq": ("context",),
+    "embed": ("fsdp", "expert", "context"),
     # inputs of weights that have no `embed` dim, sharded like it (FSDP: gathered where used);
     # in weights that do have one (q_a [D, q_lora], eh_proj [2D, D]) `embed` claims the axes first
-    "q_lora": ("fsdp", "expert"),
-    "kv_lora": ("fsdp", "expert"),
-    "mtp_in": ("fsdp", "expert"),
-    "norm": ("fsdp", "expert"),
+    "q_lora": ("fsdp", "expert", "context"),
+    "kv_lora": ("fsdp", "expert", "context"),
+    "mtp_in": ("fsdp", "expert", "context"),
+    "norm": ("fsdp", "expert", "context"),
     "vocab": ("tensor",),
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
@@ -34,7 +37,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "exp": ("expert",),
 }
 # dimensions sharded first claim their mesh axes first (experts before the model dimension)
-PRIORITY = ("exp", "batch", "vocab", "heads", "kv_heads", "mlp", "moe_mlp", "embed")
+PRIORITY = ("exp", "batch", "seq", "vocab", "heads", "kv_heads", "mlp", "moe_mlp", "embed")
 
 
 def spec_for(axes, shape, mesh, rules=RULES) -> P:
@@ -67,8 +70,9 @@ def param_shardings(cfg, mesh, rules=RULES):
 
 
 def batch_spec(shape, mesh) -> P:
-  """Leading (batch) dimension over the batch axes; the rest replicated."""
-  return spec_for(("batch",) + (None,) * (len(shape) - 1), shape, mesh)
+  """Leading (batch) dimension over the batch axes, the second (positions) over `context`
+  (where they divide); the rest replicated."""
+  return spec_for(("batch", "seq")[:len(shape)] + (None,) * (len(shape) - 2), shape, mesh)
 
 
 def batch_sharding(shape, mesh) -> NamedSharding:

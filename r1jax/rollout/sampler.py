@@ -21,7 +21,7 @@ the sampling distribution's log-probs. With top-k or top-p they are not (the tru
 in them), and the loss does not model it either.
 
 Sharding: called inside `with jax.set_mesh(mesh)`, the batch is split over the mesh's batch
-axes (when it divides) and the MoE dispatches experts with `shard_map`; the sampled tokens do not
+axes and `context` (when they divide) and the MoE dispatches experts with `shard_map`; the sampled tokens do not
 depend on the sharding (JAX's partitionable threefry RNG).
 
 Stop strings are applied after decoding, on the text: `truncate_at_stop_strings`. Token-level
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from r1jax.axes import batch_axes
+from r1jax.axes import batch_axes, token_axes
 from r1jax.model.config import ModelConfig
 from r1jax.model import decoder
 from r1jax.parallel.rules import to_host
@@ -108,16 +108,19 @@ def sample_token(logits_BV, key, knobs, filtered: bool, noise_BV=None):
   return token, logprob
 
 
-def _batch_constraint(x):
-  """Split dim 0 over the context mesh's batch axes when it divides; no-op without a mesh."""
+def _batch_constraint(x, axis: int = 0):
+  """Split the rows (`axis`) over the context mesh's batch axes and `context` (a decode step has
+  no positions to split, so the context devices take rows too) when they divide, else over the
+  batch axes alone when those divide; no-op without a mesh."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return x
-  axes = batch_axes(mesh)
-  if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
-    return x
-  spec = PartitionSpec(axes, *([None] * (x.ndim - 1)))
-  return jax.lax.with_sharding_constraint(x, spec)
+  for axes in (token_axes(mesh), batch_axes(mesh)):
+    if axes and x.shape[axis] % math.prod(mesh.shape[a] for a in axes) == 0:
+      spec = [None] * x.ndim
+      spec[axis] = axes
+      return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+  return x
 
 
 # the most sampling noise (N x B x V float32) drawn before the decode loop (`noise_first`);
@@ -142,12 +145,13 @@ def _generate_core(params, prompt_BP, pad_B, rng, knobs, *, cfg: ModelConfig,
   # the prefill: one row per distinct prompt (U = B / G), every row when groups == 1
   prompt_UP, pad_U = (prompt_BP[::groups], pad_B[::groups]) if groups > 1 else (prompt_BP, pad_B)
   U = prompt_UP.shape[0]
-  cache = jax.tree.map(_batch_constraint, decoder.init_cache(cfg, U, P + N))
+  # cache leaves are [L, rows, S, ...]
+  cache = jax.tree.map(lambda c: _batch_constraint(c, 1), decoder.init_cache(cfg, U, P + N))
   positions = jnp.maximum(jnp.arange(P, dtype=jnp.int32)[None, :] - pad_U[:, None], 0)
   logits, cache, ids = decoder.forward_cached(params, prompt_UP, positions, cache, 0, pad_U, cfg)
   logits = logits[:, -1:]
   if groups > 1:  # cache leaves are [L, U, S, ...]; logits [U, 1, V]; expert ids [L_moe, U, P, k]
-    cache = jax.tree.map(lambda c: _batch_constraint(jnp.repeat(c, groups, axis=1)), cache)
+    cache = jax.tree.map(lambda c: _batch_constraint(jnp.repeat(c, groups, axis=1), 1), cache)
     logits = jnp.repeat(logits, groups, axis=0)
     ids = None if ids is None else jnp.repeat(ids, groups, axis=1)
   routing = None

@@ -77,6 +77,24 @@ def grpo_batch(rollout: sampler.Rollout, advantages, *, mask_truncated: bool,
                else None))
 
 
+ROW_FIELDS = ("tokens", "targets", "segment_ids", "positions", "loss_mask", "rollout_logprobs",
+              "old_logprobs", "routing")  # GRPOBatch's fields with one entry per [B, T] position
+
+
+def pad_columns(batch: grpo_lib.GRPOBatch, multiple: int) -> grpo_lib.GRPOBatch:
+  """The batch with its [B, T] fields padded at the end to a multiple of `multiple` columns:
+  `mesh.context`, whose devices each take an equal share of every row's positions (context
+  parallelism). The new columns are padding (segment 0, no loss, no expert); the model is
+  causal and attends within a segment, so no real position sees them, and the loss, its
+  gradient and the metrics are the same."""
+  extra = -batch.tokens.shape[1] % multiple
+  if extra == 0:
+    return batch
+  pad = lambda x: None if x is None else np.pad(
+      np.asarray(x), [(0, 0), (0, extra)] + [(0, 0)] * (np.ndim(x) - 2))
+  return dataclasses.replace(batch, **{f: pad(getattr(batch, f)) for f in ROW_FIELDS})
+
+
 def _split_prompt(batch: grpo_lib.GRPOBatch, P: int, G: int) -> grpo_lib.GRPOBatch:
   """A whole-row batch whose rows are groups of G with the same P-token prompt -> the batch that
   runs each prompt once (`grpo_batch(share_prompt=G)`)."""
@@ -187,6 +205,7 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
     batch = grpo_batch(rollout, update_adv, mask_truncated=s.mask_truncated,
                        routing=s.routing_replay, length_bucket=s.length_bucket,
                        share_prompt=G if s.share_prompt else 0)
+    batch = pad_columns(batch, parallel.context_size(ctx.mesh))
     if ctx.is_main and step % max(int(c.log.every_steps), 1) == 0:
       # written as they come, so a run resumed from a checkpoint keeps the samples before it
       samples[:] = [x for x in samples if x["step"] < step]

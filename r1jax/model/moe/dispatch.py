@@ -1,6 +1,7 @@
 """Expert parallelism: token dispatch to the devices that own their experts, in `jax.shard_map`.
 
-Tokens are split over the batch axes (`data`, `fsdp`, `expert`); expert weights [E, ...] are split
+Tokens are split over the batch axes (`data`, `fsdp`, `expert`) and `context` (each row's
+positions, context parallelism); expert weights [E, ...] are split
 over `expert`, so each device owns E_loc = E / |expert| experts. Three strategies
 (`model.expert_dispatch`):
 
@@ -33,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from r1jax.axes import batch_axes
+from r1jax.axes import batch_axes, token_axes
 from r1jax.model.config import ModelConfig
 from r1jax.model.moe.experts import combine_sorted, routed_experts, sorted_rows
 
@@ -261,7 +262,11 @@ def dispatch(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig, mesh, native: bool |
   its fast buffers: `_dropless`), on a mesh.
 
   `native` (ragged_all_to_all only): None picks the native collective off CPU."""
-  bax = batch_axes(mesh)
+  # tokens [B * T] split over the batch axes and `context` (rows, then positions); where the
+  # context devices cannot split them, over the batch axes alone
+  bax = token_axes(mesh)
+  if x_ND.shape[0] % math.prod(mesh.shape[a] for a in bax):
+    bax = batch_axes(mesh)
   n_batch = math.prod(mesh.shape[a] for a in bax)
   tokens_sharded = bool(bax) and x_ND.shape[0] % n_batch == 0
   ep = mesh.shape.get("expert", 1)
