@@ -156,6 +156,7 @@ def test_dry_run_with_fewer_devices_than_its_mesh_is_one_line():
 @pytest.mark.parametrize("args, fragment", [
     (("--config.mesh.data=0",), "mesh.data=0 must be a positive size"),
     (("--config.mesh.fsdp=-1",), "at most one axis may be -1"),
+    (("--config.mesh.context=3",), "data.seq_len=64 must be a multiple of mesh.context=3"),
     (("--dry_run_devices=-3",), "--dry_run_devices=-3 must be >= 0")])
 def test_dry_run_bad_mesh_is_one_line_before_any_device_starts(args, fragment):
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
