@@ -42,7 +42,7 @@ def _worker(args):
   cfg = ModelConfig.from_config(run_config.tiny_moe_fields(
       num_hidden_layers=2, num_nextn_predict_layers=0, expert_dispatch="all_to_all",
       dropless_fast_factor=args.fast_factor or None))
-  mesh = parallel.make_mesh(MESH)
+  mesh = parallel.make_mesh(json.loads(args.mesh) if args.mesh else MESH)
   assert jax.device_count() == 4 and jax.local_device_count() == 4 // jax.process_count()
 
   # identical host values everywhere; each process places only its own shards
@@ -101,6 +101,7 @@ def _main():
   ap.add_argument("--process_id", type=int)
   ap.add_argument("--pause_s", type=float, default=0.0)
   ap.add_argument("--fast_factor", type=float, default=0.0)  # 0: exact dropless buffers
+  ap.add_argument("--mesh", default="")  # JSON mesh sizes; default MESH
   _worker(ap.parse_args())
 
 
@@ -142,13 +143,17 @@ def _finish(proc, timeout):
   return proc.returncode, out, err
 
 
-@pytest.mark.parametrize("fast", [0.0, 1.0], ids=["exact_buffers", "fast_buffers"])
-def test_two_processes_match_one_process(tmp_path, fast):
+@pytest.mark.parametrize("fast,mesh", [(0.0, ""), (1.0, ""), (0.0, '{"context": 4}')],
+                         ids=["exact_buffers", "fast_buffers", "context_parallel"])
+def test_two_processes_match_one_process(tmp_path, fast, mesh):
   """With fast buffers of 1x the mean load the routing overflows them, so the exchange runs in
-  token slices, chosen alike by both processes (`moe.dispatch._dropless`)."""
+  token slices, chosen alike by both processes (`moe.dispatch._dropless`). With a 4-way
+  `context` axis each device holds 4 of every row's 16 positions, and the attention gathers
+  keys across the processes."""
   # a generous heartbeat: on a loaded machine a short one can end a healthy run
-  procs = _pair(tmp_path / "two", "--fast_factor", fast, heartbeat_s=120)
-  reference = _spawn(tmp_path / "one", 4, "--fast_factor", fast)
+  extra = ("--fast_factor", fast) + (("--mesh", mesh) if mesh else ())
+  procs = _pair(tmp_path / "two", *extra, heartbeat_s=120)
+  reference = _spawn(tmp_path / "one", 4, *extra)
   results = [_finish(p, 600) for p in procs + [reference]]
   for rc, out, err in results:
     assert rc == 0, f"worker failed (rc {rc}):\n{out}\n{err[-3000:]}"
