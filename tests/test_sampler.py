@@ -172,9 +172,13 @@ def test_sampling_is_categoricals_with_noise_drawn_first_or_per_step(moe, prompt
   np.testing.assert_array_equal(per_step.logprobs, moe_sampled.logprobs)
 
 
-def test_data_mesh_equals_single_device(moe, prompts, moe_sampled):
+@pytest.mark.parametrize("mesh_cfg", [dict(data=8), dict(data=2, expert=2, context=2)],
+                         ids=["data8", "data2_expert2_context2"])
+def test_data_mesh_equals_single_device(moe, prompts, moe_sampled, mesh_cfg):
+  """On a context mesh the context devices take rows too (a decode step has no positions to
+  split): the 8 rows over data x expert x context."""
   cfg, params = moe
-  mesh = parallel.make_mesh(dict(data=8))
+  mesh = parallel.make_mesh(mesh_cfg)
   with jax.set_mesh(mesh):
     out = _gen((cfg, parallel.shard_params(params, cfg, mesh)), prompts)
   np.testing.assert_array_equal(out.completion, moe_sampled.completion)

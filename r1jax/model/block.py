@@ -34,7 +34,8 @@ def decoder_block(p, x, cos, sin, mask, cfg: ModelConfig, *, cache=None, token_m
   x = x + y
   h = L.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
   if "moe" in p:
-    y, stats = moe_lib.moe_block(p["moe"], h, cfg, token_mask, replay_ids)
+    y, stats = moe_lib.moe_block(p["moe"], h, cfg, token_mask, replay_ids,
+                                 positions_split=cache is None)
   else:
     y, stats = L.swiglu_mlp(p["mlp"], h, cfg.jnp_dtype, cfg.fp8), None
   return x + y, stats, c

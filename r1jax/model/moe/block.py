@@ -16,16 +16,18 @@ from r1jax.model.moe.experts import routed_experts
 from r1jax.model.moe.routing import route, route_pallas, route_replay, sequence_balance
 
 
-def moe_block(p, x_BTD, cfg: ModelConfig, token_mask=None, replay_ids=None):
+def moe_block(p, x_BTD, cfg: ModelConfig, token_mask=None, replay_ids=None,
+              positions_split: bool = False):
   """Routed + shared experts. Returns [B, T, D] and stats {counts [E], balance, dropped,
   rounds (expert exchanges run one after another: 1 but where a dropless exchange's routing
   overflowed its fast buffers, `dispatch._dropless`),
   ids [B, T, k] (the chosen experts; E for padding)}. Tokens where token_mask [B, T] is False
   go to no routed expert (padding). replay_ids [B, T, k]: use these experts (R3,
-  `route_replay`) instead of the router's top-k."""
+  `route_replay`) instead of the router's top-k. positions_split: x's positions are split over
+  a `context` mesh axis (the training forward under context parallelism; `_token_order`)."""
   dtype = cfg.jnp_dtype
   B, T, D = x_BTD.shape
-  order = _token_order(B, T)
+  order = _token_order(B, T) if positions_split else None
   x = _flatten(x_BTD, order)
   logits = jnp.dot(x.astype(jnp.float32), p["router"].astype(jnp.float32))
   if replay_ids is not None:
@@ -63,7 +65,8 @@ def _token_order(B: int, T: int):
   of positions, which is not a contiguous run of B * T: `_flatten` orders the tokens by (row
   shard, position shard, row, position), so every device's tokens are again one run of the
   flat axis (the reorders are local; nothing moves between devices), and `_unflatten` undoes
-  it. Routed experts treat every token on its own, so the order changes no value."""
+  it. Routed experts treat every token on its own, so the order changes no value (with a
+  capacity factor, it is the order in which assignments past capacity are dropped)."""
   shards = L.position_shards(T)
   if shards == 1:
     return None
