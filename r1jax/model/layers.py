@@ -140,14 +140,18 @@ def position_shards(length: int) -> int:
 
 
 def constrain_positions(x, axis: int = 1, split: bool = True):
-  """x with its leading (row) axis over the batch axes and its positions `axis` over `context`
-  (split) or whole on every device (not split: an all-gather over `context`). A no-op where
-  `position_shards` is 1, so models without a context axis run exactly as before."""
+  """x with its leading (row) axis over the batch axes (where they divide it; else left to
+  XLA) and its positions `axis` over `context` (split) or whole on every device (not split: an
+  all-gather over `context`). A no-op where `position_shards` is 1, so models without a
+  context axis run exactly as before."""
   if position_shards(x.shape[axis]) == 1:
     return x
   mesh = jax.sharding.get_abstract_mesh()
   rows = batch_axes(mesh)
-  rows = rows if rows and x.shape[0] % math.prod(mesh.shape[a] for a in rows) == 0 else None
+  if not rows:
+    rows = None
+  elif x.shape[0] % math.prod(mesh.shape[a] for a in rows):
+    rows = jax.sharding.PartitionSpec.UNCONSTRAINED
   spec = [None] * x.ndim
   spec[0], spec[axis] = rows, (CONTEXT if split else None)
   return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
