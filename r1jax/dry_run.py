@@ -78,8 +78,9 @@ def _layers(n: int) -> str:
   return f"{n} layer" + ("" if n == 1 else "s")
 
 
-def kernel_table(cfg) -> list[str]:
+def kernel_table(cfg, context: int = 1) -> list[str]:
   """Which implementation each part of a layer runs, per backend: what `--dry_run` prints.
+  context: the mesh's `context` axis (context parallelism splits the attention's queries).
 
   Follows the dispatch of `layers.dense`, `moe.routed_experts`, `moe.route_pallas` and
   `pallas_kernels` (Pallas compiles on TPU; on GPU it falls back to XLA unless noted; on CPU it
@@ -110,7 +111,10 @@ def kernel_table(cfg) -> list[str]:
     return ("XLA einsum, fp32 softmax"
             + (f", {cfg.attn_chunk}-query chunks" if cfg.attn_chunk else "")
             + (f", {cfg.attn_key_chunk}-key blocks (running softmax)" if cfg.attn_key_chunk
-               else ""))
+               else "")
+            + (f"; positions split over context {context}, every key gathered ("
+               + ("the MLA latent and rope key, expanded on each device)"
+                  if cfg.attention == "mla" else "k and v)") if context > 1 else ""))
 
   def router(b):
     if cfg.router_impl != "pallas":
@@ -226,7 +230,7 @@ def report(config, num_devices: int | None = None) -> str:
   if -1 in parallel.mesh.axis_sizes(config.mesh.to_dict()) and not num_devices:
     lines.append(f"the mesh's -1 axis took the {n} devices at hand; --dry_run_devices N "
                  "(a multiple of the fixed axes) for the slice you plan to rent")
-  lines += kernel_table(run_cfg)
+  lines += kernel_table(run_cfg, sizes["context"])
   return "\n".join(lines)
 
 
