@@ -186,8 +186,19 @@ def _simulate_devices(config):
     logging.warning("cannot simulate %d host devices for the dry run: %s", n, e)
 
 
+def _without_added_defaults(new, old, defaults):
+  """`new` less the entries that `old` lacks and that hold their default (`defaults`): fields
+  added to the config after `old` was written (a run started by an older r1jax), which mean
+  what the older version did."""
+  if not all(isinstance(d, dict) for d in (new, old, defaults)):
+    return new
+  return {k: _without_added_defaults(v, old.get(k), defaults.get(k)) for k, v in new.items()
+          if k in old or k not in defaults or v != defaults[k]}
+
+
 def _write_config(config, workdir: str):
-  """config.json: the resolved config. A resumed run must use the same config."""
+  """config.json: the resolved config. A resumed run must use the same config; fields added
+  to r1jax's config since the run started count as the same where they hold their default."""
   import jax
   path = epath.Path(workdir) / "config.json"
   resolved = json.loads(config.to_json_best_effort())
@@ -196,6 +207,10 @@ def _write_config(config, workdir: str):
       old = json.loads(path.read_text())
     except ValueError:
       old = None
+    if old is not None:
+      from r1jax import run_config
+      defaults = json.loads(run_config.base_config().to_json_best_effort())
+      resolved = _without_added_defaults(resolved, old, defaults)
     if old is not None and old != resolved:
       changed = sorted(k for k in set(old) | set(resolved) if old.get(k) != resolved.get(k))
       raise UserError(f"{workdir} holds a run of a different config (differs in: "

@@ -2,6 +2,7 @@
 no traceback (DESIGN.md, "The command line"). All of them fail before anything compiles; the
 dry-run test that succeeds is the one exception."""
 
+import json
 import os
 import subprocess
 import sys
@@ -113,6 +114,22 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
   (run / "config.json").write_text('{"seed": 123}')
   proc = launch("--config", SFT_TINY, workdir=run)
   assert_user_error(proc, str(run), "different config")
+
+
+def test_resume_of_a_run_from_before_a_config_field_was_added(tmp_path):
+  """A run directory written before a config field existed (here `mesh.context`) resumes where
+  the field holds its default; set to anything else, the config differs."""
+  from r1jax import launch, run_config
+  from r1jax.errors import UserError
+  config = run_config.from_file(SFT_TINY)
+  old = json.loads(config.to_json_best_effort())
+  del old["mesh"]["context"]
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  launch._write_config(config, str(tmp_path))  # the same run
+  assert json.loads((tmp_path / "config.json").read_text()) == old  # left as it was
+  config.mesh.context = 2
+  with pytest.raises(UserError, match="differs in: mesh"):
+    launch._write_config(config, str(tmp_path))
 
 
 def test_compilation_cache_flag(tmp_path, monkeypatch):
