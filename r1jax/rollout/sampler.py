@@ -21,8 +21,8 @@ the sampling distribution's log-probs. With top-k or top-p they are not (the tru
 in them), and the loss does not model it either.
 
 Sharding: called inside `with jax.set_mesh(mesh)`, the batch is split over the mesh's batch
-axes and `context` (when they divide) and the MoE dispatches experts with `shard_map`; the sampled tokens do not
-depend on the sharding (JAX's partitionable threefry RNG).
+axes and `context` (when they divide) and the MoE dispatches experts with `shard_map`; the
+sampled tokens do not depend on the sharding (JAX's partitionable threefry RNG).
 
 Stop strings are applied after decoding, on the text: `truncate_at_stop_strings`. Token-level
 outputs (completion, mask, logprobs) are not cut by them.

@@ -106,13 +106,10 @@ def _split_prompt(batch: grpo_lib.GRPOBatch, P: int, G: int) -> grpo_lib.GRPOBat
   prompts = batch.tokens[:, :cut].reshape(B // G, G, cut)
   assert (prompts == prompts[:, :1]).all(), "share_prompt: rows of a group differ in prompt"
   per_row = lambda x: None if x is None else x[:, cut:]
-  return grpo_lib.GRPOBatch(
-      tokens=batch.tokens[:, cut:], targets=batch.targets[:, cut:],
-      segment_ids=batch.segment_ids[:, cut:], positions=batch.positions[:, cut:],
-      loss_mask=batch.loss_mask[:, cut:], rollout_logprobs=batch.rollout_logprobs[:, cut:],
-      old_logprobs=batch.old_logprobs[:, cut:], advantages=batch.advantages,
-      routing=per_row(batch.routing), prefix_tokens=batch.tokens[::G, :cut],
-      prefix_positions=batch.positions[::G, :cut], prefix_valid=batch.segment_ids[::G, :cut])
+  return dataclasses.replace(
+      batch, **{f: per_row(getattr(batch, f)) for f in ROW_FIELDS},
+      prefix_tokens=batch.tokens[::G, :cut], prefix_positions=batch.positions[::G, :cut],
+      prefix_valid=batch.segment_ids[::G, :cut])
 
 
 def update_groups(zero_var: np.ndarray, min_groups: int = 2) -> np.ndarray:
