@@ -276,22 +276,27 @@ def test_moe_kv_cache_decoding_equals_full_forward(moe_checkpoints):
     np.testing.assert_array_equal(np.sort(got, -1), np.sort(want, -1))
 
 
-@pytest.mark.parametrize("dispatch", ["allgather", "all_to_all"])
-def test_moe_expert_parallel_equals_one_device(moe_checkpoints, dispatch):
-  """2-way data x 4-way expert mesh (8 simulated devices): the same logits as one device."""
+@pytest.mark.parametrize("dispatch,mesh_cfg", [
+    ("allgather", {"data": 2, "expert": 4}), ("all_to_all", {"data": 2, "expert": 4}),
+    ("all_to_all", {"data": 2, "expert": 2, "context": 2})])
+def test_moe_expert_parallel_equals_one_device(moe_checkpoints, dispatch, mesh_cfg):
+  """2-way data x 4-way expert mesh (8 simulated devices), and 2 x 2 x 2 with context
+  parallelism (GQA gathers k and v): the same logits as one device."""
   from r1jax import parallel
   m, path, tokens, ref = moe_checkpoints("interleaved")
   cfg, params = hf.load(path, dtype=jnp.float32, expert_dispatch=dispatch,
                         moe_impl="capacity")
-  mesh = parallel.make_mesh({"data": 2, "expert": 4})
+  mesh = parallel.make_mesh(mesh_cfg)
   sharded = parallel.shard_params(params, cfg, mesh)
   gate = sharded["moe_layers"]["moe"]["gate"]
-  assert gate.addressable_shards[0].data.shape[1] == 2  # 8 experts over 4 devices
+  assert gate.addressable_shards[0].data.shape[1] == 8 // mesh_cfg["expert"]
   batch = np.concatenate([tokens, tokens[::-1]], 0)  # 4 rows: 2 per data shard
   with jax.set_mesh(mesh):
     logits = testing.jit(lambda p, t: model.forward(p, t, cfg))(
         sharded, parallel.shard_batch({"tokens": jnp.asarray(batch)}, mesh)["tokens"])
   single = H.our_logits(cfg.replace(expert_dispatch="allgather"), params, batch)
   assert len(logits.sharding.device_set) == 8
+  if "context" in mesh_cfg:
+    assert logits.sharding.spec[1] == "context", logits.sharding.spec
   np.testing.assert_allclose(np.asarray(logits), single, rtol=0, atol=1e-5)
   assert H.max_err(single[:2], ref) < TOL
