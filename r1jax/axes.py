@@ -2,6 +2,8 @@
 sharding rules). A leaf module: it imports nothing from r1jax, so neither side depends on the
 other through it."""
 
+import math
+
 AXES = ("data", "fsdp", "expert", "context", "tensor")
 # axes that split the batch: `expert` acts as data parallelism outside the MoE layers
 BATCH_AXES = ("data", "fsdp", "expert")
@@ -24,3 +26,9 @@ def token_axes(mesh) -> tuple[str, ...]:
   """The mesh axes (of size > 1) that split the tokens of a batch, flattened to [B * T]: the
   batch axes, then the context axis (a token's row first, then its position)."""
   return batch_axes(mesh) + ((CONTEXT,) if context_size(mesh) > 1 else ())
+
+
+def splitting(mesh, n: int, *choices: tuple[str, ...]) -> tuple[str, ...]:
+  """The first of `choices` (tuples of mesh axes) that is not empty and whose size divides n:
+  the axes that can split a dimension of n; () where none can."""
+  return next((c for c in choices if c and n % math.prod(mesh.shape[a] for a in c) == 0), ())

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Sequence
 
 import jax
@@ -40,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from r1jax.axes import batch_axes, token_axes
+from r1jax.axes import batch_axes, splitting, token_axes
 from r1jax.model.config import ModelConfig
 from r1jax.model import decoder
 from r1jax.parallel.rules import to_host
@@ -115,12 +114,12 @@ def _batch_constraint(x, axis: int = 0):
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return x
-  for axes in (token_axes(mesh), batch_axes(mesh)):
-    if axes and x.shape[axis] % math.prod(mesh.shape[a] for a in axes) == 0:
-      spec = [None] * x.ndim
-      spec[axis] = axes
-      return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
-  return x
+  axes = splitting(mesh, x.shape[axis], token_axes(mesh), batch_axes(mesh))
+  if not axes:
+    return x
+  spec = [None] * x.ndim
+  spec[axis] = axes
+  return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
 
 
 # the most sampling noise (N x B x V float32) drawn before the decode loop (`noise_first`);

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from r1jax.axes import batch_axes, token_axes
+from r1jax.axes import batch_axes, splitting, token_axes
 from r1jax.model.config import ModelConfig
 from r1jax.model.moe.experts import combine_sorted, routed_experts, sorted_rows
 
@@ -264,11 +264,8 @@ def dispatch(p, x_ND, weights_Nk, ids_Nk, cfg: ModelConfig, mesh, native: bool |
   `native` (ragged_all_to_all only): None picks the native collective off CPU."""
   # tokens [B * T] split over the batch axes and `context` (rows, then positions); where the
   # context devices cannot split them, over the batch axes alone
-  bax = token_axes(mesh)
-  if x_ND.shape[0] % math.prod(mesh.shape[a] for a in bax):
-    bax = batch_axes(mesh)
-  n_batch = math.prod(mesh.shape[a] for a in bax)
-  tokens_sharded = bool(bax) and x_ND.shape[0] % n_batch == 0
+  bax = splitting(mesh, x_ND.shape[0], token_axes(mesh), batch_axes(mesh))
+  tokens_sharded = bool(bax)
   ep = mesh.shape.get("expert", 1)
   if ep > 1 and p["gate"].shape[0] % ep:
     ep = 1  # experts not divisible: replicate them (only for toy configs)
