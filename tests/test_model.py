@@ -245,6 +245,47 @@ def test_chunked_attention_matches_full(params, tokens):
   assert "scan" in jaxpr and "f32[2,1,4,2,4]" in jaxpr, jaxpr
 
 
+def test_causal_attention_skips_the_key_blocks_after_each_query_block():
+  """causal=True: no query sees a later key even where the mask allows it, and with key blocks a
+  block that starts after a query block's last query is skipped, forward and backward. The
+  probe: NaN values at keys 12-15 reach queries 0-11 through a skipped block's zero weights
+  (0 x NaN) only if that block runs. With causal=True the first 12 queries and their gradients
+  stay finite and equal the all-finite run; with the same mask and causal=False (no skipping),
+  they are NaN."""
+  from r1jax.model import layers
+  rng = np.random.default_rng(3)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, 16, 2, 4)), jnp.float32) for _ in range(3))
+  seg = jnp.asarray([[1] * 16, [1] * 7 + [2] * 9], jnp.int32)
+  pos = layers.default_positions(seg, seg)
+  mask = layers.attention_mask(seg, seg, pos, pos)
+  v_nan = v.at[:, 12:].set(jnp.nan)
+
+  @functools.partial(jit, static_argnums=(1, 2, 3))
+  def run(v, causal, chunk=4, key_chunk=4, m=mask):
+    f = lambda q, v: layers.attend(q, k, v, m, 0.5, chunk=chunk, key_chunk=key_chunk,
+                                   causal=causal)
+    out, vjp = jax.vjp(f, q, v)
+    return out, vjp(jnp.ones_like(out).at[:, 12:].set(0.0))
+
+  ref, (dq_ref, dv_ref) = run(v, False, None, None)
+  for chunk, key_chunk in ((4, 4), (6, 5), (None, 4)):
+    out, (dq, dv) = run(v, True, chunk, key_chunk)
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(dq, dq_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dv, dv_ref, rtol=1e-5, atol=1e-6)
+  out, (dq, _) = run(v_nan, True)
+  np.testing.assert_allclose(out[:, :12], ref[:, :12], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(dq[:, :12], dq_ref[:, :12], rtol=1e-5, atol=1e-6)
+  assert np.isnan(out[:, 12:]).all()
+  out, (dq, _) = run(v_nan, False)  # negative control: every key block runs
+  assert np.isnan(out[:, :12]).all() and np.isnan(dq[:, :12]).all()
+  # index causality: a mask that lets every query see every key (same segment, equal positions)
+  flat, tril = jnp.ones((2, 1, 16, 16), bool), jnp.tril(jnp.ones((2, 1, 16, 16), bool))
+  causal_ref = run(v, False, None, None, m=tril)[0]
+  np.testing.assert_allclose(run(v, True, m=flat)[0], causal_ref, rtol=1e-6, atol=1e-6)
+  assert not np.allclose(run(v, False, m=flat)[0], causal_ref, atol=1e-3)
+
+
 @pytest.mark.parametrize("heads,kv_heads,d,e", [(4, 2, 8, 8), (2, 2, 12, 8)])
 def test_fused_attention_matches_the_einsum_attention(monkeypatch, heads, kv_heads, d, e):
   """attn_impl="cudnn" hands q, k, v, the packed-segment mask and the scale to

@@ -61,7 +61,7 @@ def gqa(p, x, cos, sin, mask, cfg: ModelConfig):
   """Grouped-query self-attention of x [B, T, D] (the training and prefill forward)."""
   q, k, v = qkv(p, x, cos, sin, cfg)
   out = L.attend(q, k, v, mask, L.softmax_scale(cfg), cfg.attn_chunk, cfg.attn_impl,
-                 cfg.attn_key_chunk)
+                 cfg.attn_key_chunk, causal=True)
   return out_proj(p, out, cfg.jnp_dtype, cfg.fp8)
 
 

@@ -170,7 +170,7 @@ FUSED_IMPLEMENTATION = {"cudnn": "cudnn"}
 
 
 def attend(q, k, v, mask, scale: float, chunk: int | None = None, impl: str = "xla",
-           key_chunk: int | None = None):
+           key_chunk: int | None = None, causal: bool = False):
   """Softmax attention. q [B,T,H,d], k [B,S,K,d], v [B,S,K,e] with H a multiple of K (GQA);
   mask bool [B,1,T,S]. Scores and softmax in fp32. Returns [B,T,H,e].
 
@@ -188,9 +188,20 @@ def attend(q, k, v, mask, scale: float, chunk: int | None = None, impl: str = "x
   each under `jax.checkpoint`), so at most [H, chunk, key_chunk] scores exist at once: the same
   result to float rounding.
 
+  `causal=True` (self-attention of a causal LM, T == S): no query sees a key at a later index,
+  whatever the mask says; the mask is ANDed with that. Then, with `key_chunk`, a key block
+  that starts after a query block's last query is skipped (`lax.cond`, forward and backward):
+  about half the score and value FLOPs for long rows. Every query that sees its own key (each
+  row of an `attention_mask`) gets the same values, since such a block would only add zeros; a
+  query that sees no key at all (padding) averages only the key blocks that ran.
+
   `impl="cudnn"` runs jax.nn.dot_product_attention's fused cuDNN kernel instead (GPU, bf16): the
   same mask and scale, with v zero-padded to q's head dim where they differ (MLA's 192 / 128) and
   the output sliced back."""
+  T = q.shape[1]
+  if causal:
+    assert T == k.shape[1], f"causal self-attention needs as many keys as queries: {T}, {k.shape[1]}"
+    mask = mask & (jnp.arange(T)[None, :] <= jnp.arange(T)[:, None])
   if impl == "cudnn":
     e = v.shape[-1]
     if e != q.shape[-1]:
@@ -198,17 +209,25 @@ def attend(q, k, v, mask, scale: float, chunk: int | None = None, impl: str = "x
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
                                        implementation=FUSED_IMPLEMENTATION[impl])
     return out[..., :e]
-  T = q.shape[1]
   shards = position_shards(T) if T == k.shape[1] else 1  # context parallelism (self-attention)
   if shards > 1:  # each device: its own queries against every key (an all-gather of k and v)
     q, mask = constrain_positions(q), constrain_positions(mask, axis=2)
     k, v = constrain_positions(k, split=False), constrain_positions(v, split=False)
   if chunk is not None and chunk < T // shards:
-    block = jax.checkpoint(lambda qm: attend(qm[0], k, v, qm[1], scale, key_chunk=key_chunk))
-    out = jax.lax.map(block, (_blocks(q, 1, chunk, shards), _blocks(mask, 2, chunk, shards)))
+    n = -(-(T // shards) // chunk)
+    # the last query index each block holds, over every shard's part (its i-th block)
+    last = (shards - 1) * (T // shards) + jnp.arange(n) * chunk + chunk - 1
+    block = jax.checkpoint(lambda a: _attend_block(a[0], k, v, a[1], scale, key_chunk,
+                                                   a[2] if causal else None))
+    out = jax.lax.map(block, (_blocks(q, 1, chunk, shards), _blocks(mask, 2, chunk, shards), last))
     return _unblocks(out, 1, T, shards)  # out: [n, B, shards * chunk, H, e]
+  return _attend_block(q, k, v, mask, scale, key_chunk, T - 1 if causal else None)
+
+
+def _attend_block(q, k, v, mask, scale: float, key_chunk: int | None, last_query):
+  """`attend` of queries whose indices are at most last_query (None: no causal skipping)."""
   if key_chunk is not None and key_chunk < k.shape[1]:
-    return attend_key_blocks(q, k, v, mask, scale, key_chunk)
+    return attend_key_blocks(q, k, v, mask, scale, key_chunk, last_query)
   B, T, H, _ = q.shape
   K = k.shape[2]
   qg = q.reshape(B, T, K, H // K, q.shape[-1])
@@ -246,22 +265,25 @@ def _unblocks(out, axis: int, length: int, shards: int = 1):
   return out.reshape(out.shape[:axis] + (length,) + out.shape[axis + 2:])
 
 
-def attend_key_blocks(q, k, v, mask, scale: float, key_chunk: int):
+def attend_key_blocks(q, k, v, mask, scale: float, key_chunk: int, last_query=None):
   """`attend` over the keys in blocks of key_chunk (the last padded): each block updates a
   running max, softmax denominator and weighted sum of values (fp32), under `jax.checkpoint`, so
   the backward pass keeps those per block, not the [H, T, S] scores. Masked keys score NEG_INF
   as in `attend` (a fully masked row averages every real key); padded keys score -inf and weigh
-  nothing."""
+  nothing.
+
+  last_query (a scalar, may be traced): where the mask is causal by index and no query's index
+  exceeds it, the key blocks that start after it are skipped. A query that sees its own key
+  has a real score as its running max by then, and a masked block would add exp(NEG_INF - max)
+  = 0: skipping changes none of its values."""
   B, T, H, d = q.shape
   S, K, e = k.shape[1], k.shape[2], v.shape[-1]
   G = H // K
   real = _blocks(jnp.ones((S,), bool), 0, key_chunk)  # False for the padded keys
   qg = q.reshape(B, T, K, G, d)
 
-  @jax.checkpoint
-  def step(carry, block):
+  def update(carry, k_b, v_b, mask_b, real_b):
     m, l, acc = carry  # running max and denominator [B, K, G, T]; sum of values [B, T, K, G, e]
-    k_b, v_b, mask_b, real_b = block
     s = jnp.einsum("btkgd,bskd->bkgts", qg, k_b, preferred_element_type=jnp.float32) * scale
     s = jnp.where(real_b, jnp.where(mask_b[:, :, None], s, NEG_INF), -jnp.inf)
     m_new = jnp.maximum(m, s.max(-1))
@@ -269,12 +291,21 @@ def attend_key_blocks(q, k, v, mask, scale: float, key_chunk: int):
     p = jnp.exp(s - m_new[..., None])
     acc = acc * jnp.moveaxis(rescale, 3, 1)[..., None] + jnp.einsum(
         "bkgts,bske->btkge", p.astype(v_b.dtype), v_b, preferred_element_type=jnp.float32)
-    return (m_new, l * rescale + p.sum(-1), acc), None
+    return m_new, l * rescale + p.sum(-1), acc
+
+  @jax.checkpoint
+  def step(carry, block):
+    start, *block = block
+    if last_query is None:
+      return update(carry, *block), None
+    return jax.lax.cond(start <= last_query, update, lambda c, *_: c, carry, *block), None
 
   init = (jnp.full((B, K, G, T), NEG_INF, jnp.float32), jnp.zeros((B, K, G, T), jnp.float32),
           jnp.zeros((B, T, K, G, e), jnp.float32))
-  (_, l, acc), _ = jax.lax.scan(step, init, (_blocks(k, 1, key_chunk), _blocks(v, 1, key_chunk),
-                                             _blocks(mask, 3, key_chunk), real))
+  starts = jnp.arange(real.shape[0]) * key_chunk
+  (_, l, acc), _ = jax.lax.scan(step, init, (starts, _blocks(k, 1, key_chunk),
+                                             _blocks(v, 1, key_chunk), _blocks(mask, 3, key_chunk),
+                                             real))
   return (acc / jnp.moveaxis(l, 3, 1)[..., None]).reshape(B, T, H, e).astype(v.dtype)
 
 

@@ -86,7 +86,7 @@ def mla(p, x, cos, sin, mask, cfg: ModelConfig):
   k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe, (B, T, H, cfg.qk_rope_head_dim))], -1)
   q = jnp.concatenate([q_nope, q_pe], -1)
   out = L.attend(q, k, v, mask, L.softmax_scale(cfg), cfg.attn_chunk, cfg.attn_impl,
-                 cfg.attn_key_chunk)
+                 cfg.attn_key_chunk, causal=True)
   # heads and head_dim flattened into one contraction (what the FP8 GEMM takes)
   return L.dense(out.reshape(B, T, -1), p["o"].reshape(-1, p["o"].shape[-1]), dtype, cfg.fp8)
 
