@@ -44,6 +44,7 @@ def get_config(arg=None):
       dropless_max_tokens=4096,  # longer rows exchange in slices of 4096 tokens per device
       expert_dispatch="all_to_all",
       dtype="bfloat16", param_dtype="float32", remat="full", attn_chunk=512,
+      attn_key_chunk=512,  # causal: the key blocks after each query chunk are skipped
       logits_chunk=1024)
   c.mesh.update(dict(data=1, fsdp=4, expert=64, tensor=1))
   c.data.update(batch_size=256, seq_len=4096, tokenizer="deepseek-ai/DeepSeek-R1")

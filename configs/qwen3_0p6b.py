@@ -23,7 +23,7 @@ QWEN3_0P6B = dict(model_type="qwen3", vocab_size=151936, hidden_size=1024, inter
 def get_config(arg=None):
   del arg
   c = base_config(**QWEN3_0P6B, dtype="bfloat16", param_dtype="float32", remat="full",
-                  attn_chunk=512, logits_chunk=512)
+                  attn_chunk=512, attn_key_chunk=512, logits_chunk=512)
   c.data.update(batch_size=16, seq_len=4096)
   c.optim.update(lr=1e-5)
   c.stages.sft = stage("sft", steps=100)

@@ -26,7 +26,7 @@ QWEN3_30B_A3B = dict(
 def get_config(arg=None):
   del arg
   c = base_config(**QWEN3_30B_A3B, dtype="bfloat16", param_dtype="float32", remat="full",
-                  attn_chunk=512, logits_chunk=512, moe_impl="ragged_dot",
+                  attn_chunk=512, attn_key_chunk=512, logits_chunk=512, moe_impl="ragged_dot",
                   expert_dispatch="all_to_all", capacity_factor=None, dropless_fast_factor=2.0)
   c.mesh.update(dict(data=1, fsdp=4, expert=8, tensor=1))
   c.data.update(batch_size=64, seq_len=4096)

@@ -25,7 +25,9 @@ def get_config(arg=None):
                   num_key_value_heads=2, max_position_embeddings=131072, rope_theta=10000.0,
                   tie_word_embeddings=False, rms_norm_eps=1e-6, dtype="bfloat16",
                   param_dtype="float32", remat="full", logits_chunk=1024,
-                  attn_chunk=2048)  # 2k queries at a time: [H, 2k, 16k] scores, not [H, 16k, 16k]
+                  # 2k queries at a time over 2k-key blocks: [H, 2k, 2k] scores, not
+                  # [H, 16k, 16k], and the blocks past each chunk's queries skipped
+                  attn_chunk=2048, attn_key_chunk=2048)
   c.mesh.update(data=-1, fsdp=8, expert=1, tensor=1)
   c.data.update(task="file", batch_size=64, seq_len=16384, template="r1", pack=True)
   c.optim.update(lr=5e-5, warmup_steps=100, schedule="cosine", weight_decay=0.0,

@@ -110,7 +110,8 @@ def kernel_table(cfg, context: int = 1) -> list[str]:
               "none: attn_impl='cudnn' needs a GPU")
     return ("XLA einsum, fp32 softmax"
             + (f", {cfg.attn_chunk}-query chunks" if cfg.attn_chunk else "")
-            + (f", {cfg.attn_key_chunk}-key blocks (running softmax)" if cfg.attn_key_chunk
+            + (f", {cfg.attn_key_chunk}-key blocks (running softmax; the blocks after a chunk's "
+               "last query skipped)" if cfg.attn_key_chunk
                else "")
             + (f"; positions split over context {context}, every key gathered ("
                + ("the MLA latent and rope key, expanded on each device)"
