@@ -13,9 +13,9 @@ import numpy as np
 import optax
 import pytest
 
-from r1jax import parallel, run_config, train
+from r1jax import model, parallel, run_config, train
 from r1jax.model.config import ModelConfig
-from r1jax.model import moe
+from r1jax.model import layers, moe
 from r1jax.stages import common
 from r1jax.train import losses
 from r1jax.train.losses import grpo
@@ -189,6 +189,45 @@ def test_distill_divergence_is_zero_when_student_equals_teacher_and_no_teacher_g
     g = jax.grad(lambda t: losses.distill_divergence(x + 1.0 * jnp.arange(5.0), t, mask, kind,
                                                      2.0))(x)
     assert float(jnp.abs(g).max()) == 0.0, kind  # the teacher is frozen
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
+def test_chunked_logit_distillation_equals_the_whole_logits(kind):
+  """With the student's logits_chunk set, distill_loss runs both heads, the divergence and the
+  CE 5 positions at a time (12 positions: the last chunk padded). The loss, metrics and the
+  student's gradient equal the whole-logits loss to float rounding (teacher: the tiny MoE,
+  student: the tiny dense Qwen2-style model), no [B, T, V] array is formed (the control forms
+  one), and the teacher gets no gradient."""
+  t_cfg = TINY_MOE.replace(vocab_size=131)  # a size no other dimension has
+  s_cfg = ModelConfig.from_config(run_config.tiny_student_fields(vocab_size=t_cfg.vocab_size))
+  teacher = jax.jit(lambda k: model.init(t_cfg, k))(jax.random.key(1))
+  student = jax.jit(lambda k: model.init(s_cfg, k))(jax.random.key(2))
+  rng = np.random.default_rng(5)
+  B, T, V = 2, 12, t_cfg.vocab_size
+  seg = jnp.asarray([[1] * 12, [1] * 5 + [2] * 5 + [0] * 2], jnp.int32)
+  batch = {"tokens": jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32),
+           "targets": jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32),
+           "loss_mask": jnp.asarray(rng.random((B, T)) < 0.7, jnp.float32) * (seg > 0),
+           "segment_ids": seg, "positions": layers.default_positions(seg, seg)}
+
+  def run(cfg):
+    loss_fn = objectives.distill_loss(cfg, t_cfg, kind=kind, temperature=2.0, ce_weight=0.3)
+    f = jax.jit(jax.value_and_grad(lambda p, t: loss_fn(p, batch, None, t), argnums=(0, 1),
+                                   has_aux=True))
+    (loss, metrics), (g, g_teacher) = f(student, teacher)
+    text = f.lower(student, teacher).as_text()
+    return loss, metrics, g, g_teacher, text
+
+  loss, metrics, g, g_t, whole = run(s_cfg)
+  assert f"{B}x{T}x{V}xf32" in whole  # the control forms the whole logits
+  c_loss, c_metrics, c_g, c_g_t, text = run(s_cfg.replace(logits_chunk=5))
+  np.testing.assert_allclose(c_loss, loss, rtol=1e-5)
+  for k in ("ce", "divergence"):
+    np.testing.assert_allclose(c_metrics[k], metrics[k], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), c_g, g)
+  assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(c_g_t)) == 0.0  # frozen teacher
+  assert f"{B}x{T}x{V}xf32" not in text and f"{B}x5x{V}xf32" in text  # [B, T, V] never formed
+  assert float(loss) > 0.1 and float(metrics["divergence"]) > 0.01  # a real, non-trivial loss
 
 
 # ----------------------------------------------------------------------------- MoE balance

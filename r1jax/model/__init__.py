@@ -56,6 +56,20 @@ def forward(params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=Non
                           token_mask=token_mask, routing=routing)[0]
 
 
+def hidden_states(params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=None,
+                  token_mask=None):
+  """The final-normed hidden states [B, T, D] that the LM head takes, and aux (as
+  `forward_with_aux`): for losses that run the head themselves, a chunk of positions at a time
+  (`map_position_chunks` with `head`), so that no [B, T, V] logits exist."""
+  x, aux, _ = decoder.forward_hidden(params, tokens, cfg, segment_ids=segment_ids,
+                                     positions=positions, token_mask=token_mask)
+  return decoder.L.rms_norm(x, params["final_norm"], cfg.rms_norm_eps), aux
+
+
+head = decoder.head
+map_position_chunks = decoder.map_position_chunks
+
+
 def target_logprobs(params, tokens, targets, cfg: ModelConfig, *, segment_ids=None,
                     positions=None, mtp: bool = False, token_mask=None, routing=None,
                     entropy: bool = False, temperature: float = 1.0, prefix=None):
@@ -75,5 +89,6 @@ def target_logprobs(params, tokens, targets, cfg: ModelConfig, *, segment_ids=No
   return (*decoder.logits_logprobs(logits, targets, entropy, temperature), aux)
 
 
-__all__ = ["forward", "forward_with_aux", "target_logprobs", "init", "abstract", "declare",
-           "logical_axes", "num_params", "ModelConfig"]
+__all__ = ["forward", "forward_with_aux", "target_logprobs", "hidden_states", "head",
+           "map_position_chunks", "init", "abstract", "declare", "logical_axes", "num_params",
+           "ModelConfig"]

@@ -246,21 +246,28 @@ def _head_logprobs(params, h_BTD, targets_BT, cfg: ModelConfig, entropy: bool,
   The head and its softmax run on `cfg.logits_chunk` positions of every row at a time (the batch
   axis stays whole, so its sharding over the mesh's batch axes is kept), each chunk recomputed in
   the backward pass (jax.checkpoint): at most [B, chunk, V] logits exist at once."""
-  T = h_BTD.shape[1]
-  shards = L.position_shards(T)  # context parallelism: each device's positions, chunk by chunk
-  chunk = min(cfg.logits_chunk, T // shards)
-
-  @jax.checkpoint
   def one(h_c, t_c):
     logp = jax.nn.log_softmax(_tempered(head(params, h_c, cfg), temperature), axis=-1)
     picked = jnp.take_along_axis(logp, t_c[..., None], axis=-1)[..., 0]
     ent = -jnp.sum(jnp.exp(logp) * logp, -1) if entropy else jnp.zeros_like(picked)
     return picked, ent
 
-  picked, ent = jax.lax.map(lambda a: one(*a), (L._blocks(h_BTD, 1, chunk, shards),
-                                                 L._blocks(targets_BT, 1, chunk, shards)))
-  unpad = lambda x: L._unblocks(x, 1, T, shards)
-  return unpad(picked), (unpad(ent) if entropy else None)
+  picked, ent = map_position_chunks(one, (h_BTD, targets_BT), cfg.logits_chunk)
+  return picked, (ent if entropy else None)
+
+
+def map_position_chunks(fn, arrays, chunk: int):
+  """fn over `chunk` positions of every row at a time: arrays [B, T, ...] -> fn's outputs
+  [B, T, ...] (a pytree). One chunk at a time (`lax.map`), each recomputed in the backward pass
+  (jax.checkpoint), so what fn forms per position (the [B, chunk, V] logits of an LM head)
+  exists for one chunk at once. The batch axis stays whole, keeping its sharding; with
+  context parallelism the chunks are cut within each device's positions (`layers._blocks`)."""
+  T = arrays[0].shape[1]
+  shards = L.position_shards(T)
+  chunk = min(chunk, T // shards)
+  out = jax.lax.map(lambda a: jax.checkpoint(fn)(*a),
+                    tuple(L._blocks(x, 1, chunk, shards) for x in arrays))
+  return jax.tree.map(lambda x: L._unblocks(x, 1, T, shards), out)
 
 
 def _tempered(logits, temperature: float):

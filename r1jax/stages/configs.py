@@ -86,7 +86,8 @@ class DistillConfig(SFTConfig):
     divergence: forward_kl | reverse_kl | jsd (logit mode).
     temperature: softmax temperature of both distributions (logit mode).
     ce_weight: weight of the plain CE term mixed into the logit loss.
-    student: ModelConfig fields of the student.
+    student: ModelConfig fields of the student; vocab_size and logits_chunk default to the
+      policy's (with logits_chunk, the logit loss runs both heads a chunk of positions at a time).
   """
   mode: str = "sequence"
   divergence: str = "forward_kl"

@@ -130,6 +130,9 @@ def sft_step_flops(ctx: common.Context, cfg: ModelConfig, *, use_mtp: bool = Fal
 def student_config(ctx: common.Context, stage_cfg: DistillConfig) -> ModelConfig:
   fields = dict(stage_cfg.student)
   fields.setdefault("vocab_size", ctx.model_cfg.vocab_size)
+  # the student's head runs as many positions at a time as the policy's (its losses then form
+  # no [B, T, V] logits: `train.distill_loss`, `model.target_logprobs`)
+  fields.setdefault("logits_chunk", ctx.model_cfg.logits_chunk)
   return ModelConfig.from_config(fields)
 
 

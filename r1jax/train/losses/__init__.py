@@ -13,11 +13,11 @@ A loss plug-in is `loss_fn(params, batch, rng, frozen) -> (loss, metrics)` for
 """
 
 from r1jax.train.losses.core import (bias_update, cross_entropy, distill_divergence,
-                                     expert_load_max_over_mean, mtp_loss, mtp_targets,
-                                     token_logprobs)
+                                     divergence_per_token, expert_load_max_over_mean, mtp_loss,
+                                     mtp_targets, token_logprobs)
 from r1jax.train.losses.grpo import GRPOBatch, group_advantages, grpo_loss
 from r1jax.train.losses.supervised import distill_loss, moe_metrics, sft_loss
 
 __all__ = ["GRPOBatch", "bias_update", "cross_entropy", "distill_divergence", "distill_loss",
-           "expert_load_max_over_mean", "group_advantages", "grpo_loss", "moe_metrics",
+           "divergence_per_token", "expert_load_max_over_mean", "group_advantages", "grpo_loss", "moe_metrics",
            "mtp_loss", "mtp_targets", "sft_loss", "token_logprobs"]

@@ -54,6 +54,14 @@ def distill_divergence(student_BTV, teacher_BTV, mask_BT, kind: str, temperature
   kind: "forward_kl" KL(p_teacher || q_student), "reverse_kl" KL(q || p),
         "jsd" beta*KL(p||m) + (1-beta)*KL(q||m) with m = beta*p + (1-beta)*q.
   """
+  per_tok = divergence_per_token(student_BTV, teacher_BTV, kind, temperature, jsd_beta)
+  return masked_mean(per_tok, mask_BT) * temperature * temperature
+
+
+def divergence_per_token(student_BTV, teacher_BTV, kind: str, temperature: float,
+                         jsd_beta: float = 0.5):
+  """`distill_divergence`'s per-position divergence [B, T] (fp32; no T^2, no mean): what a
+  loss that forms the logits a chunk of positions at a time sums."""
   t = temperature
   log_q = jax.nn.log_softmax(student_BTV.astype(jnp.float32) / t, axis=-1)
   log_p = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_BTV).astype(jnp.float32) / t, -1)
@@ -68,7 +76,7 @@ def distill_divergence(student_BTV, teacher_BTV, mask_BT, kind: str, temperature
                (1 - jsd_beta) * jnp.sum(q * (log_q - log_m), -1))
   else:
     raise ValueError(f"unknown divergence {kind!r}")
-  return masked_mean(per_tok, mask_BT) * t * t
+  return per_tok
 
 
 def expert_load_max_over_mean(counts_LE):

@@ -67,18 +67,43 @@ def sft_loss(cfg: ModelConfig, *, mtp_weight: float = 0.0, balance_alpha: float 
 def distill_loss(student_cfg: ModelConfig, teacher_cfg: ModelConfig, *, kind: str = "forward_kl",
                  temperature: float = 1.0, ce_weight: float = 0.0):
   """Logit distillation: (1 - ce_weight) * divergence(teacher, student) + ce_weight * CE.
-  The teacher (frozen params passed to the step) runs in the same jitted step."""
+  The teacher (frozen params passed to the step) runs in the same jitted step.
+
+  With the student's `logits_chunk` set, both heads, the divergence and the CE run that many
+  positions of every row at a time (`model.map_position_chunks`), each chunk recomputed in the
+  backward pass: no [B, T, V] logits of either model exist, only [B, chunk, V] ones."""
   if student_cfg.vocab_size != teacher_cfg.vocab_size:
     raise ValueError("teacher and student must share the tokenizer (vocab sizes differ: "
                      f"{teacher_cfg.vocab_size} vs {student_cfg.vocab_size})")
 
+  def chunked(params, batch, teacher_params):
+    kw = dict(segment_ids=batch["segment_ids"], token_mask=batch["segment_ids"] > 0,
+              positions=batch["positions"])
+    h, aux = model.hidden_states(params, batch["tokens"], student_cfg, **kw)
+    h_t, _ = model.hidden_states(teacher_params, batch["tokens"], teacher_cfg, **kw)
+
+    def one(h_c, h_t_c, targets_c):
+      logits = model.head(params, h_c, student_cfg)
+      div = core.divergence_per_token(logits, model.head(teacher_params, h_t_c, teacher_cfg),
+                                      kind, temperature)
+      return div, -core.token_logprobs(logits, targets_c)
+
+    div, nll = model.map_position_chunks(one, (h, h_t, batch["targets"]),
+                                         student_cfg.logits_chunk)
+    mask = batch["loss_mask"]
+    return core.masked_mean(div, mask) * temperature ** 2, core.masked_mean(nll, mask), aux
+
   def loss_fn(params, batch, rng, teacher_params):
     del rng
-    logits, aux = _forward(params, batch, student_cfg, False)
-    t_logits, _ = _forward(jax.lax.stop_gradient(teacher_params), batch, teacher_cfg, False)
+    teacher_params = jax.lax.stop_gradient(teacher_params)
     mask = batch["loss_mask"]
-    div = core.distill_divergence(logits, t_logits, mask, kind, temperature)
-    ce = core.cross_entropy(logits, batch["targets"], mask)
+    if student_cfg.logits_chunk:
+      div, ce, aux = chunked(params, batch, teacher_params)
+    else:
+      logits, aux = _forward(params, batch, student_cfg, False)
+      t_logits, _ = _forward(teacher_params, batch, teacher_cfg, False)
+      div = core.distill_divergence(logits, t_logits, mask, kind, temperature)
+      ce = core.cross_entropy(logits, batch["targets"], mask)
     metrics = {"ce": ce, "divergence": div, "tokens": jnp.sum(mask), "_weight": jnp.sum(mask)}
     metrics.update(moe_metrics(aux, student_cfg, jnp.sum(batch["segment_ids"] > 0)))
     return (1 - ce_weight) * div + ce_weight * ce, metrics
