@@ -14,7 +14,6 @@ the largest difference between the two sides' outputs and gradients.
 from __future__ import annotations
 
 import argparse
-import functools
 import pathlib
 import statistics
 import sys

@@ -12,7 +12,7 @@ R1 distils by plain SFT (no RL on students) on ~800k samples for 2 epochs; the J
 The batch, 64 rows of 16,384 tokens, is sized for 64 devices (fsdp 8 x data 8: one row each).
 `--dry_run --dry_run_devices=64` puts that at 36.4 GiB per device. On 8 devices, add
 `--config.train.accum_steps=8` (one row per device per micro-batch; 42.2 GiB in the dry run).
-Without it, 8 devices would each hold 8 rows: 268 GiB.
+Without it, 8 devices would each hold 8 rows: 268 GiB (at e7da4e6, before the key blocks).
 """
 
 from r1jax.run_config import base_config, stage

@@ -18,7 +18,7 @@
 from __future__ import annotations
 
 from r1jax.model.config import ModelConfig
-from r1jax.model import decoder
+from r1jax.model import decoder, layers
 from r1jax.model.params import abstract, declare, init, logical_axes, num_params
 
 
@@ -63,10 +63,10 @@ def hidden_states(params, tokens, cfg: ModelConfig, *, segment_ids=None, positio
   (`map_position_chunks` with `head`), so that no [B, T, V] logits exist."""
   x, aux, _ = decoder.forward_hidden(params, tokens, cfg, segment_ids=segment_ids,
                                      positions=positions, token_mask=token_mask)
-  return decoder.L.rms_norm(x, params["final_norm"], cfg.rms_norm_eps), aux
+  return layers.rms_norm(x, params["final_norm"], cfg.rms_norm_eps), aux
 
 
-head = decoder.head
+head = layers.head
 map_position_chunks = decoder.map_position_chunks
 
 

@@ -200,7 +200,7 @@ def attend(q, k, v, mask, scale: float, chunk: int | None = None, impl: str = "x
   the output sliced back."""
   T = q.shape[1]
   if causal:
-    assert T == k.shape[1], f"causal self-attention needs as many keys as queries: {T}, {k.shape[1]}"
+    assert T == k.shape[1], f"causal self-attention needs T == S: {T}, {k.shape[1]}"
     mask = mask & (jnp.arange(T)[None, :] <= jnp.arange(T)[:, None])
   if impl == "cudnn":
     e = v.shape[-1]

@@ -19,5 +19,5 @@ from r1jax.train.losses.grpo import GRPOBatch, group_advantages, grpo_loss
 from r1jax.train.losses.supervised import distill_loss, moe_metrics, sft_loss
 
 __all__ = ["GRPOBatch", "bias_update", "cross_entropy", "distill_divergence", "distill_loss",
-           "divergence_per_token", "expert_load_max_over_mean", "group_advantages", "grpo_loss", "moe_metrics",
-           "mtp_loss", "mtp_targets", "sft_loss", "token_logprobs"]
+           "divergence_per_token", "expert_load_max_over_mean", "group_advantages", "grpo_loss",
+           "moe_metrics", "mtp_loss", "mtp_targets", "sft_loss", "token_logprobs"]
