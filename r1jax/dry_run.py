@@ -113,9 +113,13 @@ def kernel_table(cfg, context: int = 1) -> list[str]:
             + (f", {cfg.attn_key_chunk}-key blocks (running softmax; the blocks after a chunk's "
                "last query skipped)" if cfg.attn_key_chunk
                else "")
-            + (f"; positions split over context {context}, every key gathered ("
+            + (f"; positions split over context {context}"
+               + (" in zigzag order" if cfg.context_order == "zigzag" else " in order")
+               + ", every key gathered ("
                + ("the MLA latent and rope key, expanded on each device)"
-                  if cfg.attention == "mla" else "k and v)") if context > 1 else ""))
+                  if cfg.attention == "mla" else "k and v)")
+               + (", each device skipping its own blocks" if cfg.attn_key_chunk else "")
+               if context > 1 else ""))
 
   def router(b):
     if cfg.router_impl != "pallas":
@@ -262,7 +266,7 @@ def _grpo_update(config, cfg, s, tx, lr, mesh, state):
                          jit=False)
   P, B = _prompt_len(config), s.rows
   T = P + s.max_new_tokens - 1
-  T += -T % parallel.context_size(mesh)  # the stage's columns padding (`grpo.pad_columns`)
+  T += -T % parallel.position_multiple(mesh, pcfg.context_order)  # `grpo.pad_columns`
   arr = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
                                                   sharding=parallel.batch_sharding(shape, mesh))
   routing = None

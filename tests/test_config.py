@@ -180,6 +180,10 @@ def test_router_group_fill_is_an_execution_field():
   with pytest.raises(ConfigError) as e:
     ModelConfig.from_config(dict(TINY_MOE, router_group_fill="0.0"))
   assert str(e.value) == ("model.router_group_fill='0.0' is not one of ('neg_inf', 'zero')")
+  with pytest.raises(ConfigError) as e:
+    ModelConfig.from_config(dict(TINY_MOE, context_order="ring"))
+  assert str(e.value) == "model.context_order='ring' is not one of ('zigzag', 'contiguous')"
+  assert "context_order" not in zero.to_hf()
 
 
 # ---------------------------------------------------------- shipped configs
@@ -300,7 +304,12 @@ def test_dry_run_names_the_kernels_of_every_layer_part():
           "query skipped)") in "\n".join(chunked)
   assert "context" not in "\n".join(chunked)
   split = dry_run.kernel_table(ModelConfig.from_config(tiny_moe_fields()), context=2)
-  assert "positions split over context 2, every key gathered (the MLA latent" in "\n".join(split)
+  assert ("positions split over context 2 in zigzag order, every key gathered (the MLA latent"
+          in "\n".join(split))
+  assert "skipping its own blocks" not in "\n".join(split)  # no key blocks, no skip
+  split = dry_run.kernel_table(ModelConfig.from_config(tiny_moe_fields(
+      attn_key_chunk=64, context_order="contiguous")), context=2)
+  assert "context 2 in order" in "\n".join(split) and "skipping its own" in "\n".join(split)
 
 
 @pytest.mark.parametrize("name, caveat", [

@@ -208,7 +208,7 @@ def test_length_bucket_cuts_padding_and_keeps_the_loss():
 
 def test_context_parallel_update_equals_the_single_device_update():
   """With a `context` mesh axis the stage pads the update's columns to a multiple of it
-  (`pad_columns`: 31 -> 32 here); the padding changes neither the loss, its metrics nor its
+  (twice that in the zigzag order, `pad_columns`: 31 -> 32 here); the padding changes neither the loss, its metrics nor its
   gradient. On a data 2 x context 4 mesh (each device 8 of each row's 32 positions), r1_tiny's
   MLA + MoE policy then gives the single-device update. Unpadded, 31 columns do not split over
   4 devices, so each row would run whole on every context device."""
@@ -219,13 +219,13 @@ def test_context_parallel_update_equals_the_single_device_update():
   rollout = _hand_rollout(rng, cfg.vocab_size, B, P, N, min_prompt=4, lengths=(3, N + 1))
   adv = rng.normal(size=B).astype(np.float32)
   batch = grpo_stage.grpo_batch(rollout, adv, mask_truncated=False)
-  padded = grpo_stage.pad_columns(batch, 4)
+  mesh = parallel.make_mesh(dict(data=2, context=4))
+  padded = grpo_stage.pad_columns(batch, parallel.position_multiple(mesh, pcfg.context_order))
   assert batch.tokens.shape == (B, 31) and padded.tokens.shape == (B, 32)
   assert grpo_stage.pad_columns(padded, 4) is padded and grpo_stage.pad_columns(batch, 1) is batch
   loss = grpo.grpo_loss(pcfg, loss_type="grpo", eps_low=0.2, eps_high=0.2, beta=0.0, budget=N)
   grad = testing.jit(jax.value_and_grad(lambda p, b: loss(p, b, None, None), has_aux=True))
   (l_ref, m_ref), g_ref = grad(params, batch)
-  mesh = parallel.make_mesh(dict(data=2, context=4))
   for got_batch, p in ((padded, params), (parallel.shard_batch(padded, mesh),
                                           parallel.shard_params(params, pcfg, mesh))):
     with jax.set_mesh(mesh) if got_batch is not padded else contextlib.nullcontext():

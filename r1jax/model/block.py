@@ -17,9 +17,10 @@ from r1jax.model.families import ATTENTION
 
 
 def decoder_block(p, x, cos, sin, mask, cfg: ModelConfig, *, cache=None, token_mask=None,
-                  replay_ids=None):
+                  replay_ids=None, zigzag: bool = False):
   """One layer. cache: None (full-sequence attention), or (c, layer, index): the stack's cache
   {name: [L, B, S, ...]}, this layer's index in it and the slot of x's first token.
+  zigzag: x's positions are in `layers.zigzag_slots` order (context parallelism).
   token_mask [B, T] (MoE): padding goes to no expert; replay_ids [B, T, k]: R3 routing.
   Returns (x, MoE stats or None for a dense FFN, the updated stack cache or None)."""
   attention = ATTENTION[cfg.attention]
@@ -27,7 +28,7 @@ def decoder_block(p, x, cos, sin, mask, cfg: ModelConfig, *, cache=None, token_m
     x = L.constrain_positions(x)  # context parallelism: each device its own positions
   h = L.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
   if cache is None:
-    y, c = attention.forward(p["attn"], h, cos, sin, mask, cfg), None
+    y, c = attention.forward(p["attn"], h, cos, sin, mask, cfg, zigzag), None
   else:
     c, layer, index = cache
     y, c = attention.cached(p["attn"], h, cos, sin, mask, c, layer, index, cfg)

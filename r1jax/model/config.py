@@ -75,6 +75,7 @@ ROUTER_GROUP_FILLS = ("neg_inf", "zero")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLS = ("xla", "cudnn")
+CONTEXT_ORDERS = ("zigzag", "contiguous")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +169,12 @@ class ModelConfig:
   # "cudnn" (jax.nn.dot_product_attention's fused cuDNN kernel: GPUs, bf16/fp16 only; attn_chunk
   # is then unused, since the kernel never forms the scores)
   attn_impl: str = "xla"
+  # context parallelism (a `context` mesh axis): the order in which the layers see each row's
+  # positions. "zigzag": cut into 2 x context chunks, device s holding chunks s and
+  # 2 x context - 1 - s, so each device's causal attention skips about half the key blocks
+  # (layers.zigzag_slots; where 2 x context does not divide the row, position order);
+  # "contiguous": in order, where the device with the last positions skips almost none
+  context_order: str = "zigzag"
   # positions per LM-head chunk in the SFT and GRPO losses, every row at once (exact; bounds the
   # [B, T, V] logits, ~15 GiB per 8k tokens at a 152k vocabulary; decoder.chunked_target_logprobs)
   logits_chunk: int | None = None
@@ -268,6 +275,8 @@ class ModelConfig:
          f"attn_chunk={self.attn_chunk} must be positive or None")
     need(self.attn_key_chunk is None or self.attn_key_chunk > 0,
          f"attn_key_chunk={self.attn_key_chunk} must be positive or None")
+    need(self.context_order in CONTEXT_ORDERS,
+         f"context_order={self.context_order!r} is not one of {CONTEXT_ORDERS}")
     need(self.attn_impl in ATTN_IMPLS,
          f"attn_impl={self.attn_impl!r} is not one of {ATTN_IMPLS}")
     need(self.attn_impl != "cudnn" or self.dtype in ("bfloat16", "float16"),

@@ -36,14 +36,15 @@ from r1jax.model.families import ATTENTION
 from r1jax.model.layers import embed, head
 
 
-def _scan_layers(stacked, x, cos, sin, mask, cfg: ModelConfig, token_mask=None, routing=None):
+def _scan_layers(stacked, x, cos, sin, mask, cfg: ModelConfig, token_mask=None, routing=None,
+                 zigzag: bool = False):
   """Run a stack of same-shaped layers (lax.scan or a loop, `_layer_scan`); returns x and
   per-layer MoE stats.
   routing [L, B, T, k]: each layer's replayed expert ids (R3), or None."""
   def body(carry, inputs):
     layer_params, replay_ids = inputs
     out, stats, _ = decoder_block(layer_params, carry, cos, sin, mask, cfg, token_mask=token_mask,
-                                  replay_ids=replay_ids)
+                                  replay_ids=replay_ids, zigzag=zigzag)
     return out, stats
 
   return _layer_scan(cfg)(L.maybe_remat(body, cfg.remat), x, (stacked, routing))
@@ -99,6 +100,16 @@ def forward_hidden(params, tokens, cfg: ModelConfig, *, segment_ids=None, positi
     segment_ids = jnp.zeros_like(tokens)
   cos, sin = L.rope_cos_sin(cfg, positions)
   mask = L.attention_mask(segment_ids, segment_ids, positions, positions)
+  ctx = (cos, sin, mask, token_mask)  # position order, for the MTP modules
+  # context parallelism: the layers run on the positions in zigzag order, which balances the
+  # causal attention's work over the devices; the result is put back in order
+  zigzag = cfg.context_order == "zigzag" and L.zigzag_applies(tokens.shape[1])
+  if zigzag:
+    tokens, segment_ids, positions = map(L.to_zigzag, (tokens, segment_ids, positions))
+    token_mask = None if token_mask is None else L.to_zigzag(token_mask)
+    routing = None if routing is None else L.to_zigzag(routing)
+    cos, sin = L.rope_cos_sin(cfg, positions)
+    mask = L.attention_mask(segment_ids, segment_ids, positions, positions)
   x = L.constrain_positions(embed(params, tokens, cfg))
   aux = {}
   replay = None if routing is None else jnp.moveaxis(routing, 2, 0)  # [L_moe, B, T, k]
@@ -107,18 +118,21 @@ def forward_hidden(params, tokens, cfg: ModelConfig, *, segment_ids=None, positi
     layers = run_slice(params[stack], start, count)
     if stack == "moe_layers":
       ids = None if replay is None else replay[start:start + count]
-      x, stats = _scan_layers(layers, x, cos, sin, mask, cfg, token_mask, ids)
+      x, stats = _scan_layers(layers, x, cos, sin, mask, cfg, token_mask, ids, zigzag)
       moe_stats.append(stats)
     else:
-      x, _ = _scan_layers(layers, x, cos, sin, mask, cfg)
+      x, _ = _scan_layers(layers, x, cos, sin, mask, cfg, zigzag=zigzag)
+  if zigzag:
+    x = L.to_zigzag(x, inverse=True)
   if moe_stats:
     stats = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *moe_stats)
     aux["expert_counts"] = stats["counts"]  # [L_moe, E]
-    aux["expert_ids"] = stats["ids"]  # [L_moe, B, T, k]
+    ids = stats["ids"]  # [L_moe, B, T, k]
+    aux["expert_ids"] = L.to_zigzag(ids, axis=2, inverse=True) if zigzag else ids
     aux["balance"] = stats["balance"].sum()
     aux["dropped"] = stats["dropped"].sum()
     aux["moe_rounds"] = stats["rounds"].sum()  # exchanges one after another, over MoE layers
-  return x, aux, (cos, sin, mask, token_mask)
+  return x, aux, ctx
 
 
 def forward_hidden_prefix(params, prefix_tokens, prefix_positions, prefix_valid, tokens,

@@ -57,11 +57,12 @@ def out_proj(p, attn_out, dtype, fp8: bool = False):
                  p["o"].reshape(-1, p["o"].shape[-1]), dtype, fp8)
 
 
-def gqa(p, x, cos, sin, mask, cfg: ModelConfig):
-  """Grouped-query self-attention of x [B, T, D] (the training and prefill forward)."""
+def gqa(p, x, cos, sin, mask, cfg: ModelConfig, zigzag: bool = False):
+  """Grouped-query self-attention of x [B, T, D] (the training and prefill forward); zigzag: the
+  positions are in `layers.zigzag_slots` order (context parallelism)."""
   q, k, v = qkv(p, x, cos, sin, cfg)
   out = L.attend(q, k, v, mask, L.softmax_scale(cfg), cfg.attn_chunk, cfg.attn_impl,
-                 cfg.attn_key_chunk, causal=True)
+                 cfg.attn_key_chunk, causal=True, zigzag=zigzag)
   return out_proj(p, out, cfg.jnp_dtype, cfg.fp8)
 
 

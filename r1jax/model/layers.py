@@ -157,6 +157,39 @@ def constrain_positions(x, axis: int = 1, split: bool = True):
   return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
 
 
+def zigzag_applies(length: int) -> bool:
+  """Whether a row of `length` positions can run in the zigzag order (`zigzag_slots`): split
+  over context devices (`position_shards` > 1) into 2 * shards equal chunks."""
+  shards = position_shards(length)
+  return shards > 1 and length % (2 * shards) == 0
+
+
+def zigzag_slots(length: int, shards: int, xp=np):
+  """The zigzag order of `length` positions over `shards` context devices: the original index of
+  each slot. The positions are cut into 2 * shards equal chunks, and device s holds chunks s and
+  2 * shards - 1 - s, an early and a late one, so that under a causal mask every device's
+  queries see about the same number of keys (with the positions in order, the device with the
+  last positions sees them all). Iota arithmetic: with xp=jnp the program holds no [length]
+  constant."""
+  c = length // (2 * shards)
+  j = xp.arange(length, dtype=xp.int32)
+  s, r = j // (2 * c), j % (2 * c)
+  return xp.where(r < c, s * c + r, (2 * shards - 1 - s) * c + r - c)
+
+
+def to_zigzag(x, axis: int = 1, inverse: bool = False):
+  """x with its positions `axis` (a row's, in order) put in the zigzag order of `zigzag_slots`,
+  or (inverse) taken back from it: a static permutation of 2 * shards chunks. Rows [B, T, ...]
+  (axis 1) keep their split over the mesh (`constrain_positions`)."""
+  shards = position_shards(x.shape[axis])
+  chunks = np.ravel([[s, 2 * shards - 1 - s] for s in range(shards)])
+  if inverse:
+    chunks = np.argsort(chunks)
+  parts = x.reshape(x.shape[:axis] + (2 * shards, -1) + x.shape[axis + 1:])
+  out = jnp.take(parts, chunks, axis=axis).reshape(x.shape)
+  return constrain_positions(out) if axis == 1 else out
+
+
 # ------------------------------------------------------------- attention
 def attention_mask(segment_ids_q, segment_ids_k, positions_q, positions_k):
   """Causal + same-segment mask [B, 1, T, S] from segment ids and positions."""
@@ -170,9 +203,14 @@ FUSED_IMPLEMENTATION = {"cudnn": "cudnn"}
 
 
 def attend(q, k, v, mask, scale: float, chunk: int | None = None, impl: str = "xla",
-           key_chunk: int | None = None, causal: bool = False):
+           key_chunk: int | None = None, causal: bool = False, zigzag: bool = False,
+           expand=None):
   """Softmax attention. q [B,T,H,d], k [B,S,K,d], v [B,S,K,e] with H a multiple of K (GQA);
   mask bool [B,1,T,S]. Scores and softmax in fp32. Returns [B,T,H,e].
+
+  `expand` (fn, args): k and v are inputs that fn(k, v, *args) turns into the keys and values
+  (MLA's latent and rope key, expanded by kv_b); with context parallelism each device runs it
+  on the gathered inputs, so the gradient exchanged is that of the inputs, not of the keys.
 
   `chunk` splits the queries into blocks of that many, one block at a time under
   `jax.checkpoint`, so the [H, T, S] scores never exist at once (forward or backward): the same
@@ -180,28 +218,39 @@ def attend(q, k, v, mask, scale: float, chunk: int | None = None, impl: str = "x
   a bucketed prompt + max_new_tokens - 1 columns), the queries are padded to a multiple of it;
   the padded queries attend to nothing and are dropped.
 
-  With a `context` mesh axis that divides T (context parallelism), each device keeps its own
-  queries and mask rows and gathers every key and value; query chunks are cut within each
-  device's positions (`_blocks`).
-
   `key_chunk` also splits the keys (`attend_key_blocks`: a running max and sum over key blocks,
   each under `jax.checkpoint`), so at most [H, chunk, key_chunk] scores exist at once: the same
   result to float rounding.
 
   `causal=True` (self-attention of a causal LM, T == S): no query sees a key at a later index,
   whatever the mask says; the mask is ANDed with that. Then, with `key_chunk`, a key block
-  that starts after a query block's last query is skipped (`lax.cond`, forward and backward):
-  about half the score and value FLOPs for long rows. Every query that sees its own key (each
-  row of an `attention_mask`) gets the same values, since such a block would only add zeros; a
-  query that sees no key at all (padding) averages only the key blocks that ran.
+  whose first key comes after a query block's last query is skipped (`lax.cond`, forward and
+  backward): about half the score and value FLOPs for long rows. Every query that sees its own
+  key (each row of an `attention_mask`) gets the same values, since such a block would only add
+  zeros; a query that sees no key at all (padding) averages only the key blocks that ran.
+
+  With a `context` mesh axis that divides T (context parallelism), each device keeps its own
+  queries and mask rows and gathers every key and value. Causal attention then runs per device
+  (`_attend_context`, a `shard_map` over `context`), so each device skips the key blocks past
+  its own queries. `zigzag=True`: q, k, v and the mask are in `zigzag_slots` order (the
+  decoder's `forward_hidden` puts them there), so every device skips about half the blocks;
+  in position order the device with the last positions skips almost none, and sets the step's
+  time.
 
   `impl="cudnn"` runs jax.nn.dot_product_attention's fused cuDNN kernel instead (GPU, bf16): the
   same mask and scale, with v zero-padded to q's head dim where they differ (MLA's 192 / 128) and
   the output sliced back."""
   T = q.shape[1]
+  shards = position_shards(T) if T == k.shape[1] else 1  # context parallelism (self-attention)
+  zigzag = zigzag and shards > 1
   if causal:
     assert T == k.shape[1], f"causal self-attention needs T == S: {T}, {k.shape[1]}"
-    mask = mask & (jnp.arange(T)[None, :] <= jnp.arange(T)[:, None])
+    index = zigzag_slots(T, shards, jnp) if zigzag else jnp.arange(T)
+    mask = mask & (index[None, :] <= index[:, None])
+  if shards > 1 and causal and impl != "cudnn":
+    return _attend_context(q, k, v, mask, scale, chunk, key_chunk, zigzag, expand, shards)
+  if expand is not None:
+    k, v = expand[0](k, v, *expand[1])
   if impl == "cudnn":
     e = v.shape[-1]
     if e != q.shape[-1]:
@@ -209,14 +258,12 @@ def attend(q, k, v, mask, scale: float, chunk: int | None = None, impl: str = "x
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
                                        implementation=FUSED_IMPLEMENTATION[impl])
     return out[..., :e]
-  shards = position_shards(T) if T == k.shape[1] else 1  # context parallelism (self-attention)
   if shards > 1:  # each device: its own queries against every key (an all-gather of k and v)
     q, mask = constrain_positions(q), constrain_positions(mask, axis=2)
     k, v = constrain_positions(k, split=False), constrain_positions(v, split=False)
   if chunk is not None and chunk < T // shards:
     n = -(-(T // shards) // chunk)
-    # the last query index each block holds, over every shard's part (its i-th block)
-    last = (shards - 1) * (T // shards) + jnp.arange(n) * chunk + chunk - 1
+    last = jnp.arange(n) * chunk + chunk - 1  # each block's last query (causal: one device)
     block = jax.checkpoint(lambda a: _attend_block(a[0], k, v, a[1], scale, key_chunk,
                                                    a[2] if causal else None))
     out = jax.lax.map(block, (_blocks(q, 1, chunk, shards), _blocks(mask, 2, chunk, shards), last))
@@ -224,10 +271,65 @@ def attend(q, k, v, mask, scale: float, chunk: int | None = None, impl: str = "x
   return _attend_block(q, k, v, mask, scale, key_chunk, T - 1 if causal else None)
 
 
-def _attend_block(q, k, v, mask, scale: float, key_chunk: int | None, last_query):
-  """`attend` of queries whose indices are at most last_query (None: no causal skipping)."""
+def context_blocks(T: int, shards: int, chunk: int, key_chunk: int | None, zigzag: bool):
+  """The causal skip's tables under context parallelism: each device's query blocks' last
+  query index [shards, blocks] (each device's T / shards positions cut into blocks of chunk),
+  and each key block's first key index [key blocks] (None without key blocks), in position or
+  zigzag order. A device runs key block j for query block i iff first[j] <= last[d, i]."""
+  local = T // shards
+  n = -(-local // chunk)
+  slots = zigzag_slots(T, shards) if zigzag else np.arange(T)
+  per_device = np.pad(slots.reshape(shards, local), ((0, 0), (0, n * chunk - local)),
+                      constant_values=-1)
+  last = per_device.reshape(shards, n, chunk).max(-1)
+  if key_chunk is None or key_chunk >= T:
+    return last, None
+  nk = -(-T // key_chunk)
+  first = np.pad(slots, (0, nk * key_chunk - T), constant_values=T)
+  return last, first.reshape(nk, key_chunk).min(-1)
+
+
+def _attend_context(q, k, v, mask, scale: float, chunk: int | None, key_chunk: int | None,
+                    zigzag: bool, expand, shards: int):
+  """Causal `attend` under context parallelism, per device: a `shard_map` over `context` (the
+  other mesh axes stay with XLA's sharding) in which each device runs its own queries and mask
+  rows, in blocks of `chunk`, against every key, and skips the key blocks whose first key comes
+  after its block's last query. The query and key indices (position order, or the zigzag order)
+  are known when tracing, so each device's block ends are a table indexed by its place on the
+  axis."""
+  T = q.shape[1]
+  local = T // shards
+  chunk = local if chunk is None else min(chunk, local)
+  n = -(-local // chunk)
+  last, first_keys = context_blocks(T, shards, chunk, key_chunk, zigzag)
+  fn, args = expand if expand is not None else (None, ())
+  q, mask = constrain_positions(q), constrain_positions(mask, axis=2)
+  k, v = constrain_positions(k, split=False), constrain_positions(v, split=False)
+
+  def per_device(q, mask, last, k, v, *args):
+    if fn is not None:
+      k, v = fn(k, v, *args)
+    if n == 1:
+      return _attend_block(q, k, v, mask, scale, key_chunk, last[0, 0], first_keys)
+    block = jax.checkpoint(lambda a: _attend_block(a[0], k, v, a[1], scale, key_chunk, a[2],
+                                                   first_keys))
+    out = jax.lax.map(block, (_blocks(q, 1, chunk), _blocks(mask, 2, chunk), last[0]))
+    return _unblocks(out, 1, local)
+
+  P = jax.sharding.PartitionSpec
+  split, whole = P(None, CONTEXT), P()
+  return jax.shard_map(
+      per_device, in_specs=(split, P(None, None, CONTEXT), P(CONTEXT), whole, whole)
+      + (whole,) * len(args), out_specs=split, axis_names={CONTEXT}, check_vma=False,
+  )(q, mask, jnp.asarray(last, jnp.int32), k, v, *args)
+
+
+def _attend_block(q, k, v, mask, scale: float, key_chunk: int | None, last_query,
+                  first_keys=None):
+  """`attend` of queries whose indices are at most last_query (None: no causal skipping);
+  first_keys: each key block's smallest index (None: the keys in order)."""
   if key_chunk is not None and key_chunk < k.shape[1]:
-    return attend_key_blocks(q, k, v, mask, scale, key_chunk, last_query)
+    return attend_key_blocks(q, k, v, mask, scale, key_chunk, last_query, first_keys)
   B, T, H, _ = q.shape
   K = k.shape[2]
   qg = q.reshape(B, T, K, H // K, q.shape[-1])
@@ -265,7 +367,8 @@ def _unblocks(out, axis: int, length: int, shards: int = 1):
   return out.reshape(out.shape[:axis] + (length,) + out.shape[axis + 2:])
 
 
-def attend_key_blocks(q, k, v, mask, scale: float, key_chunk: int, last_query=None):
+def attend_key_blocks(q, k, v, mask, scale: float, key_chunk: int, last_query=None,
+                      first_keys=None):
   """`attend` over the keys in blocks of key_chunk (the last padded): each block updates a
   running max, softmax denominator and weighted sum of values (fp32), under `jax.checkpoint`, so
   the backward pass keeps those per block, not the [H, T, S] scores. Masked keys score NEG_INF
@@ -273,9 +376,11 @@ def attend_key_blocks(q, k, v, mask, scale: float, key_chunk: int, last_query=No
   nothing.
 
   last_query (a scalar, may be traced): where the mask is causal by index and no query's index
-  exceeds it, the key blocks that start after it are skipped. A query that sees its own key
-  has a real score as its running max by then, and a masked block would add exp(NEG_INF - max)
-  = 0: skipping changes none of its values."""
+  exceeds it, the key blocks whose first key comes after it are skipped; first_keys (static,
+  [blocks]) is each block's smallest key index, by default its start (the keys in order). For a
+  query that sees a key, a fully masked block adds exp(NEG_INF - max) = 0 once a real score is
+  the running max, and what it adds before that is scaled by exp(NEG_INF - real) = 0 when the
+  first real score comes: skipping it changes none of the query's values."""
   B, T, H, d = q.shape
   S, K, e = k.shape[1], k.shape[2], v.shape[-1]
   G = H // K
@@ -302,7 +407,8 @@ def attend_key_blocks(q, k, v, mask, scale: float, key_chunk: int, last_query=No
 
   init = (jnp.full((B, K, G, T), NEG_INF, jnp.float32), jnp.zeros((B, K, G, T), jnp.float32),
           jnp.zeros((B, T, K, G, e), jnp.float32))
-  starts = jnp.arange(real.shape[0]) * key_chunk
+  starts = np.arange(real.shape[0]) * key_chunk if first_keys is None else first_keys
+  starts = jnp.asarray(starts, jnp.int32)
   (_, l, acc), _ = jax.lax.scan(step, init, (starts, _blocks(k, 1, key_chunk),
                                              _blocks(v, 1, key_chunk), _blocks(mask, 3, key_chunk),
                                              real))

@@ -68,10 +68,10 @@ def project_latent(p, x, cfg: ModelConfig, dtype):
   return L.rms_norm(latent, p["kv_norm"], LATENT_NORM_EPS), k_pe
 
 
-def mla(p, x, cos, sin, mask, cfg: ModelConfig):
-  """x [B, T, D] -> [B, T, D]; cos/sin [B, T, rope/2]; mask [B, 1, T, T]."""
+def mla(p, x, cos, sin, mask, cfg: ModelConfig, zigzag: bool = False):
+  """x [B, T, D] -> [B, T, D]; cos/sin [B, T, rope/2]; mask [B, 1, T, T]; zigzag: the positions
+  are in `layers.zigzag_slots` order (context parallelism)."""
   dtype = cfg.jnp_dtype
-  H = cfg.num_attention_heads
   q = project_q(p, x, cfg, dtype)
   q_nope, q_pe = q[..., :cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim:]
   q_pe = L.apply_rope(q_pe, cos, sin, cfg.rope_interleave)
@@ -80,13 +80,17 @@ def mla(p, x, cos, sin, mask, cfg: ModelConfig):
   # context parallelism: every device gathers the keys' latent and rope key (576 values per
   # token at V3 size) and expands them itself, rather than gathering per-head keys and values
   latent, k_pe = L.constrain_positions(latent, split=False), L.constrain_positions(k_pe, split=False)
-  kv = L.dense(latent, p["kv_b"], dtype, cfg.fp8)  # [B, T, H, nope + v]
-  k_nope, v = kv[..., :cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]
+
+  def expand(latent, k_pe, kv_b):
+    kv = L.dense(latent, kv_b, dtype, cfg.fp8)  # [B, T, H, nope + v]
+    k_nope, v = kv[..., :cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]
+    k_pe = jnp.broadcast_to(k_pe, k_nope.shape[:3] + (cfg.qk_rope_head_dim,))
+    return jnp.concatenate([k_nope, k_pe], -1), v
+
   B, T = x.shape[:2]
-  k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe, (B, T, H, cfg.qk_rope_head_dim))], -1)
   q = jnp.concatenate([q_nope, q_pe], -1)
-  out = L.attend(q, k, v, mask, L.softmax_scale(cfg), cfg.attn_chunk, cfg.attn_impl,
-                 cfg.attn_key_chunk, causal=True)
+  out = L.attend(q, latent, k_pe, mask, L.softmax_scale(cfg), cfg.attn_chunk, cfg.attn_impl,
+                 cfg.attn_key_chunk, causal=True, zigzag=zigzag, expand=(expand, (p["kv_b"],)))
   # heads and head_dim flattened into one contraction (what the FP8 GEMM takes)
   return L.dense(out.reshape(B, T, -1), p["o"].reshape(-1, p["o"].shape[-1]), dtype, cfg.fp8)
 

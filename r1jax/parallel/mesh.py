@@ -18,6 +18,13 @@ from r1jax.axes import AXES, BATCH_AXES, batch_axes, context_size  # noqa: F401 
 from r1jax.errors import ConfigError
 
 
+def position_multiple(mesh, context_order: str) -> int:
+  """What a row's positions are padded to a multiple of (a GRPO update's columns): the context
+  axis's size, twice that for the zigzag order (`model.layers.zigzag_slots`); 1 without one."""
+  cp = context_size(mesh)
+  return cp * 2 if cp > 1 and context_order == "zigzag" else cp
+
+
 def axis_sizes(mesh_cfg: Mapping[str, int]) -> list[int]:
   """The config's size of each axis in AXES order, -1 for "the rest"; checked without devices."""
   sizes = []

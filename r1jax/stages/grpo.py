@@ -83,8 +83,8 @@ ROW_FIELDS = ("tokens", "targets", "segment_ids", "positions", "loss_mask", "rol
 
 def pad_columns(batch: grpo_lib.GRPOBatch, multiple: int) -> grpo_lib.GRPOBatch:
   """The batch with its [B, T] fields padded at the end to a multiple of `multiple` columns:
-  `mesh.context`, whose devices each take an equal share of every row's positions (context
-  parallelism). The new columns are padding (segment 0, no loss, no expert); the model is
+  `mesh.context` (twice that in the zigzag order, `parallel.position_multiple`), whose devices
+  each take an equal share of every row's positions (context parallelism). The new columns are padding (segment 0, no loss, no expert); the model is
   causal and attends within a segment, so no real position sees them, and the loss, its
   gradient and the metrics are the same."""
   extra = -batch.tokens.shape[1] % multiple
@@ -202,7 +202,7 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
     batch = grpo_batch(rollout, update_adv, mask_truncated=s.mask_truncated,
                        routing=s.routing_replay, length_bucket=s.length_bucket,
                        share_prompt=G if s.share_prompt else 0)
-    batch = pad_columns(batch, parallel.context_size(ctx.mesh))
+    batch = pad_columns(batch, parallel.position_multiple(ctx.mesh, pcfg.context_order))
     if ctx.is_main and step % max(int(c.log.every_steps), 1) == 0:
       # written as they come, so a run resumed from a checkpoint keeps the samples before it
       samples[:] = [x for x in samples if x["step"] < step]
