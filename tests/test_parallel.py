@@ -224,6 +224,8 @@ def test_context_parallel_causal_attention_skips_each_devices_own_blocks(zigzag)
     dq_nan = jax.jit(jax.grad(lambda q: jnp.sum(jnp.sin(attend(q, k, v_nan)[:, :T - 4]))))(q)
     out_nan = jax.jit(attend)(q, k, v_nan)
     control = jax.jit(functools.partial(attend, causal=False))(q, k, v_nan)
+    bf16 = lambda a: a.astype(jnp.bfloat16)  # XLA:CPU cannot sum bf16 gradients over `context`
+    dk16 = jax.jit(jax.grad(lambda k: loss(bf16(q), k, bf16(v)).astype(jnp.float32)))(bf16(k))
   np.testing.assert_allclose(out, ref, rtol=0, atol=TOL)
   for a, b in zip(grads, grads_ref):
     np.testing.assert_allclose(a, b, rtol=0, atol=TOL)
@@ -231,6 +233,8 @@ def test_context_parallel_causal_attention_skips_each_devices_own_blocks(zigzag)
   assert np.isfinite(np.asarray(dq_nan[:, :T - 4])).all()
   assert np.isnan(np.asarray(out_nan[:, T - 4:])).all()
   assert np.isnan(np.asarray(control)).all()
+  assert dk16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(dk16, np.float32), grads_ref[1], rtol=0, atol=0.1)
 
 
 def test_zigzag_order_keeps_the_expert_ids_and_their_replay(params, batch):

@@ -306,7 +306,16 @@ def _attend_context(q, k, v, mask, scale: float, chunk: int | None, key_chunk: i
   q, mask = constrain_positions(q), constrain_positions(mask, axis=2)
   k, v = constrain_positions(k, split=False), constrain_positions(v, split=False)
 
-  def per_device(q, mask, last, k, v, *args):
+  # XLA:CPU aborts compiling the bfloat16 sum of the gathered inputs' gradients that the
+  # shard_map's transpose makes (its AllReducePromotion pass, jax 0.10.2): on a CPU they cross
+  # the boundary as float32
+  whole_in = (k, v) + tuple(args)
+  widen = jax.default_backend() == "cpu"
+  dtypes = [a.dtype for a in whole_in]
+  whole_in = [a.astype(jnp.float32) if widen and a.dtype == jnp.bfloat16 else a for a in whole_in]
+
+  def per_device(q, mask, last, *whole):
+    k, v, *args = [a.astype(t) for a, t in zip(whole, dtypes)]
     if fn is not None:
       k, v = fn(k, v, *args)
     if n == 1:
@@ -319,9 +328,9 @@ def _attend_context(q, k, v, mask, scale: float, chunk: int | None, key_chunk: i
   P = jax.sharding.PartitionSpec
   split, whole = P(None, CONTEXT), P()
   return jax.shard_map(
-      per_device, in_specs=(split, P(None, None, CONTEXT), P(CONTEXT), whole, whole)
-      + (whole,) * len(args), out_specs=split, axis_names={CONTEXT}, check_vma=False,
-  )(q, mask, jnp.asarray(last, jnp.int32), k, v, *args)
+      per_device, in_specs=(split, P(None, None, CONTEXT), P(CONTEXT)) + (whole,) * len(whole_in),
+      out_specs=split, axis_names={CONTEXT}, check_vma=False,
+  )(q, mask, jnp.asarray(last, jnp.int32), *whole_in)
 
 
 def _attend_block(q, k, v, mask, scale: float, key_chunk: int | None, last_query,
