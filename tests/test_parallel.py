@@ -191,14 +191,15 @@ def test_zigzag_order_puts_an_early_and_a_late_chunk_on_each_device():
 
 
 @pytest.mark.parametrize("zigzag", [True, False])
-def test_context_parallel_causal_attention_skips_each_devices_own_blocks(zigzag):
+def test_context_parallel_causal_attention_skips_each_devices_own_blocks(zigzag, monkeypatch):
   """Causal attention on a 4-way `context` axis (32 positions, 8 per device, query blocks of 2,
   key blocks of 4), its positions in zigzag or in position order, equals one device's, values
   and gradients. Each device skips the key blocks past its own queries: with NaN values at the
   last 4 keys, every query before them stays finite and exact. One skip decision for all devices
   (the key blocks past every device's queries in a loop step) would run the NaN block for the
   late chunk of every device in the zigzag order. Negative control: without the causal skip
-  (`causal=False`, the same causal mask) every block runs, and every query reads NaN."""
+  (`causal=False`, the same causal mask) every block runs, and every query reads NaN.
+  attn_impl="cudnn" (jax's "xla" implementation on a CPU) runs per device too."""
   layers = model.layers
   rng = np.random.default_rng(0)
   q, k, v = (jnp.asarray(rng.standard_normal((2, T, 2, 8)), jnp.float32) for _ in range(3))
@@ -208,10 +209,10 @@ def test_context_parallel_causal_attention_skips_each_devices_own_blocks(zigzag)
   order = (lambda a: layers.to_zigzag(a)) if zigzag else (lambda a: a)
   back = (lambda a: layers.to_zigzag(a, inverse=True)) if zigzag else (lambda a: a)
 
-  def attend(q, k, v, causal=True):
+  def attend(q, k, v, causal=True, impl="xla"):
     s, p = order(seg), order(pos)
     out = layers.attend(order(q), order(k), order(v), layers.attention_mask(s, s, p, p), 0.5,
-                        chunk=2, key_chunk=4, causal=causal, zigzag=zigzag)
+                        chunk=2, key_chunk=4, causal=causal, zigzag=zigzag, impl=impl)
     return back(out)
 
   loss = lambda q, k, v: jnp.sum(jnp.sin(attend(q, k, v)))
@@ -224,9 +225,13 @@ def test_context_parallel_causal_attention_skips_each_devices_own_blocks(zigzag)
     dq_nan = jax.jit(jax.grad(lambda q: jnp.sum(jnp.sin(attend(q, k, v_nan)[:, :T - 4]))))(q)
     out_nan = jax.jit(attend)(q, k, v_nan)
     control = jax.jit(functools.partial(attend, causal=False))(q, k, v_nan)
+    monkeypatch.setitem(layers.FUSED_IMPLEMENTATION, "cudnn", "xla")
+    fused = jax.jit(functools.partial(attend, impl="cudnn"))(q, k, v)
     bf16 = lambda a: a.astype(jnp.bfloat16)  # XLA:CPU cannot sum bf16 gradients over `context`
     dk16 = jax.jit(jax.grad(lambda k: loss(bf16(q), k, bf16(v)).astype(jnp.float32)))(bf16(k))
   np.testing.assert_allclose(out, ref, rtol=0, atol=TOL)
+  np.testing.assert_allclose(fused, ref, rtol=0, atol=TOL)
+  assert out.sharding.spec[1] == fused.sharding.spec[1] == "context"
   for a, b in zip(grads, grads_ref):
     np.testing.assert_allclose(a, b, rtol=0, atol=TOL)
   np.testing.assert_allclose(out_nan[:, :T - 4], ref[:, :T - 4], rtol=0, atol=TOL)

@@ -247,17 +247,12 @@ def attend(q, k, v, mask, scale: float, chunk: int | None = None, impl: str = "x
     assert T == k.shape[1], f"causal self-attention needs T == S: {T}, {k.shape[1]}"
     index = zigzag_slots(T, shards, jnp) if zigzag else jnp.arange(T)
     mask = mask & (index[None, :] <= index[:, None])
-  if shards > 1 and causal and impl != "cudnn":
-    return _attend_context(q, k, v, mask, scale, chunk, key_chunk, zigzag, expand, shards)
+  if shards > 1 and causal:
+    return _attend_context(q, k, v, mask, scale, chunk, key_chunk, zigzag, expand, shards, impl)
   if expand is not None:
     k, v = expand[0](k, v, *expand[1])
   if impl == "cudnn":
-    e = v.shape[-1]
-    if e != q.shape[-1]:
-      v = jnp.pad(v, [(0, 0)] * 3 + [(0, q.shape[-1] - e)])
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
-                                       implementation=FUSED_IMPLEMENTATION[impl])
-    return out[..., :e]
+    return _attend_fused(q, k, v, mask, scale, impl)
   if shards > 1:  # each device: its own queries against every key (an all-gather of k and v)
     q, mask = constrain_positions(q), constrain_positions(mask, axis=2)
     k, v = constrain_positions(k, split=False), constrain_positions(v, split=False)
@@ -269,6 +264,17 @@ def attend(q, k, v, mask, scale: float, chunk: int | None = None, impl: str = "x
     out = jax.lax.map(block, (_blocks(q, 1, chunk, shards), _blocks(mask, 2, chunk, shards), last))
     return _unblocks(out, 1, T, shards)  # out: [n, B, shards * chunk, H, e]
   return _attend_block(q, k, v, mask, scale, key_chunk, T - 1 if causal else None)
+
+
+def _attend_fused(q, k, v, mask, scale: float, impl: str):
+  """jax.nn.dot_product_attention's fused kernel (`FUSED_IMPLEMENTATION[impl]`), with v
+  zero-padded to q's head dim where they differ (MLA's 192 / 128) and the output sliced back."""
+  e = v.shape[-1]
+  if e != q.shape[-1]:
+    v = jnp.pad(v, [(0, 0)] * 3 + [(0, q.shape[-1] - e)])
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
+                                     implementation=FUSED_IMPLEMENTATION[impl])
+  return out[..., :e]
 
 
 def context_blocks(T: int, shards: int, chunk: int, key_chunk: int | None, zigzag: bool):
@@ -290,13 +296,13 @@ def context_blocks(T: int, shards: int, chunk: int, key_chunk: int | None, zigza
 
 
 def _attend_context(q, k, v, mask, scale: float, chunk: int | None, key_chunk: int | None,
-                    zigzag: bool, expand, shards: int):
+                    zigzag: bool, expand, shards: int, impl: str = "xla"):
   """Causal `attend` under context parallelism, per device: a `shard_map` over `context` (the
   other mesh axes stay with XLA's sharding) in which each device runs its own queries and mask
   rows, in blocks of `chunk`, against every key, and skips the key blocks whose first key comes
   after its block's last query. The query and key indices (position order, or the zigzag order)
   are known when tracing, so each device's block ends are a table indexed by its place on the
-  axis."""
+  axis. impl="cudnn": each device runs the fused kernel on its queries instead."""
   T = q.shape[1]
   local = T // shards
   chunk = local if chunk is None else min(chunk, local)
@@ -318,6 +324,8 @@ def _attend_context(q, k, v, mask, scale: float, chunk: int | None, key_chunk: i
     k, v, *args = [a.astype(t) for a, t in zip(whole, dtypes)]
     if fn is not None:
       k, v = fn(k, v, *args)
+    if impl == "cudnn":  # the fused kernel on each device's queries: the mask, no skipping
+      return _attend_fused(q, k, v, mask, scale, impl)
     if n == 1:
       return _attend_block(q, k, v, mask, scale, key_chunk, last[0, 0], first_keys)
     block = jax.checkpoint(lambda a: _attend_block(a[0], k, v, a[1], scale, key_chunk, a[2],
