@@ -402,7 +402,9 @@ def test_blocked_experts_equal_dense_values_and_gradients(experts, tokens_n):
   assert float(dropped) == 0
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # float32 sums over a gradient's rows: the error scales with the largest entry (~5 here),
+    # 2.9e-5 on one host at 64 experts
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(b).max())))
   assert np.all(np.asarray(y)[:3] == 0)  # tokens routed to id E: nothing
   b = moe_lib.block_rows(ids.size, experts)
   assert b in (8, 16, 32, 64, 128)
