@@ -245,9 +245,12 @@ def test_context_parallel_causal_attention_skips_each_devices_own_blocks(zigzag,
 def test_zigzag_order_keeps_the_expert_ids_and_their_replay(params, batch):
   """On a data 2 x context 4 mesh the model runs its positions in zigzag order and puts them
   back: the MoE layers' expert ids come out in position order, equal to one device's, and
-  replaying them (R3) gives one device's logits."""
-  fwd = jit(lambda p, b, r: model.forward_with_aux(
-      p, b["tokens"], CFG, segment_ids=b["segment_ids"], positions=b["positions"], routing=r))
+  replaying them (R3) gives one device's logits. In position order (`context_order=
+  "contiguous"`) the logits are one device's too."""
+  def forward(cfg):
+    return jit(lambda p, b, r: model.forward_with_aux(
+        p, b["tokens"], cfg, segment_ids=b["segment_ids"], positions=b["positions"], routing=r))
+  fwd = forward(CFG)
   logits_ref, aux_ref = fwd(params, batch, None)
   routing = jnp.moveaxis(aux_ref["expert_ids"], 0, 2)  # [B, T, L_moe, k]
   mesh = parallel.make_mesh(dict(data=2, context=4))
@@ -256,6 +259,8 @@ def test_zigzag_order_keeps_the_expert_ids_and_their_replay(params, batch):
     assert model.layers.zigzag_applies(T)
     logits, aux = fwd(*args, None)
     replayed, _ = fwd(*args, routing)
+    in_order, _ = forward(CFG.replace(context_order="contiguous"))(*args, None)
+  np.testing.assert_allclose(in_order, logits_ref, rtol=0, atol=TOL)
   np.testing.assert_array_equal(aux["expert_ids"], aux_ref["expert_ids"])
   np.testing.assert_allclose(logits, logits_ref, rtol=0, atol=TOL)
   np.testing.assert_allclose(replayed, logits_ref, rtol=0, atol=TOL)
