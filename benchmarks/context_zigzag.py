@@ -3,7 +3,7 @@
 
     python benchmarks/context_zigzag.py   # prints a table, writes results/context_zigzag.json
 
-Both sides run causal attention per device (`layers._attend_context`): each device skips the
+Both sides run causal attention per device (`layers._attend_causal`): each device skips the
 key blocks past its own queries. In position order device 0 holds the first half of every row
 and device 1 the second, so device 1 runs about three times the blocks of device 0 and sets the
 step's time; in the zigzag order each device holds an early and a late quarter and runs half.
@@ -14,7 +14,7 @@ gradient (`benchmarks/rollout.py`'s model, MLA + MoE) with `attn_chunk` = `attn_
 model putting its positions in order itself. A third side runs the same call on one device
 (no mesh; XLA:CPU's threads use both cores) for scale. Each row's sides are timed round-robin
 (`--rounds` rounds of one call each, after a compile call) on the idle machine; the table gives
-medians, the key blocks each device runs (from `layers.context_blocks`), and the largest
+medians, the key blocks each device runs (from `layers.causal_blocks`), and the largest
 difference between the sides' outputs and gradients.
 """
 
@@ -49,7 +49,7 @@ SIDES = ("one device", "context 2, in order", "context 2, zigzag")
 
 def blocks_per_device(T: int, chunk: int, zigzag: bool) -> list[int]:
   """(query block, key block) pairs each of the 2 devices runs."""
-  last, first = layers.context_blocks(T, 2, chunk, chunk, zigzag)
+  _, last, (first, _) = layers.causal_blocks(T, 2, chunk, chunk, zigzag)
   return [int((first[None, :] <= last[d][:, None]).sum()) for d in range(2)]
 
 

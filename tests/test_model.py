@@ -286,6 +286,45 @@ def test_causal_attention_skips_the_key_blocks_after_each_query_block():
   assert not np.allclose(run(v, False, m=flat)[0], causal_ref, atol=1e-3)
 
 
+def test_causal_attention_skips_the_key_blocks_of_earlier_segments():
+  """Packed rows: with causal=True a key block the mask allows no pair of (the keys of the
+  segments before a query block's own) is skipped too, tested on the data. One row of two
+  8-token segments, query and key blocks of 4: NaN values at keys 0-3 (segment 1) leave the
+  segment-2 queries 8-15 and their gradients finite and equal the all-finite run. Negative
+  controls: every block run (causal=False), or only the blocks past the last query skipped
+  (`attend_key_blocks(skip_masked=False)`), make them NaN. A query block that sees no key at all
+  keeps the blocks over its own indices, so it stays finite."""
+  from r1jax.model import layers
+  rng = np.random.default_rng(5)
+  q, k, v = (jnp.asarray(rng.standard_normal((1, 16, 2, 4)), jnp.float32) for _ in range(3))
+  seg = jnp.asarray([[1] * 8 + [2] * 8], jnp.int32)
+  pos = layers.default_positions(seg, seg)
+  mask = layers.attention_mask(seg, seg, pos, pos)
+  v_nan = v.at[:, :4].set(jnp.nan)
+
+  @functools.partial(jit, static_argnums=(1,))
+  def run(v, causal):
+    f = lambda q: layers.attend(q, k, v, mask, 0.5, chunk=4, key_chunk=4, causal=causal)
+    out, vjp = jax.vjp(f, q)
+    return out, vjp(jnp.ones_like(out).at[:, :8].set(0.0))[0]
+
+  ref, dq_ref = run(v, False)
+  out, dq = run(v_nan, True)
+  np.testing.assert_allclose(out[:, 8:], ref[:, 8:], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(dq[:, 8:], dq_ref[:, 8:], rtol=1e-5, atol=1e-6)
+  assert np.isnan(out[:, :4]).all()
+  out, dq = run(v_nan, False)  # negative control: every key block runs
+  assert np.isnan(out[:, 8:]).all() and np.isnan(dq[:, 8:]).all()
+  # queries 8-11 alone: the mask test is what skips keys 0-7 (they are not past query 11)
+  blocks = lambda v, m=mask, **kw: jit(functools.partial(
+      layers.attend_key_blocks, scale=0.5, key_chunk=4, queries=(8, 11), **kw))(
+          q[:, 8:12], k, v, m[:, :, 8:12])
+  np.testing.assert_allclose(blocks(v_nan), ref[:, 8:12], rtol=1e-6, atol=1e-6)
+  assert np.isnan(blocks(v_nan, skip_masked=False)).all()
+  # a query block that sees no key keeps key block 2 (its own indices): finite, not 0 / 0
+  assert np.isfinite(blocks(v_nan, m=mask.at[:, :, 8:12].set(False))).all()
+
+
 @pytest.mark.parametrize("heads,kv_heads,d,e", [(4, 2, 8, 8), (2, 2, 12, 8)])
 def test_fused_attention_matches_the_einsum_attention(monkeypatch, heads, kv_heads, d, e):
   """attn_impl="cudnn" hands q, k, v, the packed-segment mask and the scale to

@@ -225,13 +225,15 @@ def attend(q, k, v, mask, scale: float, chunk: int | None = None, impl: str = "x
   `causal=True` (self-attention of a causal LM, T == S): no query sees a key at a later index,
   whatever the mask says; the mask is ANDed with that. Then, with `key_chunk`, a key block
   whose first key comes after a query block's last query is skipped (`lax.cond`, forward and
-  backward): about half the score and value FLOPs for long rows. Every query that sees its own
-  key (each row of an `attention_mask`) gets the same values, since such a block would only add
-  zeros; a query that sees no key at all (padding) averages only the key blocks that ran.
+  backward): about half the score and value FLOPs for long rows. So is a block the mask allows
+  no pair of (packed rows: the keys of the segments before a query block's own), tested on the
+  data (`_attend_causal`). Every query that sees a key (each row of an `attention_mask` sees
+  its own) gets the same values, since such a block would only add zeros; a query that sees no
+  key at all averages only the key blocks that ran.
 
   With a `context` mesh axis that divides T (context parallelism), each device keeps its own
   queries and mask rows and gathers every key and value. Causal attention then runs per device
-  (`_attend_context`, a `shard_map` over `context`), so each device skips the key blocks past
+  (`_attend_causal`, a `shard_map` over `context`), so each device skips the key blocks past
   its own queries. `zigzag=True`: q, k, v and the mask are in `zigzag_slots` order (the
   decoder's `forward_hidden` puts them there), so every device skips about half the blocks;
   in position order the device with the last positions skips almost none, and sets the step's
@@ -247,8 +249,7 @@ def attend(q, k, v, mask, scale: float, chunk: int | None = None, impl: str = "x
     assert T == k.shape[1], f"causal self-attention needs T == S: {T}, {k.shape[1]}"
     index = zigzag_slots(T, shards, jnp) if zigzag else jnp.arange(T)
     mask = mask & (index[None, :] <= index[:, None])
-  if shards > 1 and causal:
-    return _attend_context(q, k, v, mask, scale, chunk, key_chunk, zigzag, expand, shards, impl)
+    return _attend_causal(q, k, v, mask, scale, chunk, key_chunk, zigzag, expand, shards, impl)
   if expand is not None:
     k, v = expand[0](k, v, *expand[1])
   if impl == "cudnn":
@@ -257,13 +258,10 @@ def attend(q, k, v, mask, scale: float, chunk: int | None = None, impl: str = "x
     q, mask = constrain_positions(q), constrain_positions(mask, axis=2)
     k, v = constrain_positions(k, split=False), constrain_positions(v, split=False)
   if chunk is not None and chunk < T // shards:
-    n = -(-(T // shards) // chunk)
-    last = jnp.arange(n) * chunk + chunk - 1  # each block's last query (causal: one device)
-    block = jax.checkpoint(lambda a: _attend_block(a[0], k, v, a[1], scale, key_chunk,
-                                                   a[2] if causal else None))
-    out = jax.lax.map(block, (_blocks(q, 1, chunk, shards), _blocks(mask, 2, chunk, shards), last))
+    block = jax.checkpoint(lambda a: _attend_block(a[0], k, v, a[1], scale, key_chunk))
+    out = jax.lax.map(block, (_blocks(q, 1, chunk, shards), _blocks(mask, 2, chunk, shards)))
     return _unblocks(out, 1, T, shards)  # out: [n, B, shards * chunk, H, e]
-  return _attend_block(q, k, v, mask, scale, key_chunk, T - 1 if causal else None)
+  return _attend_block(q, k, v, mask, scale, key_chunk)
 
 
 def _attend_fused(q, k, v, mask, scale: float, impl: str):
@@ -277,76 +275,88 @@ def _attend_fused(q, k, v, mask, scale: float, impl: str):
   return out[..., :e]
 
 
-def context_blocks(T: int, shards: int, chunk: int, key_chunk: int | None, zigzag: bool):
-  """The causal skip's tables under context parallelism: each device's query blocks' last
-  query index [shards, blocks] (each device's T / shards positions cut into blocks of chunk),
-  and each key block's first key index [key blocks] (None without key blocks), in position or
-  zigzag order. A device runs key block j for query block i iff first[j] <= last[d, i]."""
+def causal_blocks(T: int, shards: int, chunk: int, key_chunk: int | None, zigzag: bool):
+  """The causal skip's tables: the smallest and largest query index of each query block on each
+  device, [shards, blocks] each (each device's T / shards positions cut into blocks of chunk;
+  shards 1 without context parallelism), and the smallest and largest key index of each key
+  block, [key blocks] each (None without key blocks), in position or zigzag order. A device
+  runs key block j for query block i iff k_first[j] <= q_last[d, i] and, where the mask allows
+  no pair of the two blocks, k_last[j] >= q_first[d, i] (`attend_key_blocks`)."""
   local = T // shards
   n = -(-local // chunk)
   slots = zigzag_slots(T, shards) if zigzag else np.arange(T)
-  per_device = np.pad(slots.reshape(shards, local), ((0, 0), (0, n * chunk - local)),
-                      constant_values=-1)
-  last = per_device.reshape(shards, n, chunk).max(-1)
+  per_device = slots.reshape(shards, local)
+  pad = ((0, 0), (0, n * chunk - local))
+  q_last = np.pad(per_device, pad, constant_values=-1).reshape(shards, n, chunk).max(-1)
+  q_first = np.pad(per_device, pad, constant_values=T).reshape(shards, n, chunk).min(-1)
   if key_chunk is None or key_chunk >= T:
-    return last, None
+    return q_first, q_last, None
   nk = -(-T // key_chunk)
-  first = np.pad(slots, (0, nk * key_chunk - T), constant_values=T)
-  return last, first.reshape(nk, key_chunk).min(-1)
+  k_first = np.pad(slots, (0, nk * key_chunk - T), constant_values=T).reshape(nk, -1).min(-1)
+  k_last = np.pad(slots, (0, nk * key_chunk - T), constant_values=-1).reshape(nk, -1).max(-1)
+  return q_first, q_last, (k_first, k_last)
 
 
-def _attend_context(q, k, v, mask, scale: float, chunk: int | None, key_chunk: int | None,
-                    zigzag: bool, expand, shards: int, impl: str = "xla"):
-  """Causal `attend` under context parallelism, per device: a `shard_map` over `context` (the
-  other mesh axes stay with XLA's sharding) in which each device runs its own queries and mask
-  rows, in blocks of `chunk`, against every key, and skips the key blocks whose first key comes
-  after its block's last query. The query and key indices (position order, or the zigzag order)
-  are known when tracing, so each device's block ends are a table indexed by its place on the
-  axis. impl="cudnn": each device runs the fused kernel on its queries instead."""
+def _attend_causal(q, k, v, mask, scale: float, chunk: int | None, key_chunk: int | None,
+                   zigzag: bool, expand, shards: int, impl: str = "xla"):
+  """Causal `attend` (the mask already ANDed with index causality), query blocks of `chunk`
+  one at a time (`lax.map`, each under `jax.checkpoint`), each against the key blocks it needs
+  (`causal_blocks`): those not past its last query, and of those only the ones its mask allows
+  some pair of (or that overlap its own indices). The block bounds are known when tracing; the
+  mask test is on the data (packed rows skip the keys of the segments before theirs).
+
+  With context parallelism (shards > 1) this runs per device: a `shard_map` over `context`
+  (the other mesh axes stay with XLA's sharding) in which each device runs its own queries and
+  mask rows against every gathered key, with its own row of the tables (its place on the axis),
+  so each device skips its own blocks. impl="cudnn": the fused kernel on each device's queries
+  instead (the mask, no skipping)."""
   T = q.shape[1]
   local = T // shards
   chunk = local if chunk is None else min(chunk, local)
   n = -(-local // chunk)
-  last, first_keys = context_blocks(T, shards, chunk, key_chunk, zigzag)
+  q_first, q_last, keys = causal_blocks(T, shards, chunk, key_chunk, zigzag)
   fn, args = expand if expand is not None else (None, ())
-  q, mask = constrain_positions(q), constrain_positions(mask, axis=2)
-  k, v = constrain_positions(k, split=False), constrain_positions(v, split=False)
-
-  # XLA:CPU aborts compiling the bfloat16 sum of the gathered inputs' gradients that the
-  # shard_map's transpose makes (its AllReducePromotion pass, jax 0.10.2): on a CPU they cross
-  # the boundary as float32
   whole_in = (k, v) + tuple(args)
-  widen = jax.default_backend() == "cpu"
   dtypes = [a.dtype for a in whole_in]
-  whole_in = [a.astype(jnp.float32) if widen and a.dtype == jnp.bfloat16 else a for a in whole_in]
 
-  def per_device(q, mask, last, *whole):
+  def per_device(q, mask, q_first, q_last, *whole):
     k, v, *args = [a.astype(t) for a, t in zip(whole, dtypes)]
     if fn is not None:
       k, v = fn(k, v, *args)
-    if impl == "cudnn":  # the fused kernel on each device's queries: the mask, no skipping
+    if impl == "cudnn":
       return _attend_fused(q, k, v, mask, scale, impl)
     if n == 1:
-      return _attend_block(q, k, v, mask, scale, key_chunk, last[0, 0], first_keys)
-    block = jax.checkpoint(lambda a: _attend_block(a[0], k, v, a[1], scale, key_chunk, a[2],
-                                                   first_keys))
-    out = jax.lax.map(block, (_blocks(q, 1, chunk), _blocks(mask, 2, chunk), last[0]))
+      return _attend_block(q, k, v, mask, scale, key_chunk, (q_first[0, 0], q_last[0, 0]), keys)
+    block = jax.checkpoint(lambda a: _attend_block(a[0], k, v, a[1], scale, key_chunk,
+                                                   (a[2], a[3]), keys))
+    out = jax.lax.map(block, (_blocks(q, 1, chunk), _blocks(mask, 2, chunk), q_first[0],
+                              q_last[0]))
     return _unblocks(out, 1, local)
 
+  tables = (jnp.asarray(q_first, jnp.int32), jnp.asarray(q_last, jnp.int32))
+  if shards == 1:
+    return per_device(q, mask, *tables, *whole_in)
+  q, mask = constrain_positions(q), constrain_positions(mask, axis=2)
+  k, v = constrain_positions(k, split=False), constrain_positions(v, split=False)
+  # XLA:CPU aborts compiling the bfloat16 sum of the gathered inputs' gradients that the
+  # shard_map's transpose makes (its AllReducePromotion pass, jax 0.10.2): on a CPU they cross
+  # the boundary as float32
+  widen = jax.default_backend() == "cpu"
+  whole_in = [a.astype(jnp.float32) if widen and a.dtype == jnp.bfloat16 else a
+              for a in (k, v) + tuple(args)]
   P = jax.sharding.PartitionSpec
   split, whole = P(None, CONTEXT), P()
   return jax.shard_map(
-      per_device, in_specs=(split, P(None, None, CONTEXT), P(CONTEXT)) + (whole,) * len(whole_in),
-      out_specs=split, axis_names={CONTEXT}, check_vma=False,
-  )(q, mask, jnp.asarray(last, jnp.int32), *whole_in)
+      per_device, in_specs=(split, P(None, None, CONTEXT), P(CONTEXT), P(CONTEXT))
+      + (whole,) * len(whole_in), out_specs=split, axis_names={CONTEXT}, check_vma=False,
+  )(q, mask, *tables, *whole_in)
 
 
-def _attend_block(q, k, v, mask, scale: float, key_chunk: int | None, last_query,
-                  first_keys=None):
-  """`attend` of queries whose indices are at most last_query (None: no causal skipping);
-  first_keys: each key block's smallest index (None: the keys in order)."""
+def _attend_block(q, k, v, mask, scale: float, key_chunk: int | None, queries=None, keys=None):
+  """`attend` of one block of queries; with key blocks, `attend_key_blocks` with the causal
+  skip's bounds (None: every block runs)."""
   if key_chunk is not None and key_chunk < k.shape[1]:
-    return attend_key_blocks(q, k, v, mask, scale, key_chunk, last_query, first_keys)
+    return attend_key_blocks(q, k, v, mask, scale, key_chunk, queries, keys)
   B, T, H, _ = q.shape
   K = k.shape[2]
   qg = q.reshape(B, T, K, H // K, q.shape[-1])
@@ -384,20 +394,22 @@ def _unblocks(out, axis: int, length: int, shards: int = 1):
   return out.reshape(out.shape[:axis] + (length,) + out.shape[axis + 2:])
 
 
-def attend_key_blocks(q, k, v, mask, scale: float, key_chunk: int, last_query=None,
-                      first_keys=None):
+def attend_key_blocks(q, k, v, mask, scale: float, key_chunk: int, queries=None, keys=None,
+                      skip_masked: bool = True):
   """`attend` over the keys in blocks of key_chunk (the last padded): each block updates a
   running max, softmax denominator and weighted sum of values (fp32), under `jax.checkpoint`, so
   the backward pass keeps those per block, not the [H, T, S] scores. Masked keys score NEG_INF
   as in `attend` (a fully masked row averages every real key); padded keys score -inf and weigh
   nothing.
 
-  last_query (a scalar, may be traced): where the mask is causal by index and no query's index
-  exceeds it, the key blocks whose first key comes after it are skipped; first_keys (static,
-  [blocks]) is each block's smallest key index, by default its start (the keys in order). For a
-  query that sees a key, a fully masked block adds exp(NEG_INF - max) = 0 once a real score is
-  the running max, and what it adds before that is scaled by exp(NEG_INF - real) = 0 when the
-  first real score comes: skipping it changes none of the query's values."""
+  The causal skip. queries: (first, last) index of these queries (scalars, may be traced), where
+  the mask is causal by index; keys: (first, last) index of each key block (static arrays
+  [blocks]; None: the keys in order). A key block runs iff its first key is not past the last
+  query and, with skip_masked, the mask allows some (query, key) pair of it or it overlaps the
+  queries' indices (so every query keeps the blocks that hold its own index). For a query that
+  sees a key, a fully masked block adds exp(NEG_INF - max) = 0 once a real score is the running
+  max, and what it adds before that is scaled by exp(NEG_INF - real) = 0 when the first real
+  score comes: skipping it changes none of the query's values. queries=None: every block runs."""
   B, T, H, d = q.shape
   S, K, e = k.shape[1], k.shape[2], v.shape[-1]
   G = H // K
@@ -417,16 +429,22 @@ def attend_key_blocks(q, k, v, mask, scale: float, key_chunk: int, last_query=No
 
   @jax.checkpoint
   def step(carry, block):
-    start, *block = block
-    if last_query is None:
+    (k_first, k_last), *block = block
+    if queries is None:
       return update(carry, *block), None
-    return jax.lax.cond(start <= last_query, update, lambda c, *_: c, carry, *block), None
+    q_first, q_last = queries
+    run = k_first <= q_last
+    if skip_masked:
+      run &= (k_last >= q_first) | jnp.any(block[2])
+    return jax.lax.cond(run, update, lambda c, *_: c, carry, *block), None
 
   init = (jnp.full((B, K, G, T), NEG_INF, jnp.float32), jnp.zeros((B, K, G, T), jnp.float32),
           jnp.zeros((B, T, K, G, e), jnp.float32))
-  starts = np.arange(real.shape[0]) * key_chunk if first_keys is None else first_keys
-  starts = jnp.asarray(starts, jnp.int32)
-  (_, l, acc), _ = jax.lax.scan(step, init, (starts, _blocks(k, 1, key_chunk),
+  if keys is None:
+    first = np.arange(real.shape[0]) * key_chunk
+    keys = first, np.minimum(first + key_chunk, S) - 1
+  bounds = tuple(jnp.asarray(b, jnp.int32) for b in keys)
+  (_, l, acc), _ = jax.lax.scan(step, init, (bounds, _blocks(k, 1, key_chunk),
                                              _blocks(v, 1, key_chunk), _blocks(mask, 3, key_chunk),
                                              real))
   return (acc / jnp.moveaxis(l, 3, 1)[..., None]).reshape(B, T, H, e).astype(v.dtype)
