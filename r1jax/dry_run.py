@@ -111,7 +111,7 @@ def kernel_table(cfg, context: int = 1) -> list[str]:
     return ("XLA einsum, fp32 softmax"
             + (f", {cfg.attn_chunk}-query chunks" if cfg.attn_chunk else "")
             + (f", {cfg.attn_key_chunk}-key blocks (running softmax; the blocks after a chunk's "
-               "last query skipped)" if cfg.attn_key_chunk
+               "last query, and those its mask allows nothing of, skipped)" if cfg.attn_key_chunk
                else "")
             + (f"; positions split over context {context}"
                + (" in zigzag order" if cfg.context_order == "zigzag" else " in order")

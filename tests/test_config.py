@@ -301,7 +301,7 @@ def test_dry_run_names_the_kernels_of_every_layer_part():
   chunked = dry_run.kernel_table(ModelConfig.from_config(tiny_moe_fields(
       attn_chunk=512, attn_key_chunk=1024)))
   assert ("512-query chunks, 1024-key blocks (running softmax; the blocks after a chunk's last "
-          "query skipped)") in "\n".join(chunked)
+          "query, and those its mask allows nothing of, skipped)") in "\n".join(chunked)
   assert "context" not in "\n".join(chunked)
   split = dry_run.kernel_table(ModelConfig.from_config(tiny_moe_fields()), context=2)
   assert ("positions split over context 2 in zigzag order, every key gathered (the MLA latent"
