@@ -41,7 +41,8 @@ def _worker(args):
   distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   cfg = ModelConfig.from_config(run_config.tiny_moe_fields(
       num_hidden_layers=2, num_nextn_predict_layers=0, expert_dispatch="all_to_all",
-      dropless_fast_factor=args.fast_factor or None))
+      dropless_fast_factor=args.fast_factor or None, attn_chunk=args.attn_blocks or None,
+      attn_key_chunk=args.attn_blocks or None))
   mesh = parallel.make_mesh(json.loads(args.mesh) if args.mesh else MESH)
   assert jax.device_count() == 4 and jax.local_device_count() == 4 // jax.process_count()
 
@@ -102,6 +103,7 @@ def _main():
   ap.add_argument("--pause_s", type=float, default=0.0)
   ap.add_argument("--fast_factor", type=float, default=0.0)  # 0: exact dropless buffers
   ap.add_argument("--mesh", default="")  # JSON mesh sizes; default MESH
+  ap.add_argument("--attn_blocks", type=int, default=0)  # query chunk = key block; 0: none
   _worker(ap.parse_args())
 
 
@@ -148,10 +150,11 @@ def _finish(proc, timeout):
 def test_two_processes_match_one_process(tmp_path, fast, mesh):
   """With fast buffers of 1x the mean load the routing overflows them, so the exchange runs in
   token slices, chosen alike by both processes (`moe.dispatch._dropless`). With a 4-way
-  `context` axis each device holds 4 of every row's 16 positions, and the attention gathers
-  keys across the processes."""
+  `context` axis each device holds 4 of every row's 16 positions (in zigzag order), the
+  attention gathers keys across the processes, and each device skips its own key blocks (query
+  and key blocks of 2)."""
   # a generous heartbeat: on a loaded machine a short one can end a healthy run
-  extra = ("--fast_factor", fast) + (("--mesh", mesh) if mesh else ())
+  extra = ("--fast_factor", fast) + (("--mesh", mesh, "--attn_blocks", 2) if mesh else ())
   procs = _pair(tmp_path / "two", *extra, heartbeat_s=120)
   reference = _spawn(tmp_path / "one", 4, *extra)
   results = [_finish(p, 600) for p in procs + [reference]]
