@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +23,7 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks import provenance  # noqa: E402
+from benchmarks import ab, provenance  # noqa: E402
 from benchmarks.rollout import tiny_config  # noqa: E402
 from r1jax import model  # noqa: E402
 from r1jax.model import layers  # noqa: E402
@@ -78,10 +76,6 @@ def model_fns(T, chunk):
   return make
 
 
-def max_diff(a, b):
-  return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--lengths", default="2048,4096")
@@ -95,18 +89,11 @@ def main():
     for name, make in (("attention core, B 1 x H 8 x d 64", core_fns(1, T, 8, 64, args.chunk)),
                        ("tiny MoE SFT loss + grad, B 1", model_fns(T, args.chunk))):
       calls = {"all blocks": make(False), "causal skip": make(True)}
-      outs = {side: jax.block_until_ready(call()) for side, call in calls.items()}  # compiles
-      times = {side: [] for side in calls}
-      for _ in range(args.rounds):
-        for side, call in calls.items():
-          t0 = time.perf_counter()
-          jax.block_until_ready(call())
-          times[side].append(time.perf_counter() - t0)
-      med = {side: statistics.median(t) for side, t in times.items()}
+      outs, times, med = ab.round_robin(calls, args.rounds)
       rows.append({"what": name, "T": T, "chunk": args.chunk, "seconds": med, "runs_s": times,
                    "speedup": med["all blocks"] / med["causal skip"],
                    "skipped_block_fraction": skipped_fraction(T, args.chunk),
-                   "max_abs_diff": max_diff(outs["all blocks"], outs["causal skip"])})
+                   "max_abs_diff": ab.max_diff(outs["all blocks"], outs["causal skip"])})
 
   print(f"causal key-block skipping, chunk = key chunk = {args.chunk}, medians of {args.rounds} "
         f"round-robin calls, jax {jax.__version__}")

@@ -27,9 +27,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 
 import argparse  # noqa: E402
 import pathlib  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -38,7 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks import provenance  # noqa: E402
+from benchmarks import ab, provenance  # noqa: E402
 from benchmarks.rollout import tiny_config  # noqa: E402
 from r1jax import model, parallel  # noqa: E402
 from r1jax.model import layers  # noqa: E402
@@ -106,10 +104,6 @@ def model_fns(T, chunk, mesh):
   return make
 
 
-def max_diff(a, b):
-  return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--lengths", default="2048,4096")
@@ -125,20 +119,13 @@ def main():
     for name, make in (("attention core, B 1 x H 8 x d 64", core_fns(1, T, 8, 64, args.chunk, mesh)),
                        ("tiny MoE SFT loss + grad, B 1", model_fns(T, args.chunk, mesh))):
       calls = {side: make(side) for side in SIDES}
-      outs = {side: jax.block_until_ready(call()) for side, call in calls.items()}  # compiles
-      times = {side: [] for side in calls}
-      for _ in range(args.rounds):
-        for side, call in calls.items():
-          t0 = time.perf_counter()
-          jax.block_until_ready(call())
-          times[side].append(time.perf_counter() - t0)
-      med = {side: statistics.median(t) for side, t in times.items()}
+      outs, times, med = ab.round_robin(calls, args.rounds)
       rows.append({"what": name, "T": T, "chunk": args.chunk, "seconds": med, "runs_s": times,
                    "zigzag_speedup": med[SIDES[1]] / med[SIDES[2]],
                    "blocks_per_device": {"in order": blocks_per_device(T, args.chunk, False),
                                          "zigzag": blocks_per_device(T, args.chunk, True),
                                          "every block": (-(-T // args.chunk)) ** 2 // 2},
-                   "max_abs_diff": {side: max_diff(outs[SIDES[0]], outs[side])
+                   "max_abs_diff": {side: ab.max_diff(outs[SIDES[0]], outs[side])
                                     for side in SIDES[1:]}})
 
   print(f"context parallelism on 2 CPU devices, in order vs zigzag; chunk = key chunk = "

@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import functools
 import pathlib
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +26,7 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks import provenance  # noqa: E402
+from benchmarks import ab, provenance  # noqa: E402
 from benchmarks.rollout import tiny_config  # noqa: E402
 from r1jax import model  # noqa: E402
 from r1jax.model import layers  # noqa: E402
@@ -96,10 +94,6 @@ def model_fns(T, chunk, segment):
   return make
 
 
-def max_diff(a, b):
-  return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--length", type=int, default=4096)
@@ -115,18 +109,11 @@ def main():
                                                                      segment)),
                        ("tiny MoE SFT loss + grad, B 1", model_fns(T, args.chunk, segment))):
       calls = {side: make(side) for side in SIDES}
-      outs = {side: jax.block_until_ready(call()) for side, call in calls.items()}  # compiles
-      times = {side: [] for side in calls}
-      for _ in range(args.rounds):
-        for side, call in calls.items():
-          t0 = time.perf_counter()
-          jax.block_until_ready(call())
-          times[side].append(time.perf_counter() - t0)
-      med = {side: statistics.median(t) for side, t in times.items()}
+      outs, times, med = ab.round_robin(calls, args.rounds)
       rows.append({"what": name, "T": T, "segment": segment, "chunk": args.chunk,
                    "seconds": med, "runs_s": times, "speedup": med[SIDES[0]] / med[SIDES[1]],
                    "block_pairs": pairs_run(T, args.chunk, segment),
-                   "max_abs_diff": max_diff(outs[SIDES[0]], outs[SIDES[1]])})
+                   "max_abs_diff": ab.max_diff(outs[SIDES[0]], outs[SIDES[1]])})
 
   print(f"packed rows of {T} tokens, chunk = key chunk = {args.chunk}, medians of {args.rounds} "
         f"round-robin calls, jax {jax.__version__}")
