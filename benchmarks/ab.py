@@ -4,6 +4,7 @@ within a minute falls on all sides alike."""
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
@@ -28,3 +29,13 @@ def round_robin(calls: dict, rounds: int):
 def max_diff(a, b) -> float:
   """The largest absolute difference between two pytrees of arrays."""
   return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def parser(doc: str, out) -> argparse.ArgumentParser:
+  """The A/B scripts' shared flags: --chunk (query chunk = key block), --rounds, --out (the
+  JSON); each script adds its own."""
+  ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+  ap.add_argument("--chunk", type=int, default=256)
+  ap.add_argument("--rounds", type=int, default=5)
+  ap.add_argument("--out", default=str(out))
+  return ap

@@ -13,7 +13,6 @@ the largest difference between the two sides' outputs and gradients.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 
@@ -77,11 +76,8 @@ def model_fns(T, chunk):
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = ab.parser(__doc__, RESULTS)
   ap.add_argument("--lengths", default="2048,4096")
-  ap.add_argument("--chunk", type=int, default=256)
-  ap.add_argument("--rounds", type=int, default=5)
-  ap.add_argument("--out", default=str(RESULTS))
   args = ap.parse_args()
 
   rows = []

@@ -25,7 +25,6 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=2")
 
-import argparse  # noqa: E402
 import pathlib  # noqa: E402
 import sys  # noqa: E402
 
@@ -105,11 +104,8 @@ def model_fns(T, chunk, mesh):
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = ab.parser(__doc__, RESULTS)
   ap.add_argument("--lengths", default="2048,4096")
-  ap.add_argument("--chunk", type=int, default=256)
-  ap.add_argument("--rounds", type=int, default=5)
-  ap.add_argument("--out", default=str(RESULTS))
   args = ap.parse_args()
   assert jax.device_count() == 2, jax.devices()
   mesh = parallel.make_mesh(dict(context=2))

@@ -15,7 +15,6 @@ difference between the two sides' outputs and gradients.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import pathlib
 import sys
@@ -95,12 +94,9 @@ def model_fns(T, chunk, segment):
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = ab.parser(__doc__, RESULTS)
   ap.add_argument("--length", type=int, default=4096)
   ap.add_argument("--segments", default="512,1024")
-  ap.add_argument("--chunk", type=int, default=256)
-  ap.add_argument("--rounds", type=int, default=5)
-  ap.add_argument("--out", default=str(RESULTS))
   args = ap.parse_args()
 
   T, rows = args.length, []
