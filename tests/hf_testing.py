@@ -63,6 +63,15 @@ def qwen2_config(**kw):
   return transformers.Qwen2Config(**_rope(base, None, 1e6))
 
 
+def llama_config(*, rope=None, rope_theta=10000.0, **kw):
+  """A tiny LlamaConfig (GQA, no biases), rope settings as in `deepseek_config`."""
+  base = dict(vocab_size=144, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+              rms_norm_eps=1e-5, tie_word_embeddings=False)
+  base.update(kw)
+  return transformers.LlamaConfig(**_rope(base, rope, rope_theta))
+
+
 def qwen3_config(**kw):
   """A tiny Qwen3Config: GQA with per-head q/k RMSNorm, no q/k/v bias, head_dim explicit (and
   different from hidden_size / num_attention_heads, as in the real Qwen3 models)."""

@@ -102,6 +102,9 @@ def load_shipped(name: str) -> ModelConfig:
     (TINY_MOE, dict(remat="some"), "remat"),
     (TINY_MOE, dict(capacity_factor=0.0), "capacity_factor"),
     (TINY_MOE, dict(hiden_size=32), "hiden_size"),  # unknown field (typo)
+    (TINY_DENSE, dict(rope_type="dynamic"), "rope_type"),
+    (TINY_DENSE, dict(rope_type="linear", rope_factor=0.5), "rope_factor"),
+    (TINY_DENSE, dict(rope_type="llama3", rope_low_freq_factor=4.0), "rope_low_freq_factor"),
 ])
 def test_each_broken_rule_names_its_field(base, change, field):
   with pytest.raises(ConfigError, match=rf"^model\.{field}\b"):
@@ -125,6 +128,31 @@ def test_from_hf_rejects_unknown_model_type():
     ModelConfig.from_hf(dict(HUB_DEEPSEEK_V3, model_type="gpt2"))
   with pytest.raises(ConfigError, match="model_type=None"):
     ModelConfig.from_hf({k: v for k, v in HUB_DEEPSEEK_V3.items() if k != "model_type"})
+
+
+def test_from_hf_rope_scalings():
+  """Llama 3.1's rope scaling (R1-Distill-Llama-8B's config.json values) and linear scaling are
+  read, in transformers 4's `rope_scaling` and 5's `rope_parameters`; an incomplete llama3 entry
+  and an unsupported type ("dynamic") are one clear error each."""
+  llama = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=131072, rope_theta=500000.0)
+  scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+             "original_max_position_embeddings": 8192, "rope_type": "llama3"}
+  v4 = ModelConfig.from_hf(dict(llama, rope_scaling=scaling))
+  v5 = ModelConfig.from_hf(dict(llama, rope_parameters=dict(scaling, rope_theta=500000.0)))
+  assert v4 == v5
+  assert (v4.rope_type, v4.rope_factor, v4.original_max_position_embeddings,
+          v4.rope_low_freq_factor, v4.rope_high_freq_factor, v4.rope_theta) == (
+              "llama3", 8.0, 8192, 1.0, 4.0, 500000.0)
+  assert ModelConfig.from_hf(v4.to_hf()).replace(head_dim=None) == v4  # to_hf writes head_dim
+  linear = ModelConfig.from_hf(dict(llama, rope_scaling={"type": "linear", "factor": 2.0}))
+  assert (linear.rope_type, linear.rope_factor) == ("linear", 2.0)
+  incomplete = {k: v for k, v in scaling.items() if k != "high_freq_factor"}
+  with pytest.raises(ConfigError, match="llama3 rope scaling lacks high_freq_factor"):
+    ModelConfig.from_hf(dict(llama, rope_scaling=incomplete))
+  with pytest.raises(ConfigError, match="rope type 'dynamic' is not supported"):
+    ModelConfig.from_hf(dict(llama, rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
 
 
 def test_from_hf_reports_bad_field_types():

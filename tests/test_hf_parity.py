@@ -45,6 +45,15 @@ DEEPSEEK_CASES = {
 V2_CASE = dict(rope={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 24,
                      "mscale": 0.707, "mscale_all_dim": 0.707}, max_position_embeddings=48)
 QWEN_CASES = {"untied": dict(tie_word_embeddings=False), "tied": dict(tie_word_embeddings=True)}
+# Llama with the rope scalings of the R1-Distill-Llama students (Llama 3.1's "llama3") and linear
+# interpolation. Head dim 16 at theta 1e4: wavelengths 6.3, 20, 63, 199, ... so with an original
+# context of 64 one band keeps its frequency, two are blended and the rest divided by the factor;
+# the 96-token rows reach past the original context.
+LLAMA_CASES = {
+    "llama3_rope": dict(rope={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "linear_rope": dict(rope={"rope_type": "linear", "factor": 2.0}),
+}
 # Correction biases uniform in [-0.9, -0.5), where aux-loss-free updates can drive them: with
 # sigmoid scores in ~(0.2, 0.8) many selection scores are negative, and the score given to the
 # dropped groups' experts (router_group_fill) decides selections. 16 experts, 4 groups keep 2.
@@ -86,6 +95,9 @@ def checkpoints(tmp_path_factory):
       elif name == "deepseek_v2":
         m = H.make_model(H.deepseek_v2_config(**V2_CASE), seed=len(cache))
         T = 48
+      elif name in LLAMA_CASES:
+        m = H.make_model(H.llama_config(**LLAMA_CASES[name]), seed=len(cache))
+        T = 96
       else:
         m = H.make_model(H.qwen2_config(**QWEN_CASES[name]), seed=len(cache))
         T = 40
@@ -96,7 +108,8 @@ def checkpoints(tmp_path_factory):
   return get
 
 
-@pytest.mark.parametrize("name", list(DEEPSEEK_CASES) + ["deepseek_v2"] + list(QWEN_CASES))
+@pytest.mark.parametrize("name", list(DEEPSEEK_CASES) + ["deepseek_v2"] + list(QWEN_CASES)
+                         + list(LLAMA_CASES))
 def test_logits_match_transformers(checkpoints, name):
   ck = checkpoints(name)
   cfg, params = ck.load()
@@ -134,6 +147,22 @@ def test_case_settings_reach_our_config(checkpoints):
     assert np.abs(np.asarray(params["layers"]["attn"][b])).min() > 0, b
   cfg, params = hf.load(checkpoints("tied").path)
   assert cfg.tie_word_embeddings and "lm_head" not in params
+
+
+@pytest.mark.parametrize("name", list(LLAMA_CASES))
+def test_rope_scaling_reaches_our_config_and_matters(checkpoints, name):
+  """The Llama cases' rope scaling is read (not silently dropped to the default rope), and with
+  the default rope instead the logits move far past the tolerance: the parity above tests it."""
+  ck = checkpoints(name)
+  cfg, params = ck.load()
+  rope = LLAMA_CASES[name]["rope"]
+  assert (cfg.model_type, cfg.rope_type, cfg.rope_factor) == ("llama", rope["rope_type"],
+                                                              rope["factor"])
+  if name == "llama3_rope":
+    assert (cfg.original_max_position_embeddings, cfg.rope_low_freq_factor,
+            cfg.rope_high_freq_factor) == (64, 1.0, 4.0)
+  plain, _ = H.our_logits_aux(cfg.replace(rope_type="default"), params, ck.tokens)
+  assert H.max_err(plain, ck.ref) > 100 * TOL
 
 
 def _router_inputs(ck, cfg, params):
@@ -242,7 +271,8 @@ def test_moe_impls_match_transformers(checkpoints, impl):
 
 @pytest.mark.parametrize("name,max_shard_bytes", [("qlora_groups_yarn", None),
                                                   ("qlora_groups_yarn", 60_000),
-                                                  ("tied", 40_000)])
+                                                  ("tied", 40_000), ("llama3_rope", None),
+                                                  ("linear_rope", None)])
 def test_round_trip_through_transformers(checkpoints, tmp_path, name, max_shard_bytes):
   """hf.load -> hf.save -> transformers.from_pretrained gives the original logits."""
   ck = checkpoints(name)

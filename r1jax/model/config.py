@@ -75,6 +75,9 @@ ROUTER_GROUP_FILLS = ("neg_inf", "zero")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLS = ("xla", "cudnn")
+# RoPE frequency schemes (transformers' rope_type): YaRN (DeepSeek-V3), linear position
+# interpolation, and Llama 3.1's per-band scaling (the R1-Distill-Llama students)
+ROPE_TYPES = ("default", "yarn", "linear", "llama3")
 CONTEXT_ORDERS = ("zigzag", "contiguous")
 
 
@@ -125,9 +128,11 @@ class ModelConfig:
   # rope / yarn
   rope_theta: float = 10000.0
   rope_interleave: bool = True
-  rope_type: str = "yarn"  # "default" or "yarn"
-  rope_factor: float = 40.0
-  original_max_position_embeddings: int = 4096
+  rope_type: str = "yarn"  # one of ROPE_TYPES
+  rope_factor: float = 40.0  # yarn, linear and llama3
+  original_max_position_embeddings: int = 4096  # yarn and llama3
+  rope_low_freq_factor: float = 1.0  # llama3
+  rope_high_freq_factor: float = 4.0  # llama3
   beta_fast: float = 32.0
   beta_slow: float = 1.0
   mscale: float | None = 1.0  # None/0 as in HF: attention factor from `factor` alone
@@ -284,13 +289,18 @@ class ModelConfig:
     need(self.logits_chunk is None or self.logits_chunk > 0,
          f"logits_chunk={self.logits_chunk} must be positive or None")
     need(self.remat in REMAT_POLICIES, f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
-    need(self.rope_type in ("default", "yarn"),
-         f"rope_type={self.rope_type!r} must be 'default' or 'yarn'")
+    need(self.rope_type in ROPE_TYPES,
+         f"rope_type={self.rope_type!r} is not one of {ROPE_TYPES}")
     need(self.rope_theta > 0, f"rope_theta={self.rope_theta} must be positive")
-    if self.rope_type == "yarn":
+    if self.rope_type != "default":
       need(self.rope_factor >= 1, f"rope_factor={self.rope_factor} must be >= 1")
+    if self.rope_type in ("yarn", "llama3"):
       need(self.original_max_position_embeddings > 0,
            "original_max_position_embeddings must be positive")
+    if self.rope_type == "llama3":
+      need(0 < self.rope_low_freq_factor < self.rope_high_freq_factor,
+           f"rope_low_freq_factor={self.rope_low_freq_factor} and rope_high_freq_factor="
+           f"{self.rope_high_freq_factor} need 0 < low < high")
     if self.attention == "mla":
       for f in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
         need(getattr(self, f) > 0, f"{f}={getattr(self, f)} must be positive")
@@ -399,8 +409,8 @@ class ModelConfig:
     if theta is not None:
       kw["rope_theta"] = float(theta)
     rtype = rope.get("rope_type", rope.get("type", "default"))
-    if rtype not in ("default", "yarn"):
-      raise ConfigError(f"config.json: rope type {rtype!r} is not supported (default, yarn)")
+    if rtype not in ROPE_TYPES:
+      raise ConfigError(f"config.json: rope type {rtype!r} is not supported {ROPE_TYPES}")
     kw["rope_type"] = rtype
     for k in ("n_group", "topk_group"):  # transformers' DeepseekV2 writes null for ungrouped
       if k in kw and kw[k] is None:
@@ -412,6 +422,16 @@ class ModelConfig:
           kw[k] = rope[k]
       kw["mscale"] = rope.get("mscale")
       kw["mscale_all_dim"] = rope.get("mscale_all_dim")
+    if rtype in ("linear", "llama3"):
+      kw["rope_factor"] = float(rope.get("factor", 1.0))
+    if rtype == "llama3":
+      keys = ("original_max_position_embeddings", "low_freq_factor", "high_freq_factor")
+      missing = [k for k in ("factor",) + keys if rope.get(k) is None]
+      if missing:
+        raise ConfigError(f"config.json: llama3 rope scaling lacks {', '.join(missing)}")
+      kw["original_max_position_embeddings"] = int(rope[keys[0]])
+      kw["rope_low_freq_factor"] = float(rope[keys[1]])
+      kw["rope_high_freq_factor"] = float(rope[keys[2]])
     for k, v in list(kw.items()):
       if isinstance(v, (list, dict)):
         raise ConfigError(f"config.json: {k}={v!r} has an unexpected type")
@@ -453,6 +473,13 @@ class ModelConfig:
                   original_max_position_embeddings=self.original_max_position_embeddings,
                   beta_fast=self.beta_fast, beta_slow=self.beta_slow, mscale=self.mscale,
                   mscale_all_dim=self.mscale_all_dim)
+    elif self.rope_type == "linear":
+      rope = dict(type="linear", rope_type="linear", factor=self.rope_factor)
+    elif self.rope_type == "llama3":
+      rope = dict(type="llama3", rope_type="llama3", factor=self.rope_factor,
+                  original_max_position_embeddings=self.original_max_position_embeddings,
+                  low_freq_factor=self.rope_low_freq_factor,
+                  high_freq_factor=self.rope_high_freq_factor)
     common["rope_scaling"] = rope
     if self.attention == "gqa":
       gqa = dict(common, model_type=self.model_type, architectures=[self.family.architecture],

@@ -74,6 +74,10 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
   dim, base = rope_dim(cfg), cfg.rope_theta
   pos_freqs = base ** (np.arange(0, dim, 2, dtype=np.float32) / dim)
   inv_extra = 1.0 / pos_freqs
+  if cfg.rope_type == "linear":  # position interpolation: every frequency / factor
+    return (inv_extra / cfg.rope_factor).astype(np.float32), 1.0
+  if cfg.rope_type == "llama3":
+    return _llama3_inv_freq(inv_extra, cfg), 1.0
   if cfg.rope_type != "yarn":
     return inv_extra.astype(np.float32), 1.0
   factor = cfg.rope_factor
@@ -95,6 +99,17 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
   else:
     attn_factor = yarn_mscale(factor, 1.0)
   return inv.astype(np.float32), float(attn_factor)
+
+
+def _llama3_inv_freq(inv, cfg: ModelConfig) -> np.ndarray:
+  """Llama 3.1's scaling: a wavelength 2 pi / f longer than original_max /
+  rope_low_freq_factor gets f / factor, one shorter than original_max / rope_high_freq_factor
+  keeps f, and the band between blends the two linearly in original_max / wavelength."""
+  factor, original = cfg.rope_factor, cfg.original_max_position_embeddings
+  low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+  wavelength = 2 * math.pi / inv
+  smooth = np.clip((original / wavelength - low) / (high - low), 0.0, 1.0)
+  return ((1 - smooth) * inv / factor + smooth * inv).astype(np.float32)
 
 
 def softmax_scale(cfg: ModelConfig) -> float:
