@@ -110,7 +110,7 @@ def forward_hidden(params, tokens, cfg: ModelConfig, *, segment_ids=None, positi
     routing = None if routing is None else L.to_zigzag(routing)
     cos, sin = L.rope_cos_sin(cfg, positions)
     mask = L.attention_mask(segment_ids, segment_ids, positions, positions)
-  x = L.constrain_positions(embed(params, tokens, cfg))
+  x = L.constrain_positions(L.embed_split(embed(params, tokens, cfg)))
   aux = {}
   replay = None if routing is None else jnp.moveaxis(routing, 2, 0)  # [L_moe, B, T, k]
   moe_stats = []
@@ -228,8 +228,8 @@ def mtp_logits(params, tokens, h, ctx, cfg: ModelConfig, targets=None):
     # a shift along the positions: under context parallelism its result keeps their split
     shifted = L.constrain_positions(
         jnp.concatenate([shifted[:, 1:], jnp.zeros_like(shifted[:, :1])], axis=1))
-    e = L.rms_norm(L.constrain_positions(embed(params, shifted, cfg)), p["enorm"],
-                   cfg.rms_norm_eps)
+    e = L.constrain_positions(L.embed_split(embed(params, shifted, cfg)))
+    e = L.rms_norm(e, p["enorm"], cfg.rms_norm_eps)
     hn = L.rms_norm(h_prev, p["hnorm"], cfg.rms_norm_eps)
     x = L.dense(jnp.concatenate([e, hn], axis=-1), p["eh_proj"], dtype)
     x, stats, _ = decoder_block(p["layer"], x, cos, sin, mask, cfg, token_mask=token_mask)

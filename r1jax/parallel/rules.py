@@ -17,18 +17,19 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from r1jax.axes import BATCH_AXES, CONTEXT, MODEL_DIM_AXES, dividing
 from r1jax.model import params as param_lib
 
 RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp", "expert"),
-    "seq": ("context",),
-    "embed": ("fsdp", "expert", "context"),
+    "batch": BATCH_AXES,
+    "seq": (CONTEXT,),
+    "embed": MODEL_DIM_AXES,
     # inputs of weights that have no `embed` dim, sharded like it (FSDP: gathered where used);
     # in weights that do have one (q_a [D, q_lora], eh_proj [2D, D]) `embed` claims the axes first
-    "q_lora": ("fsdp", "expert", "context"),
-    "kv_lora": ("fsdp", "expert", "context"),
-    "mtp_in": ("fsdp", "expert", "context"),
-    "norm": ("fsdp", "expert", "context"),
+    "q_lora": MODEL_DIM_AXES,
+    "kv_lora": MODEL_DIM_AXES,
+    "mtp_in": MODEL_DIM_AXES,
+    "norm": MODEL_DIM_AXES,
     "vocab": ("tensor",),
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
@@ -42,19 +43,13 @@ PRIORITY = ("exp", "batch", "seq", "vocab", "heads", "kv_heads", "mlp", "moe_mlp
 
 def spec_for(axes, shape, mesh, rules=RULES) -> P:
   """PartitionSpec for an array with logical `axes` and `shape` on `mesh`."""
-  mesh_shape = dict(mesh.shape)
   used: set[str] = set()
   out: list = [None] * len(axes)
   order = sorted(range(len(axes)), key=lambda i: PRIORITY.index(axes[i])
                  if axes[i] in PRIORITY else len(PRIORITY))
   for i in order:
-    chosen, prod = [], 1
-    for m in rules.get(axes[i], ()) if axes[i] else ():
-      n = mesh_shape.get(m, 1)
-      if n == 1 or m in used or shape[i] % (prod * n):
-        continue
-      chosen.append(m)
-      prod *= n
+    free = tuple(m for m in rules.get(axes[i], ()) if m not in used) if axes[i] else ()
+    chosen = dividing(mesh, shape[i], free)
     used.update(chosen)
     out[i] = tuple(chosen) if len(chosen) > 1 else (chosen[0] if chosen else None)
   return P(*out)
