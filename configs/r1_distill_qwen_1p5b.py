@@ -10,9 +10,10 @@ R1 distils by plain SFT (no RL on students) on ~800k samples for 2 epochs; the J
 `question`, `completion` (the teacher's reasoning + answer) and `answer`.
 
 The batch, 64 rows of 16,384 tokens, is sized for 64 devices (fsdp 8 x data 8: one row each).
-`--dry_run --dry_run_devices=64` puts that at 36.4 GiB per device. On 8 devices, add
-`--config.train.accum_steps=8` (one row per device per micro-batch; 42.2 GiB in the dry run).
-Without it, 8 devices would each hold 8 rows: 268 GiB (at e7da4e6, before the key blocks).
+`--dry_run --dry_run_devices=64` puts that at 10.3 GiB per device. On 8 devices, add
+`--config.train.accum_steps=8` (one row per device per micro-batch; 11.2 GiB in the dry run).
+Without it, 8 devices would each hold 8 rows: 55.5 GiB. (Before the training forward pinned its
+activations' rows to the batch axes, c5bbeaa: 36.4, 42.2 and 268.7 GiB.)
 """
 
 from r1jax.run_config import base_config, stage

@@ -185,9 +185,12 @@ def embed_split(x):
   (`constrain_positions`). So the backward pass moves the output's gradient from the rows'
   split to the table's with one exchange before the scatter-add into the table's gradient.
   Without it XLA's SPMD partitioner put the whole gradient on every device first ("involuntary
-  full rematerialization", [64, 16384, 1536] for r1_distill_qwen_1p5b on data 8 x fsdp 8)."""
+  full rematerialization", [64, 16384, 1536] for r1_distill_qwen_1p5b on data 8 x fsdp 8).
+  Not under context parallelism: from the model dimension split over `context` to the
+  positions split over it, the partitioner replicated whole activations (the 671B at 32k
+  tokens: 352 GiB per device against 109)."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
+  if mesh.empty or position_shards(x.shape[1]) > 1:
     return x
   model_dim = dividing(mesh, x.shape[-1], MODEL_DIM_AXES)
   if not model_dim:
