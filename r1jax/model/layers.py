@@ -181,22 +181,25 @@ def constrain_positions(x, axis: int = 1, split: bool = True):
 
 def embed_split(x):
   """The embedding lookup's output [B, T, D] with D split like the table's model dimension
-  and the rows over the other batch axes; the training forward then pins the rows
-  (`constrain_positions`). So the backward pass moves the output's gradient from the rows'
-  split to the table's with one exchange before the scatter-add into the table's gradient.
-  Without it XLA's SPMD partitioner put the whole gradient on every device first ("involuntary
-  full rematerialization", [64, 16384, 1536] for r1_distill_qwen_1p5b on data 8 x fsdp 8).
-  Not under context parallelism: from the model dimension split over `context` to the
-  positions split over it, the partitioner replicated whole activations (the 671B at 32k
-  tokens: 352 GiB per device against 109)."""
+  (but for `context`) and the rows over the other batch axes, the positions over `context`
+  under context parallelism; the training forward then pins the rows (`constrain_positions`).
+  So the backward pass moves the output's gradient from the rows' split to the table's with one
+  exchange before the scatter-add into the table's gradient. Without it XLA's SPMD partitioner
+  put the whole gradient on every device first ("involuntary full rematerialization",
+  [64, 16384, 1536] for r1_distill_qwen_1p5b on data 8 x fsdp 8); with D split over `context`
+  too it replicated whole activations under context parallelism (the 671B at 32k tokens:
+  352 GiB per device)."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or position_shards(x.shape[1]) > 1:
+  if mesh.empty:
     return x
-  model_dim = dividing(mesh, x.shape[-1], MODEL_DIM_AXES)
+  context = position_shards(x.shape[1]) > 1
+  model_dim = dividing(mesh, x.shape[-1],
+                       tuple(a for a in MODEL_DIM_AXES if not (context and a == CONTEXT)))
   if not model_dim:
     return x
   rows = dividing(mesh, x.shape[0], tuple(a for a in batch_axes(mesh) if a not in model_dim))
-  spec = (rows or None,) + (None,) * (x.ndim - 2) + (model_dim,)
+  spec = ((rows or None, CONTEXT if context else None) + (None,) * (x.ndim - 3)
+          + (model_dim,))
   return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
 
 
