@@ -6,13 +6,13 @@
 The default mesh is 256 devices: experts over 64, FSDP over 4 (override mesh.* for your slice).
 The MoE drops no assignment, as DeepSeek-V3 trained: dropless all_to_all whose buffers hold 2x
 the mean load, over the fewest token slices whose every slice fits them
-(model/moe/dispatch.py `_dropless`). Its dry run reports 67.7 GiB per device (the README's
+(model/moe/dispatch.py `_dropless`). Its dry run reports 67.6 GiB per device (the README's
 table; benchmarks/results/dry_runs.txt): full fine-tuning fits 256 H200s (141 GB = 131 GiB);
 --config.mesh.fsdp=8 --config.data.batch_size=512 on 512 devices, 50.0 GiB. A GRPO update of
 512 x 1,535 tokens on 256 devices needs 76.8 GiB, and its rollout 53.0
 (benchmarks/dry_run_v3_grpo.py). 32k-token rows on 256 devices, with context parallelism:
 --config.data.seq_len=32768 --config.model.attn_key_chunk=1024 --config.mesh.fsdp=2
---config.mesh.context=2 --config.data.batch_size=128, 107.5 GiB.
+--config.mesh.context=2 --config.data.batch_size=128, 100.4 GiB.
 On GPU/TPU, --config.model.expert_dispatch=ragged_all_to_all sends only the routed rows.
 """
 
