@@ -215,11 +215,28 @@ def test_router_group_fill_is_an_execution_field():
 
 
 # ---------------------------------------------------------- shipped configs
+# deepseek-ai/DeepSeek-R1-Distill-Llama-8B's config.json (Llama 3.1 8B), as published
+HUB_R1_DISTILL_LLAMA_8B = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 4096,
+    "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 131072,
+    "mlp_bias": False, "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32,
+    "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "use_cache": True, "vocab_size": 128256,
+}
+
+
 @pytest.mark.parametrize("name,hub", [("deepseek_v3_671b", HUB_DEEPSEEK_V3),
-                                      ("deepseek_v2_lite", HUB_DEEPSEEK_V2_LITE)])
+                                      ("deepseek_v2_lite", HUB_DEEPSEEK_V2_LITE),
+                                      ("r1_distill_llama_8b", HUB_R1_DISTILL_LLAMA_8B)])
 def test_shipped_configs_match_the_hub(name, hub):
   shipped, from_hub = load_shipped(name), ModelConfig.from_hf(hub)
-  diff = {f: (getattr(shipped, f), getattr(from_hub, f)) for f in ARCH_FIELDS
+  fields = ARCH_FIELDS + ("kv_heads", "max_position_embeddings", "bos_token_id", "eos_token_id",
+                          "rope_low_freq_factor", "rope_high_freq_factor")
+  diff = {f: (getattr(shipped, f), getattr(from_hub, f)) for f in fields
           if getattr(shipped, f) != getattr(from_hub, f)}
   assert not diff, f"{name} differs from the hub config.json: {diff}"
 
