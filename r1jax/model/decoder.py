@@ -346,9 +346,14 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
           for stack, n in _stacks(cfg).items()}
 
 
-def forward_cached(params, tokens, positions, cache, index, kv_valid, cfg: ModelConfig):
+def forward_cached(params, tokens, positions, cache, index, kv_valid, cfg: ModelConfig, *,
+                   last_only: bool = False):
   """Logits [B, t, V] fp32 of `tokens` [B, t] at `positions` [B, t], the updated cache, and
   the expert ids each MoE layer chose, [L_moe, B, t, k] (None for a dense model).
+  last_only: the logits of the last position only, [B, 1, V] (a prefill needs no others: the
+  head over every prompt position cost P times its FLOPs, and on an FSDP mesh whose devices
+  outnumber the prompts every device held all of those logits, 10 GiB for 16 x 512 positions
+  of a 152k vocabulary).
 
   index: int scalar (may be traced), the cache slot of tokens[:, 0] for every row.
   kv_valid: bool [B, S], which cache slots hold real tokens, or int pad lengths [B] (slots
@@ -378,5 +383,7 @@ def forward_cached(params, tokens, positions, cache, index, kv_valid, cfg: Model
     if stack == "moe_layers":
       moe_ids.append(ids)
   expert_ids = jnp.concatenate(moe_ids, axis=0) if moe_ids else None
+  if last_only:
+    x = x[:, -1:]
   logits = head(params, L.rms_norm(x, params["final_norm"], cfg.rms_norm_eps), cfg)
   return logits, cache, expert_ids

@@ -147,8 +147,8 @@ def _generate_core(params, prompt_BP, pad_B, rng, knobs, *, cfg: ModelConfig,
   # cache leaves are [L, rows, S, ...]
   cache = jax.tree.map(lambda c: _batch_constraint(c, 1), decoder.init_cache(cfg, U, P + N))
   positions = jnp.maximum(jnp.arange(P, dtype=jnp.int32)[None, :] - pad_U[:, None], 0)
-  logits, cache, ids = decoder.forward_cached(params, prompt_UP, positions, cache, 0, pad_U, cfg)
-  logits = logits[:, -1:]
+  logits, cache, ids = decoder.forward_cached(params, prompt_UP, positions, cache, 0, pad_U, cfg,
+                                              last_only=True)
   if groups > 1:  # cache leaves are [L, U, S, ...]; logits [U, 1, V]; expert ids [L_moe, U, P, k]
     cache = jax.tree.map(lambda c: _batch_constraint(jnp.repeat(c, groups, axis=1), 1), cache)
     logits = jnp.repeat(logits, groups, axis=0)
