@@ -208,6 +208,25 @@ def test_shared_prefill_equals_one_prefill_per_row(moe, prompts, greedy):
   np.testing.assert_array_equal(meshed.completion, each.completion)
 
 
+@pytest.mark.parametrize("which", ["moe", "student"])
+def test_prefill_last_only_is_the_last_positions_logits(which, request, prompts):
+  """The prefill's `forward_cached(last_only=True)` (the head on the last position) gives the
+  full prefill's last-position logits, and the same cache."""
+  from r1jax.model import decoder
+  cfg, params = request.getfixturevalue(which)
+  tokens, pad = sampler.left_pad(prompts, 0)
+  tokens = jnp.asarray(tokens)
+  positions = jnp.maximum(jnp.arange(tokens.shape[1])[None, :] - pad[:, None], 0)
+  cache = decoder.init_cache(cfg, tokens.shape[0], tokens.shape[1] + 2)
+  run = testing.jit(lambda last: decoder.forward_cached(params, tokens, positions, cache, 0,
+                                                       jnp.asarray(pad), cfg, last_only=last),
+                    static_argnums=0)
+  (full, cache_full, _), (last, cache_last, _) = run(False), run(True)
+  assert last.shape == (tokens.shape[0], 1, cfg.vocab_size)
+  np.testing.assert_allclose(last, full[:, -1:], rtol=1e-5, atol=1e-5)
+  jax.tree.map(np.testing.assert_array_equal, cache_last, cache_full)
+
+
 def test_prompt_groups_needs_every_run_identical():
   assert sampler.prompt_groups([[1], [1], [2], [2]]) == 2
   assert sampler.prompt_groups([[1], [1], [1], [1]]) == 4
