@@ -165,8 +165,8 @@ class Recipe:
         continue
       t0 = time.time()
       ctx.log.info(f"== stage {name} ({stage_cfg.kind}) ==")
-      policy = ctx.models["policy"]
-      if stage_cfg.start_from:
+      policy, student = ctx.models["policy"], ctx.models.get("student")
+      if stage_cfg.start_from and stage_cfg.kind != "distill":  # (distill: the student's start)
         ctx.models["policy"] = ctx.outputs[stage_cfg.start_from]
       if run_config.s_get(stage_cfg, "match_compute_of"):
         stage_cfg = self._compute_matched(name, stage_cfg, progress)
@@ -188,8 +188,10 @@ class Recipe:
         else:
           save_model(out_dir, *ctx.models[which])  # every process writes its shards
         ctx.outputs[name] = ctx.models[which]
-      if stage_cfg.branch:
-        ctx.models["policy"] = policy  # a control branch: the recipe continues from before it
+      if stage_cfg.branch:  # a control branch: the recipe continues from before it
+        ctx.models["policy"] = policy
+        if student is not None:
+          ctx.models["student"] = student
       entry = {"name": name, "kind": stage_cfg.kind, "wall_seconds": round(time.time() - t0, 2),
                "metrics": {k: v for k, v in (metrics or {}).items() if not k.startswith("_")}}
       if stage_cfg.kind in TRAINING_KINDS:
@@ -236,9 +238,12 @@ class Recipe:
                         "stage before it")
     c = self.config
     cfg = self.ctx.models["policy"][0]
-    weight = c.train.mtp_weight if stage_cfg.mtp_weight is None else stage_cfg.mtp_weight
-    mtp = float(weight) > 0 and cfg.is_moe and cfg.num_nextn_predict_layers > 0
-    per_step = sft.sft_step_flops(self.ctx, cfg, use_mtp=mtp)
+    if stage_cfg.kind == "distill":  # a distillation control: the student's steps
+      per_step = sft.distill_step_flops(self.ctx, stage_cfg, cfg)
+    else:
+      weight = c.train.mtp_weight if stage_cfg.mtp_weight is None else stage_cfg.mtp_weight
+      mtp = float(weight) > 0 and cfg.is_moe and cfg.num_nextn_predict_layers > 0
+      per_step = sft.sft_step_flops(self.ctx, cfg, use_mtp=mtp)
     steps = max(1, math.ceil(entry["metrics"]["flops_total"] / per_step))
     self.ctx.log.info(f"[{name}] {steps} steps: the {entry['metrics']['flops_total']:.3g} model "
                       f"FLOPs of {ref} at {per_step:.3g} per SFT step")

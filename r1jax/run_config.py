@@ -107,7 +107,8 @@ def validate(c) -> ModelConfig:
     if name not in order:
       continue  # defined but not run: its references need not resolve
     for field, ref, kinds in (("match_compute_of", s_get(s, "match_compute_of"), TRAINING_KINDS),
-                              ("start_from", s.start_from, ("pretrain", "sft", "grpo"))):
+                              ("start_from", s.start_from, ("distill",) if s.kind == "distill"
+                               else ("pretrain", "sft", "grpo"))):
       if ref and (ref not in order or order.index(ref) >= order.index(name)
                   or stages[ref].kind not in kinds):
         raise ConfigError(f"stages.{name}.{field}={ref!r} must name a "
@@ -115,7 +116,8 @@ def validate(c) -> ModelConfig:
     if s_get(s, "with_sft_split") and c.data.task == "file":
       raise ConfigError(f"stages.{name}.with_sft_split needs the built-in task's SFT split, "
                         "and data.task is 'file'")
-    if s.kind == "grpo" and s.rows % int(c.train.accum_steps):
+    if (s.kind == "grpo" or s_get(s, "mode") == "on_policy") and \
+        s.rows % int(c.train.accum_steps):
       raise ConfigError(f"train.accum_steps={c.train.accum_steps} must divide stages.{name}'s "
                         f"prompts_per_step x group_size = {s.rows}")
   if int(c.data.batch_size) <= 0 or int(c.data.seq_len) <= 1:

@@ -30,7 +30,8 @@ class StageConfig:
     kind: the stage kind (`KINDS`).
     steps: training steps (0 for stages that do not train; capped by the run's max_steps).
     start_from: the name of an earlier stage whose output model this stage starts from (default:
-      the current policy).
+      the current policy; a distill stage names an earlier distill stage, whose student it
+      continues).
     branch: a control branch: the recipe continues from the policy as it was before this stage.
     eval: evaluate the stage's model on the held-out problems after a training stage.
     template: the prompt template ("" = data.template).
@@ -78,31 +79,65 @@ class SFTConfig(StageConfig):
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig(SFTConfig):
-  """`distill`: a fresh dense student learns from the policy.
+  """`distill`: a dense student learns from the policy (the teacher).
 
   Attributes:
-    mode: "sequence" (SFT on the stage's data, as R1 distils) or "logit" (divergence to the
-      teacher's logits on the same data).
-    divergence: forward_kl | reverse_kl | jsd (logit mode).
-    temperature: softmax temperature of both distributions (logit mode).
-    ce_weight: weight of the plain CE term mixed into the logit loss.
+    mode: "sequence" (SFT on the stage's data, as R1 distils), "logit" (divergence to the
+      teacher's logits on the same data) or "on_policy" (the student samples completions of
+      RL prompts, and learns the teacher's distribution at every position it visited: GKD with
+      only student samples, Agarwal et al. 2024; with reverse_kl, on-policy distillation).
+    divergence: forward_kl | reverse_kl | jsd (logit and on_policy modes).
+    temperature: softmax temperature of both distributions in the divergence.
+    ce_weight: weight of the plain CE term mixed into the logit loss (0 in on_policy mode: its
+      targets would be the student's own samples).
     student: ModelConfig fields of the student; vocab_size and logits_chunk default to the
       policy's (with logits_chunk, the logit loss runs both heads a chunk of positions at a time).
+      A stage with start_from takes the student of that stage and leaves this empty.
+    start_from: (distill) an earlier distill stage whose student this one continues; "" = a
+      fresh student. Required in on_policy mode, whose student samples from the first step.
+    prompts_per_step, group_size, max_new_tokens, sample_temperature, length_bucket: (on_policy)
+      prompts of the RL split per step, samples per prompt, their length cap, the sampling
+      temperature, and GRPO's `length_bucket` (the update's columns end after the longest
+      sample, rounded up to this; 0 = always max_new_tokens).
   """
   mode: str = "sequence"
   divergence: str = "forward_kl"
   temperature: float = 1.0
   ce_weight: float = 0.0
   student: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  prompts_per_step: int = 16
+  group_size: int = 4
+  max_new_tokens: int = 64
+  sample_temperature: float = 1.0
+  length_bucket: int = 0
+
+  @property
+  def rows(self) -> int:
+    return self.prompts_per_step * self.group_size
 
   def check(self, need):
     super().check(need)
-    need(self.mode in ("sequence", "logit"), "mode", "must be 'sequence' or "
-         "'logit'")
+    need(self.mode in ("sequence", "logit", "on_policy"), "mode", "must be 'sequence', "
+         "'logit' or 'on_policy'")
     need(self.divergence in ("forward_kl", "reverse_kl", "jsd"), "divergence",
          "must be forward_kl, reverse_kl or jsd")
     need(self.temperature > 0, "temperature", "must be > 0")
     need(0.0 <= self.ce_weight <= 1.0, "ce_weight", "must be in [0, 1]")
+    need(not (self.start_from and self.student), "student", "must be empty with start_from "
+         "(the stage continues that stage's student)")
+    if self.mode == "on_policy":
+      need(self.start_from != "", "start_from", "must name an earlier distill stage in "
+           "on_policy mode: the student samples from its first step, so it starts trained")
+      need(self.ce_weight == 0.0, "ce_weight", "must be 0 in on_policy mode (the CE targets "
+           "would be the student's own samples)")
+      need(self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
+      need(self.group_size >= 1, "group_size", "must be >= 1")
+      need(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+      need(self.sample_temperature > 0 and math.isfinite(self.sample_temperature),
+           "sample_temperature", "must be positive and finite")
+      need(self.length_bucket >= 0, "length_bucket", "must be >= 0")
+      need(not self.match_compute_of, "match_compute_of", "is for sequence and logit modes "
+           "(an on_policy step's FLOPs depend on its samples)")
 
 
 def _check_sampling(need, max_new_tokens, temperature, top_p):

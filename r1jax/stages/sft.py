@@ -128,6 +128,10 @@ def sft_step_flops(ctx: common.Context, cfg: ModelConfig, *, use_mtp: bool = Fal
 
 
 def student_config(ctx: common.Context, stage_cfg: DistillConfig) -> ModelConfig:
+  """The student's config: that of the stage's `start_from` stage (whose student it continues),
+  else a fresh one from `student`."""
+  if stage_cfg.start_from:
+    return ctx.outputs[stage_cfg.start_from][0]
   fields = dict(stage_cfg.student)
   fields.setdefault("vocab_size", ctx.model_cfg.vocab_size)
   # the student's head runs as many positions at a time as the policy's (its losses then form
@@ -136,27 +140,40 @@ def student_config(ctx: common.Context, stage_cfg: DistillConfig) -> ModelConfig
   return ModelConfig.from_config(fields)
 
 
+def distill_step_flops(ctx: common.Context, stage_cfg: DistillConfig,
+                       teacher_cfg: ModelConfig) -> float:
+  """Model FLOPs of one sequence- or logit-mode distillation step: the student's SFT step, plus
+  the teacher's forward over the batch in logit mode. (An on_policy step's depend on its
+  samples: `r1jax.stages.onpolicy`.)"""
+  step = sft_step_flops(ctx, student_config(ctx, stage_cfg))
+  if stage_cfg.mode == "logit":
+    T = int(ctx.config.data.seq_len)
+    step += flops.forward_flops(teacher_cfg, int(ctx.config.data.batch_size) * T, T)
+  return step
+
+
 def run_distill(ctx: common.Context, name: str, stage_cfg):
-  """Distil the policy into a fresh dense student: `mode` "sequence" (SFT on the stage's data,
-  e.g. the rejection-sampled traces, as R1 does) or "logit" (divergence to the teacher's
-  logits on the same data, optionally mixed with CE)."""
+  """Distil the policy into a dense student: `mode` "sequence" (SFT on the stage's data, e.g.
+  the rejection-sampled traces, as R1 does), "logit" (divergence to the teacher's logits on
+  the same data, optionally mixed with CE) or "on_policy" (`r1jax.stages.onpolicy`). The
+  student is fresh, or with `start_from` the student of that earlier distill stage."""
+  if stage_cfg.mode == "on_policy":
+    from r1jax.stages import onpolicy  # pulls in the sampler and rewards
+    return onpolicy.run_onpolicy_distill(ctx, name, stage_cfg)
   t_cfg, t_params = ctx.models["policy"]
   s_cfg = student_config(ctx, stage_cfg)
-  # created on the mesh: every process holds its shards of the same values
-  s_params = parallel.init_sharded(s_cfg, ctx.mesh, jax.random.PRNGKey(ctx.seed(name + "/init")))
-  mode = stage_cfg.mode
-  step_flops = sft_step_flops(ctx, s_cfg)
-  if mode == "sequence":
+  if stage_cfg.start_from:
+    s_params = ctx.outputs[stage_cfg.start_from][1]
+  else:  # created on the mesh: every process holds its shards of the same values
+    s_params = parallel.init_sharded(s_cfg, ctx.mesh,
+                                     jax.random.PRNGKey(ctx.seed(name + "/init")))
+  if stage_cfg.mode == "sequence":
     loss, frozen = train.sft_loss(s_cfg), None
-  elif mode == "logit":
-    T = int(ctx.config.data.seq_len)
-    step_flops += flops.forward_flops(t_cfg, int(ctx.config.data.batch_size) * T, T)
+  else:
     loss = train.distill_loss(s_cfg, t_cfg, kind=stage_cfg.divergence,
                               temperature=stage_cfg.temperature, ce_weight=stage_cfg.ce_weight)
     frozen = t_params
-  else:
-    raise DataError(f"stages.{name}.mode={mode!r} must be 'sequence' or 'logit'")
   params, metrics = _run(ctx, name, stage_cfg, s_cfg, s_params, loss, frozen,
-                         step_flops=step_flops)
+                         step_flops=distill_step_flops(ctx, stage_cfg, t_cfg))
   ctx.models["student"] = (s_cfg, params)
   return metrics

@@ -1,6 +1,6 @@
 """configs/r1_tiny.py shrunk for the reliability and multi-process tests: every stage of the
 recipe but the final GRPO (cold-start SFT -> GRPO -> the compute-matched SFT control -> rejection
-sampling -> SFT on the sampled data -> distillation), 3-4 steps each on a 2-layer MoE, batches of
+sampling -> SFT on the sampled data -> distillation -> on-policy distillation), 3-4 steps each on a 2-layer MoE, batches of
 8, a checkpoint every 2 steps, 8 evaluation problems (and 8 more uncovered held-out ones) after
 the stages that evaluate.
 
@@ -15,6 +15,8 @@ generated data rather than skip for want of it.
 
 import importlib.util
 import os
+
+from r1jax.run_config import stage
 
 R1_TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs",
                        "r1_tiny.py")
@@ -46,6 +48,12 @@ def get_config(arg=None):
   c.stages.sft_rs.steps = 3
   c.stages.distill.update(steps=3)
   c.stages.distill.student.num_hidden_layers = 1
+  # on-policy distillation: the student of `distill` samples and learns the teacher's
+  # distribution where it went (reverse KL)
+  c.stages.distill_opd = stage("distill", steps=4, mode="on_policy", start_from="distill",
+                               divergence="reverse_kl", prompts_per_step=4, group_size=2,
+                               max_new_tokens=12, length_bucket=4)
   c.max_steps = 4  # caps the compute-matched control (every other stage is shorter already)
-  c.stage_order = ("cold_start", "grpo", "sft_control", "rejection", "sft_rs", "distill")
+  c.stage_order = ("cold_start", "grpo", "sft_control", "rejection", "sft_rs", "distill",
+                   "distill_opd")
   return c

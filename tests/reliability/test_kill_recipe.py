@@ -3,8 +3,10 @@ uninterrupted one does.
 
 One launcher run of the shrunk recipe (tests/reliability/r1_tiny_shrunk.py: cold-start SFT ->
 GRPO -> the compute-matched SFT control -> rejection sampling -> SFT on the sampled data ->
-distillation; every stage of configs/r1_tiny.py but the second GRPO) is SIGKILLed at four points in turn and
-restarted after each: inside SFT, between two stages, inside GRPO and inside rejection sampling.
+distillation -> on-policy distillation; every stage of configs/r1_tiny.py but the second GRPO,
+and configs/r1_tiny_onpolicy.py's on-policy stage) is SIGKILLed at five points in turn and
+restarted after each: inside SFT, between two stages, inside GRPO, inside rejection sampling and
+inside on-policy distillation.
 An uninterrupted reference run of the same config runs beside it. Compared afterwards: summary.json
 (metrics and evaluation), every training stage's output params (bit for bit), every logged step
 (a step redone after a restart must log what it logged the first time: same batch, same update),
@@ -28,10 +30,11 @@ import launcher
 from r1jax.data import pipeline as data_pipeline
 
 ARGS = ["--config", launcher.SHRUNK_R1]
-ORDER = ("cold_start", "grpo", "sft_control", "rejection", "sft_rs", "distill")
+ORDER = ("cold_start", "grpo", "sft_control", "rejection", "sft_rs", "distill", "distill_opd")
 # as in r1_tiny_shrunk.py; sft_control's steps come from grpo's FLOPs (capped by max_steps=4),
 # so the run's summary.json says how many it took
-TRAIN_STEPS = {"cold_start": 4, "grpo": 4, "sft_control": None, "sft_rs": 3, "distill": 3}
+TRAIN_STEPS = {"cold_start": 4, "grpo": 4, "sft_control": None, "sft_rs": 3, "distill": 3,
+               "distill_opd": 4}
 
 
 def train_steps(workdir) -> dict:
@@ -113,6 +116,8 @@ KILL_POINTS = [
      lambda w: past_a_checkpoint(w, "grpo")),
     ("inside rejection sampling (its stage started)", "rejection",
      lambda w: "== stage rejection" in w.log()),
+    ("inside on-policy distillation (a step logged after a committed checkpoint)", "distill_opd",
+     lambda w: past_a_checkpoint(w, "distill_opd")),
 ]
 
 
@@ -156,7 +161,7 @@ def runs(tmp_path_factory):
         p.wait()
 
 
-def test_sigkill_at_four_points_then_restart_equals_the_uninterrupted_run(runs):
+def test_sigkill_at_five_points_then_restart_equals_the_uninterrupted_run(runs):
   """One test over the two runs (a module fixture shared by several tests would run twice when
   pytest-xdist puts them on different workers)."""
   check_every_kill_landed_where_planned_and_the_restart_recovered(runs)
@@ -169,7 +174,7 @@ def check_every_kill_landed_where_planned_and_the_restart_recovered(runs):
   kills, watches = runs["kills"], runs["watches"]
   assert len(kills) == len(KILL_POINTS)
   recovered = 0
-  for kill in kills[0], kills[2]:  # the SFT and GRPO restarts resume from a checkpoint
+  for kill in kills[0], kills[2], kills[4]:  # SFT, GRPO, on-policy distillation: from a checkpoint
     assert kill["checkpoints"], kill
   for i, kill in enumerate(kills):
     assert kill["rc"] == -signal.SIGKILL, kill
@@ -188,7 +193,7 @@ def check_every_kill_landed_where_planned_and_the_restart_recovered(runs):
         assert f"[{stage}] resumed" not in after
       assert f"== stage {stage}" in after
     recovered += 1
-  assert "[rejection] kept" in watches[-1].log()  # the last restart redid rejection sampling
+  assert "[rejection] kept" in watches[-2].log()  # the restart after it redid rejection sampling
   print(f"\nkill_recipe: {len(kills)} SIGKILLs injected, {recovered} recovered by restarting "
         f"({runs['seconds']:.0f} s for the reference and the interrupted run side by side):")
   for kill in kills:

@@ -1,7 +1,8 @@
 """The R1 recipe on two processes equals the recipe on one, through a SIGKILL inside GRPO.
 
 tests/reliability/r1_tiny_shrunk.py (every stage kind: SFT, GRPO, the compute-matched SFT
-control, rejection sampling, SFT on the sampled data, distillation, with evaluations) runs twice
+control, rejection sampling, SFT on the sampled data, distillation, on-policy distillation, with
+evaluations) runs twice
 side by side: once as one process with 4 CPU devices, once as two processes with 2 devices each
 (gloo collectives, one global mesh of 4). The two-process run is interrupted inside GRPO: process 1
 is SIGKILLed after a GRPO checkpoint and a later step, process 0 notices through the coordination
@@ -121,7 +122,7 @@ def test_two_processes_killed_inside_grpo_resume_and_equal_one_process(tmp_path)
   assert [e["name"] for e in want["stages"]] == list(ORDER)
   _close(got, want, "summary")
   evaluated = {e["name"] for e in want["stages"] if "eval" in e}
-  assert {"sft_rs", "distill"} <= evaluated, evaluated  # the policy and the student
+  assert {"sft_rs", "distill", "distill_opd"} <= evaluated, evaluated  # policy and students
   got_recs, want_recs = _records(two), _records(one)
   assert sorted(got_recs) == sorted(want_recs)
   for stage, steps in train_steps(one).items():
