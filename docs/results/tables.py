@@ -6,6 +6,7 @@
     python docs/results/tables.py --probes | --fresh   # cold-start probes; the larger check
     python docs/results/tables.py --fresh --dir old_sampler   # that check's earlier problem sets
     python docs/results/tables.py --stage_probe grpo_steps_probe   # runs of some stages only
+    python docs/results/tables.py --onpolicy   # on-policy distillation against its control
     python docs/results/tables.py --save RUN_DIR NAME --command "..." --commit SHA --wall S \
         [--tuned] [--alone] [--note "..."]
         # copy a run's summary.json here as NAME.json with what produced it
@@ -280,6 +281,34 @@ def stage_probe_table(folder: str):
             f"{_acc(e, 'uncovered', 'pass@k')} | {'' if h is None else f'{h:.3f}'} |")
 
 
+def onpolicy_table(folder: str = os.path.join(HERE, "onpolicy_distill")):
+  """configs/r1_tiny_onpolicy.py runs (each file one seed): the students at the RL prompt mix
+  (greedy held-out accuracy, `_rl_mix`) and on the pooled uncovered problems, with the model
+  FLOPs and wall seconds of the two stages that continue the 150-step student."""
+  paths = sorted(glob.glob(os.path.join(folder, "*.json")), key=lambda p: (_seed(p), p))
+  names = ("grpo_final", "distill", "distill_opd", "distill_more")
+  print("| seed | measure | teacher (grpo_final) | student, 150 steps (distill) | + on-policy "
+        "(distill_opd) | + sequence, same FLOPs (distill_more) | on-policy - sequence |")
+  print("|---|---|---|---|---|---|---|")
+  for path in paths:
+    with open(path) as f:
+      run = json.load(f)
+    st = {e["name"]: e for e in run["stages"]}
+    for label, fn in (("RL mix", _rl_mix), ("uncovered, pooled", _pooled_uncovered)):
+      v = {n: fn(run, st[n]) for n in names}
+      print(f"| {_seed(path)} | {label} | " + " | ".join(f"{v[n]:.3f}" for n in names) +
+            f" | {v['distill_opd'] - v['distill_more']:+.3f} |")
+  print()
+  print("| seed | stage | steps | model FLOPs | wall seconds |")
+  print("|---|---|---|---|---|")
+  for path in paths:
+    with open(path) as f:
+      st = {e["name"]: e for e in json.load(f)["stages"]}
+    for n in ("distill_opd", "distill_more"):
+      print(f"| {_seed(path)} | {n} | {st[n]['steps']} | {st[n]['metrics']['flops_total']:.3g} "
+            f"| {st[n]['wall_seconds']:.0f} |")
+
+
 def cold_start_probes():
   """Cold-start-only runs (cold_start_probes/*.json) next to the cold starts of the full runs
   with one operand order (one_order/): greedy accuracy all / covered / uncovered."""
@@ -387,6 +416,8 @@ def main():
                   help="print the runs of some stages only kept in this subfolder")
   ap.add_argument("--smollm2", metavar="SUBDIR",
                   help="print an earlier r1_zero_smollm2 run kept in this subfolder")
+  ap.add_argument("--onpolicy", action="store_true",
+                  help="print the on-policy distillation runs (onpolicy_distill/)")
   ap.add_argument("--fresh", action="store_true",
                   help="print the larger uncovered check (fresh_uncovered.py)")
   a = ap.parse_args()
@@ -397,7 +428,7 @@ def main():
   if a.curve:
     save_curve(*a.curve)
     return
-  if a.dir and not a.fresh:
+  if a.dir and not (a.fresh or a.onpolicy):
     r1_tiny_tables(os.path.join(HERE, a.dir))
     return
   if a.stage_probe:
@@ -408,6 +439,9 @@ def main():
     return
   if a.smollm2:
     r1_zero_smollm2_table(a.smollm2)
+    return
+  if a.onpolicy:
+    onpolicy_table(os.path.join(HERE, a.dir or "onpolicy_distill"))
     return
   if a.fresh:
     fresh_uncovered(os.path.join(HERE, "fresh_uncovered", a.dir or ""))
