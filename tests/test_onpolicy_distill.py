@@ -144,7 +144,7 @@ def _onpolicy_config(**distill_opd):
   return c
 
 
-def test_the_shipped_config_validates_and_continues_the_short_student():
+def test_the_shipped_config_validates_and_continues_r1_tinys_student():
   c = _config_module("r1_tiny_onpolicy").get_config()
   run_config.validate(c)
   stages = run_config.stage_configs(c)
@@ -152,7 +152,7 @@ def test_the_shipped_config_validates_and_continues_the_short_student():
   assert stages["distill_opd"].mode == "on_policy"
   assert stages["distill_opd"].start_from == stages["distill_more"].start_from == "distill"
   assert stages["distill_more"].match_compute_of == "distill_opd"
-  assert stages["distill_more"].branch and stages["distill"].steps == 150
+  assert stages["distill_more"].branch and stages["distill"].steps == 500  # r1_tiny's
 
 
 @pytest.mark.parametrize("change, message", [
