@@ -287,26 +287,29 @@ def onpolicy_table(folder: str = os.path.join(HERE, "onpolicy_distill")):
   FLOPs and wall seconds of the two stages that continue the 150-step student."""
   paths = sorted(glob.glob(os.path.join(folder, "*.json")), key=lambda p: (_seed(p), p))
   names = ("grpo_final", "distill", "distill_opd", "distill_more")
-  print("| seed | measure | teacher (grpo_final) | student, 150 steps (distill) | + on-policy "
+  print("| run | measure | teacher (grpo_final) | student (distill, its steps) | + on-policy "
         "(distill_opd) | + sequence, same FLOPs (distill_more) | on-policy - sequence |")
   print("|---|---|---|---|---|---|---|")
+  run_name = lambda path: os.path.basename(path)[:-len(".json")]
   for path in paths:
     with open(path) as f:
       run = json.load(f)
     st = {e["name"]: e for e in run["stages"]}
     for label, fn in (("RL mix", _rl_mix), ("uncovered, pooled", _pooled_uncovered)):
-      v = {n: fn(run, st[n]) for n in names}
-      print(f"| {_seed(path)} | {label} | " + " | ".join(f"{v[n]:.3f}" for n in names) +
-            f" | {v['distill_opd'] - v['distill_more']:+.3f} |")
+      v = {n: f"{fn(run, st[n]):.3f}" for n in names}
+      v["distill"] += f" ({st['distill']['steps']})"
+      diff = fn(run, st["distill_opd"]) - fn(run, st["distill_more"])
+      print(f"| {run_name(path)} | {label} | " + " | ".join(v[n] for n in names) +
+            f" | {diff:+.3f} |")
   print()
-  print("| seed | stage | steps | model FLOPs | wall seconds |")
+  print("| run | stage | steps | model FLOPs | wall seconds |")
   print("|---|---|---|---|---|")
   for path in paths:
     with open(path) as f:
       st = {e["name"]: e for e in json.load(f)["stages"]}
     for n in ("distill_opd", "distill_more"):
-      print(f"| {_seed(path)} | {n} | {st[n]['steps']} | {st[n]['metrics']['flops_total']:.3g} "
-            f"| {st[n]['wall_seconds']:.0f} |")
+      print(f"| {run_name(path)} | {n} | {st[n]['steps']} | "
+            f"{st[n]['metrics']['flops_total']:.3g} | {st[n]['wall_seconds']:.0f} |")
 
 
 def cold_start_probes():
