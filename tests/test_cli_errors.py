@@ -107,6 +107,13 @@ def test_with_sft_split_needs_the_builtin_task(tmp_path):
   assert_user_error(proc, "stages.distill.with_sft_split", "data.task is 'file'")
 
 
+def test_on_policy_distillation_without_a_student_to_continue(tmp_path):
+  proc = launch("--config", os.path.join(ROOT, "configs", "r1_tiny_onpolicy.py"),
+                "--config.stages.distill_opd.start_from=", workdir=tmp_path / "run")
+  assert_user_error(proc, "stages.distill_opd.start_from=''", "on_policy mode")
+  assert not os.path.exists(tmp_path / "run" / "progress.json")
+
+
 def test_resume_with_a_different_config_is_refused(tmp_path):
   """A workdir holds one config; reusing it with another one is a user error, not a resume."""
   run = tmp_path / "run"

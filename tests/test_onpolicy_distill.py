@@ -168,6 +168,8 @@ def test_the_shipped_config_validates_and_continues_r1_tinys_student():
     (dict(sample_temperature=0.0), r"stages\.distill_opd\.sample_temperature=0\.0 must be "
                                    r"positive and finite"),
     (dict(max_new_tokens=0), r"stages\.distill_opd\.max_new_tokens=0 must be >= 1"),
+    (dict(data_file="samples/rejection.jsonl"), r"stages\.distill_opd\.data_file="
+                                                r"'samples/rejection\.jsonl' is for sequence"),
     (dict(mode="online"), r"stages\.distill_opd\.mode='online' must be 'sequence', 'logit' or "
                           r"'on_policy'"),
 ])

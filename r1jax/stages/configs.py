@@ -138,6 +138,9 @@ class DistillConfig(SFTConfig):
       need(self.length_bucket >= 0, "length_bucket", "must be >= 0")
       need(not self.match_compute_of, "match_compute_of", "is for sequence and logit modes "
            "(an on_policy step's FLOPs depend on its samples)")
+      need(not self.data_file and not self.with_sft_split, "data_file" if self.data_file else
+           "with_sft_split", "is for sequence and logit modes (on_policy samples the RL "
+           "split's prompts)")
 
 
 def _check_sampling(need, max_new_tokens, temperature, top_p):

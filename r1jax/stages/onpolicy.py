@@ -66,7 +66,8 @@ def run_onpolicy_distill(ctx: common.Context, name: str, s: DistillConfig):
   it = pipeline.prompt_batches(records, batch_size=s.prompts_per_step, seed=seed)
   sampling = engine.Sampling(max_new_tokens=s.max_new_tokens, temperature=s.sample_temperature)
   # the student's own accuracy, where the problems have answers (logged, not trained on)
-  rewards = {"accuracy": 1.0} if records and all("answer" in r for r in records) else None
+  rewards = ({"accuracy": 1.0} if records and all(r.get("answer") not in (None, "")
+                                                  for r in records) else None)
   template = s.template or c.data.template
   multiple = parallel.position_multiple(ctx.mesh, scfg.context_order)
 
