@@ -67,9 +67,9 @@ def _seed(path: str) -> int:
   return int(os.path.basename(path).rsplit("seed", 1)[1].split("_")[0].split(".")[0])
 
 
-def r1_tiny_tables(folder: str = HERE):
+def r1_tiny_tables(folder: str = HERE, pattern: str = "r1_tiny_seed*.json"):
   runs = {}
-  for path in sorted(glob.glob(os.path.join(folder, "r1_tiny_seed*.json")), key=_seed):
+  for path in sorted(glob.glob(os.path.join(folder, pattern)), key=_seed):
     with open(path) as f:
       runs[_seed(path)] = json.load(f)
   if not runs:
@@ -444,7 +444,10 @@ def main():
     r1_zero_smollm2_table(a.smollm2)
     return
   if a.onpolicy:
-    onpolicy_table(os.path.join(HERE, a.dir or "onpolicy_distill"))
+    folder = os.path.join(HERE, a.dir or "onpolicy_distill")
+    onpolicy_table(folder)
+    print("\nThe same runs' r1_tiny stages (they run as configs/r1_tiny.py does):\n")
+    r1_tiny_tables(folder, "r1_tiny_onpolicy_seed*.json")
     return
   if a.fresh:
     fresh_uncovered(os.path.join(HERE, "fresh_uncovered", a.dir or ""))
