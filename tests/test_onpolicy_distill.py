@@ -148,10 +148,11 @@ def test_the_shipped_config_validates_and_continues_r1_tinys_student():
   c = _config_module("r1_tiny_onpolicy").get_config()
   run_config.validate(c)
   stages = run_config.stage_configs(c)
-  assert c.stage_order[-3:] == ("distill", "distill_opd", "distill_more")
+  assert c.stage_order[-4:] == ("distill", "distill_opd", "distill_more", "distill_logit")
   assert stages["distill_opd"].mode == "on_policy"
   assert stages["distill_opd"].start_from == stages["distill_more"].start_from == "distill"
   assert stages["distill_more"].match_compute_of == "distill_opd"
+  assert stages["distill_logit"].mode == "logit" and stages["distill_logit"].branch
   assert stages["distill_more"].branch and stages["distill"].steps == 500  # r1_tiny's
 
 

@@ -286,17 +286,19 @@ def onpolicy_table(folder: str = os.path.join(HERE, "onpolicy_distill")):
   (greedy held-out accuracy, `_rl_mix`) and on the pooled uncovered problems, with the model
   FLOPs and wall seconds of the two stages that continue the 150-step student."""
   paths = sorted(glob.glob(os.path.join(folder, "*.json")), key=lambda p: (_seed(p), p))
-  names = ("grpo_final", "distill", "distill_opd", "distill_more")
+  names = ("grpo_final", "distill", "distill_opd", "distill_more", "distill_logit")
   print("| run | measure | teacher (grpo_final) | student (distill, its steps) | + on-policy "
-        "(distill_opd) | + sequence, same FLOPs (distill_more) | on-policy - sequence |")
-  print("|---|---|---|---|---|---|---|")
+        "(distill_opd) | + sequence, same FLOPs (distill_more) | + logit, same FLOPs "
+        "(distill_logit) | on-policy - sequence |")
+  print("|---|---|---|---|---|---|---|---|")
   run_name = lambda path: os.path.basename(path)[:-len(".json")]
   for path in paths:
     with open(path) as f:
       run = json.load(f)
     st = {e["name"]: e for e in run["stages"]}
     for label, fn in (("RL mix", _rl_mix), ("uncovered, pooled", _pooled_uncovered)):
-      v = {n: f"{fn(run, st[n]):.3f}" for n in names}
+      # runs from before distill_logit was added have no such stage
+      v = {n: f"{fn(run, st[n]):.3f}" if n in st else "" for n in names}
       v["distill"] += f" ({st['distill']['steps']})"
       diff = fn(run, st["distill_opd"]) - fn(run, st["distill_more"])
       print(f"| {run_name(path)} | {label} | " + " | ".join(v[n] for n in names) +
@@ -307,7 +309,7 @@ def onpolicy_table(folder: str = os.path.join(HERE, "onpolicy_distill")):
   for path in paths:
     with open(path) as f:
       st = {e["name"]: e for e in json.load(f)["stages"]}
-    for n in ("distill_opd", "distill_more"):
+    for n in [n for n in names[2:] if n in st]:
       print(f"| {run_name(path)} | {n} | {st[n]['steps']} | "
             f"{st[n]['metrics']['flops_total']:.3g} | {st[n]['wall_seconds']:.0f} |")
 
