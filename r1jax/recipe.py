@@ -239,7 +239,8 @@ class Recipe:
     c = self.config
     cfg = self.ctx.models["policy"][0]
     if stage_cfg.kind == "distill":  # a distillation control: the student's steps
-      per_step = sft.distill_step_flops(self.ctx, stage_cfg, cfg)
+      per_step = sft.distill_step_flops(self.ctx, stage_cfg,
+                                        sft.teacher_model(self.ctx, stage_cfg)[0])
     else:
       weight = c.train.mtp_weight if stage_cfg.mtp_weight is None else stage_cfg.mtp_weight
       mtp = float(weight) > 0 and cfg.is_moe and cfg.num_nextn_predict_layers > 0

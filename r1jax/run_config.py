@@ -106,9 +106,11 @@ def validate(c) -> ModelConfig:
   for name, s in stages.items():
     if name not in order:
       continue  # defined but not run: its references need not resolve
+    policy_kinds = ("pretrain", "sft", "grpo")
     for field, ref, kinds in (("match_compute_of", s_get(s, "match_compute_of"), TRAINING_KINDS),
                               ("start_from", s.start_from, ("distill",) if s.kind == "distill"
-                               else ("pretrain", "sft", "grpo"))):
+                               else policy_kinds),
+                              ("teacher", s_get(s, "teacher"), policy_kinds)):
       if ref and (ref not in order or order.index(ref) >= order.index(name)
                   or stages[ref].kind not in kinds):
         raise ConfigError(f"stages.{name}.{field}={ref!r} must name a "

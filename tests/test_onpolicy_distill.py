@@ -6,6 +6,7 @@ processes, SIGKILLed inside it and resumed) and in configs/r1_tiny_onpolicy.py."
 import dataclasses
 import importlib.util
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from r1jax.errors import ConfigError
 from r1jax.model.config import ModelConfig
 from r1jax.rollout import sampler
 from r1jax.run_config import stage
+from r1jax.stages import sft
 from r1jax.stages.onpolicy import onpolicy_batch
 import testing
 
@@ -171,6 +173,9 @@ def test_the_shipped_config_validates_and_continues_r1_tinys_student():
     (dict(max_new_tokens=0), r"stages\.distill_opd\.max_new_tokens=0 must be >= 1"),
     (dict(data_file="samples/rejection.jsonl"), r"stages\.distill_opd\.data_file="
                                                 r"'samples/rejection\.jsonl' is for sequence"),
+    (dict(teacher="distill"), r"stages\.distill_opd\.teacher='distill' must name a "
+                              r"pretrain/sft/grpo stage that runs before it"),
+    (dict(teacher="nope"), r"stages\.distill_opd\.teacher='nope' must name a"),
     (dict(mode="online"), r"stages\.distill_opd\.mode='online' must be 'sequence', 'logit' or "
                           r"'on_policy'"),
 ])
@@ -193,3 +198,14 @@ def test_a_continued_student_takes_its_config_from_the_stage_it_continues():
   c = _onpolicy_config()
   c.stages.extra = stage("distill", steps=10, start_from="distill_opd")  # defined, not run
   run_config.validate(c)
+
+
+def test_the_teacher_is_the_current_policy_or_the_named_stages_output():
+  ctx = types.SimpleNamespace(models={"policy": "grpo_final's"},
+                              outputs={"grpo": "grpo's", "grpo_final": "grpo_final's"})
+  c = _onpolicy_config()
+  run_config.validate(c)
+  assert sft.teacher_model(ctx, run_config.stage_configs(c)["distill_opd"]) == "grpo_final's"
+  c.stages.distill_opd.teacher = "grpo"
+  run_config.validate(c)
+  assert sft.teacher_model(ctx, run_config.stage_configs(c)["distill_opd"]) == "grpo's"

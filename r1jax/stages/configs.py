@@ -95,6 +95,8 @@ class DistillConfig(SFTConfig):
       A stage with start_from takes the student of that stage and leaves this empty.
     start_from: (distill) an earlier distill stage whose student this one continues; "" = a
       fresh student. Required in on_policy mode, whose student samples from the first step.
+    teacher: an earlier pretrain, sft or grpo stage whose output model is the teacher; "" = the
+      current policy (the last such stage's, or the model a branch left).
     prompts_per_step, group_size, max_new_tokens, sample_temperature, length_bucket: (on_policy)
       prompts of the RL split per step, samples per prompt, their length cap, the sampling
       temperature, and GRPO's `length_bucket` (the update's columns end after the longest
@@ -105,6 +107,7 @@ class DistillConfig(SFTConfig):
   temperature: float = 1.0
   ce_weight: float = 0.0
   student: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  teacher: str = ""
   prompts_per_step: int = 16
   group_size: int = 4
   max_new_tokens: int = 64

@@ -1,8 +1,8 @@
 """On-policy distillation: a `distill` stage with `mode="on_policy"`.
 
 Each step the student samples `group_size` completions for each of `prompts_per_step` prompts
-of the RL split, and the loss is the divergence from the teacher (the current policy) at every
-position the student visited, over the whole vocabulary:
+of the RL split, and the loss is the divergence from the teacher (the current policy, or the
+`teacher` stage's output) at every position the student visited, over the whole vocabulary:
 
     loss = mean over sampled completion tokens t of  D(q_student(. | x, y_<t), p_teacher(. | x, y_<t))
 
@@ -29,7 +29,7 @@ import numpy as np
 from r1jax import flops, parallel, train
 from r1jax.data import pipeline
 from r1jax.rollout import engine, sampler
-from r1jax.stages import common
+from r1jax.stages import common, sft
 from r1jax.stages.configs import DistillConfig
 from r1jax.stages.grpo import grpo_batch, pad_columns
 
@@ -50,7 +50,7 @@ def onpolicy_batch(rollout: sampler.Rollout, length_bucket: int = 0,
 
 def run_onpolicy_distill(ctx: common.Context, name: str, s: DistillConfig):
   c = ctx.config
-  t_cfg, t_params = ctx.models["policy"]
+  t_cfg, t_params = sft.teacher_model(ctx, s)
   t_cfg = sampler.policy_config(t_cfg)  # the teacher scores dropless, as the sampler runs
   s_cfg, s_params = ctx.outputs[s.start_from]
   scfg = sampler.policy_config(s_cfg)  # what the student samples with, and trains

@@ -140,6 +140,12 @@ def student_config(ctx: common.Context, stage_cfg: DistillConfig) -> ModelConfig
   return ModelConfig.from_config(fields)
 
 
+def teacher_model(ctx: common.Context, stage_cfg: DistillConfig):
+  """(config, params) of the teacher: the output of the stage's `teacher` stage, else the
+  current policy."""
+  return ctx.outputs[stage_cfg.teacher] if stage_cfg.teacher else ctx.models["policy"]
+
+
 def distill_step_flops(ctx: common.Context, stage_cfg: DistillConfig,
                        teacher_cfg: ModelConfig) -> float:
   """Model FLOPs of one sequence- or logit-mode distillation step: the student's SFT step, plus
@@ -160,7 +166,7 @@ def run_distill(ctx: common.Context, name: str, stage_cfg):
   if stage_cfg.mode == "on_policy":
     from r1jax.stages import onpolicy  # pulls in the sampler and rewards
     return onpolicy.run_onpolicy_distill(ctx, name, stage_cfg)
-  t_cfg, t_params = ctx.models["policy"]
+  t_cfg, t_params = teacher_model(ctx, stage_cfg)
   s_cfg = student_config(ctx, stage_cfg)
   if stage_cfg.start_from:
     s_params = ctx.outputs[stage_cfg.start_from][1]
