@@ -261,10 +261,11 @@ def check_no_stage_repeats_or_skips_data(runs):
 
 
 def check_generated_files_are_whole_and_equal_and_no_temporary_files_are_left(runs):
-  """samples/rejection.jsonl (a dataset the next stage trains on) and samples/grpo.jsonl (GRPO's
-  logged samples) are whole and what the uninterrupted run wrote; nothing half-written or
+  """samples/rejection.jsonl (a dataset the next stage trains on), samples/grpo.jsonl (GRPO's
+  logged samples) and samples/distill_opd.jsonl (the on-policy student's) are whole and what the
+  uninterrupted run wrote; nothing half-written or
   temporary is left anywhere in the run directory."""
-  for name in ("grpo.jsonl", "rejection.jsonl"):
+  for name in ("grpo.jsonl", "rejection.jsonl", "distill_opd.jsonl"):
     with open(os.path.join(runs["workdir"], "samples", name)) as f, \
          open(os.path.join(runs["reference"], "samples", name)) as g:
       assert f.read() == g.read(), name
