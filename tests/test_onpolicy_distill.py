@@ -184,7 +184,7 @@ def test_bad_on_policy_stages_are_one_clear_config_error(change, message):
     run_config.validate(_onpolicy_config(**change))
 
 
-def test_a_continued_student_takes_its_config_from_the_stage_it_continues():
+def test_a_continued_student_has_no_student_section_and_its_rows_split_evenly():
   c = _onpolicy_config()
   c.stages.distill_opd.student = dict(hidden_size=64)
   with pytest.raises(ConfigError, match=r"stages\.distill_opd\.student=.* must be empty with "
