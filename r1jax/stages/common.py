@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import signal
 import sys
 import time
@@ -213,6 +214,27 @@ def _throughput(metrics: dict, flops_before: float, peak_flops: float) -> None:
     metrics["flops_total"] = flops_before + metrics["flops"]
     metrics["model_flops_per_sec"] = metrics["flops"] / seconds
     metrics["mfu"] = metrics["model_flops_per_sec"] / peak_flops
+
+
+class SampleLog:
+  """samples/<stage>.jsonl: one sample per log step of a sampling stage (GRPO, on-policy
+  distillation), written as they come. Only process 0 writes. A stage resumed from a checkpoint
+  keeps the samples written before it and rewrites the steps after it."""
+
+  def __init__(self, ctx: Context, name: str):
+    self.ctx, self.path = ctx, ctx.workdir / "samples" / f"{name}.jsonl"
+    self.every = max(int(ctx.config.log.every_steps), 1)
+    self.samples = []
+    if ctx.is_main and self.path.exists():  # an interrupted earlier attempt's
+      with self.path.open() as f:
+        self.samples = [json.loads(line) for line in f if line.strip()]
+
+  def add(self, step: int, record: dict) -> None:
+    if not self.ctx.is_main or step % self.every:
+      return
+    from r1jax.data import pipeline
+    self.samples = [x for x in self.samples if x["step"] < step] + [{"step": step, **record}]
+    pipeline.write_jsonl(self.path, self.samples)
 
 
 def lora_config(ctx: Context):

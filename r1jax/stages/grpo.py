@@ -11,7 +11,6 @@ The first update of every batch logs how far the two are apart (`logp_mismatch_*
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 
 import jax
@@ -167,8 +166,7 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
   it = pipeline.prompt_batches(ctx.splits["rl"], batch_size=s.prompts_per_step, seed=seed)
   sampling = engine.Sampling(max_new_tokens=N, temperature=s.temperature, top_p=s.top_p,
                              record_routing=s.routing_replay)
-  samples_path = ctx.workdir / "samples" / f"{name}.jsonl"
-  samples = _earlier_samples(samples_path) if ctx.is_main else []
+  samples = common.SampleLog(ctx, name)
 
   def sample(st, records, key):
     return engine.rollout(train.full_params(st["train"]), pcfg, records,
@@ -203,12 +201,8 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
                        routing=s.routing_replay, length_bucket=s.length_bucket,
                        share_prompt=G if s.share_prompt else 0)
     batch = pad_columns(batch, parallel.position_multiple(ctx.mesh, pcfg.context_order))
-    if ctx.is_main and step % max(int(c.log.every_steps), 1) == 0:
-      # written as they come, so a run resumed from a checkpoint keeps the samples before it
-      samples[:] = [x for x in samples if x["step"] < step]
-      samples.append({"step": step, "question": scored.records[0]["question"],
-                      "completion": scored.completions[0], "reward": float(scored.rewards[0])})
-      pipeline.write_jsonl(samples_path, samples)
+    samples.add(step, {"question": scored.records[0]["question"],
+                       "completion": scored.completions[0], "reward": float(scored.rewards[0])})
     lengths = np.asarray(scored.rollout.lengths)
     host = dict(reward=float(fresh.rewards.mean()), reward_trained=float(scored.rewards.mean()),
                 reward_std=float(scored.rewards.std()),
@@ -273,10 +267,3 @@ def _min_update_groups(ctx: common.Context, s: GRPOConfig) -> int:
     m *= 2
   return min(m, s.prompts_per_step)
 
-
-def _earlier_samples(path) -> list[dict]:
-  """The samples an interrupted earlier attempt at the stage wrote ([] if none)."""
-  if not path.exists():
-    return []
-  with path.open() as f:
-    return [json.loads(line) for line in f if line.strip()]

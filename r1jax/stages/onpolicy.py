@@ -32,7 +32,7 @@ from r1jax.data import pipeline
 from r1jax.rollout import engine, sampler
 from r1jax.stages import common, sft
 from r1jax.stages.configs import DistillConfig
-from r1jax.stages.grpo import _earlier_samples, grpo_batch, pad_columns
+from r1jax.stages.grpo import grpo_batch, pad_columns
 
 BATCH_FIELDS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
 
@@ -71,8 +71,7 @@ def run_onpolicy_distill(ctx: common.Context, name: str, s: DistillConfig):
                                                   for r in records) else None)
   template = s.template or c.data.template
   multiple = parallel.position_multiple(ctx.mesh, scfg.context_order)
-  samples_path = ctx.workdir / "samples" / f"{name}.jsonl"
-  samples = _earlier_samples(samples_path) if ctx.is_main else []
+  samples = common.SampleLog(ctx, name)
 
   def next_batch(state):
     t0 = time.time()
@@ -92,14 +91,10 @@ def run_onpolicy_distill(ctx: common.Context, name: str, s: DistillConfig):
                 + flops.forward_flops(t_cfg, B * T, T))
     if scored.rewards is not None:
       host["sample_accuracy"] = float(np.mean(scored.rewards))
-    if ctx.is_main and step % max(int(c.log.every_steps), 1) == 0:
-      # the student's first sample of the step, as GRPO logs its own (a resumed run keeps the
-      # ones written before its checkpoint)
-      samples[:] = [x for x in samples if x["step"] < step]
-      samples.append({"step": step, "question": scored.records[0]["question"],
-                      "completion": scored.completions[0]}
-                     | ({} if scored.rewards is None else {"reward": float(scored.rewards[0])}))
-      pipeline.write_jsonl(samples_path, samples)
+    # the student's first sample of the step, as GRPO logs its own
+    samples.add(step, {"question": scored.records[0]["question"],
+                       "completion": scored.completions[0]}
+                | ({} if scored.rewards is None else {"reward": float(scored.rewards[0])}))
     return common.shard(ctx, batch), host
 
   with jax.set_mesh(ctx.mesh):
