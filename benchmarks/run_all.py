@@ -278,6 +278,22 @@ def moe_profile_md(d):
   return ratio, setup, rows
 
 
+def grpo_async_md(d):
+  rows = ["| mode | round | devices | step s | rollout s | reward | sync median / step |",
+          "|---|---:|---:|---:|---:|---:|---:|"]
+  rows += [f"| {r['mode']} | {r['round']} | {r['devices']} | {r['step_s']:.3f} | "
+           f"{r['rollout_s']:.3f} | {r['reward']:.3f} | {r['speedup_vs_sync_median']:.2f}x |"
+           for r in d["rows"]]
+  import statistics
+  median = lambda mode: statistics.median(r["step_s"] for r in d["rows"] if r["mode"] == mode)
+  ratio = median("sync") / median("async")
+  setup = (f"r1_tiny's grpo stage through the launcher from {d['from_run']} (seed {d['seed']}), "
+           f"{d['steps']} steps per run, median step_seconds after the first {d['skip']}; sync on "
+           "one CPU device, async (staleness 1) with the update on one simulated device and the "
+           "next rollout on another; headline: sync step time / async step time")
+  return ratio, setup, rows
+
+
 @dataclasses.dataclass(frozen=True)
 class Benchmark:
   name: str
@@ -330,6 +346,9 @@ BENCHMARKS = (
     Benchmark("grpo_update_profile", "Where the GRPO update's time goes on XLA:CPU (a profile)",
               ("--runs", "2", "--traced", "1"), grpo_update_profile_md, None,
               target_text="none (it explains grpo_vs_trl's update)", suffix=""),
+    Benchmark("grpo_async", "Asynchronous GRPO (one step off-policy) vs synchronous, launcher",
+              ("--steps", "12", "--skip", "4", "--rounds", "1"), grpo_async_md, None,
+              target_text="none set (> 1: the asynchronous step is faster)"),
     Benchmark("moe_profile", "Where the MoE step's added time goes as experts grow (a profile)",
               ("--traced", "2"), moe_profile_md, None,
               target_text="none (it explains moe_scaling's ratio)", suffix=""),

@@ -119,14 +119,20 @@ class Recipe:
     cfg = run_config.validate(config)
     self.stages = run_config.stage_configs(config)  # typed (r1jax.stages.configs)
     self.is_main = jax.process_index() == 0
-    mesh = parallel.make_mesh(config.mesh.to_dict())
+    # asynchronous GRPO may sample on devices of its own; every stage trains on the others
+    reserved = max(run_config.s_get(self.stages[n], "rollout_devices", 0)
+                   for n in config.stage_order)
+    train_devices, rollout_devices = parallel.split_devices(reserved)
+    mesh = parallel.make_mesh(config.mesh.to_dict(), train_devices)
+    rollout_mesh = parallel.make_mesh({"data": -1}, rollout_devices) if reserved else None
     tokenizer = get_tokenizer(sources.resolve(config.data.tokenizer))
     if tokenizer.vocab_size > cfg.vocab_size:
       raise ConfigError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
                         f"vocabulary ({tokenizer.vocab_size})")
     log = RunLog(self.workdir, enabled=self.is_main, tensorboard=bool(config.log.tensorboard))
     self.ctx = common.Context(config=config, workdir=self.workdir, model_cfg=cfg,
-                              tokenizer=tokenizer, mesh=mesh, log=log, models={},
+                              tokenizer=tokenizer, mesh=mesh, rollout_mesh=rollout_mesh,
+                              log=log, models={},
                               is_main=self.is_main, splits=make_splits(config),
                               peak_flops=flops.device_peak_flops())
     self.progress_path = self.workdir / "progress.json"

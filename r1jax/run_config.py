@@ -122,6 +122,10 @@ def validate(c) -> ModelConfig:
         s.rows % int(c.train.accum_steps):
       raise ConfigError(f"train.accum_steps={c.train.accum_steps} must divide stages.{name}'s "
                         f"prompts_per_step x group_size = {s.rows}")
+  reserved = {s_get(stages[n], "rollout_devices", 0) for n in order} - {0}
+  if len(reserved) > 1:
+    raise ConfigError(f"the GRPO stages ask for different rollout_devices ({sorted(reserved)});"
+                      " the run reserves one set of sampling devices")
   if int(c.data.batch_size) <= 0 or int(c.data.seq_len) <= 1:
     raise ConfigError("data.batch_size must be > 0 and data.seq_len > 1")
   context = int(c.mesh.get("context", 1))

@@ -114,6 +114,19 @@ def test_on_policy_distillation_without_a_student_to_continue(tmp_path):
   assert not os.path.exists(tmp_path / "run" / "progress.json")
 
 
+def test_sampling_devices_that_leave_none_to_train_on(tmp_path):
+  """The shrunk recipe's asynchronous GRPO takes 2 devices to sample on; with 2 devices in all
+  (conftest's 8 replaced here), none would be left to train on."""
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "").replace(
+      "--xla_force_host_platform_device_count=8", "--xla_force_host_platform_device_count=2"))
+  proc = subprocess.run([sys.executable, "-m", "r1jax.launch", "--config",
+                         os.path.join(ROOT, "tests", "reliability", "r1_tiny_shrunk.py"),
+                         "--workdir", str(tmp_path / "run")], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=180)
+  assert_user_error(proc, "rollout_devices=2 leaves no training device")
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_resume_with_a_different_config_is_refused(tmp_path):
   """A workdir holds one config; reusing it with another one is a user error, not a resume."""
   run = tmp_path / "run"

@@ -72,6 +72,35 @@ def make_mesh(mesh_cfg: Mapping[str, int] | None = None, devices=None) -> Mesh:
   return Mesh(np.asarray(devices).reshape(sizes), AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
+def split_devices(rollout_devices: int) -> tuple[list, list]:
+  """(the training devices, the sampler's devices) for asynchronous GRPO's `rollout_devices`:
+  the last rollout_devices / processes local devices of every process sample, the rest train.
+  Both lists are ordered by process, so both meshes span every process."""
+  devices, procs = list(jax.devices()), jax.process_count()
+  if rollout_devices == 0:
+    return devices, []
+  if rollout_devices % procs:
+    raise ConfigError(f"rollout_devices={rollout_devices} is not a multiple of the "
+                      f"{procs} processes (each gives the same number)")
+  if procs > 1 and devices[0].platform == "cpu":
+    # measured: the update's gradient all-reduce and a concurrent collective on the sampling
+    # devices (the loop's preemption vote) crossed messages in gloo and aborted the run
+    raise ConfigError(f"rollout_devices={rollout_devices} with {procs} processes needs "
+                      "collectives that may run at once on disjoint devices (GPU, TPU); "
+                      "XLA:CPU's gloo mixes them up: use rollout_devices=0 on CPU")
+  own = rollout_devices // procs
+  local = jax.local_device_count()
+  if own >= local:
+    raise ConfigError(f"rollout_devices={rollout_devices} leaves no training device: each of "
+                      f"the {procs} processes has {local} devices")
+  train, rollout = [], []
+  for p in range(procs):
+    mine = [d for d in devices if d.process_index == p]
+    train += mine[:len(mine) - own]
+    rollout += mine[len(mine) - own:]
+  return train, rollout
+
+
 def abstract_mesh(mesh_cfg: Mapping[str, int], num_devices: int):
   """A device-free mesh of `num_devices` for ahead-of-time compilation and memory estimates."""
   sizes = resolve_axis_sizes(dict(mesh_cfg), num_devices)

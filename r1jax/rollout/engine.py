@@ -97,6 +97,18 @@ def rollout(params, cfg: ModelConfig, records: Sequence[Mapping], *, tokenizer, 
             batch_size: int | None = None,
             reward_weights: Mapping[str, float] | None = None) -> ScoredRollout:
   """Generate `repeats` completions per record and score them (module docstring)."""
+  return start_rollout(params, cfg, records, tokenizer=tokenizer, mesh=mesh, template=template,
+                       sampling=sampling, rng=rng, repeats=repeats, batch_size=batch_size,
+                       reward_weights=reward_weights).result()
+
+
+def start_rollout(params, cfg: ModelConfig, records: Sequence[Mapping], *, tokenizer, mesh,
+                  template: str, sampling: Sampling, rng, repeats: int = 1,
+                  batch_size: int | None = None,
+                  reward_weights: Mapping[str, float] | None = None) -> sampler.Pending:
+  """`rollout`, with the generation dispatched and not waited for: `.result()` waits, decodes
+  and scores, and returns the ScoredRollout. Asynchronous GRPO (`staleness=1`) starts the next
+  batch's rollout before the current update and collects it after."""
   rows = [r for r in records for _ in range(repeats)]
   prompts = format_prompts(rows, template, tokenizer)
   ids = [tokenizer.encode(p) for p in prompts]
@@ -107,30 +119,37 @@ def rollout(params, cfg: ModelConfig, records: Sequence[Mapping], *, tokenizer, 
   else:
     kw.update(temperature=sampling.temperature, top_p=sampling.top_p)
   size = batch_size or len(ids)
-  completions, lengths, outs, cost = [], [], [], 0.0
+  calls = []  # (real rows, pending generate call)
   for start in range(0, len(ids), size):
     chunk = ids[start:start + size]
     real = len(chunk)
     chunk = chunk + [chunk[-1]] * (size - real)  # pad: keeps the compiled shape
     key = rng if batch_size is None else jax.random.fold_in(rng, start)
     with jax.set_mesh(mesh):
-      out = sampler.generate(params, cfg, chunk, rng=key,
-                             record_routing=sampling.record_routing, **kw)
-    B, L = out.tokens.shape
-    cost += flops.generate_flops(cfg, B, L - sampling.max_new_tokens, int(np.max(out.lengths)),
-                                 prefill_rows=out.prefill_rows)
-    for b in range(real):
-      completions.append(tokenizer.decode(out.completion[b, :int(out.lengths[b])].tolist(),
-                                          skip_special=True))
-      lengths.append(int(out.lengths[b]))
-    outs.append(out)
-  total, per_fn, errors = None, {}, {}
-  if reward_weights:
-    total, per_fn, errors = score(rows, prompts, completions, reward_weights,
-                                  completion_lengths=lengths)
-  return ScoredRollout(records=rows, prompts=prompts, completions=completions,
-                       rollout=outs[0] if len(outs) == 1 else None, rewards=total,
-                       per_reward=per_fn, reward_errors=errors, flops=cost)
+      calls.append((real, sampler.generate(params, cfg, chunk, rng=key, fetch=False,
+                                           record_routing=sampling.record_routing, **kw)))
+
+  def finish() -> ScoredRollout:
+    completions, lengths, outs, cost = [], [], [], 0.0
+    for real, call in calls:
+      out = call.result()
+      B, L = out.tokens.shape
+      cost += flops.generate_flops(cfg, B, L - sampling.max_new_tokens, int(np.max(out.lengths)),
+                                   prefill_rows=out.prefill_rows)
+      for b in range(real):
+        completions.append(tokenizer.decode(out.completion[b, :int(out.lengths[b])].tolist(),
+                                            skip_special=True))
+        lengths.append(int(out.lengths[b]))
+      outs.append(out)
+    total, per_fn, errors = None, {}, {}
+    if reward_weights:
+      total, per_fn, errors = score(rows, prompts, completions, reward_weights,
+                                    completion_lengths=lengths)
+    return ScoredRollout(records=rows, prompts=prompts, completions=completions,
+                         rollout=outs[0] if len(outs) == 1 else None, rewards=total,
+                         per_reward=per_fn, reward_errors=errors, flops=cost)
+
+  return sampler.Pending(finish)
 
 
 def refill_pairs(zero_var, candidate_zero_var) -> list[tuple[int, int]]:

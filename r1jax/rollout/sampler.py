@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -289,7 +289,8 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
              rng: jax.Array, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              greedy: bool = False, eos_id: int | None, stop_ids: Sequence[int] = (),
              pad_id: int = 0, vocab_limit: int | None = None, record_routing: bool = False,
-             share_prefill: bool = True, compiler_options: dict | None = None) -> Rollout:
+             share_prefill: bool = True, compiler_options: dict | None = None,
+             fetch: bool = True):
   """Sample up to `max_new_tokens` tokens after each prompt (lists of token ids).
 
   share_prefill: when the rows are runs of G identical prompts (`prompt_groups`), prefill each
@@ -302,6 +303,9 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
   vocab_limit: sample only ids below it (the tokenizer's vocabulary when the model's embedding
   is padded); log-probs stay those of the model's full distribution.
   compiler_options: XLA options for the jitted core (tests pass fast-compile options on CPU).
+  fetch: False returns a `Pending` at once, with the generation dispatched (JAX's asynchronous
+  dispatch) and not yet waited for; its `result()` is the Rollout. Asynchronous GRPO
+  (`staleness=1`) samples the next batch while the current update runs.
   """
   if max_new_tokens < 1:
     raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 1")
@@ -323,15 +327,33 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
              **_statics(cfg, len(prompts), max_new_tokens, groups=groups,
                         filtered=not greedy and (top_k > 0 or top_p < 1),
                         record_routing=record_routing))
-  # every process gets every row (gathered when the batch spans several processes), so all of
-  # them score the same completions and make the same decisions
-  completion, logprobs, lengths, stopped, routing = to_host(out)
-  return Rollout(tokens=np.concatenate([prompt_BP, completion], axis=1), completion=completion,
-                 logprobs=logprobs,
-                 completion_mask=np.arange(max_new_tokens)[None, :] < lengths[:, None],
-                 lengths=lengths, truncated=~stopped,
-                 prompt_lengths=(prompt_BP.shape[1] - pad_B).astype(np.int32), routing=routing,
-                 prefill_rows=len(prompts) // groups)
+
+  def result() -> Rollout:
+    # every process gets every row (gathered when the batch spans several processes), so all
+    # of them score the same completions and make the same decisions
+    completion, logprobs, lengths, stopped, routing = to_host(out)
+    return Rollout(tokens=np.concatenate([prompt_BP, completion], axis=1),
+                   completion=completion, logprobs=logprobs,
+                   completion_mask=np.arange(max_new_tokens)[None, :] < lengths[:, None],
+                   lengths=lengths, truncated=~stopped,
+                   prompt_lengths=(prompt_BP.shape[1] - pad_B).astype(np.int32),
+                   routing=routing, prefill_rows=len(prompts) // groups)
+
+  return result() if fetch else Pending(result)
+
+
+@dataclasses.dataclass
+class Pending:
+  """A dispatched computation whose host result is not fetched yet (`generate(fetch=False)`,
+  `engine.start_rollout`): `result()` waits for the devices and builds it, once."""
+  _finish: Callable[[], object]
+  _value: object = None
+  _done: bool = False
+
+  def result(self):
+    if not self._done:
+      self._value, self._done, self._finish = self._finish(), True, None
+    return self._value
 
 
 def truncate_at_stop_strings(texts: Sequence[str], stops: Sequence[str], *,

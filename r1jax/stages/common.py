@@ -43,6 +43,7 @@ class Context:
   splits: dict | None = None  # task splits: sft / rl / eval records
   outputs: dict = dataclasses.field(default_factory=dict)  # stage name -> (cfg, params)
   peak_flops: float = float("nan")  # the job's peak FLOP/s (r1jax.flops), for MFU
+  rollout_mesh: Any = None  # asynchronous GRPO's own sampling devices (`rollout_devices`)
   # LoRA stages: name -> (LoraConfig, {"adapters", "router_bias"}): what the stage's output holds
   lora_outputs: dict = dataclasses.field(default_factory=dict)
 

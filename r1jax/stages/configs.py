@@ -204,6 +204,17 @@ class GRPOConfig(StageConfig):
       rounding, with less work when prompts are long next to completions (r1_zero_smollm2: 121
       prompt tokens, 16-64 completion tokens). Off by default: the committed tiny-recipe
       rounds ran without it, and float order changes their numbers. Not with routing_replay.
+    staleness: 0: synchronous (each batch is sampled by the policy it updates). 1: one-step
+      off-policy (asynchronous) GRPO: the rollout of step t+1 is dispatched before update t,
+      from the policy before that update, so the two can run at once (with rollout_devices)
+      and the host scores batch t while the devices sample. Batch t+1 is then one update
+      behind the policy that learns from it; the clipped ratio is taken against the sampler's
+      log-probs, or with `is_correction` against the current policy's, with the sampler's
+      weight truncated (decoupled PPO). Not with dynamic_sampling.
+    rollout_devices: with staleness 1, sample on this many devices of their own (the last
+      rollout_devices / processes local devices of every process; the run's mesh is built on
+      the rest, for every stage). The policy's weights are copied to them before each
+      rollout. 0: sample on the run's mesh.
   """
   prompts_per_step: int = 16
   group_size: int = 8
@@ -230,6 +241,8 @@ class GRPOConfig(StageConfig):
   length_bucket: int = 0
   drop_zero_var: bool = False
   share_prompt: bool = False
+  staleness: int = 0
+  rollout_devices: int = 0
 
   def check(self, need):
     super().check(need)
@@ -259,6 +272,13 @@ class GRPOConfig(StageConfig):
     need(self.length_bucket >= 0, "length_bucket", "must be >= 0")
     need(not (self.share_prompt and self.routing_replay), "share_prompt",
          "cannot be on with routing_replay (replay runs on whole rows)")
+    need(self.staleness in (0, 1), "staleness", "must be 0 (synchronous) or 1 (one step "
+         "off-policy)")
+    need(not (self.staleness and self.dynamic_sampling), "staleness",
+         "cannot be 1 with dynamic_sampling (refills would sample synchronously)")
+    need(self.rollout_devices >= 0, "rollout_devices", "must be >= 0")
+    need(not (self.rollout_devices and not self.staleness), "rollout_devices",
+         "needs staleness=1 (a synchronous rollout waits for the update anyway)")
 
   @property
   def rows(self) -> int:

@@ -6,6 +6,12 @@ The update scores the tokens with the policy that sampled them: the same model c
 dropless MoE and precision (`sampler.policy_config`), and with `routing_replay` the same experts.
 The first update of every batch logs how far the two are apart (`logp_mismatch_*`,
 `mismatch_ratio_*`, `mismatch_clip_frac`; r1jax.train.losses.grpo).
+
+With `staleness=1` (asynchronous GRPO) the rollout of step t+1 is dispatched before update t,
+from a copy of the policy before that update (on `rollout_devices` of its own, or on the run's
+mesh), and collected at step t+1. The copy is part of the stage's checkpoint, and the prompt
+iterator is checkpointed as it was before that rollout's prompts were drawn, so a resumed run
+samples the same batch from the same weights.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import dataclasses
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from r1jax import flops, parallel, train
@@ -161,23 +168,54 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
                   else None)
   state = {"train": common.new_state(ctx, params, tx, name, cfg, lora_cfg),
            "ref": params if s.beta > 0 and lora_cfg is None else None}
+  if s.staleness:  # the weights the pending rollout is sampled from (checkpointed)
+    state["behind"] = _snapshot(state["train"])
   seed = ctx.seed(name)
   min_groups = _min_update_groups(ctx, s)
-  it = pipeline.prompt_batches(ctx.splits["rl"], batch_size=s.prompts_per_step, seed=seed)
+  it = _LaggedIterator(pipeline.prompt_batches(ctx.splits["rl"], batch_size=s.prompts_per_step,
+                                               seed=seed))
   sampling = engine.Sampling(max_new_tokens=N, temperature=s.temperature, top_p=s.top_p,
                              record_routing=s.routing_replay)
   samples = common.SampleLog(ctx, name)
+  rollout_mesh = ctx.rollout_mesh if s.rollout_devices else ctx.mesh
+  rollout_kw = dict(tokenizer=ctx.tokenizer, template=template, sampling=sampling, repeats=G,
+                    reward_weights=s.reward_weights)
 
   def sample(st, records, key):
-    return engine.rollout(train.full_params(st["train"]), pcfg, records,
-                          tokenizer=ctx.tokenizer, mesh=ctx.mesh, template=template,
-                          sampling=sampling, rng=key, repeats=G, reward_weights=s.reward_weights)
+    return engine.rollout(train.full_params(st["train"]), pcfg, records, mesh=ctx.mesh,
+                          rng=key, **rollout_kw)
+
+  def batch_key(step):
+    return jax.random.fold_in(jax.random.PRNGKey(seed), step)
+
+  pending = {}  # asynchronous GRPO: step -> its dispatched rollout
+  carry = {}  # what next_batch hands to update: the weights of the rollout it dispatched
+
+  def start(step, train_state, behind):
+    weights = train_state.replace(params=behind["params"], router_bias=behind["router_bias"])
+    weights, key = train.full_params(weights), batch_key(step)
+    if s.rollout_devices:
+      weights, key = _to_mesh((weights, key), rollout_mesh)
+    return engine.start_rollout(weights, pcfg, next(it), mesh=rollout_mesh, rng=key,
+                                **rollout_kw)
+
+  def collect(st, step):
+    """Asynchronous GRPO: start the rollout of step + 1 from the current weights, then wait for
+    the one of `step` (started a step earlier, from the weights before the last update)."""
+    if step not in pending:  # the stage's first step, or a resumed run's
+      pending[step] = start(step, st["train"], st["behind"])
+    it.mark()  # a checkpoint after this step draws step + 1's prompts again on resume
+    carry["behind"] = st["behind"]
+    if step + 1 < steps:
+      carry["behind"] = _snapshot(st["train"])  # the update donates the state's buffers
+      pending[step + 1] = start(step + 1, st["train"], carry["behind"])
+    return pending.pop(step).result()
 
   def next_batch(st):
     t0 = time.time()
     step = int(st["train"].step) // s.mu
-    key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
-    scored = sample(st, next(it), key)
+    key = batch_key(step)
+    scored = collect(st, step) if s.staleness else sample(st, next(it), key)
     fresh = scored  # on-policy rewards, before dynamic sampling swaps groups in
     adv, zero_var = grpo_lib.group_advantages(scored.rewards, G, s.advantage_scale)
     refills = 0
@@ -235,7 +273,10 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
     if ref is not None and s.ref_refresh_every and \
         (int(train_state.step) // s.mu) % s.ref_refresh_every == 0:
       ref = train.full_params(train_state)  # (a LoRA reference is the base: never refreshed)
-    return {"train": train_state, "ref": ref}, metrics
+    out = {"train": train_state, "ref": ref}
+    if s.staleness:
+      out["behind"] = carry["behind"]
+    return out, metrics
 
   with jax.set_mesh(ctx.mesh):
     state, metrics = common.train_loop(ctx, name, state, steps=steps, next_batch=next_batch,
@@ -244,6 +285,45 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
   common.record_lora_output(ctx, name, state["train"])
   ctx.models["policy"] = (cfg, train.full_params(state["train"]))
   return metrics
+
+
+def _snapshot(train_state) -> dict:
+  """A copy of the trained weights (the model or LoRA adapters, and the correction biases): what
+  asynchronous GRPO samples the next batch from while the update changes the state."""
+  return {"params": jax.tree.map(jnp.copy, train_state.params),
+          "router_bias": jax.tree.map(jnp.copy, train_state.router_bias)}
+
+
+def _to_mesh(params, mesh):
+  """The weights (any arrays) replicated on the sampler's own devices (`rollout_devices`). One process copies
+  device to device; several go through host memory (every process holds the whole model)."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  if jax.process_count() == 1:
+    return jax.device_put(params, replicated)
+  return jax.tree.map(lambda x: jax.make_array_from_callback(
+      x.shape, replicated, lambda idx, x=x: x[idx]), parallel.to_host(params))
+
+
+class _LaggedIterator:
+  """The prompt iterator as a checkpoint sees it. Asynchronous GRPO draws step t+1's prompts
+  at step t; after `mark()` the saved state is the one before that draw, so a run resumed after
+  step t draws them again and samples the same batch."""
+
+  def __init__(self, it):
+    self.it, self.saved = it, None
+
+  def __next__(self):
+    return next(self.it)
+
+  def mark(self):
+    self.saved = self.it.get_state()
+
+  def get_state(self):
+    return self.it.get_state() if self.saved is None else self.saved
+
+  def set_state(self, state):
+    self.it.set_state(state)
+    self.saved = None
 
 
 def _forward_flops(cfg, batch: grpo_lib.GRPOBatch) -> float:

@@ -1,8 +1,9 @@
 """configs/r1_tiny.py shrunk for the reliability and multi-process tests: every stage of the
-recipe but the final GRPO (cold-start SFT -> GRPO -> the compute-matched SFT control -> rejection
-sampling -> SFT on the sampled data -> distillation -> on-policy distillation), 3-4 steps each on a 2-layer MoE, batches of
-8, a checkpoint every 2 steps, 8 evaluation problems (and 8 more uncovered held-out ones) after
-the stages that evaluate.
+recipe but the final GRPO (cold-start SFT -> GRPO -> asynchronous GRPO -> the compute-matched SFT
+control -> rejection sampling -> SFT on the sampled data -> distillation -> on-policy
+distillation), 3-4 steps each on a 2-layer MoE, batches of 8, a checkpoint every 2 steps, 8
+evaluation problems (and 8 more uncovered held-out ones) after the stages that evaluate. It needs
+4 devices: asynchronous GRPO samples on 2 of its own, and every stage trains on the other 2.
 
     python -m r1jax.launch --config tests/reliability/r1_tiny_shrunk.py --workdir /tmp/r1
 
@@ -15,6 +16,8 @@ generated data rather than skip for want of it.
 
 import importlib.util
 import os
+
+import ml_collections
 
 from r1jax.run_config import stage
 
@@ -53,7 +56,12 @@ def get_config(arg=None):
   c.stages.distill_opd = stage("distill", steps=4, mode="on_policy", start_from="distill",
                                divergence="reverse_kl", prompts_per_step=4, group_size=2,
                                max_new_tokens=12, length_bucket=4)
+  # asynchronous GRPO: each batch sampled one update behind, on 2 devices of its own (one per
+  # process in the two-process test), with the decoupled-PPO correction; every stage trains on
+  # the other devices
+  c.stages.grpo_async = ml_collections.ConfigDict(c.stages.grpo.to_dict())
+  c.stages.grpo_async.update(staleness=1, rollout_devices=2, is_correction="token_tis")
   c.max_steps = 4  # caps the compute-matched control (every other stage is shorter already)
-  c.stage_order = ("cold_start", "grpo", "sft_control", "rejection", "sft_rs", "distill",
-                   "distill_opd")
+  c.stage_order = ("cold_start", "grpo", "grpo_async", "sft_control", "rejection", "sft_rs",
+                   "distill", "distill_opd")
   return c

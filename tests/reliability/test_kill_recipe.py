@@ -2,15 +2,17 @@
 uninterrupted one does.
 
 One launcher run of the shrunk recipe (tests/reliability/r1_tiny_shrunk.py: cold-start SFT ->
-GRPO -> the compute-matched SFT control -> rejection sampling -> SFT on the sampled data ->
-distillation -> on-policy distillation; every stage of configs/r1_tiny.py but the second GRPO,
-and configs/r1_tiny_onpolicy.py's on-policy stage) is SIGKILLed at five points in turn and
-restarted after each: inside SFT, between two stages, inside GRPO, inside rejection sampling and
-inside on-policy distillation.
+GRPO -> asynchronous GRPO on devices of its own -> the compute-matched SFT control -> rejection
+sampling -> SFT on the sampled data -> distillation -> on-policy distillation; every stage of
+configs/r1_tiny.py but the second GRPO, and configs/r1_tiny_onpolicy.py's on-policy stage) is
+SIGKILLed at six points in turn and restarted after each: inside SFT, between two stages, inside
+GRPO, inside asynchronous GRPO (with a rollout dispatched for the step after its checkpoint),
+inside rejection sampling and inside on-policy distillation. Both runs have 4 CPU devices: 2
+sample for asynchronous GRPO, and every stage trains on the other 2.
 An uninterrupted reference run of the same config runs beside it. Compared afterwards: summary.json
 (metrics and evaluation), every training stage's output params (bit for bit), every logged step
 (a step redone after a restart must log what it logged the first time: same batch, same update),
-the generated dataset samples/rejection.jsonl and GRPO's samples/grpo.jsonl. A dataset write
+the generated dataset samples/rejection.jsonl and the sampling stages' samples/*.jsonl. A dataset write
 SIGKILLed half-way is tested on its own, deterministically.
 """
 
@@ -30,11 +32,13 @@ import launcher
 from r1jax.data import pipeline as data_pipeline
 
 ARGS = ["--config", launcher.SHRUNK_R1]
-ORDER = ("cold_start", "grpo", "sft_control", "rejection", "sft_rs", "distill", "distill_opd")
+ORDER = ("cold_start", "grpo", "grpo_async", "sft_control", "rejection", "sft_rs", "distill",
+         "distill_opd")
+DEVICES = 4  # the shrunk recipe's asynchronous GRPO samples on 2 of them
 # as in r1_tiny_shrunk.py; sft_control's steps come from grpo's FLOPs (capped by max_steps=4),
 # so the run's summary.json says how many it took
-TRAIN_STEPS = {"cold_start": 4, "grpo": 4, "sft_control": None, "sft_rs": 3, "distill": 3,
-               "distill_opd": 4}
+TRAIN_STEPS = {"cold_start": 4, "grpo": 4, "grpo_async": 4, "sft_control": None, "sft_rs": 3,
+               "distill": 3, "distill_opd": 4}
 
 
 def train_steps(workdir) -> dict:
@@ -114,6 +118,8 @@ KILL_POINTS = [
      lambda w: "cold_start" in w.completed()),
     ("inside GRPO (a step logged after a committed checkpoint)", "grpo",
      lambda w: past_a_checkpoint(w, "grpo")),
+    ("inside asynchronous GRPO (a step logged after a committed checkpoint)", "grpo_async",
+     lambda w: past_a_checkpoint(w, "grpo_async")),
     ("inside rejection sampling (its stage started)", "rejection",
      lambda w: "== stage rejection" in w.log()),
     ("inside on-policy distillation (a step logged after a committed checkpoint)", "distill_opd",
@@ -129,9 +135,9 @@ def runs(tmp_path_factory):
   base = tmp_path_factory.mktemp("kill_recipe")
   ref_dir, work_dir = str(base / "reference"), str(base / "interrupted")
   start_time = time.time()
-  ref = launcher.start([*ARGS, "--workdir", ref_dir], ref_dir + ".log")
+  ref = launcher.start([*ARGS, "--workdir", ref_dir], ref_dir + ".log", devices=DEVICES)
   watch = Watch(work_dir)
-  proc = launcher.start([*ARGS, "--workdir", work_dir], work_dir + ".log")
+  proc = launcher.start([*ARGS, "--workdir", work_dir], work_dir + ".log", devices=DEVICES)
   kills, watches = [], [watch]
   deadline = time.time() + TIMEOUT
   try:
@@ -148,7 +154,8 @@ def runs(tmp_path_factory):
           checkpoints=committed_checkpoints(work_dir, stage) if stage else []))
       watch = Watch(work_dir)
       watches.append(watch)
-      proc = launcher.start([*ARGS, "--workdir", work_dir], work_dir + ".log")
+      proc = launcher.start([*ARGS, "--workdir", work_dir], work_dir + ".log",
+                            devices=DEVICES)
     for p, log in ((proc, watch.log_path), (ref, ref_dir + ".log")):
       rc = p.wait(timeout=max(deadline - time.time(), 1))
       assert rc == 0, (rc, launcher.tail(log))
@@ -161,7 +168,7 @@ def runs(tmp_path_factory):
         p.wait()
 
 
-def test_sigkill_at_five_points_then_restart_equals_the_uninterrupted_run(runs):
+def test_sigkill_at_six_points_then_restart_equals_the_uninterrupted_run(runs):
   """One test over the two runs (a module fixture shared by several tests would run twice when
   pytest-xdist puts them on different workers)."""
   check_every_kill_landed_where_planned_and_the_restart_recovered(runs)
@@ -174,7 +181,8 @@ def check_every_kill_landed_where_planned_and_the_restart_recovered(runs):
   kills, watches = runs["kills"], runs["watches"]
   assert len(kills) == len(KILL_POINTS)
   recovered = 0
-  for kill in kills[0], kills[2], kills[4]:  # SFT, GRPO, on-policy distillation: from a checkpoint
+  for kill in kills[0], kills[2], kills[3], kills[5]:  # the kills inside training stages
+
     assert kill["checkpoints"], kill
   for i, kill in enumerate(kills):
     assert kill["rc"] == -signal.SIGKILL, kill
@@ -261,11 +269,11 @@ def check_no_stage_repeats_or_skips_data(runs):
 
 
 def check_generated_files_are_whole_and_equal_and_no_temporary_files_are_left(runs):
-  """samples/rejection.jsonl (a dataset the next stage trains on), samples/grpo.jsonl (GRPO's
-  logged samples) and samples/distill_opd.jsonl (the on-policy student's) are whole and what the
-  uninterrupted run wrote; nothing half-written or
-  temporary is left anywhere in the run directory."""
-  for name in ("grpo.jsonl", "rejection.jsonl", "distill_opd.jsonl"):
+  """samples/rejection.jsonl (a dataset the next stage trains on), samples/grpo.jsonl and
+  grpo_async.jsonl (the GRPO stages' logged samples) and samples/distill_opd.jsonl (the on-policy
+  student's) are whole and what the uninterrupted run wrote; nothing half-written or temporary
+  is left anywhere in the run directory."""
+  for name in ("grpo.jsonl", "grpo_async.jsonl", "rejection.jsonl", "distill_opd.jsonl"):
     with open(os.path.join(runs["workdir"], "samples", name)) as f, \
          open(os.path.join(runs["reference"], "samples", name)) as g:
       assert f.read() == g.read(), name

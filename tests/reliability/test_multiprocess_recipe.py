@@ -1,13 +1,18 @@
-"""The R1 recipe on two processes equals the recipe on one, through a SIGKILL inside GRPO.
+"""The R1 recipe on two processes equals the recipe on one, through a SIGKILL inside asynchronous
+GRPO.
 
-tests/reliability/r1_tiny_shrunk.py (every stage kind: SFT, GRPO, the compute-matched SFT
-control, rejection sampling, SFT on the sampled data, distillation, on-policy distillation, with
-evaluations) runs twice
-side by side: once as one process with 4 CPU devices, once as two processes with 2 devices each
-(gloo collectives, one global mesh of 4). The two-process run is interrupted inside GRPO: process 1
-is SIGKILLed after a GRPO checkpoint and a later step, process 0 notices through the coordination
+tests/reliability/r1_tiny_shrunk.py (every stage kind: SFT, GRPO, asynchronous GRPO, the
+compute-matched SFT control, rejection sampling, SFT on the sampled data, distillation, on-policy
+distillation, with evaluations) runs twice side by side: once as one process with 4 CPU devices,
+once as two processes with 2 devices each (gloo collectives, one global mesh of 4). Here
+asynchronous GRPO samples on the training mesh (`rollout_devices=0`): on devices of their own,
+the sampler's collectives and the update's would run at once, and gloo mixes concurrent
+collectives up (measured: an aborted run), so the launcher refuses that on CPU with several
+processes; the kill test covers sampling devices of its own in one process. The two-process run is
+interrupted inside asynchronous GRPO: process 1 is SIGKILLed after a checkpoint and a later step
+(a rollout for the next step already dispatched), process 0 notices through the coordination
 service's heartbeat and exits, and both are started again with the same workdir. The restarted
-run resumes GRPO from its checkpoint and finishes. Then summary.json (every stage's evaluation and
+run resumes the stage from its checkpoint and finishes. Then summary.json (every stage's evaluation and
 final metrics) and every logged step (losses, rewards, mismatch metrics) must equal the
 one-process run's within float tolerance: same data in the same order, the same rollouts, the
 same decisions, whatever the number of processes.
@@ -24,7 +29,7 @@ import portpicker
 import launcher
 from test_kill_recipe import ORDER, Watch, past_a_checkpoint, train_steps
 
-ARGS = ["--config", launcher.SHRUNK_R1]
+ARGS = ["--config", launcher.SHRUNK_R1, "--config.stages.grpo_async.rollout_devices=0"]
 TIMEOUT = 900
 HEARTBEAT_S = "20"
 RTOL, ATOL = 1e-4, 1e-5
@@ -82,18 +87,18 @@ def _summary(workdir):
   return summary
 
 
-def test_two_processes_killed_inside_grpo_resume_and_equal_one_process(tmp_path):
+def test_two_processes_killed_inside_async_grpo_resume_and_equal_one_process(tmp_path):
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
   deadline = time.time() + TIMEOUT
   reference = launcher.start([*ARGS, "--workdir", one], one + ".log", devices=4)
   procs = _pair(two, two + ".log")
   watch = Watch(two)
   try:
-    while not (os.path.exists(two) and past_a_checkpoint(watch, "grpo")):
+    while not (os.path.exists(two) and past_a_checkpoint(watch, "grpo_async")):
       for i, p in enumerate(procs):
         assert p.poll() is None, (f"process {i} exited (rc {p.returncode}) before the kill",
                                   launcher.tail(f"{two}.log.{i}"))
-      assert time.time() < deadline, "GRPO checkpoint not reached"
+      assert time.time() < deadline, "grpo_async checkpoint not reached"
       time.sleep(0.05)
     procs[1].send_signal(signal.SIGKILL)
     killed_at = time.time()
@@ -115,8 +120,8 @@ def test_two_processes_killed_inside_grpo_resume_and_equal_one_process(tmp_path)
 
   restarted = launcher.tail(f"{two}.log.restart.0", 100_000)
   assert "[cold_start] already complete; loaded its output" in restarted
-  assert "[grpo] resumed from step" in restarted, restarted[-3000:]
-  assert first is not None and [e["name"] for e in first["stages"]] == ["cold_start"]
+  assert "[grpo_async] resumed from step" in restarted, restarted[-3000:]
+  assert first is not None and [e["name"] for e in first["stages"]] == ["cold_start", "grpo"]
 
   got, want = _summary(two), _summary(one)
   assert [e["name"] for e in want["stages"]] == list(ORDER)

@@ -1,0 +1,27 @@
+"""configs/r1_tiny.py with asynchronous GRPO: both GRPO stages sample each batch one update behind
+the policy (`staleness=1`), on a device of their own (`rollout_devices=1`), while the update runs
+on the other; the decoupled-PPO correction (`is_correction="token_tis"`) weights each token by
+how far the policy moved since it was sampled.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 \\
+        python -m r1jax.launch --config configs/r1_tiny_async.py
+
+On a CPU the two "devices" are XLA's simulated host devices, sharing the cores; every stage
+trains on the first, so the cold start, the control and distillation are r1_tiny's to the bit.
+README "Asynchronous GRPO" has what it measured.
+"""
+
+import importlib.util
+import os
+
+R1_TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "r1_tiny.py")
+
+
+def get_config(arg=None):
+  spec = importlib.util.spec_from_file_location("r1_tiny", R1_TINY)
+  r1_tiny = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(r1_tiny)
+  c = r1_tiny.get_config(arg)
+  for name in ("grpo", "grpo_final"):
+    c.stages[name].update(staleness=1, rollout_devices=1, is_correction="token_tis")
+  return c

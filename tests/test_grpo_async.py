@@ -1,0 +1,138 @@
+"""Asynchronous GRPO (`staleness=1`, optionally on `rollout_devices` of its own): each batch is
+sampled one update behind the policy that learns from it, and sampling on devices of its own
+changes nothing but where it runs.
+
+Three launcher runs of the shrunk recipe's `grpo_async` stage after a 4-step cold start, side by
+side: synchronous GRPO (A), asynchronous GRPO sampling on the training devices (B), and
+asynchronous GRPO sampling on 2 devices of its own (C). Each trains on 2 CPU devices. Resume
+after a SIGKILL inside the stage, and two processes against one, are in tests/reliability.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from r1jax import parallel, run_config
+from r1jax.errors import ConfigError
+from r1jax.runlog import TIMING_KEYS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHRUNK = os.path.join(ROOT, "tests", "reliability", "r1_tiny_shrunk.py")
+ARGS = ["--config", SHRUNK, "--config.stage_order=('cold_start','grpo_async')"]
+STAGE = "grpo_async"
+
+
+def _shrunk():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("shrunk", SHRUNK)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+def _launch(workdir, devices, *extra):
+  env = dict(os.environ)
+  flags = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                   if not f.startswith("--xla_force_host_platform_device_count"))
+  env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}"
+  log = open(str(workdir) + ".log", "wb")
+  return subprocess.Popen([sys.executable, "-m", "r1jax.launch", *ARGS, *extra,
+                           "--workdir", str(workdir)], cwd=ROOT, env=env, stdout=log,
+                          stderr=subprocess.STDOUT)
+
+
+def _steps(workdir):
+  """The stage's logged training records in step order, timing fields dropped."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    recs = [json.loads(line) for line in f]
+  return [{k: v for k, v in r.items() if k not in TIMING_KEYS}
+          for r in recs if r["stage"] == STAGE and "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  base = tmp_path_factory.mktemp("grpo_async")
+  modes = {"sync": (2, "--config.stages.grpo_async.staleness=0",
+                    "--config.stages.grpo_async.rollout_devices=0"),
+           "async_shared": (2, "--config.stages.grpo_async.rollout_devices=0"),
+           "async_own": (4,)}
+  procs = {name: _launch(base / name, devices, *extra)
+           for name, (devices, *extra) in modes.items()}
+  for name, proc in procs.items():
+    rc = proc.wait(timeout=600)
+    with open(str(base / name) + ".log", errors="replace") as f:
+      assert rc == 0, (name, f.read()[-3000:])
+  return {name: _steps(str(base / name)) for name in modes}
+
+
+def test_sampling_on_devices_of_its_own_changes_nothing_but_where(runs):
+  """The same weights, prompts and keys on other devices: every logged value is the same."""
+  assert len(runs["async_own"]) == 4
+  assert runs["async_own"] == runs["async_shared"]
+
+
+def test_each_batch_is_sampled_one_update_behind(runs):
+  """The first batch is the synchronous run's (both sample it from the starting policy). From the
+  second step on, the asynchronous batch comes from the weights before the last update, so the
+  trainer's log-probs differ from the sampler's; the synchronous run's agree to float rounding.
+  (The MoE correction biases move at every step, so the weights change even where a batch has
+  no reward signal.)"""
+  sync, stale = runs["sync"], runs["async_shared"]
+  assert stale[0] == sync[0]
+  assert max(r["logp_mismatch_max"] for r in sync) < 1e-5
+  assert stale[0]["logp_mismatch_max"] < 1e-5
+  for r in stale[1:]:
+    assert r["logp_mismatch_mean"] > 1e-4, r
+  assert [r["reward"] for r in stale] != [r["reward"] for r in sync] or \
+      [r["loss"] for r in stale] != [r["loss"] for r in sync]
+
+
+def test_the_decoupled_correction_weights_by_the_policy_lag(runs):
+  """With is_correction=token_tis the update's ratio is taken against the current policy and
+  the sampler's weight is truncated: mismatch_ratio_* report it. Synchronous: all 1."""
+  for r in runs["sync"]:
+    assert abs(r["mismatch_ratio_mean"] - 1) < 1e-5
+  lagged = runs["async_shared"][1:]
+  assert any(abs(r["mismatch_ratio_max"] - 1) > 1e-3 for r in lagged)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(staleness=2), r"stages\.grpo_async\.staleness=2 must be 0 \(synchronous\) or 1"),
+    (dict(staleness=0), r"stages\.grpo_async\.rollout_devices=2 needs staleness=1"),
+    (dict(dynamic_sampling=True), r"stages\.grpo_async\.staleness=1 cannot be 1 with "
+                                  r"dynamic_sampling"),
+    (dict(rollout_devices=-1), r"stages\.grpo_async\.rollout_devices=-1 must be >= 0"),
+])
+def test_bad_async_settings_are_one_clear_config_error(change, message):
+  c = _shrunk()
+  c.stages.grpo_async.update(**change)
+  with pytest.raises(ConfigError, match=message):
+    run_config.validate(c)
+
+
+def test_two_stages_cannot_reserve_different_sampling_devices():
+  c = _shrunk()
+  c.stages.grpo.update(staleness=1, rollout_devices=4)
+  with pytest.raises(ConfigError, match=r"different rollout_devices \(\[2, 4\]\)"):
+    run_config.validate(c)
+
+
+def test_the_sampling_devices_are_the_last_of_each_process():
+  devices = jax.devices()  # 8 simulated CPU devices, one process (tests/conftest.py)
+  train, rollout = parallel.split_devices(2)
+  assert train == devices[:6] and rollout == devices[6:]
+  assert parallel.split_devices(0) == (devices, [])
+  with pytest.raises(ConfigError, match="rollout_devices=8 leaves no training device"):
+    parallel.split_devices(8)
+
+
+def test_several_cpu_processes_sample_on_the_training_mesh(monkeypatch):
+  """gloo (XLA:CPU's cross-process collectives) mixes up collectives that run at once on
+  disjoint devices, so several CPU processes get one clear error instead of an aborted run."""
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(ConfigError, match="rollout_devices=2 with 2 processes needs collectives"):
+    parallel.split_devices(2)
