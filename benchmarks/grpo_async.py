@@ -8,7 +8,10 @@ Rows, each a fresh launcher process whose `grpo` stage runs `--steps` steps from
 cold start (config.json removed, every later stage dropped):
   sync        configs/r1_tiny.py, one CPU device: sample, then update, every step
   async       configs/r1_tiny_async.py, two simulated CPU devices: the update on one, the next
-              batch's rollout (one update behind) on the other, at the same time
+              batch's rollout (one update behind) on the other, at the same time; with the
+              decoupled correction (is_correction=token_tis: one more forward per step)
+  async_no_correction   the same without the correction (the ratio against the sampler's
+              log-probs; no extra forward)
 The rows run one after the other, `--rounds` times in alternation (this machine's speed drifts),
 and each reports the median `step_seconds` of the logged steps after `--skip` (compiles, and a
 new completion length under `length_bucket` compiles again). The asynchronous rollout
@@ -33,7 +36,11 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import provenance  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "grpo_async.json"
-MODES = {"sync": ("configs/r1_tiny.py", 1), "async": ("configs/r1_tiny_async.py", 2)}
+# mode -> (config, simulated CPU devices, extra overrides)
+MODES = {"sync": ("configs/r1_tiny.py", 1, ()),
+         "async": ("configs/r1_tiny_async.py", 2, ()),
+         "async_no_correction": ("configs/r1_tiny_async.py", 2,
+                                 ("--config.stages.grpo.is_correction=none",))}
 
 
 def launch(config, devices, workdir, *overrides):
@@ -82,10 +89,10 @@ def main():
                "--config.stages.grpo.eval=False"]
   rows = []
   for r in range(args.rounds):
-    for mode, (config, devices) in MODES.items():
+    for mode, (config, devices, extra) in MODES.items():
       workdir = tmp / f"{mode}_{r}"
       fork_cold_start(source, workdir)
-      launch(config, devices, workdir, *overrides)
+      launch(config, devices, workdir, *overrides, *extra)
       steps = grpo_steps(workdir)[args.skip:]
       rows.append(dict(mode=mode, round=r, devices=devices, steps=len(steps),
                        step_s=statistics.median(s["step_seconds"] for s in steps),
@@ -95,12 +102,12 @@ def main():
       print(rows[-1], flush=True)
   sync = statistics.median(x["step_s"] for x in rows if x["mode"] == "sync")
   out_rows = []
-  print(f"\n{'mode':>6} {'round':>5} {'step s':>7} {'rollout s':>9} {'reward':>7} "
+  print(f"\n{'mode':>19} {'round':>5} {'step s':>7} {'rollout s':>9} {'reward':>7} "
         f"{'vs sync':>7}")
   for x in rows:
     x["speedup_vs_sync_median"] = sync / x["step_s"]
     out_rows.append(x)
-    print(f"{x['mode']:>6} {x['round']:>5} {x['step_s']:7.3f} {x['rollout_s']:9.3f} "
+    print(f"{x['mode']:>19} {x['round']:>5} {x['step_s']:7.3f} {x['rollout_s']:9.3f} "
           f"{x['reward']:7.3f} {x['speedup_vs_sync_median']:6.2f}x")
   provenance.write_result(args.out, dict(
       benchmark="grpo_async", from_run=args.from_run or "fresh 100-step cold start", seed=seed,

@@ -11,17 +11,11 @@ trains on the first, so the cold start, the control and distillation are r1_tiny
 README "Asynchronous GRPO" has what it measured.
 """
 
-import importlib.util
-import os
-
-R1_TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "r1_tiny.py")
+from r1jax.run_config import from_file
 
 
 def get_config(arg=None):
-  spec = importlib.util.spec_from_file_location("r1_tiny", R1_TINY)
-  r1_tiny = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(r1_tiny)
-  c = r1_tiny.get_config(arg)
+  c = from_file("r1_tiny.py", arg, relative_to=__file__)
   for name in ("grpo", "grpo_final"):
     c.stages[name].update(staleness=1, rollout_devices=1, is_correction="token_tis")
   return c

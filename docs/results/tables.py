@@ -314,6 +314,38 @@ def onpolicy_table(folder: str = os.path.join(HERE, "onpolicy_distill")):
             f"{st[n]['metrics']['flops_total']:.3g} | {st[n]['wall_seconds']:.0f} |")
 
 
+def async_grpo_table(folder: str = os.path.join(HERE, "async_grpo")):
+  """Synchronous (configs/r1_tiny.py) against asynchronous GRPO (configs/r1_tiny_async.py) from
+  the same cold start: files sync_seedN.json and async_seedN.json, each the run's cold_start,
+  grpo and sft_control stages. Greedy held-out accuracy at the RL prompt mix (`_rl_mix`) and on
+  the pooled uncovered problems, and the grpo stage's wall seconds."""
+  seeds = sorted({_seed(p) for p in glob.glob(os.path.join(folder, "*_seed*.json"))})
+  print("| seed | measure | cold_start | sync grpo | async grpo | async - sync | sync control | "
+        "async control | async grpo - its control |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  walls = []
+  for seed in seeds:
+    runs = {}
+    for mode in ("sync", "async"):
+      with open(os.path.join(folder, f"{mode}_seed{seed}.json")) as f:
+        runs[mode] = json.load(f)
+    st = {m: {e["name"]: e for e in r["stages"]} for m, r in runs.items()}
+    for label, fn in (("RL mix", _rl_mix), ("uncovered, pooled", _pooled_uncovered)):
+      v = {(m, n): fn(runs[m], st[m][n]) for m in runs for n in ("cold_start", "grpo",
+                                                                  "sft_control")}
+      print(f"| {seed} | {label} | {v['sync', 'cold_start']:.3f} | {v['sync', 'grpo']:.3f} | "
+            f"{v['async', 'grpo']:.3f} | {v['async', 'grpo'] - v['sync', 'grpo']:+.3f} | "
+            f"{v['sync', 'sft_control']:.3f} | {v['async', 'sft_control']:.3f} | "
+            f"{v['async', 'grpo'] - v['async', 'sft_control']:+.3f} |")
+    walls.append((seed, *(st[m]["grpo"]["wall_seconds"] for m in ("sync", "async")),
+                  *(runs[m]["run"].get("note", "") for m in ("sync", "async"))))
+  print()
+  print("| seed | sync grpo wall s | async grpo wall s | sync run | async run |")
+  print("|---|---|---|---|---|")
+  for seed, ws, wa, ns, na in walls:
+    print(f"| {seed} | {ws:.0f} | {wa:.0f} | {ns} | {na} |")
+
+
 def cold_start_probes():
   """Cold-start-only runs (cold_start_probes/*.json) next to the cold starts of the full runs
   with one operand order (one_order/): greedy accuracy all / covered / uncovered."""
@@ -423,6 +455,8 @@ def main():
                   help="print an earlier r1_zero_smollm2 run kept in this subfolder")
   ap.add_argument("--onpolicy", action="store_true",
                   help="print the on-policy distillation runs (onpolicy_distill/)")
+  ap.add_argument("--async_grpo", action="store_true",
+                  help="print synchronous against asynchronous GRPO (async_grpo/)")
   ap.add_argument("--fresh", action="store_true",
                   help="print the larger uncovered check (fresh_uncovered.py)")
   a = ap.parse_args()
@@ -450,6 +484,9 @@ def main():
     onpolicy_table(folder)
     print("\nThe same runs' r1_tiny stages (they run as configs/r1_tiny.py does):\n")
     r1_tiny_tables(folder, "r1_tiny_onpolicy_seed*.json")
+    return
+  if a.async_grpo:
+    async_grpo_table()
     return
   if a.fresh:
     fresh_uncovered(os.path.join(HERE, "fresh_uncovered", a.dir or ""))
