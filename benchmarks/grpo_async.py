@@ -85,8 +85,7 @@ def main():
            "--config.stage_order=('cold_start',)", "--config.stages.cold_start.steps=100")
   seed = json.loads((source / "config.json").read_text())["seed"] if args.from_run else args.seed
   overrides = [f"--config.seed={seed}", "--config.stage_order=('cold_start','grpo')",
-               f"--config.stages.grpo.steps={args.steps}", "--config.log.every_steps=1",
-               "--config.stages.grpo.eval=False"]
+               f"--config.stages.grpo.steps={args.steps}", "--config.log.every_steps=1"]
   rows = []
   for r in range(args.rounds):
     for mode, (config, devices, extra) in MODES.items():

@@ -338,12 +338,15 @@ def async_grpo_table(folder: str = os.path.join(HERE, "async_grpo")):
             f"{v['sync', 'sft_control']:.3f} | {v['async', 'sft_control']:.3f} | "
             f"{v['async', 'grpo'] - v['async', 'sft_control']:+.3f} |")
     walls.append((seed, *(st[m]["grpo"]["wall_seconds"] for m in ("sync", "async")),
-                  *(runs[m]["run"].get("note", "") for m in ("sync", "async"))))
+                  *(st[m]["grpo"]["metrics"]["flops_total"] for m in ("sync", "async")),
+                  *(runs[m]["run"].get("alone", False) for m in ("sync", "async"))))
   print()
-  print("| seed | sync grpo wall s | async grpo wall s | sync run | async run |")
-  print("|---|---|---|---|---|")
-  for seed, ws, wa, ns, na in walls:
-    print(f"| {seed} | {ws:.0f} | {wa:.0f} | {ns} | {na} |")
+  print("| seed | grpo wall s: sync | async | async / sync | grpo model FLOPs: sync | async | "
+        "alone (sync, async) |")
+  print("|---|---|---|---|---|---|---|")
+  for seed, ws, wa, fs, fa, als, ala in walls:
+    print(f"| {seed} | {ws:.0f} | {wa:.0f} | {wa / ws:.2f} | {fs:.3g} | {fa:.3g} | "
+          f"{'yes' if als else 'no'}, {'yes' if ala else 'no'} |")
 
 
 def cold_start_probes():
