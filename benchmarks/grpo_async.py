@@ -12,6 +12,8 @@ cold start (config.json removed, every later stage dropped):
               decoupled correction (is_correction=token_tis: one more forward per step)
   async_no_correction   the same without the correction (the ratio against the sampler's
               log-probs; no extra forward)
+  async_shared  asynchronous on one device (rollout_devices=0): the device samples batch t+1
+              and then updates on batch t, while the host decodes and scores batch t
 The rows run one after the other, `--rounds` times in alternation (this machine's speed drifts),
 and each reports the median `step_seconds` of the logged steps after `--skip` (compiles, and a
 new completion length under `length_bucket` compiles again). The asynchronous rollout
@@ -40,7 +42,9 @@ RESULTS = ROOT / "benchmarks" / "results" / "grpo_async.json"
 MODES = {"sync": ("configs/r1_tiny.py", 1, ()),
          "async": ("configs/r1_tiny_async.py", 2, ()),
          "async_no_correction": ("configs/r1_tiny_async.py", 2,
-                                 ("--config.stages.grpo.is_correction=none",))}
+                                 ("--config.stages.grpo.is_correction=none",)),
+         "async_shared": ("configs/r1_tiny_async.py", 1,
+                          ("--config.stages.grpo.rollout_devices=0",))}
 
 
 def launch(config, devices, workdir, *overrides):

@@ -2,9 +2,9 @@
 sampled one update behind the policy that learns from it, and sampling on devices of its own
 changes nothing but where it runs.
 
-Three launcher runs of the shrunk recipe's `grpo_async` stage after a 4-step cold start, side by
-side: synchronous GRPO (A), asynchronous GRPO sampling on the training devices (B), and
-asynchronous GRPO sampling on 2 devices of its own (C). Each trains on 2 CPU devices. Resume
+Launcher runs of the shrunk recipe's `grpo_async` stage after a 4-step cold start, side by side:
+synchronous GRPO, asynchronous GRPO sampling on the training devices, and asynchronous GRPO
+sampling on 2 devices of its own; the last two also with LoRA. Each trains on 2 CPU devices. Resume
 after a SIGKILL inside the stage, and two processes against one, are in tests/reliability.
 """
 
@@ -59,7 +59,11 @@ def runs(tmp_path_factory):
   modes = {"sync": (2, "--config.stages.grpo_async.staleness=0",
                     "--config.stages.grpo_async.rollout_devices=0"),
            "async_shared": (2, "--config.stages.grpo_async.rollout_devices=0"),
-           "async_own": (4,)}
+           "async_own": (4,),
+           # LoRA: only the adapters and biases go to the sampling devices, the base once
+           "lora_shared": (2, "--config.lora.rank=4",
+                           "--config.stages.grpo_async.rollout_devices=0"),
+           "lora_own": (4, "--config.lora.rank=4")}
   procs = {name: _launch(base / name, devices, *extra)
            for name, (devices, *extra) in modes.items()}
   for name, proc in procs.items():
@@ -70,9 +74,12 @@ def runs(tmp_path_factory):
 
 
 def test_sampling_on_devices_of_its_own_changes_nothing_but_where(runs):
-  """The same weights, prompts and keys on other devices: every logged value is the same."""
-  assert len(runs["async_own"]) == 4
+  """The same weights, prompts and keys on other devices: every logged value is the same, with
+  full fine-tuning and with LoRA (whose base is merged with the adapters there)."""
+  assert len(runs["async_own"]) == len(runs["lora_own"]) == 4
   assert runs["async_own"] == runs["async_shared"]
+  assert runs["lora_own"] == runs["lora_shared"]
+  assert runs["lora_own"] != runs["async_own"]  # LoRA did train something else
 
 
 def test_each_batch_is_sampled_one_update_behind(runs):

@@ -214,7 +214,8 @@ class GRPOConfig(StageConfig):
     rollout_devices: with staleness 1, sample on this many devices of their own (the last
       rollout_devices / processes local devices of every process; the run's mesh is built on
       the rest, for every stage). The policy's weights are copied to them before each
-      rollout. 0: sample on the run's mesh.
+      rollout (with LoRA only the adapters and correction biases, the frozen base once).
+      0: sample on the run's mesh.
   """
   prompts_per_step: int = 16
   group_size: int = 8

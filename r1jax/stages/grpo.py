@@ -191,11 +191,27 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
   pending = {}  # asynchronous GRPO: step -> its dispatched rollout
   carry = {}  # what next_batch hands to update: the weights of the rollout it dispatched
 
-  def start(step, train_state, behind):
+  on_rollout_mesh = {}  # LoRA with rollout_devices: the frozen base, sent there once
+
+  def sampler_weights(train_state, behind):
+    """The model the rollout samples with: the trained weights `behind` over the state's base.
+    On devices of its own, LoRA sends only the adapters and biases there before each rollout
+    (the base once); full fine-tuning sends the whole model."""
     weights = train_state.replace(params=behind["params"], router_bias=behind["router_bias"])
-    weights, key = train.full_params(weights), batch_key(step)
+    if not s.rollout_devices:
+      return train.full_params(weights)
+    if train_state.base is None:
+      return _to_mesh(train.full_params(weights), rollout_mesh)
+    if "base" not in on_rollout_mesh:
+      on_rollout_mesh["base"] = _to_mesh(train_state.base, rollout_mesh)
+    sent = _to_mesh(behind, rollout_mesh)
+    with jax.set_mesh(rollout_mesh):  # the merge runs on the sampling devices
+      return train.full_params(weights.replace(base=on_rollout_mesh["base"], **sent))
+
+  def start(step, train_state, behind):
+    weights, key = sampler_weights(train_state, behind), batch_key(step)
     if s.rollout_devices:
-      weights, key = _to_mesh((weights, key), rollout_mesh)
+      key = _to_mesh(key, rollout_mesh)
     return engine.start_rollout(weights, pcfg, next(it), mesh=rollout_mesh, rng=key,
                                 **rollout_kw)
 
