@@ -24,6 +24,7 @@ scoring. Prints a table; writes benchmarks/results/grpo_async.json.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -113,7 +114,8 @@ def main():
     print(f"{x['mode']:>19} {x['round']:>5} {x['step_s']:7.3f} {x['rollout_s']:9.3f} "
           f"{x['reward']:7.3f} {x['speedup_vs_sync_median']:6.2f}x")
   provenance.write_result(args.out, dict(
-      benchmark="grpo_async", from_run=args.from_run or "fresh 100-step cold start", seed=seed,
+      benchmark="grpo_async", jax=importlib.metadata.version("jax"), cpu_count=os.cpu_count(),
+      from_run=args.from_run or "fresh 100-step cold start", seed=seed,
       steps=args.steps, skip=args.skip, rows=out_rows))
   shutil.rmtree(tmp, ignore_errors=True)
 

@@ -390,7 +390,8 @@ def section(b: Benchmark, results_dir: pathlib.Path, runs: dict) -> tuple[list[s
     met = headline >= b.target if b.higher_is_better else headline <= b.target
     status = "met" if met else "not met"
   lines += [f"Headline: **{_ratio_text(headline, b)}** (target: {b.target_text}; {status}). "
-            f"JSON {measured}, at commit {provenance.describe(d)} ({_versions(d)}).", "",
+            f"JSON {measured}, at commit {provenance.describe(d)}" +
+            (f" ({_versions(d)})." if _versions(d) else "."), "",
             setup + ".", ""] + rows + [""]
   return [f"| {b.name} | {_ratio_text(headline, b)} | {b.target_text} | {status} | "
           f"{measured} | {provenance.describe(d)} |"], lines
