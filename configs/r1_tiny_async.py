@@ -7,8 +7,8 @@ how far the policy moved since it was sampled.
         python -m r1jax.launch --config configs/r1_tiny_async.py
 
 On a CPU the two "devices" are XLA's simulated host devices, sharing the cores; every stage
-trains on the first, so the cold start, the control and distillation are r1_tiny's to the bit.
-README "Asynchronous GRPO" has what it measured.
+trains on the first. Here that is slower than r1_tiny's synchronous GRPO (the two programs share
+the two cores); README "Asynchronous GRPO" has what it measured.
 """
 
 from r1jax.run_config import from_file
