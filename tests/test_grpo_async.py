@@ -27,11 +27,7 @@ STAGE = "grpo_async"
 
 
 def _shrunk():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("shrunk", SHRUNK)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+  return run_config.from_file(SHRUNK)
 
 
 def _launch(workdir, devices, *extra):
