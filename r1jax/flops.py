@@ -114,6 +114,29 @@ def generate_flops(cfg: ModelConfig, rows: int, prompt_len: int, decode_steps: i
   return prefill + forward_flops(cfg, rows * decode_steps, mean_context)
 
 
+def mtp_flops_per_token(cfg: ModelConfig, context: float) -> float:
+  """Forward FLOPs of the first MTP module for one token over `context` keys: its projection
+  and layer, and the LM head it shares with the main model."""
+  if not cfg.num_nextn_predict_layers:
+    return 0.0
+  depth = cfg.num_nextn_predict_layers
+  head = 2.0 * cfg.vocab_size * cfg.hidden_size
+  return (forward_flops(cfg, 1, context, mtp=True) - forward_flops(cfg, 1, context)) / depth + head
+
+
+def speculative_flops(cfg: ModelConfig, rows: int, prompt_len: int, decode_steps: int,
+                      prefill_rows: int | None = None) -> float:
+  """Generation with the MTP draft (`rollout.speculative`): the prefill, the MTP module over
+  the prompt, then `decode_steps` steps of every row, each the main model and the MTP module on
+  two tokens, step i attending over prompt_len + 2 (i + 1) slots."""
+  prefill_rows = rows if prefill_rows is None else prefill_rows
+  prefill = (forward_flops(cfg, prefill_rows * prompt_len, prompt_len)
+             + (prefill_rows * (prompt_len - 1) + rows) * mtp_flops_per_token(cfg, prompt_len))
+  mean_context = prompt_len + decode_steps + 1.0
+  per_token = forward_flops(cfg, 1, mean_context) + mtp_flops_per_token(cfg, mean_context)
+  return prefill + 2.0 * rows * decode_steps * per_token
+
+
 @functools.lru_cache(maxsize=None)
 def measured_cpu_peak(n: int = 1024, reps: int = 5) -> float:
   """FLOP/s of a jitted float32 n x n matmul on the host CPU (all its cores), best of `reps`."""

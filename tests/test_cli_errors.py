@@ -127,6 +127,21 @@ def test_sampling_devices_that_leave_none_to_train_on(tmp_path):
   assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+SHRUNK = os.path.join(ROOT, "tests", "reliability", "r1_tiny_shrunk.py")
+
+
+@pytest.mark.parametrize("override, fragments", [
+    # its grpo stage drafts with the MTP module (`draft="mtp"`)
+    ("--config.model.num_nextn_predict_layers=0",
+     ("stages.grpo.draft='mtp' needs a model with an MTP module",)),
+    ("--config.stages.grpo.draft=eagle", ("stages.grpo.draft='eagle'", "or 'mtp'")),
+])
+def test_speculative_rollouts_on_a_model_or_stage_that_cannot(tmp_path, override, fragments):
+  proc = launch("--config", SHRUNK, override, workdir=tmp_path / "run")
+  assert_user_error(proc, *fragments)
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_resume_with_a_different_config_is_refused(tmp_path):
   """A workdir holds one config; reusing it with another one is a user error, not a resume."""
   run = tmp_path / "run"

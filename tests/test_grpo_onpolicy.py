@@ -57,8 +57,10 @@ def _setup(path, fields=None):
 
 
 def _first_update_metrics(c, cfg, params, stage, score_cfg=None, temperature=None,
-                          loss_temperature=None):
+                          loss_temperature=None, draft=None):
   s = run_config.stage_configs(c)[stage]
+  if draft is not None:
+    s = dataclasses.replace(s, draft=draft)
   if temperature is not None:
     s = dataclasses.replace(s, temperature=temperature)
   if loss_temperature is None:
@@ -71,7 +73,8 @@ def _first_update_metrics(c, cfg, params, stage, score_cfg=None, temperature=Non
                           template=s.template or c.data.template,
                           sampling=engine.Sampling(max_new_tokens=MAX_NEW,
                                                    temperature=s.temperature, top_p=s.top_p,
-                                                   record_routing=s.routing_replay),
+                                                   record_routing=s.routing_replay,
+                                                   draft=s.draft),
                           rng=jax.random.key(1), repeats=s.group_size,
                           reward_weights=s.reward_weights)
   adv, _ = grpo.group_advantages(scored.rewards, s.group_size, s.advantage_scale)
@@ -106,6 +109,16 @@ def test_first_update_is_exactly_on_policy(path, stage):
   assert abs(m["ratio_max"] - 1) < tol and abs(m["ratio_min"] - 1) < tol, m
   assert m["logp_mismatch_max"] < tol, m
   assert m["mismatch_clip_frac"] == 0 and m["clip_frac"] == 0, m
+
+
+def test_speculative_rollouts_are_exactly_on_policy():
+  """Rollouts drafted by the MTP module (`draft="mtp"`) return the policy's own log-probs of
+  the tokens it emits: the first update's ratio is 1 to float noise, as without the draft."""
+  path = os.path.join(ROOT, "configs", "r1_tiny.py")
+  c, cfg, params = _setup(path)
+  m = _first_update_metrics(c, cfg, params, "grpo", draft="mtp")
+  assert abs(m["ratio_max"] - 1) < 3e-5 and abs(m["ratio_min"] - 1) < 3e-5, m
+  assert m["logp_mismatch_max"] < 3e-5 and m["clip_frac"] == 0, m
 
 
 def test_tempered_rollouts_are_on_policy_for_the_tempered_loss():

@@ -346,8 +346,22 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
           for stack, n in _stacks(cfg).items()}
 
 
+def _cache_masks(kv_valid, S: int, index, t: int):
+  """The attention mask [B, 1, t, S] of t new tokens at cache slots [index, index + t), and
+  which of them are real tokens [B, t] (`forward_cached`'s kv_valid: bool [B, S] or int pad
+  lengths [B])."""
+  slots = jnp.arange(S, dtype=jnp.int32)
+  if kv_valid.ndim == 1:
+    kv_valid = slots[None, :] >= kv_valid[:, None]
+  query_slot = index + jnp.arange(t, dtype=jnp.int32)
+  causal = slots[None, :] <= query_slot[:, None]  # [t, S]; also hides slots >= index + t
+  mask = (kv_valid[:, None, :] & causal[None])[:, None]  # [B, 1, t, S]
+  token_mask = jnp.take(kv_valid, jnp.minimum(query_slot, S - 1), axis=1)  # [B, t] real tokens
+  return mask, token_mask
+
+
 def forward_cached(params, tokens, positions, cache, index, kv_valid, cfg: ModelConfig, *,
-                   last_only: bool = False):
+                   last_only: bool = False, return_hidden: bool = False):
   """Logits [B, t, V] fp32 of `tokens` [B, t] at `positions` [B, t], the updated cache, and
   the expert ids each MoE layer chose, [L_moe, B, t, k] (None for a dense model).
   last_only: the logits of the last position only, [B, 1, V] (a prefill needs no others: the
@@ -358,16 +372,12 @@ def forward_cached(params, tokens, positions, cache, index, kv_valid, cfg: Model
   index: int scalar (may be traced), the cache slot of tokens[:, 0] for every row.
   kv_valid: bool [B, S], which cache slots hold real tokens, or int pad lengths [B] (slots
   [0, pad) of each row are left padding).
+  return_hidden: also return the last hidden state before the final norm, [B, t, D] (what the
+  MTP module reads: `mtp_cached`), as a fourth result.
   """
   B, t = tokens.shape
   S = jax.tree.leaves(cache)[0].shape[2]
-  slots = jnp.arange(S, dtype=jnp.int32)
-  if kv_valid.ndim == 1:
-    kv_valid = slots[None, :] >= kv_valid[:, None]
-  query_slot = index + jnp.arange(t, dtype=jnp.int32)
-  causal = slots[None, :] <= query_slot[:, None]  # [t, S]; also hides slots >= index + t
-  mask = (kv_valid[:, None, :] & causal[None])[:, None]  # [B, 1, t, S]
-  token_mask = jnp.take(kv_valid, jnp.minimum(query_slot, S - 1), axis=1)  # [B, t] real tokens
+  mask, token_mask = _cache_masks(kv_valid, S, index, t)
   cos, sin = L.rope_cos_sin(cfg, positions)
   x = embed(params, tokens, cfg)
   cache, moe_ids = dict(cache), []
@@ -383,7 +393,41 @@ def forward_cached(params, tokens, positions, cache, index, kv_valid, cfg: Model
     if stack == "moe_layers":
       moe_ids.append(ids)
   expert_ids = jnp.concatenate(moe_ids, axis=0) if moe_ids else None
+  hidden = x
   if last_only:
     x = x[:, -1:]
   logits = head(params, L.rms_norm(x, params["final_norm"], cfg.rms_norm_eps), cfg)
+  if return_hidden:
+    return logits, cache, expert_ids, hidden
   return logits, cache, expert_ids
+
+
+def init_mtp_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+  """Zeroed cache of one MTP module's attention, {name: [1, B, S, ...]} (`mtp_cached`)."""
+  dtype = jnp.dtype(dtype or cfg.jnp_dtype)
+  return {name: jnp.zeros((1, batch, max_len, *shape), dtype)
+          for name, shape in ATTENTION[cfg.attention].cache_shapes(cfg).items()}
+
+
+def mtp_cached(params, hidden, next_tokens, positions, cache, index, kv_valid, cfg: ModelConfig,
+               *, last_only: bool = False, depth: int = 0):
+  """MTP module `depth` (0-based) on its own KV cache, as `mtp_logits` computes it in training:
+  the entry at position i reads the main model's last hidden h_i [B, t, D] (before the final
+  norm: `forward_cached(return_hidden=True)`) and the token after it, next_tokens [B, t], and
+  its logits predict the token after that. Slots, positions and kv_valid as `forward_cached`;
+  `cache` from `init_mtp_cache`. Returns (logits [B, t, V] fp32, or [B, 1, V] with last_only;
+  the updated cache). The speculative sampler drafts with it (`rollout.speculative`)."""
+  p = jax.tree.map(lambda a: a[depth], params["mtp"])
+  dtype = cfg.jnp_dtype
+  B, t = next_tokens.shape
+  S = jax.tree.leaves(cache)[0].shape[2]
+  mask, token_mask = _cache_masks(kv_valid, S, index, t)
+  cos, sin = L.rope_cos_sin(cfg, positions)
+  e = L.rms_norm(embed(params, next_tokens, cfg), p["enorm"], cfg.rms_norm_eps)
+  hn = L.rms_norm(hidden, p["hnorm"], cfg.rms_norm_eps)
+  x = L.dense(jnp.concatenate([e, hn], axis=-1), p["eh_proj"], dtype)
+  x, _, cache = decoder_block(p["layer"], x, cos, sin, mask, cfg, cache=(cache, 0, index),
+                              token_mask=token_mask)
+  if last_only:
+    x = x[:, -1:]
+  return head(params, L.rms_norm(x, p["norm"], cfg.rms_norm_eps), cfg), cache

@@ -37,6 +37,7 @@ class Sampling:
   top_p: float = 1.0
   greedy: bool = False
   record_routing: bool = False
+  draft: str = ""  # "mtp": speculative decoding with the model's MTP module (`rollout.speculative`)
 
 
 @dataclasses.dataclass
@@ -127,15 +128,20 @@ def start_rollout(params, cfg: ModelConfig, records: Sequence[Mapping], *, token
     key = rng if batch_size is None else jax.random.fold_in(rng, start)
     with jax.set_mesh(mesh):
       calls.append((real, sampler.generate(params, cfg, chunk, rng=key, fetch=False,
-                                           record_routing=sampling.record_routing, **kw)))
+                                           record_routing=sampling.record_routing,
+                                           draft=sampling.draft, **kw)))
 
   def finish() -> ScoredRollout:
     completions, lengths, outs, cost = [], [], [], 0.0
     for real, call in calls:
       out = call.result()
       B, L = out.tokens.shape
-      cost += flops.generate_flops(cfg, B, L - sampling.max_new_tokens, int(np.max(out.lengths)),
-                                   prefill_rows=out.prefill_rows)
+      if out.decode_steps is not None:  # speculative: two tokens and the MTP layer per step
+        cost += flops.speculative_flops(cfg, B, L - sampling.max_new_tokens, out.decode_steps,
+                                        prefill_rows=out.prefill_rows)
+      else:
+        cost += flops.generate_flops(cfg, B, L - sampling.max_new_tokens,
+                                     int(np.max(out.lengths)), prefill_rows=out.prefill_rows)
       for b in range(real):
         completions.append(tokenizer.decode(out.completion[b, :int(out.lengths[b])].tolist(),
                                             skip_special=True))
@@ -171,9 +177,8 @@ def swap_groups(scored: ScoredRollout, fresh: ScoredRollout, pairs, group_size: 
       completions=list(scored.completions), rewards=scored.rewards.copy(),
       per_reward={k: list(v) for k, v in scored.per_reward.items()},
       flops=scored.flops + fresh.flops)
-  arrays = {f.name: None if getattr(scored.rollout, f.name) is None
-            else np.array(getattr(scored.rollout, f.name))
-            for f in dataclasses.fields(scored.rollout)}
+  arrays = {name: np.array(getattr(scored.rollout, name))
+            for name in sampler.row_fields(scored.rollout)}
   for i, j in pairs:
     rows, src = slice(i * group_size, (i + 1) * group_size), slice(j * group_size,
                                                                   (j + 1) * group_size)
@@ -184,7 +189,11 @@ def swap_groups(scored: ScoredRollout, fresh: ScoredRollout, pairs, group_size: 
     for k in out.per_reward:
       out.per_reward[k][rows] = fresh.per_reward[k][src]
     for name, a in arrays.items():
-      if a is not None:
-        a[rows] = np.asarray(getattr(fresh.rollout, name))[src]
-  out.rollout = sampler.Rollout(**arrays)
+      a[rows] = np.asarray(getattr(fresh.rollout, name))[src]
+  # the call-level fields: the first call's prefill; the draft counts of both calls' work
+  calls = {"prefill_rows": scored.rollout.prefill_rows}
+  for name in ("draft_accepted", "draft_proposed", "decode_steps"):
+    if getattr(scored.rollout, name) is not None:
+      calls[name] = getattr(scored.rollout, name) + getattr(fresh.rollout, name)
+  out.rollout = dataclasses.replace(scored.rollout, **arrays, **calls)
   return out

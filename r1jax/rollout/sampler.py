@@ -62,6 +62,21 @@ class Rollout:
   # (record_routing=True, MoE models; routing replay, R3), else None
   routing: np.ndarray | None = None
   prefill_rows: int | None = None  # rows the prefill ran on: B / G with a shared prefill
+  # draft="mtp" (`rollout.speculative`): drafts accepted, drafts verified (both over the running
+  # rows) and decode steps run; else None
+  draft_accepted: int | None = None
+  draft_proposed: int | None = None
+  decode_steps: int | None = None
+
+
+# Rollout fields that describe the whole generate call, not one row each
+CALL_FIELDS = ("prefill_rows", "draft_accepted", "draft_proposed", "decode_steps")
+
+
+def row_fields(rollout: Rollout) -> list[str]:
+  """The names of the rollout's per-row arrays that are set (not None)."""
+  return [f.name for f in dataclasses.fields(rollout)
+          if f.name not in CALL_FIELDS and getattr(rollout, f.name) is not None]
 
 
 def filter_logits(logits_BV, temperature, top_k, top_p):
@@ -209,6 +224,30 @@ def _jitted_core(compiler_options: tuple = ()):
                  compiler_options=dict(compiler_options) or None)
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted_speculative(compiler_options: tuple = ()):
+  """The speculative core (`rollout.speculative`), jitted as `_jitted_core`."""
+  from r1jax.rollout import speculative
+  return jax.jit(speculative.generate_core,
+                 static_argnames=("cfg", "max_new_tokens", "filtered", "groups"),
+                 compiler_options=dict(compiler_options) or None)
+
+
+DRAFTS = ("", "mtp")  # generate's `draft`: none, or the model's first MTP module
+
+
+def check_draft(draft: str, cfg: ModelConfig, *, record_routing: bool = False) -> None:
+  """Raise ValueError when `generate(draft=...)` cannot run on this model."""
+  if draft not in DRAFTS:
+    raise ValueError(f"generate: draft={draft!r} must be one of {DRAFTS}")
+  if draft == "mtp" and not (cfg.family.mtp and cfg.num_nextn_predict_layers >= 1):
+    raise ValueError(f"generate: draft='mtp' needs a model with an MTP module "
+                     f"(num_nextn_predict_layers >= 1); {cfg.model_type} with "
+                     f"num_nextn_predict_layers={cfg.num_nextn_predict_layers} has none")
+  if draft and record_routing:
+    raise ValueError("generate: draft='mtp' does not record routing (routing replay)")
+
+
 def prompt_groups(prompts: Sequence[Sequence[int]]) -> int:
   """G when the rows are runs of G identical prompts (GRPO's groups, pass@k's samples: what
   `engine.rollout` builds with repeats=G), else 1."""
@@ -290,7 +329,7 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
              greedy: bool = False, eos_id: int | None, stop_ids: Sequence[int] = (),
              pad_id: int = 0, vocab_limit: int | None = None, record_routing: bool = False,
              share_prefill: bool = True, compiler_options: dict | None = None,
-             fetch: bool = True):
+             fetch: bool = True, draft: str = ""):
   """Sample up to `max_new_tokens` tokens after each prompt (lists of token ids).
 
   share_prefill: when the rows are runs of G identical prompts (`prompt_groups`), prefill each
@@ -306,6 +345,10 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
   fetch: False returns a `Pending` at once, with the generation dispatched (JAX's asynchronous
   dispatch) and not yet waited for; its `result()` is the Rollout. Asynchronous GRPO
   (`staleness=1`) samples the next batch while the current update runs.
+  draft: "mtp" decodes speculatively, the model's MTP module drafting one token ahead
+  (`rollout.speculative`): the same sampling distribution (greedy: the same tokens, to float
+  rounding), up to two tokens per step; `Rollout.draft_accepted / draft_proposed` is the
+  acceptance rate.
   """
   if max_new_tokens < 1:
     raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 1")
@@ -322,22 +365,32 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
     raise ValueError(f"generate: longest prompt {max(map(len, prompts))} + max_new_tokens="
                      f"{max_new_tokens} exceeds max_position_embeddings="
                      f"{cfg.max_position_embeddings}")
-  core = _jitted_core(tuple(sorted((compiler_options or {}).items())))
-  out = core(params, prompt_BP, pad_B.astype(np.int32), rng, knobs,
-             **_statics(cfg, len(prompts), max_new_tokens, groups=groups,
-                        filtered=not greedy and (top_k > 0 or top_p < 1),
-                        record_routing=record_routing))
+  check_draft(draft, cfg, record_routing=record_routing)
+  options = tuple(sorted((compiler_options or {}).items()))
+  filtered = not greedy and (top_k > 0 or top_p < 1)
+  if draft:
+    out = _jitted_speculative(options)(params, prompt_BP, pad_B.astype(np.int32), rng, knobs,
+                                       cfg=policy_config(cfg), max_new_tokens=int(max_new_tokens),
+                                       filtered=filtered, groups=groups)
+  else:
+    out = _jitted_core(options)(params, prompt_BP, pad_B.astype(np.int32), rng, knobs,
+                                **_statics(cfg, len(prompts), max_new_tokens, groups=groups,
+                                           filtered=filtered, record_routing=record_routing))
 
   def result() -> Rollout:
     # every process gets every row (gathered when the batch spans several processes), so all
     # of them score the same completions and make the same decisions
-    completion, logprobs, lengths, stopped, routing = to_host(out)
+    completion, logprobs, lengths, stopped, extra = to_host(out)
+    routing, stats = (None, extra) if draft else (extra, {})
     return Rollout(tokens=np.concatenate([prompt_BP, completion], axis=1),
                    completion=completion, logprobs=logprobs,
                    completion_mask=np.arange(max_new_tokens)[None, :] < lengths[:, None],
                    lengths=lengths, truncated=~stopped,
                    prompt_lengths=(prompt_BP.shape[1] - pad_B).astype(np.int32),
-                   routing=routing, prefill_rows=len(prompts) // groups)
+                   routing=routing, prefill_rows=len(prompts) // groups,
+                   **({"draft_accepted": int(stats["accepted"]),
+                       "draft_proposed": int(stats["proposed"]),
+                       "decode_steps": int(stats["steps"])} if draft else {}))
 
   return result() if fetch else Pending(result)
 

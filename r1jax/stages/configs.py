@@ -216,6 +216,10 @@ class GRPOConfig(StageConfig):
       the rest, for every stage). The policy's weights are copied to them before each
       rollout (with LoRA only the adapters and correction biases, the frozen base once).
       0: sample on the run's mesh.
+    draft: "mtp": speculative rollouts, the policy's own MTP module drafting one token ahead
+      and the policy verifying it (`rollout.speculative`): the same sampling distribution and
+      the same log-probs, up to two tokens per decode step; `draft_accept_rate` is logged.
+      "" (default): plain decoding. Needs a model with an MTP module; not with routing_replay.
   """
   prompts_per_step: int = 16
   group_size: int = 8
@@ -244,6 +248,7 @@ class GRPOConfig(StageConfig):
   share_prompt: bool = False
   staleness: int = 0
   rollout_devices: int = 0
+  draft: str = ""
 
   def check(self, need):
     super().check(need)
@@ -280,6 +285,9 @@ class GRPOConfig(StageConfig):
     need(self.rollout_devices >= 0, "rollout_devices", "must be >= 0")
     need(not (self.rollout_devices and not self.staleness), "rollout_devices",
          "needs staleness=1 (a synchronous rollout waits for the update anyway)")
+    need(self.draft in ("", "mtp"), "draft", "must be '' (plain decoding) or 'mtp'")
+    need(not (self.draft and self.routing_replay), "draft",
+         "cannot be on with routing_replay (a rejected draft's experts are not a row's)")
 
   @property
   def rows(self) -> int:

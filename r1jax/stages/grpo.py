@@ -135,9 +135,7 @@ def take_groups(rollout: sampler.Rollout, groups: np.ndarray, group_size: int
   """The rows of `groups` (every per-row array of the rollout)."""
   rows = (np.asarray(groups)[:, None] * group_size + np.arange(group_size)).reshape(-1)
   return dataclasses.replace(rollout, **{
-      f.name: np.asarray(getattr(rollout, f.name))[rows]
-      for f in dataclasses.fields(rollout)
-      if f.name != "prefill_rows" and getattr(rollout, f.name) is not None})
+      name: np.asarray(getattr(rollout, name))[rows] for name in sampler.row_fields(rollout)})
 
 
 def update_loss(pcfg, s: GRPOConfig):
@@ -175,7 +173,7 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
   it = _LaggedIterator(pipeline.prompt_batches(ctx.splits["rl"], batch_size=s.prompts_per_step,
                                                seed=seed))
   sampling = engine.Sampling(max_new_tokens=N, temperature=s.temperature, top_p=s.top_p,
-                             record_routing=s.routing_replay)
+                             record_routing=s.routing_replay, draft=s.draft)
   samples = common.SampleLog(ctx, name)
   rollout_mesh = ctx.rollout_mesh if s.rollout_devices else ctx.mesh
   rollout_kw = dict(tokenizer=ctx.tokenizer, template=template, sampling=sampling, repeats=G,
@@ -266,6 +264,9 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
                 rollout_seconds=time.time() - t0,
                 rollout_tokens_per_sec=float(lengths.sum()) / max(time.time() - t0, 1e-9))
     host["update_rows"] = float(rollout.tokens.shape[0])
+    if scored.rollout.draft_proposed:  # speculative rollouts: the share of drafts accepted
+      host["draft_accept_rate"] = scored.rollout.draft_accepted / scored.rollout.draft_proposed
+      host["decode_steps"] = float(scored.rollout.decode_steps)
     host.update(fresh.reward_means())
     forward = _forward_flops(pcfg, batch)
     update_flops = s.mu * forward * flops.train_factor(frozen_weights=lora_cfg is not None)

@@ -43,7 +43,11 @@ def get_config(arg=None):
   # filtered path in every multi-process, kill and resume test
   rollout = dict(prompts_per_step=4, group_size=2, max_new_tokens=12, drop_zero_var=True)
   c.stages.cold_start.update(steps=4, eval=False)
-  c.stages.grpo.update(steps=4, eval=False, **rollout)
+  # GRPO samples speculatively (the MTP module drafts; `draft="mtp"`), and refills flat groups
+  # (DAPO's dynamic sampling, one refill batch a step): both paths in every kill, resume and
+  # multi-process test
+  c.stages.grpo.update(steps=4, eval=False, draft="mtp", dynamic_sampling=True, max_refills=1,
+                       **rollout)
   c.stages.rejection.update(num_prompts=8, k=2, max_new_tokens=12)
   c.stages.rejection.batch_size = 8
   c.stages.rejection.min_reward = -1.0
@@ -60,7 +64,8 @@ def get_config(arg=None):
   # process in the two-process test), with the decoupled-PPO correction; every stage trains on
   # the other devices
   c.stages.grpo_async = ml_collections.ConfigDict(c.stages.grpo.to_dict())
-  c.stages.grpo_async.update(staleness=1, rollout_devices=2, is_correction="token_tis")
+  c.stages.grpo_async.update(staleness=1, rollout_devices=2, is_correction="token_tis",
+                             draft="", dynamic_sampling=False)
   c.max_steps = 4  # caps the compute-matched control (every other stage is shorter already)
   c.stage_order = ("cold_start", "grpo", "grpo_async", "sft_control", "rejection", "sft_rs",
                    "distill", "distill_opd")
