@@ -101,17 +101,25 @@ def gumbel_noise(key, shape):
   return jax.random.gumbel(key, shape, jnp.float32)
 
 
-def sample_token(logits_BV, key, knobs, filtered: bool, noise_BV=None):
-  """Next tokens [B] int32 and their log-probs [B] fp32 under softmax(logits / temperature),
-  before top-k/top-p. `knobs` holds the traced settings (temperature, top_k, top_p, greedy);
-  `filtered` (static) compiles top-k/top-p in. noise_BV: `gumbel_noise(key, [B, V])` drawn
-  beforehand (the same tokens as drawing it here)."""
-  # ids past the tokenizer's vocabulary (padded embedding rows) are never sampled
+def sampling_logits(logits_BV, knobs, filtered: bool):
+  """(the logits with ids past the tokenizer's vocabulary (padded embedding rows) at -inf,
+  which greedy decoding takes the argmax of; the fp32 logits / temperature, whose softmax the
+  log-probs are of; the sampling distribution's logits: tempered and in the vocabulary, and
+  with `filtered` top-k/top-p masked)."""
   in_vocab = jnp.arange(logits_BV.shape[-1]) < knobs["vocab_limit"]
   allowed = jnp.where(in_vocab, logits_BV, -jnp.inf)
   tempered = logits_BV.astype(jnp.float32) / knobs["temperature"]  # x / 1.0 == x exactly
   scaled = (filter_logits(allowed, knobs["temperature"], knobs["top_k"], knobs["top_p"])
             if filtered else jnp.where(in_vocab, tempered, -jnp.inf))
+  return allowed, tempered, scaled
+
+
+def sample_token(logits_BV, key, knobs, filtered: bool, noise_BV=None):
+  """Next tokens [B] int32 and their log-probs [B] fp32 under softmax(logits / temperature),
+  before top-k/top-p. `knobs` holds the traced settings (temperature, top_k, top_p, greedy);
+  `filtered` (static) compiles top-k/top-p in. noise_BV: `gumbel_noise(key, [B, V])` drawn
+  beforehand (the same tokens as drawing it here)."""
+  allowed, tempered, scaled = sampling_logits(logits_BV, knobs, filtered)
   assert scaled.dtype == jnp.float32, scaled.dtype  # what gumbel_noise draws
   if noise_BV is None:
     noise_BV = gumbel_noise(key, scaled.shape)

@@ -42,20 +42,8 @@ import jax.numpy as jnp
 
 from r1jax.model.config import ModelConfig
 from r1jax.model import decoder
-from r1jax.rollout.sampler import (NOISE_BYTES, _batch_constraint, filter_logits, gumbel_noise,
-                                   sample_token)
-
-
-def _scaled(logits_BV, knobs, filtered: bool):
-  """(the logits with out-of-vocabulary ids at -inf, the sampling distribution's logits:
-  tempered and, when `filtered`, top-k/top-p masked; `sampler.sample_token`'s)."""
-  from r1jax.rollout.sampler import filter_logits
-  in_vocab = jnp.arange(logits_BV.shape[-1]) < knobs["vocab_limit"]
-  allowed = jnp.where(in_vocab, logits_BV, -jnp.inf)
-  if filtered:
-    return allowed, filter_logits(allowed, knobs["temperature"], knobs["top_k"], knobs["top_p"])
-  tempered = logits_BV.astype(jnp.float32) / knobs["temperature"]
-  return allowed, jnp.where(in_vocab, tempered, -jnp.inf)
+from r1jax.rollout.sampler import (NOISE_BYTES, _batch_constraint, gumbel_noise, sample_token,
+                                   sampling_logits)
 
 
 def step_noise(key, rows: int, vocab: int) -> dict:
@@ -71,7 +59,7 @@ def step_noise(key, rows: int, vocab: int) -> dict:
 def draw(logits_BV, noise_BV, knobs, filtered: bool):
   """A draft token [B] from the draft model's logits: a sample of its sampling distribution
   (with the Gumbel noise noise_BV), or its argmax when greedy."""
-  allowed, scaled = _scaled(logits_BV, knobs, filtered)
+  allowed, _, scaled = sampling_logits(logits_BV, knobs, filtered)
   sampled = jnp.argmax(scaled + noise_BV, axis=-1)
   return jnp.where(knobs["greedy"], jnp.argmax(allowed, axis=-1), sampled).astype(jnp.int32)
 
@@ -84,8 +72,8 @@ def verify(p_logits_BV, q_logits_BV, draft_B, u_B, noise_BV, knobs, filtered: bo
   else a sample of max(p - q, 0), normalized. The token is distributed as p's sampling
   distribution. u_B: uniform [0, 1) numbers, noise_BV: Gumbel noise for the residual's sample.
   Greedy: accepted iff the draft is p's argmax, and the token is that argmax."""
-  allowed_p, scaled_p = _scaled(p_logits_BV, knobs, filtered)
-  _, scaled_q = _scaled(q_logits_BV, knobs, filtered)
+  allowed_p, _, scaled_p = sampling_logits(p_logits_BV, knobs, filtered)
+  _, _, scaled_q = sampling_logits(q_logits_BV, knobs, filtered)
   p = jax.nn.softmax(scaled_p, axis=-1)
   q = jax.nn.softmax(scaled_q, axis=-1)
   p_d = jnp.take_along_axis(p, draft_B[:, None], -1)[:, 0]
@@ -102,7 +90,7 @@ def verify(p_logits_BV, q_logits_BV, draft_B, u_B, noise_BV, knobs, filtered: bo
 
 def _logprob(logits_BV, token_B, knobs):
   """log p(token) under softmax(logits / temperature), before top-k/top-p (`sample_token`'s)."""
-  tempered = logits_BV.astype(jnp.float32) / knobs["temperature"]
+  _, tempered, _ = sampling_logits(logits_BV, knobs, False)
   return jnp.take_along_axis(jax.nn.log_softmax(tempered, axis=-1), token_B[:, None], -1)[:, 0]
 
 
