@@ -349,6 +349,39 @@ def async_grpo_table(folder: str = os.path.join(HERE, "async_grpo")):
           f"{'yes' if als else 'no'}, {'yes' if ala else 'no'} |")
 
 
+def speculative_table(folder: str = os.path.join(HERE, "speculative"),
+                      sync_folder: str = os.path.join(HERE, "async_grpo")):
+  """Plain-decoding GRPO (async_grpo/sync_seedN.json) against GRPO with speculative rollouts
+  (`draft="mtp"`, speculative/spec_seedN.json) from the same cold start: greedy held-out
+  accuracy at the RL prompt mix and on the pooled uncovered problems, the controls, the last
+  step's draft acceptance rate and the grpo stage's wall seconds."""
+  seeds = sorted({_seed(p) for p in glob.glob(os.path.join(folder, "spec_seed*.json"))})
+  print("| seed | measure | cold_start | plain grpo | speculative grpo | spec - plain | "
+        "spec control | spec grpo - its control |")
+  print("|---|---|---|---|---|---|---|---|")
+  walls = []
+  for seed in seeds:
+    runs = {}
+    for mode, where in (("sync", sync_folder), ("spec", folder)):
+      with open(os.path.join(where, f"{mode}_seed{seed}.json")) as f:
+        runs[mode] = json.load(f)
+    st = {m: {e["name"]: e for e in r["stages"]} for m, r in runs.items()}
+    for label, fn in (("RL mix", _rl_mix), ("uncovered, pooled", _pooled_uncovered)):
+      v = {(m, n): fn(runs[m], st[m][n]) for m in runs for n in ("cold_start", "grpo",
+                                                                  "sft_control")}
+      print(f"| {seed} | {label} | {v['sync', 'cold_start']:.3f} | {v['sync', 'grpo']:.3f} | "
+            f"{v['spec', 'grpo']:.3f} | {v['spec', 'grpo'] - v['sync', 'grpo']:+.3f} | "
+            f"{v['spec', 'sft_control']:.3f} | "
+            f"{v['spec', 'grpo'] - v['spec', 'sft_control']:+.3f} |")
+    walls.append((seed, st["sync"]["grpo"]["wall_seconds"], st["spec"]["grpo"]["wall_seconds"],
+                  st["spec"]["grpo"]["metrics"].get("draft_accept_rate", float("nan"))))
+  print()
+  print("| seed | grpo wall s: plain | speculative | last step's draft acceptance |")
+  print("|---|---|---|---|")
+  for seed, wp, ws, acc in walls:
+    print(f"| {seed} | {wp:.0f} | {ws:.0f} | {acc:.3f} |")
+
+
 def cold_start_probes():
   """Cold-start-only runs (cold_start_probes/*.json) next to the cold starts of the full runs
   with one operand order (one_order/): greedy accuracy all / covered / uncovered."""
@@ -460,6 +493,8 @@ def main():
                   help="print the on-policy distillation runs (onpolicy_distill/)")
   ap.add_argument("--async_grpo", action="store_true",
                   help="print synchronous against asynchronous GRPO (async_grpo/)")
+  ap.add_argument("--speculative", action="store_true",
+                  help="print plain against speculative-rollout GRPO (speculative/)")
   ap.add_argument("--fresh", action="store_true",
                   help="print the larger uncovered check (fresh_uncovered.py)")
   a = ap.parse_args()
@@ -490,6 +525,9 @@ def main():
     return
   if a.async_grpo:
     async_grpo_table()
+    return
+  if a.speculative:
+    speculative_table()
     return
   if a.fresh:
     fresh_uncovered(os.path.join(HERE, "fresh_uncovered", a.dir or ""))
