@@ -413,3 +413,21 @@ def test_dry_run_compiles_a_first_grpo_stage_with_its_reference_and_routing():
   resident = gib["parameters"] + gib["optimizer state"] + gib["reference policy"]
   assert roll["temporaries"] > 0 and abs(resident + roll["temporaries"] - roll["total"]) <= 0.02
   assert "note:" not in out, out
+
+
+def test_dry_run_compiles_a_speculative_rollout():
+  """With draft="mtp" the dry run compiles the speculative core: twice the decode slots and
+  the MTP module's cache, so more rollout temporaries than plain decoding's."""
+  import re
+  from r1jax import dry_run
+  from r1jax.run_config import from_file
+  c = from_file(os.path.join(CONFIGS_DIR, "grpo_tiny.py"))
+  c.stage_order = ("grpo",)
+  temps = {}
+  for draft in ("", "mtp"):
+    c.stages.grpo.draft = draft
+    out = dry_run.report(c, 2)
+    temps[draft] = float(re.search(r"  rollout temporaries +([0-9.]+) GiB", out).group(1))
+  s = c.stages.grpo
+  assert (f"{c.data.seq_len} + 2 x {s.max_new_tokens} cache slots, MTP drafts)") in out, out
+  assert temps["mtp"] >= temps[""], temps

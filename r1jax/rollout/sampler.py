@@ -319,17 +319,23 @@ def _statics(cfg: ModelConfig, rows: int, max_new_tokens: int, *, groups: int, f
 
 
 def lower(params, cfg: ModelConfig, *, rows: int, prompt_len: int, max_new_tokens: int,
-          groups: int = 1, filtered: bool = False, record_routing: bool = False):
+          groups: int = 1, filtered: bool = False, record_routing: bool = False,
+          draft: str = ""):
   """The jitted core of a `generate` call, lowered on abstract inputs: `rows` prompts padded to
-  `prompt_len` tokens, in runs of `groups` identical ones that share a prefill. params may be
-  ShapeDtypeStructs with shardings. `--dry_run` compiles it for a GRPO stage's rollout; call it
-  inside `with jax.set_mesh(mesh)`, as `generate`."""
+  `prompt_len` tokens, in runs of `groups` identical ones that share a prefill (with `draft`,
+  the speculative core). params may be ShapeDtypeStructs with shardings. `--dry_run` compiles
+  it for a GRPO stage's rollout; call it inside `with jax.set_mesh(mesh)`, as `generate`."""
+  check_draft(draft, cfg, record_routing=record_routing)
+  inputs = (params, jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32),
+            jax.ShapeDtypeStruct((rows,), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.uint32),
+            _knobs(cfg))
+  if draft:
+    return _jitted_speculative().lower(*inputs, cfg=policy_config(cfg),
+                                       max_new_tokens=int(max_new_tokens), filtered=filtered,
+                                       groups=groups)
   return _jitted_core().lower(
-      params, jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32),
-      jax.ShapeDtypeStruct((rows,), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.uint32),
-      _knobs(cfg),
-      **_statics(cfg, rows, max_new_tokens, groups=groups, filtered=filtered,
-                 record_routing=record_routing))
+      *inputs, **_statics(cfg, rows, max_new_tokens, groups=groups, filtered=filtered,
+                          record_routing=record_routing))
 
 
 def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
