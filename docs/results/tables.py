@@ -43,7 +43,8 @@ def save(run_dir: str, name: str, **run):
 
 def save_curve(run_dir: str, name: str):
   keys = ("step", "reward", "reward_format", "reward_accuracy", "completion_len",
-          "zero_var_groups", "step_seconds")
+          "zero_var_groups", "step_seconds", "rollout_seconds", "draft_accept_rate",
+          "decode_steps")
   rows = []
   with open(os.path.join(run_dir, "metrics.jsonl")) as f:
     for line in f:
@@ -373,13 +374,22 @@ def speculative_table(folder: str = os.path.join(HERE, "speculative"),
             f"{v['spec', 'grpo']:.3f} | {v['spec', 'grpo'] - v['sync', 'grpo']:+.3f} | "
             f"{v['spec', 'sft_control']:.3f} | "
             f"{v['spec', 'grpo'] - v['spec', 'sft_control']:+.3f} |")
+    curve_path = os.path.join(folder, f"spec_seed{seed}_curve.json")
+    rates = []
+    if os.path.exists(curve_path):
+      with open(curve_path) as f:
+        rates = [r["draft_accept_rate"] for r in json.load(f) if "draft_accept_rate" in r]
     walls.append((seed, st["sync"]["grpo"]["wall_seconds"], st["spec"]["grpo"]["wall_seconds"],
-                  st["spec"]["grpo"]["metrics"].get("draft_accept_rate", float("nan"))))
+                  st["spec"]["grpo"]["metrics"].get("flops_total", float("nan")) /
+                  st["sync"]["grpo"]["metrics"]["flops_total"], rates))
   print()
-  print("| seed | grpo wall s: plain | speculative | last step's draft acceptance |")
-  print("|---|---|---|---|")
-  for seed, wp, ws, acc in walls:
-    print(f"| {seed} | {wp:.0f} | {ws:.0f} | {acc:.3f} |")
+  print("| seed | grpo wall s: plain | speculative | counted model FLOPs: spec / plain | "
+        "draft acceptance: steps 1-10 | steps 291-300 | all steps |")
+  print("|---|---|---|---|---|---|---|")
+  for seed, wp, ws, fr, rates in walls:
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
+    print(f"| {seed} | {wp:.0f} | {ws:.0f} | {fr:.2f} | {mean(rates[:10]):.3f} | "
+          f"{mean(rates[-10:]):.3f} | {mean(rates):.3f} |")
 
 
 def cold_start_probes():
