@@ -289,7 +289,10 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
     ref = st["ref"]
     if ref is not None and s.ref_refresh_every and \
         (int(train_state.step) // s.mu) % s.ref_refresh_every == 0:
-      ref = train.full_params(train_state)  # (a LoRA reference is the base: never refreshed)
+      # a copy: the next step donates the state's buffers, and the reference is passed beside
+      # it (sharing them failed with "a buffer that was previously donated"). A LoRA
+      # reference is the base: never refreshed
+      ref = jax.tree.map(jnp.copy, train.full_params(train_state))
     out = {"train": train_state, "ref": ref}
     if s.staleness:
       out["behind"] = carry["behind"]
