@@ -315,6 +315,22 @@ def onpolicy_table(folder: str = os.path.join(HERE, "onpolicy_distill")):
             f"{st[n]['metrics']['flops_total']:.3g} | {st[n]['wall_seconds']:.0f} |")
 
 
+def _paired_runs(files: dict):
+  """{mode: summary} of one seed's runs, {mode: {stage name: entry}}, and the greedy held-out
+  accuracy {(measure, mode, stage): value} of their cold_start, grpo and sft_control stages at
+  the RL prompt mix ("RL mix", `_rl_mix`) and on the pooled uncovered problems ("uncovered,
+  pooled"). files: {mode: path of the run's saved summary}."""
+  runs = {}
+  for mode, path in files.items():
+    with open(path) as f:
+      runs[mode] = json.load(f)
+  st = {m: {e["name"]: e for e in r["stages"]} for m, r in runs.items()}
+  acc = {(label, m, n): fn(runs[m], st[m][n])
+         for label, fn in (("RL mix", _rl_mix), ("uncovered, pooled", _pooled_uncovered))
+         for m in runs for n in ("cold_start", "grpo", "sft_control")}
+  return runs, st, acc
+
+
 def async_grpo_table(folder: str = os.path.join(HERE, "async_grpo")):
   """Synchronous (configs/r1_tiny.py) against asynchronous GRPO (configs/r1_tiny_async.py) from
   the same cold start: files sync_seedN.json and async_seedN.json, each the run's cold_start,
@@ -326,14 +342,10 @@ def async_grpo_table(folder: str = os.path.join(HERE, "async_grpo")):
   print("|---|---|---|---|---|---|---|---|---|")
   walls = []
   for seed in seeds:
-    runs = {}
-    for mode in ("sync", "async"):
-      with open(os.path.join(folder, f"{mode}_seed{seed}.json")) as f:
-        runs[mode] = json.load(f)
-    st = {m: {e["name"]: e for e in r["stages"]} for m, r in runs.items()}
-    for label, fn in (("RL mix", _rl_mix), ("uncovered, pooled", _pooled_uncovered)):
-      v = {(m, n): fn(runs[m], st[m][n]) for m in runs for n in ("cold_start", "grpo",
-                                                                  "sft_control")}
+    runs, st, acc = _paired_runs({m: os.path.join(folder, f"{m}_seed{seed}.json")
+                                  for m in ("sync", "async")})
+    for label in ("RL mix", "uncovered, pooled"):
+      v = {k[1:]: x for k, x in acc.items() if k[0] == label}
       print(f"| {seed} | {label} | {v['sync', 'cold_start']:.3f} | {v['sync', 'grpo']:.3f} | "
             f"{v['async', 'grpo']:.3f} | {v['async', 'grpo'] - v['sync', 'grpo']:+.3f} | "
             f"{v['sync', 'sft_control']:.3f} | {v['async', 'sft_control']:.3f} | "
@@ -362,14 +374,10 @@ def speculative_table(folder: str = os.path.join(HERE, "speculative"),
   print("|---|---|---|---|---|---|---|---|")
   walls = []
   for seed in seeds:
-    runs = {}
-    for mode, where in (("sync", sync_folder), ("spec", folder)):
-      with open(os.path.join(where, f"{mode}_seed{seed}.json")) as f:
-        runs[mode] = json.load(f)
-    st = {m: {e["name"]: e for e in r["stages"]} for m, r in runs.items()}
-    for label, fn in (("RL mix", _rl_mix), ("uncovered, pooled", _pooled_uncovered)):
-      v = {(m, n): fn(runs[m], st[m][n]) for m in runs for n in ("cold_start", "grpo",
-                                                                  "sft_control")}
+    _, st, acc = _paired_runs({m: os.path.join(where, f"{m}_seed{seed}.json")
+                               for m, where in (("sync", sync_folder), ("spec", folder))})
+    for label in ("RL mix", "uncovered, pooled"):
+      v = {k[1:]: x for k, x in acc.items() if k[0] == label}
       print(f"| {seed} | {label} | {v['sync', 'cold_start']:.3f} | {v['sync', 'grpo']:.3f} | "
             f"{v['spec', 'grpo']:.3f} | {v['spec', 'grpo'] - v['sync', 'grpo']:+.3f} | "
             f"{v['spec', 'sft_control']:.3f} | "
