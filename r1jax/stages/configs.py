@@ -336,7 +336,8 @@ class EvalConfig(StageConfig):
 
   Attributes:
     model: "policy" or "student".
-    overrides: of the run config's eval section (k, temperature, max_new_tokens, ...).
+    overrides: of the run config's eval section (k, temperature, max_new_tokens, ...), given
+      as that section's own keys on the stage: `stage("eval", steps=0, k=8, temperature=0.6)`.
   """
   model: str = "policy"
   overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
