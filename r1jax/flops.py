@@ -131,7 +131,7 @@ def speculative_flops(cfg: ModelConfig, rows: int, prompt_len: int, decode_steps
   two tokens, step i attending over prompt_len + 2 (i + 1) slots."""
   prefill_rows = rows if prefill_rows is None else prefill_rows
   prefill = (forward_flops(cfg, prefill_rows * prompt_len, prompt_len)
-             + (prefill_rows * (prompt_len - 1) + rows) * mtp_flops_per_token(cfg, prompt_len))
+             + (prefill_rows * prompt_len + rows) * mtp_flops_per_token(cfg, prompt_len))
   mean_context = prompt_len + decode_steps + 1.0
   per_token = forward_flops(cfg, 1, mean_context) + mtp_flops_per_token(cfg, mean_context)
   return prefill + 2.0 * rows * decode_steps * per_token

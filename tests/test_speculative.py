@@ -113,6 +113,36 @@ def test_sampled_log_probs_are_the_full_forwards_with_holes_and_stops(moe, promp
     assert stops.sum() == (0 if out.truncated[row] else 1) and (out.truncated[row] or stops[-1])
 
 
+@pytest.mark.parametrize("mesh_cfg", [dict(data=8), dict(data=2, expert=2, context=2)],
+                         ids=["data8", "data2_expert2_context2"])
+def test_mesh_equals_single_device(moe, mesh_cfg):
+  """8 rows (4 prompts x 2) over the mesh, the experts dispatched with shard_map on the expert
+  axis: the same tokens as one device, log-probs to float reassociation."""
+  from r1jax import parallel
+  cfg, params = moe
+  rng = np.random.default_rng(2)
+  rows = [p for n in (4, 6, 9, 13) for p in [rng.integers(2, 128, n).tolist()] * 2]
+  one = _gen(moe, rows, draft="mtp", rng=jax.random.key(4))
+  mesh = parallel.make_mesh(mesh_cfg)
+  with jax.set_mesh(mesh):
+    out = _gen((cfg, parallel.shard_params(params, cfg, mesh)), rows, draft="mtp",
+               rng=jax.random.key(4))
+  np.testing.assert_array_equal(out.completion, one.completion)
+  np.testing.assert_allclose(out.logprobs, one.logprobs, atol=1e-4, rtol=0)
+  assert (out.draft_accepted, out.draft_proposed) == (one.draft_accepted, one.draft_proposed)
+
+
+def test_noise_drawn_in_the_loop_gives_the_same_tokens(moe, prompts, monkeypatch):
+  """Past `NOISE_BYTES` every step draws its own random numbers, from the same keys."""
+  before = _gen(moe, prompts, draft="mtp", rng=jax.random.key(5))
+  assert speculative.noise_first(len(prompts), N_NEW, moe[0].vocab_size)
+  monkeypatch.setattr(sampler, "NOISE_BYTES", 0)  # a static argument: it compiles again
+  assert not speculative.noise_first(len(prompts), N_NEW, moe[0].vocab_size)
+  after = _gen(moe, prompts, draft="mtp", rng=jax.random.key(5))
+  np.testing.assert_array_equal(after.completion, before.completion)
+  np.testing.assert_allclose(after.logprobs, before.logprobs, atol=1e-6, rtol=0)
+
+
 def test_same_key_same_tokens_and_the_key_matters(moe, prompts):
   a, b = (_gen(moe, prompts, draft="mtp", rng=jax.random.key(5)) for _ in range(2))
   np.testing.assert_array_equal(a.completion, b.completion)

@@ -237,7 +237,7 @@ def _jitted_speculative(compiler_options: tuple = ()):
   """The speculative core (`rollout.speculative`), jitted as `_jitted_core`."""
   from r1jax.rollout import speculative
   return jax.jit(speculative.generate_core,
-                 static_argnames=("cfg", "max_new_tokens", "filtered", "groups"),
+                 static_argnames=("cfg", "max_new_tokens", "filtered", "groups", "noise_first"),
                  compiler_options=dict(compiler_options) or None)
 
 
@@ -330,9 +330,10 @@ def lower(params, cfg: ModelConfig, *, rows: int, prompt_len: int, max_new_token
             jax.ShapeDtypeStruct((rows,), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.uint32),
             _knobs(cfg))
   if draft:
-    return _jitted_speculative().lower(*inputs, cfg=policy_config(cfg),
-                                       max_new_tokens=int(max_new_tokens), filtered=filtered,
-                                       groups=groups)
+    from r1jax.rollout import speculative
+    return _jitted_speculative().lower(
+        *inputs, cfg=policy_config(cfg), max_new_tokens=int(max_new_tokens), filtered=filtered,
+        groups=groups, noise_first=speculative.noise_first(rows, max_new_tokens, cfg.vocab_size))
   return _jitted_core().lower(
       *inputs, **_statics(cfg, rows, max_new_tokens, groups=groups, filtered=filtered,
                           record_routing=record_routing))
@@ -383,9 +384,11 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
   options = tuple(sorted((compiler_options or {}).items()))
   filtered = not greedy and (top_k > 0 or top_p < 1)
   if draft:
-    out = _jitted_speculative(options)(params, prompt_BP, pad_B.astype(np.int32), rng, knobs,
-                                       cfg=policy_config(cfg), max_new_tokens=int(max_new_tokens),
-                                       filtered=filtered, groups=groups)
+    from r1jax.rollout import speculative
+    out = _jitted_speculative(options)(
+        params, prompt_BP, pad_B.astype(np.int32), rng, knobs, cfg=policy_config(cfg),
+        max_new_tokens=int(max_new_tokens), filtered=filtered, groups=groups,
+        noise_first=speculative.noise_first(len(prompts), max_new_tokens, cfg.vocab_size))
   else:
     out = _jitted_core(options)(params, prompt_BP, pad_B.astype(np.int32), rng, knobs,
                                 **_statics(cfg, len(prompts), max_new_tokens, groups=groups,

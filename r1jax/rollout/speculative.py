@@ -42,8 +42,7 @@ import jax.numpy as jnp
 
 from r1jax.model.config import ModelConfig
 from r1jax.model import decoder
-from r1jax.rollout.sampler import (NOISE_BYTES, _batch_constraint, gumbel_noise, sample_token,
-                                   sampling_logits)
+from r1jax.rollout.sampler import _batch_constraint, gumbel_noise, sample_token, sampling_logits
 
 
 def step_noise(key, rows: int, vocab: int) -> dict:
@@ -100,12 +99,21 @@ def _write(buffer_BN, rows, column_B, value_B, keep_B):
   return buffer_BN.at[rows, jnp.where(keep_B, column_B, N)].set(value_B, mode="drop")
 
 
+def noise_first(rows: int, max_new_tokens: int, vocab: int) -> bool:
+  """Whether `generate_core` draws every step's random numbers before its loop: when they take
+  at most `sampler.NOISE_BYTES` (three [B, V] float32 arrays per step)."""
+  from r1jax.rollout import sampler
+  return max_new_tokens * rows * vocab * 12 <= sampler.NOISE_BYTES
+
+
 def generate_core(params, prompt_BP, pad_B, rng, knobs, *, cfg: ModelConfig,
-                  max_new_tokens: int, filtered: bool, groups: int = 1):
+                  max_new_tokens: int, filtered: bool, groups: int = 1,
+                  noise_first: bool = True):
   """Prefill + speculative while-loop decode (module docstring). Returns completion [B, N],
   logprobs [B, N], lengths [B], stopped [B] (a stop token was emitted), and the draft
   statistics {"accepted", "proposed", "steps"} (int32 scalars: drafts accepted and verified
-  over the running rows, decode steps run)."""
+  over the running rows, decode steps run). noise_first: draw every step's random numbers
+  before the loop (the same numbers as drawing them step by step)."""
   B, P = prompt_BP.shape
   N = max_new_tokens
   S = P + 2 * N
@@ -126,8 +134,7 @@ def generate_core(params, prompt_BP, pad_B, rng, knobs, *, cfg: ModelConfig,
   first_key, draft_key = jax.random.split(keys[0])
   # every step's random numbers drawn before the loop when they are small (as the plain
   # sampler's `noise_first`: threefry inside the loop is a chain of small ops every step)
-  noise = (jax.vmap(lambda k: step_noise(k, B, V))(keys) if N * B * V * 12 <= NOISE_BYTES
-           else None)
+  noise = jax.vmap(lambda k: step_noise(k, B, V))(keys) if noise_first else None
   token, logprob = sample_token(logits[:, -1], first_key, knobs, filtered)
   stop = jnp.isin(token, knobs["stop_ids"])
   out = jnp.full((B, N), knobs["pad_id"], jnp.int32).at[:, 0].set(token)
@@ -135,13 +142,16 @@ def generate_core(params, prompt_BP, pad_B, rng, knobs, *, cfg: ModelConfig,
   lengths = jnp.ones((B,), jnp.int32)
   # the MTP module over the prompt: position i reads h_i and token i + 1. Slots [0, P - 1)
   # depend on the prompt alone (one row per distinct prompt, as the main prefill); the last
-  # reads the row's first sampled token, and its logits draft token P + 1
+  # reads the row's first sampled token, and its logits draft token P + 1. The prompt pass
+  # runs over all P slots (a placeholder token at the last, rewritten per row below): on a
+  # context mesh, XLA's partitioner failed its own verifier on the P - 1 positions' gather
   slots = jnp.arange(S, dtype=jnp.int32)
   kv_valid = (slots[None, :] >= pad_B[:, None]) & (slots[None, :] < P)
   hidden_U = hidden[::groups] if groups > 1 else hidden
   mtp_cache = decoder.init_mtp_cache(cfg, U, S)
-  _, mtp_cache = decoder.mtp_cached(params, hidden_U[:, :-1], prompt_UP[:, 1:],
-                                    positions_UP[:, :-1], mtp_cache, 0, pad_U, cfg)
+  next_UP = jnp.concatenate([prompt_UP[:, 1:], prompt_UP[:, -1:]], axis=1)
+  _, mtp_cache = decoder.mtp_cached(params, hidden_U, next_UP, positions_UP, mtp_cache, 0,
+                                    pad_U, cfg, last_only=True)
   if groups > 1:
     mtp_cache = jax.tree.map(lambda c: jnp.repeat(c, groups, axis=1), mtp_cache)
   mtp_cache = jax.tree.map(lambda c: _batch_constraint(c, 1), mtp_cache)
