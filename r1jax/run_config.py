@@ -118,7 +118,7 @@ def validate(c) -> ModelConfig:
     if s_get(s, "with_sft_split") and c.data.task == "file":
       raise ConfigError(f"stages.{name}.with_sft_split needs the built-in task's SFT split, "
                         "and data.task is 'file'")
-    if s_get(s, "draft") and not (cfg.family.mtp and cfg.num_nextn_predict_layers >= 1):
+    if s_get(s, "draft") and not cfg.num_nextn_predict_layers:  # only DeepSeek models have MTP
       raise ConfigError(f"stages.{name}.draft={s.draft!r} needs a model with an MTP module "
                         f"(model.num_nextn_predict_layers >= 1 on a DeepSeek model); "
                         f"{cfg.model_type} with num_nextn_predict_layers="

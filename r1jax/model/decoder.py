@@ -207,6 +207,14 @@ def forward_hidden_prefix(params, prefix_tokens, prefix_positions, prefix_valid,
   return x, aux
 
 
+def _mtp_input(p, e, h, cfg: ModelConfig):
+  """An MTP module's layer input: eh_proj[RMSNorm(e); RMSNorm(h)], from the embedding of the
+  next token e and the previous depth's hidden state h (the main model's for depth 1)."""
+  e = L.rms_norm(e, p["enorm"], cfg.rms_norm_eps)
+  hn = L.rms_norm(h, p["hnorm"], cfg.rms_norm_eps)
+  return L.dense(jnp.concatenate([e, hn], axis=-1), p["eh_proj"], cfg.jnp_dtype)
+
+
 def mtp_logits(params, tokens, h, ctx, cfg: ModelConfig, targets=None):
   """Multi-token prediction, depth k = 1..D: position i of module k predicts token i + k + 1.
 
@@ -219,7 +227,6 @@ def mtp_logits(params, tokens, h, ctx, cfg: ModelConfig, targets=None):
   `cfg.logits_chunk` positions at a time as the main head's (`_head_logprobs`): no [B, T, V]
   logits."""
   cos, sin, mask, token_mask = ctx
-  dtype = cfg.jnp_dtype
   T = tokens.shape[1]
 
   def body(carry, inputs):
@@ -229,9 +236,7 @@ def mtp_logits(params, tokens, h, ctx, cfg: ModelConfig, targets=None):
     shifted = L.constrain_positions(
         jnp.concatenate([shifted[:, 1:], jnp.zeros_like(shifted[:, :1])], axis=1))
     e = L.constrain_positions(L.embed_split(embed(params, shifted, cfg)))
-    e = L.rms_norm(e, p["enorm"], cfg.rms_norm_eps)
-    hn = L.rms_norm(h_prev, p["hnorm"], cfg.rms_norm_eps)
-    x = L.dense(jnp.concatenate([e, hn], axis=-1), p["eh_proj"], dtype)
+    x = _mtp_input(p, e, h_prev, cfg)
     x, stats, _ = decoder_block(p["layer"], x, cos, sin, mask, cfg, token_mask=token_mask)
     normed = L.rms_norm(x, p["norm"], cfg.rms_norm_eps)
     out = (head(params, normed, cfg) if target_BT is None
@@ -418,14 +423,10 @@ def mtp_cached(params, hidden, next_tokens, positions, cache, index, kv_valid, c
   `cache` from `init_mtp_cache`. Returns (logits [B, t, V] fp32, or [B, 1, V] with last_only;
   the updated cache). The speculative sampler drafts with it (`rollout.speculative`)."""
   p = jax.tree.map(lambda a: a[depth], params["mtp"])
-  dtype = cfg.jnp_dtype
-  B, t = next_tokens.shape
   S = jax.tree.leaves(cache)[0].shape[2]
-  mask, token_mask = _cache_masks(kv_valid, S, index, t)
+  mask, token_mask = _cache_masks(kv_valid, S, index, next_tokens.shape[1])
   cos, sin = L.rope_cos_sin(cfg, positions)
-  e = L.rms_norm(embed(params, next_tokens, cfg), p["enorm"], cfg.rms_norm_eps)
-  hn = L.rms_norm(hidden, p["hnorm"], cfg.rms_norm_eps)
-  x = L.dense(jnp.concatenate([e, hn], axis=-1), p["eh_proj"], dtype)
+  x = _mtp_input(p, embed(params, next_tokens, cfg), hidden, cfg)
   x, _, cache = decoder_block(p["layer"], x, cos, sin, mask, cfg, cache=(cache, 0, index),
                               token_mask=token_mask)
   if last_only:

@@ -248,7 +248,7 @@ def check_draft(draft: str, cfg: ModelConfig, *, record_routing: bool = False) -
   """Raise ValueError when `generate(draft=...)` cannot run on this model."""
   if draft not in DRAFTS:
     raise ValueError(f"generate: draft={draft!r} must be one of {DRAFTS}")
-  if draft == "mtp" and not (cfg.family.mtp and cfg.num_nextn_predict_layers >= 1):
+  if draft == "mtp" and not cfg.num_nextn_predict_layers:  # (only DeepSeek models have any)
     raise ValueError(f"generate: draft='mtp' needs a model with an MTP module "
                      f"(num_nextn_predict_layers >= 1); {cfg.model_type} with "
                      f"num_nextn_predict_layers={cfg.num_nextn_predict_layers} has none")
@@ -310,12 +310,20 @@ def _knobs(cfg: ModelConfig, *, temperature: float = 1.0, top_k: int = 0, top_p:
           "vocab_limit": np.int32(vocab_limit or cfg.vocab_size)}
 
 
-def _statics(cfg: ModelConfig, rows: int, max_new_tokens: int, *, groups: int, filtered: bool,
-             record_routing: bool) -> dict:
-  """The jitted core's static arguments for a call of `rows` prompts."""
-  return dict(cfg=policy_config(cfg), max_new_tokens=int(max_new_tokens), filtered=filtered,
-              record_routing=bool(record_routing and cfg.is_moe), groups=groups,
-              noise_first=max_new_tokens * rows * cfg.vocab_size * 4 <= NOISE_BYTES)
+def _core(cfg: ModelConfig, rows: int, max_new_tokens: int, *, groups: int, filtered: bool,
+          record_routing: bool, draft: str, compiler_options: tuple = ()):
+  """(the jitted core of a call of `rows` prompts, its static arguments): `_generate_core`, or
+  with `draft` the speculative one (`rollout.speculative`)."""
+  check_draft(draft, cfg, record_routing=record_routing)
+  statics = dict(cfg=policy_config(cfg), max_new_tokens=int(max_new_tokens), filtered=filtered,
+                 groups=groups)
+  if draft:
+    from r1jax.rollout import speculative
+    return _jitted_speculative(compiler_options), dict(
+        statics, noise_first=speculative.noise_first(rows, max_new_tokens, cfg.vocab_size))
+  return _jitted_core(compiler_options), dict(
+      statics, record_routing=bool(record_routing and cfg.is_moe),
+      noise_first=max_new_tokens * rows * cfg.vocab_size * 4 <= NOISE_BYTES)
 
 
 def lower(params, cfg: ModelConfig, *, rows: int, prompt_len: int, max_new_tokens: int,
@@ -325,18 +333,12 @@ def lower(params, cfg: ModelConfig, *, rows: int, prompt_len: int, max_new_token
   `prompt_len` tokens, in runs of `groups` identical ones that share a prefill (with `draft`,
   the speculative core). params may be ShapeDtypeStructs with shardings. `--dry_run` compiles
   it for a GRPO stage's rollout; call it inside `with jax.set_mesh(mesh)`, as `generate`."""
-  check_draft(draft, cfg, record_routing=record_routing)
-  inputs = (params, jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32),
-            jax.ShapeDtypeStruct((rows,), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.uint32),
-            _knobs(cfg))
-  if draft:
-    from r1jax.rollout import speculative
-    return _jitted_speculative().lower(
-        *inputs, cfg=policy_config(cfg), max_new_tokens=int(max_new_tokens), filtered=filtered,
-        groups=groups, noise_first=speculative.noise_first(rows, max_new_tokens, cfg.vocab_size))
-  return _jitted_core().lower(
-      *inputs, **_statics(cfg, rows, max_new_tokens, groups=groups, filtered=filtered,
-                          record_routing=record_routing))
+  core, statics = _core(cfg, rows, max_new_tokens, groups=groups, filtered=filtered,
+                        record_routing=record_routing, draft=draft)
+  return core.lower(
+      params, jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32),
+      jax.ShapeDtypeStruct((rows,), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.uint32),
+      _knobs(cfg), **statics)
 
 
 def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -380,19 +382,11 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
     raise ValueError(f"generate: longest prompt {max(map(len, prompts))} + max_new_tokens="
                      f"{max_new_tokens} exceeds max_position_embeddings="
                      f"{cfg.max_position_embeddings}")
-  check_draft(draft, cfg, record_routing=record_routing)
-  options = tuple(sorted((compiler_options or {}).items()))
-  filtered = not greedy and (top_k > 0 or top_p < 1)
-  if draft:
-    from r1jax.rollout import speculative
-    out = _jitted_speculative(options)(
-        params, prompt_BP, pad_B.astype(np.int32), rng, knobs, cfg=policy_config(cfg),
-        max_new_tokens=int(max_new_tokens), filtered=filtered, groups=groups,
-        noise_first=speculative.noise_first(len(prompts), max_new_tokens, cfg.vocab_size))
-  else:
-    out = _jitted_core(options)(params, prompt_BP, pad_B.astype(np.int32), rng, knobs,
-                                **_statics(cfg, len(prompts), max_new_tokens, groups=groups,
-                                           filtered=filtered, record_routing=record_routing))
+  core, statics = _core(cfg, len(prompts), max_new_tokens, groups=groups,
+                        filtered=not greedy and (top_k > 0 or top_p < 1),
+                        record_routing=record_routing, draft=draft,
+                        compiler_options=tuple(sorted((compiler_options or {}).items())))
+  out = core(params, prompt_BP, pad_B.astype(np.int32), rng, knobs, **statics)
 
   def result() -> Rollout:
     # every process gets every row (gathered when the batch spans several processes), so all

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 
 from r1jax.model.config import ModelConfig
 from r1jax.model import decoder
+from r1jax.rollout import sampler
 from r1jax.rollout.sampler import _batch_constraint, gumbel_noise, sample_token, sampling_logits
 
 
@@ -102,7 +103,6 @@ def _write(buffer_BN, rows, column_B, value_B, keep_B):
 def noise_first(rows: int, max_new_tokens: int, vocab: int) -> bool:
   """Whether `generate_core` draws every step's random numbers before its loop: when they take
   at most `sampler.NOISE_BYTES` (three [B, V] float32 arrays per step)."""
-  from r1jax.rollout import sampler
   return max_new_tokens * rows * vocab * 12 <= sampler.NOISE_BYTES
 
 
