@@ -78,7 +78,8 @@ def get_config(arg=None):
               eps_high=0.2, beta=0.04, mu=1, ref_refresh_every=0, advantage_scale="group",
               dynamic_sampling=False, max_refills=1, mask_truncated=False, top_p=1.0,
               length_bucket=8, drop_zero_var=True,
-              draft="")  # "mtp": speculative rollouts, the MTP module drafting (README)
+              draft="",  # "mtp": speculative rollouts, the MTP module drafting (README)
+              draft_weight=0.0)  # > 0: train the MTP draft on the rollouts (README)
   c.stages.cold_start = stage("sft", steps=400)
   c.stages.grpo = stage("grpo", steps=300, **grpo)
   c.stages.sft_control = stage("sft", steps=0, start_from="cold_start", branch=True,

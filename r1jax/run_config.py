@@ -118,11 +118,12 @@ def validate(c) -> ModelConfig:
     if s_get(s, "with_sft_split") and c.data.task == "file":
       raise ConfigError(f"stages.{name}.with_sft_split needs the built-in task's SFT split, "
                         "and data.task is 'file'")
-    if s_get(s, "draft") and not cfg.num_nextn_predict_layers:  # only DeepSeek models have MTP
-      raise ConfigError(f"stages.{name}.draft={s.draft!r} needs a model with an MTP module "
-                        f"(model.num_nextn_predict_layers >= 1 on a DeepSeek model); "
-                        f"{cfg.model_type} with num_nextn_predict_layers="
-                        f"{cfg.num_nextn_predict_layers} has none")
+    for field in ("draft", "draft_weight"):  # only DeepSeek models have MTP modules
+      if s_get(s, field) and not cfg.num_nextn_predict_layers:
+        raise ConfigError(f"stages.{name}.{field}={s_get(s, field)!r} needs a model with an MTP "
+                          f"module (model.num_nextn_predict_layers >= 1 on a DeepSeek model); "
+                          f"{cfg.model_type} with num_nextn_predict_layers="
+                          f"{cfg.num_nextn_predict_layers} has none")
     if (s.kind == "grpo" or s_get(s, "mode") == "on_policy") and \
         s.rows % int(c.train.accum_steps):
       raise ConfigError(f"train.accum_steps={c.train.accum_steps} must divide stages.{name}'s "

@@ -135,6 +135,8 @@ SHRUNK = os.path.join(ROOT, "tests", "reliability", "r1_tiny_shrunk.py")
     ("--config.model.num_nextn_predict_layers=0",
      ("stages.grpo.draft='mtp' needs a model with an MTP module",)),
     ("--config.stages.grpo.draft=eagle", ("stages.grpo.draft='eagle'", "or 'mtp'")),
+    # and trains its draft (`draft_weight`)
+    ("--config.stages.grpo.draft_weight=-0.5", ("stages.grpo.draft_weight", "must be >= 0")),
 ])
 def test_speculative_rollouts_on_a_model_or_stage_that_cannot(tmp_path, override, fragments):
   proc = launch("--config", SHRUNK, override, workdir=tmp_path / "run")

@@ -23,7 +23,8 @@ from r1jax.model.params import abstract, declare, init, logical_axes, num_params
 
 
 def forward_with_aux(params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=None,
-                     mtp: bool = False, token_mask=None, routing=None, prefix=None):
+                     mtp: bool = False, token_mask=None, routing=None, prefix=None,
+                     mtp_detach: bool = False):
   """Logits [B, T, V] fp32 and aux: expert_counts [L_moe, E], balance (sequence-wise balance
   statistic summed over MoE layers), dropped (dropped expert assignments), and with mtp=True
   mtp_logits [D_mtp, B, T, V] where module k's position i predicts token i + k + 1.
@@ -43,10 +44,13 @@ def forward_with_aux(params, tokens, cfg: ModelConfig, *, segment_ids=None, posi
   prefix: (tokens, positions, valid) [B // G, Lp], a prefix shared by each G consecutive rows
   and computed once per group; the logits are then those of `tokens`, which follow it in each
   row (`decoder.forward_hidden_prefix`; segment_ids > 0 marks their real tokens).
+
+  mtp_detach: the MTP modules' loss trains their own weights only; no gradient reaches the trunk
+  or the embedding and LM head they share with it (a draft trained beside a policy).
   """
   return decoder.forward_with_aux(params, tokens, cfg, segment_ids=segment_ids,
                                   positions=positions, mtp=mtp, token_mask=token_mask,
-                                  routing=routing, prefix=prefix)
+                                  routing=routing, prefix=prefix, mtp_detach=mtp_detach)
 
 
 def forward(params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=None,
@@ -72,16 +76,19 @@ map_position_chunks = decoder.map_position_chunks
 
 def target_logprobs(params, tokens, targets, cfg: ModelConfig, *, segment_ids=None,
                     positions=None, mtp: bool = False, token_mask=None, routing=None,
-                    entropy: bool = False, temperature: float = 1.0, prefix=None):
+                    entropy: bool = False, temperature: float = 1.0, prefix=None,
+                    mtp_detach: bool = False):
   """(log p(targets) fp32 [B, T], per-position entropy [B, T] or None, aux): what the SFT and
   GRPO losses need, without the [B, T, V] logits when `cfg.logits_chunk` is set. Both are of
   softmax(logits / temperature): GRPO trains the distribution its rollouts sample from.
   prefix: (tokens, positions, valid) [B // G, Lp] of a prefix shared by each G consecutive rows,
   computed once per group (`decoder.forward_hidden_prefix`); tokens etc. are then what follows
-  it in each row."""
+  it in each row. mtp_detach: as `forward_with_aux`'s. With mtp and cfg.logits_chunk,
+  aux["mtp_logprobs"] are at `temperature` too (without the chunking, aux["mtp_logits"] are the
+  raw logits)."""
   assert prefix is None or not mtp, "MTP runs on whole rows"
   kw = dict(segment_ids=segment_ids, positions=positions, mtp=mtp, token_mask=token_mask,
-            routing=routing, prefix=prefix)
+            routing=routing, prefix=prefix, mtp_detach=mtp_detach)
   if cfg.logits_chunk:
     return decoder.chunked_target_logprobs(params, tokens, targets, cfg, entropy=entropy,
                                            temperature=temperature, **kw)

@@ -215,7 +215,7 @@ def _mtp_input(p, e, h, cfg: ModelConfig):
   return L.dense(jnp.concatenate([e, hn], axis=-1), p["eh_proj"], cfg.jnp_dtype)
 
 
-def mtp_logits(params, tokens, h, ctx, cfg: ModelConfig, targets=None):
+def mtp_logits(params, tokens, h, ctx, cfg: ModelConfig, targets=None, temperature: float = 1.0):
   """Multi-token prediction, depth k = 1..D: position i of module k predicts token i + k + 1.
 
   h_k = Layer_k(eh_proj[RMSNorm(Emb(t_{i+k})); RMSNorm(h_{k-1})]); logits = head(norm_k(h_k)).
@@ -225,7 +225,7 @@ def mtp_logits(params, tokens, h, ctx, cfg: ModelConfig, targets=None):
   targets [B, T] (the main head's, targets[i] = tokens[i + 1]): return instead module k's
   log p(targets[i + k]) [D, B, T] (k = 1..D; token 0 past the end), its head run
   `cfg.logits_chunk` positions at a time as the main head's (`_head_logprobs`): no [B, T, V]
-  logits."""
+  logits; at `temperature`, of softmax(logits / temperature)."""
   cos, sin, mask, token_mask = ctx
   T = tokens.shape[1]
 
@@ -240,7 +240,8 @@ def mtp_logits(params, tokens, h, ctx, cfg: ModelConfig, targets=None):
     x, stats, _ = decoder_block(p["layer"], x, cos, sin, mask, cfg, token_mask=token_mask)
     normed = L.rms_norm(x, p["norm"], cfg.rms_norm_eps)
     out = (head(params, normed, cfg) if target_BT is None
-           else _head_logprobs(params, normed, target_BT, cfg, entropy=False)[0])
+           else _head_logprobs(params, normed, target_BT, cfg, entropy=False,
+                               temperature=temperature)[0])
     return (x, shifted), (out, stats)
 
   assert T >= 1
@@ -307,28 +308,44 @@ def logits_logprobs(logits_BTV, targets_BT, entropy: bool, temperature: float = 
   return picked, -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), -1)
 
 
+def _mtp_detached(params, h, detach: bool):
+  """The params and trunk hidden states the MTP modules run on. detach: the MTP modules' own
+  weights keep their gradient, while the trunk's hidden states and the weights shared with the
+  main model (embedding, LM head) pass none back: a draft trained beside a policy whose gradient
+  stays the policy loss's (GRPO's `draft_weight`)."""
+  if not detach:
+    return params, h
+  return dict(jax.lax.stop_gradient(params), mtp=params["mtp"]), jax.lax.stop_gradient(h)
+
+
 def chunked_target_logprobs(params, tokens, targets, cfg: ModelConfig, *, segment_ids=None,
                             positions=None, mtp: bool = False, token_mask=None, routing=None,
-                            entropy: bool = False, temperature: float = 1.0, prefix=None):
+                            entropy: bool = False, temperature: float = 1.0, prefix=None,
+                            mtp_detach: bool = False):
   """`forward_with_aux` + `logits_logprobs` with the head run `cfg.logits_chunk` positions at a
-  time (`_head_logprobs`): (log p(targets), entropy or None, aux), no [B, T, V] logits."""
+  time (`_head_logprobs`): (log p(targets), entropy or None, aux), no [B, T, V] logits. With
+  mtp, aux["mtp_logprobs"] [D, B, T] are at `temperature` too."""
   x, aux, ctx = forward_hidden(params, tokens, cfg, segment_ids=segment_ids, positions=positions,
                                token_mask=token_mask, routing=routing, prefix=prefix)
   picked, ent = _head_logprobs(params, L.rms_norm(x, params["final_norm"], cfg.rms_norm_eps),
                                targets, cfg, entropy, temperature)
   if mtp and "mtp" in params:
-    aux["mtp_logprobs"], mtp_aux = mtp_logits(params, tokens, x, ctx, cfg, targets=targets)
+    mtp_params, h = _mtp_detached(params, x, mtp_detach)
+    aux["mtp_logprobs"], mtp_aux = mtp_logits(mtp_params, tokens, h, ctx, cfg, targets=targets,
+                                              temperature=temperature)
     aux.update(mtp_aux)
   return picked, ent, aux
 
 
 def forward_with_aux(params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=None,
-                     mtp: bool = False, token_mask=None, routing=None, prefix=None):
+                     mtp: bool = False, token_mask=None, routing=None, prefix=None,
+                     mtp_detach: bool = False):
   x, aux, ctx = forward_hidden(params, tokens, cfg, segment_ids=segment_ids, positions=positions,
                                token_mask=token_mask, routing=routing, prefix=prefix)
   logits = head(params, L.rms_norm(x, params["final_norm"], cfg.rms_norm_eps), cfg)
   if mtp and "mtp" in params:
-    aux["mtp_logits"], mtp_aux = mtp_logits(params, tokens, x, ctx, cfg)
+    mtp_params, h = _mtp_detached(params, x, mtp_detach)
+    aux["mtp_logits"], mtp_aux = mtp_logits(mtp_params, tokens, h, ctx, cfg)
     aux.update(mtp_aux)
   return logits, aux
 

@@ -220,6 +220,16 @@ class GRPOConfig(StageConfig):
       and the policy verifying it (`rollout.speculative`): the same sampling distribution and
       the same log-probs, up to two tokens per decode step; `draft_accept_rate` is logged.
       "" (default): plain decoding. Needs a model with an MTP module; not with routing_replay.
+    draft_weight: > 0: train the MTP draft online on the rollouts (slime's MTP training): the
+      update adds draft_weight x the MTP modules' cross-entropy on the completion tokens at the
+      sampling temperature, with no gradient into the trunk or the shared embedding and head,
+      and clips the MTP gradient by its own norm, so the policy's update is GRPO's alone
+      (`r1jax.train.losses.grpo`). Logs `draft_loss`. Under AdamW the weight scales the MTP
+      gradient, which Adam normalizes: the draft learns at the stage's lr whatever the weight,
+      so read it as on/off. 0 (default): the MTP modules stay as the stage found them (with
+      weight_decay > 0, AdamW decays them). Needs a model with an MTP module; not with
+      share_prompt (the MTP modules run on whole rows). With draft="" the policy trains exactly
+      as without it.
   """
   prompts_per_step: int = 16
   group_size: int = 8
@@ -249,6 +259,7 @@ class GRPOConfig(StageConfig):
   staleness: int = 0
   rollout_devices: int = 0
   draft: str = ""
+  draft_weight: float = 0.0
 
   def check(self, need):
     super().check(need)
@@ -288,6 +299,10 @@ class GRPOConfig(StageConfig):
     need(self.draft in ("", "mtp"), "draft", "must be '' (plain decoding) or 'mtp'")
     need(not (self.draft and self.routing_replay), "draft",
          "cannot be on with routing_replay (a rejected draft's experts are not a row's)")
+    need(self.draft_weight >= 0 and math.isfinite(self.draft_weight), "draft_weight",
+         "must be >= 0 and finite")
+    need(not (self.draft_weight and self.share_prompt), "draft_weight",
+         "cannot be > 0 with share_prompt (the MTP modules run on whole rows)")
 
   @property
   def rows(self) -> int:

@@ -144,7 +144,7 @@ def update_loss(pcfg, s: GRPOConfig):
                             eps_low=s.eps_low, eps_high=s.eps_high, beta=s.beta,
                             budget=s.max_new_tokens, is_correction=s.is_correction,
                             is_threshold=s.is_threshold, is_threshold_low=s.is_threshold_low,
-                            temperature=s.temperature)
+                            temperature=s.temperature, draft_weight=s.draft_weight)
 
 
 def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
@@ -154,7 +154,8 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
   steps = common.stage_steps(ctx, s)
   G, N = s.group_size, s.max_new_tokens
   template = s.template or c.data.template
-  tx, lr = train.make_optimizer(common.merged(c.optim, s.optim), steps * s.mu)
+  tx, lr = train.make_optimizer(common.merged(c.optim, s.optim), steps * s.mu,
+                                clip_apart_key="mtp" if s.draft_weight else "")
   loss = update_loss(pcfg, s)
   lora_cfg = common.lora_config(ctx)
   # the reference policy: with LoRA the frozen base itself, else a copy of the start params
@@ -272,6 +273,8 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
     update_flops = s.mu * forward * flops.train_factor(frozen_weights=lora_cfg is not None)
     if s.beta > 0:
       update_flops += s.mu * forward
+    if s.draft_weight:  # the MTP modules' forward and backward (none into the trunk)
+      update_flops += s.mu * _draft_flops(pcfg, batch) * flops.train_factor()
     batch = common.shard(ctx, batch)
     if old_logprobs is not None:  # pi_old = the trainer at the sampler's parameters
       batch = batch.replace(old_logprobs=old_logprobs(train.full_params(st["train"]), batch))
@@ -353,6 +356,13 @@ def _forward_flops(cfg, batch: grpo_lib.GRPOBatch) -> float:
     return flops.forward_flops(cfg, B * T, T)
   Bp, Tp = batch.prefix_tokens.shape
   return flops.forward_flops(cfg, Bp * Tp, Tp) + flops.forward_flops(cfg, B * T, Tp + T)
+
+
+def _draft_flops(cfg, batch: grpo_lib.GRPOBatch) -> float:
+  """Model FLOPs of the MTP modules' forward over an update batch (whole rows: no shared
+  prompt)."""
+  B, T = batch.tokens.shape
+  return (flops.forward_flops(cfg, B * T, T, mtp=True) - flops.forward_flops(cfg, B * T, T))
 
 
 def _min_update_groups(ctx: common.Context, s: GRPOConfig) -> int:

@@ -67,13 +67,40 @@ def current_lr(opt_state):
   return lr_at(found[0].count, found[0].values)
 
 
-def make_optimizer(optim_cfg, total_steps: int):
+def clip_apart(max_norm: float, key: str) -> optax.GradientTransformation:
+  """`optax.clip_by_global_norm`, with the leaves under a dict key `key` (at any depth) clipped
+  by their own global norm and the rest by theirs: a module trained beside the model (GRPO's
+  MTP draft) then never scales the model's update."""
+  def inside(path) -> bool:
+    return any(getattr(k, "key", None) == key for k in path)
+
+  def clip(leaves):
+    norm = optax.tree.norm(leaves)
+    return [jnp.where(norm < max_norm, t, (t / norm.astype(t.dtype)) * max_norm) for t in leaves]
+
+  def update(updates, state, params=None):
+    del params
+    paths, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    flags = [inside(p) for p, _ in paths]
+    leaves = [x for _, x in paths]
+    parts = {f: clip([x for x, g in zip(leaves, flags) if g == f]) for f in (False, True)}
+    its = {f: iter(v) for f, v in parts.items()}
+    return jax.tree_util.tree_unflatten(treedef, [next(its[f]) for f in flags]), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(optim_cfg, total_steps: int, clip_apart_key: str = ""):
   """(optax transformation, lr of an opt_state). AdamW; moments in `optim.mu_dtype` (bf16 per
-  the V3 recipe when set), master weights in the params' own dtype; the schedule in the state."""
+  the V3 recipe when set), master weights in the params' own dtype; the schedule in the state.
+  clip_apart_key: the gradient of the leaves under this key is clipped by its own norm
+  (`clip_apart`), the rest by theirs; "" clips all by one global norm."""
   mu_dtype = optim_cfg.get("mu_dtype", None)
   decay_mask = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)
+  clip_norm = float(optim_cfg.get("clip_norm", 1.0))
   tx = optax.chain(
-      optax.clip_by_global_norm(float(optim_cfg.get("clip_norm", 1.0))),
+      clip_apart(clip_norm, clip_apart_key) if clip_apart_key
+      else optax.clip_by_global_norm(clip_norm),
       optax.scale_by_adam(b1=float(optim_cfg.get("b1", 0.9)), b2=float(optim_cfg.get("b2", 0.95)),
                           eps=float(optim_cfg.get("eps", 1e-8)),
                           mu_dtype=jnp.dtype(mu_dtype) if mu_dtype else None),

@@ -43,11 +43,12 @@ def get_config(arg=None):
   # filtered path in every multi-process, kill and resume test
   rollout = dict(prompts_per_step=4, group_size=2, max_new_tokens=12, drop_zero_var=True)
   c.stages.cold_start.update(steps=4, eval=False)
-  # GRPO samples speculatively (the MTP module drafts; `draft="mtp"`), refills flat groups
-  # (DAPO's dynamic sampling, one refill batch a step) and refreshes its KL reference every 2
-  # steps: these paths in every kill, resume and multi-process test
-  c.stages.grpo.update(steps=4, eval=False, draft="mtp", dynamic_sampling=True, max_refills=1,
-                       ref_refresh_every=2, **rollout)
+  # GRPO samples speculatively (the MTP module drafts; `draft="mtp"`) and trains its draft
+  # (`draft_weight`), refills flat groups (DAPO's dynamic sampling, one refill batch a step)
+  # and refreshes its KL reference every 2 steps: these paths in every kill, resume and
+  # multi-process test
+  c.stages.grpo.update(steps=4, eval=False, draft="mtp", draft_weight=0.1, dynamic_sampling=True,
+                       max_refills=1, ref_refresh_every=2, **rollout)
   c.stages.rejection.update(num_prompts=8, k=2, max_new_tokens=12)
   c.stages.rejection.batch_size = 8
   c.stages.rejection.min_reward = -1.0

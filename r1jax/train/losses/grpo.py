@@ -13,6 +13,15 @@ far the trainer's log-probs are from the sampler's for the same tokens:
   mismatch_clip_frac          share of those ratios outside [1 - eps_low, 1 + eps_high]
 On-policy (r1jax samples with the trainer's own model code, dropless MoE, same precision) these
 are float noise: |ratio - 1| < 1e-5 and no token clipped.
+
+Draft training (`draft_weight` > 0, slime's online MTP training): the loss adds
+  draft_weight * CE of the MTP modules on the rollout's own completion tokens,
+under softmax(logits / temperature), the distribution the speculative sampler drafts from. The
+MTP modules run on the trunk's hidden states and the shared embedding and head with no gradient
+through them (`model.forward_with_aux(mtp_detach=True)`), so every other weight's gradient is
+the policy loss's alone; the step clips the MTP modules' gradient by its own norm
+(`optim.make_optimizer(clip_apart="mtp")`), so their update leaves the policy's untouched.
+Logged as `draft_loss`.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import numpy as np
 
 from r1jax import model
 from r1jax.model.config import ModelConfig
+from r1jax.train.losses import core
 from r1jax.train.losses import policy as pl
 from r1jax.train.losses.supervised import moe_metrics
 
@@ -120,26 +130,31 @@ def _masked_stats(x, mask, n):
 def grpo_loss(cfg: ModelConfig, *, loss_type: str = "grpo", policy_loss: str = "grpo",
               eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.0, budget: int = 1,
               is_correction: str = "none", is_threshold: float = 2.0,
-              is_threshold_low: float = 0.5, temperature: float = 1.0):
+              is_threshold_low: float = 0.5, temperature: float = 1.0,
+              draft_weight: float = 0.0):
   """Loss plug-in over `GRPOBatch`es; `frozen` is the reference model's params when beta > 0
   (else None). `budget` is the completion token budget (Dr. GRPO's constant normalizer). `cfg`
   must be the policy config the sampler ran (`rollout.sampler.policy_config`). `temperature`
   must be the rollouts' sampling temperature: every log-prob (policy, reference, entropy) is of
   softmax(logits / temperature), the distribution the sampler drew from and whose log-probs it
-  returned, so the policy trained is the one sampled (TRL and verl do the same)."""
+  returned, so the policy trained is the one sampled (TRL and verl do the same).
+  `draft_weight`: train the MTP draft on the rollouts (module docstring)."""
   assert loss_type in pl.AGGREGATIONS, loss_type
   assert policy_loss in pl.POLICY_LOSSES, policy_loss
   assert is_correction in pl.IS_CORRECTIONS, is_correction
 
-  def forward(params, batch: GRPOBatch, entropy: bool):
+  draft = draft_weight > 0
+
+  def forward(params, batch: GRPOBatch, entropy: bool, mtp: bool = False):
     return model.target_logprobs(params, batch.tokens, batch.targets, cfg,
                                  segment_ids=batch.segment_ids, token_mask=batch.segment_ids > 0,
                                  positions=batch.positions, routing=batch.routing,
-                                 entropy=entropy, temperature=temperature, prefix=batch.prefix)
+                                 entropy=entropy, temperature=temperature, prefix=batch.prefix,
+                                 mtp=mtp, mtp_detach=mtp)
 
   def loss_fn(params, batch: GRPOBatch, rng, ref_params):
     del rng
-    logp, entropy, aux = forward(params, batch, entropy=True)
+    logp, entropy, aux = forward(params, batch, entropy=True, mtp=draft)
     ref_logp = None
     if beta > 0:
       ref_logp, _, _ = forward(jax.lax.stop_gradient(ref_params), batch, entropy=False)
@@ -178,6 +193,9 @@ def grpo_loss(cfg: ModelConfig, *, loss_type: str = "grpo", policy_loss: str = "
     metrics["mismatch_clip_frac"] = jnp.sum(((mismatch < lo) | (mismatch > hi)) * full) / n
     if is_correction != "none":
       metrics["is_weight_mean"] = jnp.sum(w_is * full) / n
+    if draft:
+      metrics["draft_loss"] = draft_loss(aux, batch, temperature)
+      loss = loss + draft_weight * metrics["draft_loss"]
     real = jnp.sum(batch.segment_ids > 0)
     if batch.prefix_valid is not None:
       real = real + jnp.sum(batch.prefix_valid > 0)  # each shared prefix token routed once
@@ -185,6 +203,16 @@ def grpo_loss(cfg: ModelConfig, *, loss_type: str = "grpo", policy_loss: str = "
     return loss, metrics
 
   return loss_fn
+
+
+def draft_loss(aux, batch: GRPOBatch, temperature: float):
+  """The MTP modules' cross-entropy on the completion tokens, at `temperature` (the MTP outputs
+  of `model.target_logprobs(mtp=True)`: log-probs under cfg.logits_chunk, else raw logits)."""
+  if "mtp_logprobs" in aux:  # already at the temperature
+    return core.mtp_loss(aux["mtp_logprobs"], batch.targets, batch.loss_mask, batch.segment_ids,
+                         logprobs=True)
+  return core.mtp_loss(aux["mtp_logits"] / temperature, batch.targets, batch.loss_mask,
+                       batch.segment_ids)
 
 
 def old_logprobs_fn(cfg: ModelConfig, temperature: float = 1.0):
