@@ -7,7 +7,6 @@ sampling temperature, and training it on the policy's own rollouts raises the sh
 the policy accepts.
 """
 
-import dataclasses
 import importlib.util
 import os
 
