@@ -87,7 +87,8 @@ def get_config(arg=None):
                                schedule="constant")
   c.stages.rejection = stage("rejection_sampling", steps=0, num_prompts=1000, k=4,
                              max_new_tokens=40, temperature=1.0, keep_per_prompt=1,
-                             reward_weights={"accuracy": 1.0, "format": 1.0})
+                             reward_weights={"accuracy": 1.0, "format": 1.0},
+                             draft="")  # "mtp": the MTP module drafts (README)
   c.stages.sft_rs = stage("sft", steps=60, data_file="samples/rejection.jsonl", lr=2e-4,
                           warmup_steps=0, schedule="constant")
   c.stages.grpo_final = stage("grpo", steps=20, **dict(grpo, warmup_steps=10))

@@ -70,7 +70,8 @@ def base_config(**model_fields) -> ml_collections.ConfigDict:
   c.stages = ml_collections.ConfigDict()
   c.stage_order = ()
   c.eval = ml_collections.ConfigDict(dict(
-      num_problems=100, k=4, temperature=0.6, top_p=0.95, max_new_tokens=64, greedy=True))
+      num_problems=100, k=4, temperature=0.6, top_p=0.95, max_new_tokens=64, greedy=True,
+      draft=""))  # "mtp": models with an MTP module decode their evaluation speculatively
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=50, keep=2, async_save=True))
   c.log = ml_collections.ConfigDict(dict(every_steps=10, plots=True, tensorboard=True))
   return c
@@ -128,6 +129,12 @@ def validate(c) -> ModelConfig:
         s.rows % int(c.train.accum_steps):
       raise ConfigError(f"train.accum_steps={c.train.accum_steps} must divide stages.{name}'s "
                         f"prompts_per_step x group_size = {s.rows}")
+  drafts = {"eval.draft": c.get("eval", {}).get("draft", "")}
+  drafts.update({f"stages.{n}.draft": stages[n].overrides.get("draft", "") for n in order
+                 if stages[n].kind == "eval"})
+  for field, draft in drafts.items():
+    if draft not in ("", "mtp"):
+      raise ConfigError(f"{field}={draft!r} must be '' (plain decoding) or 'mtp'")
   reserved = {s_get(stages[n], "rollout_devices", 0) for n in order} - {0}
   if len(reserved) > 1:
     raise ConfigError(f"the GRPO stages ask for different rollout_devices ({sorted(reserved)});"

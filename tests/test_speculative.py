@@ -250,3 +250,47 @@ def test_swap_groups_keeps_call_fields():
   assert out.rollout.prefill_rows == 2 and out.flops == 2.0
   assert (out.rollout.draft_accepted, out.rollout.draft_proposed,
           out.rollout.decode_steps) == (10, 20, 10)
+
+
+def test_evaluation_and_rejection_sampling_draft_with_mtp(moe, tmp_path):
+  """`eval.draft="mtp"`: greedy evaluation writes the same completions as plain decoding and
+  reports the drafts' acceptance; a model without an MTP module (the dense student) decodes
+  plainly. `engine.rollout` in several calls (`batch_size`, as rejection sampling and
+  evaluation run it) sums the draft counts of all calls."""
+  import json
+  import types
+  import ml_collections
+  from r1jax import recipe, run_config
+  from r1jax.data.tokenizer import get_tokenizer
+  from r1jax.parallel import make_mesh
+  from r1jax.stages import evaluate
+  cfg, params = moe
+  c = run_config.from_file(os.path.join(ROOT, "configs", "r1_tiny.py"))
+  records = recipe.make_splits(c)["eval"][:6]
+  ctx = types.SimpleNamespace(tokenizer=get_tokenizer("char"), is_main=True, workdir=tmp_path,
+                              mesh=make_mesh({"data": 1}, jax.devices()[:1]))
+  (tmp_path / "samples").mkdir()
+
+  def run(model_cfg, model_params, draft, stage, k=2):
+    eval_cfg = ml_collections.ConfigDict(dict(k=k, temperature=1.0, top_p=1.0, max_new_tokens=10,
+                                              greedy=True, draft=draft, batch_size=4))
+    out = evaluate.evaluate(ctx, model_cfg, model_params, records, seed=0, template="r1",
+                            eval_cfg=eval_cfg, stage=stage)
+    lines = (tmp_path / "samples" / f"eval_{stage}.jsonl").read_text().splitlines()
+    return out, [json.loads(line)["completion"] for line in lines]
+
+  plain, plain_text = run(cfg, params, "", "plain")
+  spec, spec_text = run(cfg, params, "mtp", "spec")
+  assert spec_text == plain_text and spec["accuracy"] == plain["accuracy"]
+  assert "draft_accept_rate" not in plain and 0 < spec["draft_accept_rate"] <= 1
+  student = ModelConfig.from_config(dict(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=1, model_type="qwen2"))
+  s_params = testing.jit(lambda r: model.init(student, r))(jax.random.key(0))
+  out, _ = run(student, s_params, "mtp", "student", k=0)
+  assert "draft_accept_rate" not in out
+  scored = engine.rollout(params, cfg, records, tokenizer=ctx.tokenizer, mesh=ctx.mesh,
+                          template="r1", rng=jax.random.key(0), repeats=2, batch_size=4,
+                          sampling=engine.Sampling(max_new_tokens=10, draft="mtp"))
+  assert scored.rollout is None  # three calls of 4 rows
+  assert scored.drafts[1] >= 12 and 0 < scored.draft_accept_rate <= 1

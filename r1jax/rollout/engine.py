@@ -53,6 +53,8 @@ class ScoredRollout:
     per_reward: {reward name: [score or None per row]}.
     reward_errors: {reward name: rows whose scorer failed}.
     flops: model FLOPs the generation cost (`r1jax.flops.generate_flops`).
+    drafts: (accepted, proposed) drafts over all generate calls (speculative rollouts), else
+      (0, 0).
   """
   records: list
   prompts: list
@@ -62,10 +64,16 @@ class ScoredRollout:
   per_reward: dict
   reward_errors: dict
   flops: float
+  drafts: tuple = (0, 0)
 
   @property
   def size(self) -> int:
     return len(self.records)
+
+  @property
+  def draft_accept_rate(self) -> float | None:
+    """The share of the drafts the policy accepted, or None without speculative decoding."""
+    return self.drafts[0] / self.drafts[1] if self.drafts[1] else None
 
   def reward_means(self) -> dict:
     """reward_<fn> over all rows and reward_<fn>_<bucket> per data bucket (None counts 0)."""
@@ -132,13 +140,14 @@ def start_rollout(params, cfg: ModelConfig, records: Sequence[Mapping], *, token
                                            draft=sampling.draft, **kw)))
 
   def finish() -> ScoredRollout:
-    completions, lengths, outs, cost = [], [], [], 0.0
+    completions, lengths, outs, cost, drafts = [], [], [], 0.0, np.zeros(2, np.int64)
     for real, call in calls:
       out = call.result()
       B, L = out.tokens.shape
       if out.decode_steps is not None:  # speculative: two tokens and the MTP layer per step
         cost += flops.speculative_flops(cfg, B, L - sampling.max_new_tokens, out.decode_steps,
                                         prefill_rows=out.prefill_rows)
+        drafts += (out.draft_accepted, out.draft_proposed)
       else:
         cost += flops.generate_flops(cfg, B, L - sampling.max_new_tokens,
                                      int(np.max(out.lengths)), prefill_rows=out.prefill_rows)
@@ -153,7 +162,8 @@ def start_rollout(params, cfg: ModelConfig, records: Sequence[Mapping], *, token
                                     completion_lengths=lengths)
     return ScoredRollout(records=rows, prompts=prompts, completions=completions,
                          rollout=outs[0] if len(outs) == 1 else None, rewards=total,
-                         per_reward=per_fn, reward_errors=errors, flops=cost)
+                         per_reward=per_fn, reward_errors=errors, flops=cost,
+                         drafts=tuple(int(d) for d in drafts))
 
   return sampler.Pending(finish)
 
@@ -176,7 +186,8 @@ def swap_groups(scored: ScoredRollout, fresh: ScoredRollout, pairs, group_size: 
       scored, records=list(scored.records), prompts=list(scored.prompts),
       completions=list(scored.completions), rewards=scored.rewards.copy(),
       per_reward={k: list(v) for k, v in scored.per_reward.items()},
-      flops=scored.flops + fresh.flops)
+      flops=scored.flops + fresh.flops,
+      drafts=tuple(a + b for a, b in zip(scored.drafts, fresh.drafts)))
   arrays = {name: np.array(getattr(scored.rollout, name))
             for name in sampler.row_fields(scored.rollout)}
   for i, j in pairs:

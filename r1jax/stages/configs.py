@@ -321,6 +321,9 @@ class RejectionConfig(StageConfig):
     max_chars: readability: drop longer completions.
     keep_per_prompt: at most this many distinct samples per prompt.
     batch_size: rows per generate call.
+    draft: "mtp": sample speculatively, the policy's MTP module drafting (the same sampling
+      distribution as plain decoding; `draft_accept_rate` is logged). Needs a model with an
+      MTP module.
   """
   num_prompts: int = 256
   k: int = 4
@@ -333,6 +336,7 @@ class RejectionConfig(StageConfig):
   max_chars: int = 10_000
   keep_per_prompt: int = 1
   batch_size: int = 64
+  draft: str = ""
 
   def check(self, need):
     super().check(need)
@@ -343,6 +347,7 @@ class RejectionConfig(StageConfig):
     need(self.max_chars >= 1, "max_chars", "must be >= 1")
     need(self.keep_per_prompt >= 1, "keep_per_prompt", "must be >= 1")
     need(self.batch_size >= 1, "batch_size", "must be >= 1")
+    need(self.draft in ("", "mtp"), "draft", "must be '' (plain decoding) or 'mtp'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,8 +356,9 @@ class EvalConfig(StageConfig):
 
   Attributes:
     model: "policy" or "student".
-    overrides: of the run config's eval section (k, temperature, max_new_tokens, ...), given
-      as that section's own keys on the stage: `stage("eval", steps=0, k=8, temperature=0.6)`.
+    overrides: of the run config's eval section (k, temperature, max_new_tokens, draft, ...),
+      given as that section's own keys on the stage: `stage("eval", steps=0, k=8,
+      temperature=0.6)`.
   """
   model: str = "policy"
   overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)

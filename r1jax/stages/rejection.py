@@ -22,7 +22,7 @@ def run_rejection(ctx: common.Context, name: str, s: RejectionConfig):
       params, cfg, records, tokenizer=ctx.tokenizer, mesh=ctx.mesh,
       template=s.template or c.data.template,
       sampling=engine.Sampling(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                               top_p=s.top_p),
+                               top_p=s.top_p, draft=s.draft),
       rng=jax.random.PRNGKey(ctx.seed(name)), repeats=s.k, batch_size=s.batch_size,
       reward_weights={n: 1.0 for n in names})
   kept, seen = [], set()
@@ -46,6 +46,8 @@ def run_rejection(ctx: common.Context, name: str, s: RejectionConfig):
              "prompts_with_a_sample": float(np.mean(per_prompt > 0))}
   for n in names:
     metrics[f"reward_{n}"] = float(np.mean([v or 0.0 for v in scored.per_reward[n]]))
+  if scored.draft_accept_rate is not None:
+    metrics["draft_accept_rate"] = scored.draft_accept_rate
   ctx.log.metrics(name, 0, metrics)
   ctx.log.info(f"[{name}] kept {len(kept)} of {scored.size} samples -> {path}")
   return metrics
