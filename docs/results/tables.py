@@ -44,7 +44,7 @@ def save(run_dir: str, name: str, **run):
 def save_curve(run_dir: str, name: str):
   keys = ("step", "reward", "reward_format", "reward_accuracy", "completion_len",
           "zero_var_groups", "step_seconds", "rollout_seconds", "draft_accept_rate",
-          "decode_steps")
+          "decode_steps", "draft_loss")
   rows = []
   with open(os.path.join(run_dir, "metrics.jsonl")) as f:
     for line in f:
@@ -400,6 +400,37 @@ def speculative_table(folder: str = os.path.join(HERE, "speculative"),
           f"{mean(rates[-10:]):.3f} | {mean(rates):.3f} |")
 
 
+def draft_training_table(folder: str = os.path.join(HERE, "speculative")):
+  """Speculative GRPO with the MTP draft trained online (`draft_weight`,
+  speculative/draft_trained_seedN.json, cold_start and grpo) against speculative GRPO without
+  it (speculative/spec_seedN.json) from the same cold start: the greedy held-out accuracy at
+  the RL prompt mix after grpo, and the draft acceptance rate and draft loss over the steps."""
+  seeds = sorted({_seed(p) for p in glob.glob(os.path.join(folder, "draft_trained_seed*.json"))})
+  mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
+  print("| seed | held-out, RL mix: cold start | grpo, draft frozen | grpo, draft trained | "
+        "trained - frozen | acceptance, frozen: steps 1-10 / 141-150 / 291-300 | trained | "
+        "draft loss, trained: steps 1-10 / 291-300 |")
+  print("|---|---|---|---|---|---|---|---|")
+  for seed in seeds:
+    acc, curves = {}, {}
+    for mode in ("spec", "draft_trained"):
+      with open(os.path.join(folder, f"{mode}_seed{seed}.json")) as f:
+        run = json.load(f)
+      st = {e["name"]: e for e in run["stages"]}
+      acc[mode] = {n: _rl_mix(run, st[n]) for n in ("cold_start", "grpo")}
+      with open(os.path.join(folder, f"{mode}_seed{seed}_curve.json")) as f:
+        curves[mode] = json.load(f)
+    rates = {m: [r.get("draft_accept_rate") for r in c] for m, c in curves.items()}
+    windows = lambda xs: " / ".join(f"{mean(xs[a:b]):.3f}" for a, b in ((0, 10), (140, 150),
+                                                                         (290, 300)))
+    losses = [r["draft_loss"] for r in curves["draft_trained"] if "draft_loss" in r]
+    frozen, trained = acc["spec"]["grpo"], acc["draft_trained"]["grpo"]
+    print(f"| {seed} | {acc['spec']['cold_start']:.3f} | {frozen:.3f} | {trained:.3f} | "
+          f"{trained - frozen:+.3f} | {windows(rates['spec'])} | "
+          f"{windows(rates['draft_trained'])} | {mean(losses[:10]):.3f} / "
+          f"{mean(losses[-10:]):.3f} |")
+
+
 def cold_start_probes():
   """Cold-start-only runs (cold_start_probes/*.json) next to the cold starts of the full runs
   with one operand order (one_order/): greedy accuracy all / covered / uncovered."""
@@ -513,6 +544,9 @@ def main():
                   help="print synchronous against asynchronous GRPO (async_grpo/)")
   ap.add_argument("--speculative", action="store_true",
                   help="print plain against speculative-rollout GRPO (speculative/)")
+  ap.add_argument("--draft_training", action="store_true",
+                  help="print speculative GRPO with the draft trained against frozen "
+                       "(speculative/)")
   ap.add_argument("--fresh", action="store_true",
                   help="print the larger uncovered check (fresh_uncovered.py)")
   a = ap.parse_args()
@@ -546,6 +580,9 @@ def main():
     return
   if a.speculative:
     speculative_table()
+    return
+  if a.draft_training:
+    draft_training_table()
     return
   if a.fresh:
     fresh_uncovered(os.path.join(HERE, "fresh_uncovered", a.dir or ""))
