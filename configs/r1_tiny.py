@@ -79,7 +79,8 @@ def get_config(arg=None):
               dynamic_sampling=False, max_refills=1, mask_truncated=False, top_p=1.0,
               length_bucket=8, drop_zero_var=True,
               draft="",  # "mtp": speculative rollouts, the MTP module drafting (README)
-              draft_weight=0.0)  # > 0: train the MTP draft on the rollouts (README)
+              draft_weight=0.0,  # > 0: train the MTP draft on the rollouts (README)
+              partial_tokens=0)  # > 0: partial rollouts of this many tokens per call (README)
   c.stages.cold_start = stage("sft", steps=400)
   c.stages.grpo = stage("grpo", steps=300, **grpo)
   c.stages.sft_control = stage("sft", steps=0, start_from="cold_start", branch=True,

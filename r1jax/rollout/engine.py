@@ -121,12 +121,7 @@ def start_rollout(params, cfg: ModelConfig, records: Sequence[Mapping], *, token
   rows = [r for r in records for _ in range(repeats)]
   prompts = format_prompts(rows, template, tokenizer)
   ids = [tokenizer.encode(p) for p in prompts]
-  kw = dict(max_new_tokens=sampling.max_new_tokens, eos_id=tokenizer.eos_id,
-            pad_id=tokenizer.pad_id, vocab_limit=tokenizer.vocab_size)
-  if sampling.greedy:
-    kw["greedy"] = True
-  else:
-    kw.update(temperature=sampling.temperature, top_p=sampling.top_p)
+  kw = generate_kwargs(sampling, tokenizer)
   size = batch_size or len(ids)
   calls = []  # (real rows, pending generate call)
   for start in range(0, len(ids), size):
@@ -135,22 +130,15 @@ def start_rollout(params, cfg: ModelConfig, records: Sequence[Mapping], *, token
     chunk = chunk + [chunk[-1]] * (size - real)  # pad: keeps the compiled shape
     key = rng if batch_size is None else jax.random.fold_in(rng, start)
     with jax.set_mesh(mesh):
-      calls.append((real, sampler.generate(params, cfg, chunk, rng=key, fetch=False,
-                                           record_routing=sampling.record_routing,
-                                           draft=sampling.draft, **kw)))
+      calls.append((real, sampler.generate(params, cfg, chunk, rng=key, fetch=False, **kw)))
 
   def finish() -> ScoredRollout:
     completions, lengths, outs, cost, drafts = [], [], [], 0.0, np.zeros(2, np.int64)
     for real, call in calls:
       out = call.result()
-      B, L = out.tokens.shape
-      if out.decode_steps is not None:  # speculative: two tokens and the MTP layer per step
-        cost += flops.speculative_flops(cfg, B, L - sampling.max_new_tokens, out.decode_steps,
-                                        prefill_rows=out.prefill_rows)
+      cost += generation_flops(cfg, out)
+      if out.decode_steps is not None:
         drafts += (out.draft_accepted, out.draft_proposed)
-      else:
-        cost += flops.generate_flops(cfg, B, L - sampling.max_new_tokens,
-                                     int(np.max(out.lengths)), prefill_rows=out.prefill_rows)
       for b in range(real):
         completions.append(tokenizer.decode(out.completion[b, :int(out.lengths[b])].tolist(),
                                             skip_special=True))
@@ -166,6 +154,30 @@ def start_rollout(params, cfg: ModelConfig, records: Sequence[Mapping], *, token
                          drafts=tuple(int(d) for d in drafts))
 
   return sampler.Pending(finish)
+
+
+def generate_kwargs(sampling: Sampling, tokenizer, max_new_tokens: int | None = None) -> dict:
+  """`sampler.generate`'s sampling and token arguments for `sampling` (max_new_tokens: instead
+  of sampling's)."""
+  kw = dict(max_new_tokens=max_new_tokens or sampling.max_new_tokens, eos_id=tokenizer.eos_id,
+            pad_id=tokenizer.pad_id, vocab_limit=tokenizer.vocab_size,
+            record_routing=sampling.record_routing, draft=sampling.draft)
+  if sampling.greedy:
+    kw["greedy"] = True
+  else:
+    kw.update(temperature=sampling.temperature, top_p=sampling.top_p)
+  return kw
+
+
+def generation_flops(cfg: ModelConfig, out: sampler.Rollout) -> float:
+  """Model FLOPs of the generate call that returned `out`: plain decoding up to its longest
+  row, or speculative (two tokens and the MTP layer per decode step)."""
+  B, L = out.tokens.shape
+  P = L - out.completion.shape[1]
+  if out.decode_steps is not None:
+    return flops.speculative_flops(cfg, B, P, out.decode_steps, prefill_rows=out.prefill_rows)
+  return flops.generate_flops(cfg, B, P, int(np.max(out.lengths)),
+                              prefill_rows=out.prefill_rows)
 
 
 def refill_pairs(zero_var, candidate_zero_var) -> list[tuple[int, int]]:

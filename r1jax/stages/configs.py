@@ -220,6 +220,14 @@ class GRPOConfig(StageConfig):
       and the policy verifying it (`rollout.speculative`): the same sampling distribution and
       the same log-probs, up to two tokens per decode step; `draft_accept_rate` is logged.
       "" (default): plain decoding. Needs a model with an MTP module; not with routing_replay.
+    partial_tokens: > 0: partial rollouts (Kimi k1.5, slime; `rollout.partial`): each generate
+      call decodes at most this many tokens per row, unfinished rows are carried to the next
+      call and step (continued by the policy of that step), and the update takes the oldest
+      prompts_per_step groups whose rows all finished. A long completion no longer holds a
+      whole batch. Tokens sampled at earlier steps keep their sampler log-probs, so the
+      clipped ratio sees their policy lag (`stale_token_frac` logs their share). DAPO's
+      refills sample whole completions. Must be < max_new_tokens; not with staleness=1 or
+      routing_replay. 0 (default): every completion in one call.
     draft_weight: > 0: train the MTP draft online on the rollouts (slime's MTP training): the
       update adds draft_weight x the MTP modules' cross-entropy on the completion tokens at the
       sampling temperature, with no gradient into the trunk or the shared embedding and head,
@@ -260,6 +268,7 @@ class GRPOConfig(StageConfig):
   rollout_devices: int = 0
   draft: str = ""
   draft_weight: float = 0.0
+  partial_tokens: int = 0
 
   def check(self, need):
     super().check(need)
@@ -303,6 +312,12 @@ class GRPOConfig(StageConfig):
          "must be >= 0 and finite")
     need(not (self.draft_weight and self.share_prompt), "draft_weight",
          "cannot be > 0 with share_prompt (the MTP modules run on whole rows)")
+    need(0 <= self.partial_tokens < self.max_new_tokens, "partial_tokens",
+         f"must be in [0, max_new_tokens={self.max_new_tokens}) (0: whole completions)")
+    need(not (self.partial_tokens and self.staleness), "partial_tokens",
+         "cannot be on with staleness=1 (asynchronous GRPO samples whole completions)")
+    need(not (self.partial_tokens and self.routing_replay), "partial_tokens",
+         "cannot be on with routing_replay (a carried row's earlier experts are not kept)")
 
   @property
   def rows(self) -> int:

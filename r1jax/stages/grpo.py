@@ -25,7 +25,7 @@ import numpy as np
 
 from r1jax import flops, parallel, train
 from r1jax.data import pipeline
-from r1jax.rollout import engine, sampler
+from r1jax.rollout import engine, partial, sampler
 from r1jax.stages import common
 from r1jax.stages.configs import GRPOConfig
 from r1jax.train.losses import grpo as grpo_lib
@@ -176,6 +176,7 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
   sampling = engine.Sampling(max_new_tokens=N, temperature=s.temperature, top_p=s.top_p,
                              record_routing=s.routing_replay, draft=s.draft)
   samples = common.SampleLog(ctx, name)
+  buffer = partial.PartialRollouts(G, s.partial_tokens, N) if s.partial_tokens else None
   rollout_mesh = ctx.rollout_mesh if s.rollout_devices else ctx.mesh
   rollout_kw = dict(tokenizer=ctx.tokenizer, template=template, sampling=sampling, repeats=G,
                     reward_weights=s.reward_weights)
@@ -230,7 +231,16 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
     t0 = time.time()
     step = int(st["train"].step) // s.mu
     key = batch_key(step)
-    scored = collect(st, step) if s.staleness else sample(st, next(it), key)
+    partial_stats = {}
+    if s.staleness:
+      scored = collect(st, step)
+    elif buffer is not None:  # partial rollouts: segments until enough groups are complete
+      scored, partial_stats = buffer.next_batch(
+          train.full_params(st["train"]), pcfg, draw=lambda: next(it), groups=s.prompts_per_step,
+          rows=s.rows, rng=key, tokenizer=ctx.tokenizer, mesh=ctx.mesh, template=template,
+          sampling=sampling, reward_weights=s.reward_weights)
+    else:
+      scored = sample(st, next(it), key)
     fresh = scored  # on-policy rewards, before dynamic sampling swaps groups in
     adv, zero_var = grpo_lib.group_advantages(scored.rewards, G, s.advantage_scale)
     refills = 0
@@ -269,6 +279,7 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
       host["draft_accept_rate"] = scored.rollout.draft_accepted / scored.rollout.draft_proposed
       host["decode_steps"] = float(scored.rollout.decode_steps)
     host.update(fresh.reward_means())
+    host.update(partial_stats)
     forward = _forward_flops(pcfg, batch)
     update_flops = s.mu * forward * flops.train_factor(frozen_weights=lora_cfg is not None)
     if s.beta > 0:
@@ -303,7 +314,8 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
 
   with jax.set_mesh(ctx.mesh):
     state, metrics = common.train_loop(ctx, name, state, steps=steps, next_batch=next_batch,
-                                       data_iter=it, update=update, log_keys=("reward", "loss"),
+                                       data_iter=_WithPartial(it, buffer) if buffer else it,
+                                       update=update, log_keys=("reward", "loss"),
                                        overlap=False)
   common.record_lora_output(ctx, name, state["train"])
   ctx.models["policy"] = (cfg, train.full_params(state["train"]))
@@ -347,6 +359,21 @@ class _LaggedIterator:
   def set_state(self, state):
     self.it.set_state(state)
     self.saved = None
+
+
+class _WithPartial:
+  """The prompt iterator and the partial-rollout buffer as one checkpointed data state: a
+  resumed run continues the rows in flight and the records drawn but not started."""
+
+  def __init__(self, it, buffer: partial.PartialRollouts):
+    self.it, self.buffer = it, buffer
+
+  def get_state(self):
+    return {"prompts": self.it.get_state(), "partial": self.buffer.state()}
+
+  def set_state(self, state):
+    self.it.set_state(state["prompts"])
+    self.buffer.set_state(state["partial"])
 
 
 def _forward_flops(cfg, batch: grpo_lib.GRPOBatch) -> float:

@@ -44,11 +44,12 @@ def get_config(arg=None):
   rollout = dict(prompts_per_step=4, group_size=2, max_new_tokens=12, drop_zero_var=True)
   c.stages.cold_start.update(steps=4, eval=False)
   # GRPO samples speculatively (the MTP module drafts; `draft="mtp"`) and trains its draft
-  # (`draft_weight`), refills flat groups (DAPO's dynamic sampling, one refill batch a step)
-  # and refreshes its KL reference every 2 steps: these paths in every kill, resume and
-  # multi-process test
-  c.stages.grpo.update(steps=4, eval=False, draft="mtp", draft_weight=0.1, dynamic_sampling=True,
-                       max_refills=1, ref_refresh_every=2, **rollout)
+  # (`draft_weight`), decodes 5 tokens per call and carries unfinished rows to the next call
+  # and step (partial rollouts), refills flat groups (DAPO's dynamic sampling, one refill
+  # batch a step) and refreshes its KL reference every 2 steps: these paths in every kill,
+  # resume and multi-process test
+  c.stages.grpo.update(steps=4, eval=False, draft="mtp", draft_weight=0.1, partial_tokens=5,
+                       dynamic_sampling=True, max_refills=1, ref_refresh_every=2, **rollout)
   c.stages.rejection.update(num_prompts=8, k=2, max_new_tokens=12)
   c.stages.rejection.batch_size = 8
   c.stages.rejection.min_reward = -1.0
@@ -66,7 +67,7 @@ def get_config(arg=None):
   # the other devices
   c.stages.grpo_async = ml_collections.ConfigDict(c.stages.grpo.to_dict())
   c.stages.grpo_async.update(staleness=1, rollout_devices=2, is_correction="token_tis",
-                             draft="", dynamic_sampling=False)
+                             draft="", dynamic_sampling=False, partial_tokens=0)
   c.max_steps = 4  # caps the compute-matched control (every other stage is shorter already)
   c.stage_order = ("cold_start", "grpo", "grpo_async", "sft_control", "rejection", "sft_rs",
                    "distill", "distill_opd")
