@@ -119,7 +119,7 @@ def test_bad_async_settings_are_one_clear_config_error(change, message):
 
 def test_two_stages_cannot_reserve_different_sampling_devices():
   c = _shrunk()
-  c.stages.grpo.update(staleness=1, rollout_devices=4, dynamic_sampling=False)
+  c.stages.grpo.update(staleness=1, rollout_devices=4, dynamic_sampling=False, partial_tokens=0)
   with pytest.raises(ConfigError, match=r"different rollout_devices \(\[2, 4\]\)"):
     run_config.validate(c)
 

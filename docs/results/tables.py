@@ -44,7 +44,8 @@ def save(run_dir: str, name: str, **run):
 def save_curve(run_dir: str, name: str):
   keys = ("step", "reward", "reward_format", "reward_accuracy", "completion_len",
           "zero_var_groups", "step_seconds", "rollout_seconds", "draft_accept_rate",
-          "decode_steps", "draft_loss")
+          "decode_steps", "draft_loss", "partial_calls", "stale_token_frac",
+          "partial_carried_rows", "partial_waiting_groups")
   rows = []
   with open(os.path.join(run_dir, "metrics.jsonl")) as f:
     for line in f:
@@ -431,6 +432,34 @@ def draft_training_table(folder: str = os.path.join(HERE, "speculative")):
           f"{mean(losses[-10:]):.3f} |")
 
 
+def partial_table(folder: str = os.path.join(HERE, "partial"),
+                  sync_folder: str = os.path.join(HERE, "async_grpo")):
+  """GRPO with partial rollouts (`partial_tokens`, partial/partial_seedN.json, cold_start and
+  grpo) against plain GRPO (async_grpo/sync_seedN.json) from the same cold start: the greedy
+  held-out accuracy at the RL prompt mix after grpo, and per step the generate calls, the
+  tokens sampled at earlier steps and the carried rows (means over the 300 steps)."""
+  seeds = sorted({_seed(p) for p in glob.glob(os.path.join(folder, "partial_seed*.json"))})
+  mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
+  print("| seed | held-out, RL mix: cold start | plain grpo | partial grpo | partial - plain | "
+        "generate calls per step | stale token share | rows carried | completion length |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  for seed in seeds:
+    acc = {}
+    for mode, path in (("plain", os.path.join(sync_folder, f"sync_seed{seed}.json")),
+                       ("partial", os.path.join(folder, f"partial_seed{seed}.json"))):
+      with open(path) as f:
+        run = json.load(f)
+      st = {e["name"]: e for e in run["stages"]}
+      acc[mode] = {n: _rl_mix(run, st[n]) for n in ("cold_start", "grpo")}
+    with open(os.path.join(folder, f"partial_seed{seed}_curve.json")) as f:
+      curve = json.load(f)
+    col = lambda k: mean([r[k] for r in curve if k in r])
+    print(f"| {seed} | {acc['plain']['cold_start']:.3f} | {acc['plain']['grpo']:.3f} | "
+          f"{acc['partial']['grpo']:.3f} | {acc['partial']['grpo'] - acc['plain']['grpo']:+.3f} | "
+          f"{col('partial_calls'):.2f} | {col('stale_token_frac'):.3f} | "
+          f"{col('partial_carried_rows'):.1f} | {col('completion_len'):.1f} |")
+
+
 def cold_start_probes():
   """Cold-start-only runs (cold_start_probes/*.json) next to the cold starts of the full runs
   with one operand order (one_order/): greedy accuracy all / covered / uncovered."""
@@ -547,6 +576,8 @@ def main():
   ap.add_argument("--draft_training", action="store_true",
                   help="print speculative GRPO with the draft trained against frozen "
                        "(speculative/)")
+  ap.add_argument("--partial", action="store_true",
+                  help="print GRPO with partial rollouts against plain GRPO (partial/)")
   ap.add_argument("--fresh", action="store_true",
                   help="print the larger uncovered check (fresh_uncovered.py)")
   a = ap.parse_args()
@@ -583,6 +614,9 @@ def main():
     return
   if a.draft_training:
     draft_training_table()
+    return
+  if a.partial:
+    partial_table()
     return
   if a.fresh:
     fresh_uncovered(os.path.join(HERE, "fresh_uncovered", a.dir or ""))
