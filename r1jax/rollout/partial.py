@@ -1,6 +1,6 @@
 """Partial rollouts (Kimi k1.5, slime): a GRPO step decodes at most `segment` tokens per row per
 generate call; rows still running are carried to the next call, and to the next step, and a
-step's update takes the first `groups_per_step` groups all of whose rows have finished.
+step's update takes the oldest `groups` groups all of whose rows have finished.
 
 A long completion then costs one segment per call instead of holding up a whole batch until it
 ends: every call runs `rows` rows (the unfinished ones carried, then new groups from the prompt
@@ -125,7 +125,7 @@ class PartialRollouts:
     taken = set(self._complete()[:groups])
     batch = [g for i, g in enumerate(self.groups) if i in taken]
     self.groups = [g for i, g in enumerate(self.groups) if i not in taken]
-    scored = self._scored(batch, cfg, tokenizer, template, reward_weights, cost, drafts)
+    scored = self._scored(batch, tokenizer, template, reward_weights, cost, drafts)
     completion_tokens = sum(len(r["tokens"]) for g in batch for r in g["rows"])
     stale = sum(r["before"] for g in batch for r in g["rows"])
     stats = {"partial_calls": float(calls),
@@ -134,7 +134,7 @@ class PartialRollouts:
              "stale_token_frac": stale / max(completion_tokens, 1)}
     return scored, stats
 
-  def _scored(self, batch, cfg, tokenizer, template, reward_weights, cost, drafts):
+  def _scored(self, batch, tokenizer, template, reward_weights, cost, drafts):
     """The groups as one ScoredRollout: rows in group order, prompts left-padded as the
     sampler pads them, completions padded to N (what `grpo_batch` takes)."""
     records = [g["record"] for g in batch for _ in range(self.G)]

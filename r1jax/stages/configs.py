@@ -236,8 +236,8 @@ class GRPOConfig(StageConfig):
       gradient, which Adam normalizes: the draft learns at the stage's lr whatever the weight,
       so read it as on/off. 0 (default): the MTP modules stay as the stage found them (with
       weight_decay > 0, AdamW decays them). Needs a model with an MTP module; not with
-      share_prompt (the MTP modules run on whole rows). With draft="" the policy trains exactly
-      as without it.
+      share_prompt (the MTP modules run on whole rows). The policy's gradient is the one
+      without it, to float rounding.
   """
   prompts_per_step: int = 16
   group_size: int = 8

@@ -275,9 +275,10 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
                 rollout_seconds=time.time() - t0,
                 rollout_tokens_per_sec=float(lengths.sum()) / max(time.time() - t0, 1e-9))
     host["update_rows"] = float(rollout.tokens.shape[0])
-    if scored.rollout.draft_proposed:  # speculative rollouts: the share of drafts accepted
-      host["draft_accept_rate"] = scored.rollout.draft_accepted / scored.rollout.draft_proposed
-      host["decode_steps"] = float(scored.rollout.decode_steps)
+    if scored.draft_accept_rate is not None:  # speculative rollouts: the drafts accepted
+      host["draft_accept_rate"] = scored.draft_accept_rate
+      if scored.rollout.decode_steps is not None:  # one call (partial rollouts make several)
+        host["decode_steps"] = float(scored.rollout.decode_steps)
     host.update(fresh.reward_means())
     host.update(partial_stats)
     forward = _forward_flops(pcfg, batch)
