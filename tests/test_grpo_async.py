@@ -1,5 +1,5 @@
-"""Asynchronous GRPO (`staleness=1`, optionally on `rollout_devices` of its own): each batch is
-sampled one update behind the policy that learns from it, and sampling on devices of its own
+"""Asynchronous GRPO (`staleness=k`, optionally on `rollout_devices` of its own): each batch is
+sampled k updates behind the policy that learns from it, and sampling on devices of its own
 changes nothing but where it runs.
 
 Launcher runs of the shrunk recipe's `grpo_async` stage after a 4-step cold start, side by side:
@@ -54,6 +54,9 @@ def runs(tmp_path_factory):
   base = tmp_path_factory.mktemp("grpo_async")
   modes = {"sync": (2, "--config.stages.grpo_async.staleness=0",
                     "--config.stages.grpo_async.rollout_devices=0"),
+           # the shrunk recipe's grpo_async keeps two rollouts in flight; one here
+           "one_behind": (2, "--config.stages.grpo_async.staleness=1",
+                          "--config.stages.grpo_async.rollout_devices=0"),
            "async_shared": (2, "--config.stages.grpo_async.rollout_devices=0"),
            "async_own": (4,),
            # LoRA: only the adapters and biases go to the sampling devices, the base once
@@ -84,7 +87,7 @@ def test_each_batch_is_sampled_one_update_behind(runs):
   trainer's log-probs differ from the sampler's; the synchronous run's agree to float rounding.
   (The MoE correction biases move at every step, so the weights change even where a batch has
   no reward signal.)"""
-  sync, stale = runs["sync"], runs["async_shared"]
+  sync, stale = runs["sync"], runs["one_behind"]
   assert stale[0] == sync[0]
   assert max(r["logp_mismatch_max"] for r in sync) < 1e-5
   assert stale[0]["logp_mismatch_max"] < 1e-5
@@ -92,6 +95,18 @@ def test_each_batch_is_sampled_one_update_behind(runs):
     assert r["logp_mismatch_mean"] > 1e-4, r
   assert [r["reward"] for r in stale] != [r["reward"] for r in sync] or \
       [r["loss"] for r in stale] != [r["loss"] for r in sync]
+
+
+def test_two_in_flight_sample_each_batch_two_updates_behind(runs):
+  """staleness=2 against staleness=1: batch 0 comes from the starting policy in both, and so
+  does batch 1 (at staleness 1 it is sampled before update 0, at 2 it is in flight from the
+  start); the steps are the same to the bit. From batch 2 on, staleness 2 samples from the
+  weights one update older (before update t-2, not t-1), and the runs part."""
+  one, two = runs["one_behind"], runs["async_shared"]
+  assert len(one) == len(two) == 4
+  assert two[:2] == one[:2]
+  for a, b in zip(one[2:], two[2:]):
+    assert a != b
 
 
 def test_the_decoupled_correction_weights_by_the_policy_lag(runs):
@@ -104,9 +119,9 @@ def test_the_decoupled_correction_weights_by_the_policy_lag(runs):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(staleness=2), r"stages\.grpo_async\.staleness=2 must be 0 \(synchronous\) or 1"),
-    (dict(staleness=0), r"stages\.grpo_async\.rollout_devices=2 needs staleness=1"),
-    (dict(dynamic_sampling=True), r"stages\.grpo_async\.staleness=1 cannot be 1 with "
+    (dict(staleness=-1), r"stages\.grpo_async\.staleness=-1 must be >= 0"),
+    (dict(staleness=0), r"stages\.grpo_async\.rollout_devices=2 needs staleness >= 1"),
+    (dict(dynamic_sampling=True), r"stages\.grpo_async\.staleness=2 cannot be >= 1 with "
                                   r"dynamic_sampling"),
     (dict(rollout_devices=-1), r"stages\.grpo_async\.rollout_devices=-1 must be >= 0"),
 ])

@@ -152,7 +152,7 @@ def test_stage_config_refuses_partial_rollouts_it_cannot_do():
       (dict(partial_tokens=s.max_new_tokens), "partial_tokens=12 must be in [0, "
                                                "max_new_tokens=12)"),
       (dict(partial_tokens=4, staleness=1, dynamic_sampling=False),
-       "partial_tokens=4 cannot be on with staleness=1"),
+       "partial_tokens=4 cannot be on with staleness >= 1"),
       (dict(partial_tokens=4, routing_replay=True, draft=""),
        "partial_tokens=4 cannot be on with routing_replay")):
     bad = copy.deepcopy(c)

@@ -204,14 +204,16 @@ class GRPOConfig(StageConfig):
       rounding, with less work when prompts are long next to completions (r1_zero_smollm2: 121
       prompt tokens, 16-64 completion tokens). Off by default: the committed tiny-recipe
       rounds ran without it, and float order changes their numbers. Not with routing_replay.
-    staleness: 0: synchronous (each batch is sampled by the policy it updates). 1: one-step
-      off-policy (asynchronous) GRPO: the rollout of step t+1 is dispatched before update t,
-      from the policy before that update, so the two can run at once (with rollout_devices)
-      and the host scores batch t while the devices sample. Batch t+1 is then one update
-      behind the policy that learns from it; the clipped ratio is taken against the sampler's
+    staleness: 0: synchronous (each batch is sampled by the policy it updates). k >= 1:
+      k-step off-policy (asynchronous) GRPO: the rollout of step t+k is dispatched before
+      update t, from the policy before that update, so the two can run at once (with
+      rollout_devices) and the host scores batch t while the devices sample. Batch t+k is then
+      k updates behind the policy that learns from it (k rollouts in flight: a bound on the
+      lag, as verl and slime set one); the clipped ratio is taken against the sampler's
       log-probs, or with `is_correction` against the current policy's, with the sampler's
-      weight truncated (decoupled PPO). Not with dynamic_sampling.
-    rollout_devices: with staleness 1, sample on this many devices of their own (the last
+      weight truncated (decoupled PPO). The stage keeps (and checkpoints) a copy of the
+      trained weights per rollout in flight. Not with dynamic_sampling.
+    rollout_devices: with staleness >= 1, sample on this many devices of their own (the last
       rollout_devices / processes local devices of every process; the run's mesh is built on
       the rest, for every stage). The policy's weights are copied to them before each
       rollout (with LoRA only the adapters and correction biases, the frozen base once).
@@ -226,7 +228,7 @@ class GRPOConfig(StageConfig):
       prompts_per_step groups whose rows all finished. A long completion no longer holds a
       whole batch. Tokens sampled at earlier steps keep their sampler log-probs, so the
       clipped ratio sees their policy lag (`stale_token_frac` logs their share). DAPO's
-      refills sample whole completions. Must be < max_new_tokens; not with staleness=1 or
+      refills sample whole completions. Must be < max_new_tokens; not with staleness >= 1 or
       routing_replay. 0 (default): every completion in one call.
     draft_weight: > 0: train the MTP draft online on the rollouts (slime's MTP training): the
       update adds draft_weight x the MTP modules' cross-entropy on the completion tokens at the
@@ -298,13 +300,13 @@ class GRPOConfig(StageConfig):
     need(self.length_bucket >= 0, "length_bucket", "must be >= 0")
     need(not (self.share_prompt and self.routing_replay), "share_prompt",
          "cannot be on with routing_replay (replay runs on whole rows)")
-    need(self.staleness in (0, 1), "staleness", "must be 0 (synchronous) or 1 (one step "
+    need(self.staleness >= 0, "staleness", "must be >= 0 (0: synchronous; k: k steps "
          "off-policy)")
     need(not (self.staleness and self.dynamic_sampling), "staleness",
-         "cannot be 1 with dynamic_sampling (refills would sample synchronously)")
+         "cannot be >= 1 with dynamic_sampling (refills would sample synchronously)")
     need(self.rollout_devices >= 0, "rollout_devices", "must be >= 0")
     need(not (self.rollout_devices and not self.staleness), "rollout_devices",
-         "needs staleness=1 (a synchronous rollout waits for the update anyway)")
+         "needs staleness >= 1 (a synchronous rollout waits for the update anyway)")
     need(self.draft in ("", "mtp"), "draft", "must be '' (plain decoding) or 'mtp'")
     need(not (self.draft and self.routing_replay), "draft",
          "cannot be on with routing_replay (a rejected draft's experts are not a row's)")
@@ -315,7 +317,7 @@ class GRPOConfig(StageConfig):
     need(0 <= self.partial_tokens < self.max_new_tokens, "partial_tokens",
          f"must be in [0, max_new_tokens={self.max_new_tokens}) (0: whole completions)")
     need(not (self.partial_tokens and self.staleness), "partial_tokens",
-         "cannot be on with staleness=1 (asynchronous GRPO samples whole completions)")
+         "cannot be on with staleness >= 1 (asynchronous GRPO samples whole completions)")
     need(not (self.partial_tokens and self.routing_replay), "partial_tokens",
          "cannot be on with routing_replay (a carried row's earlier experts are not kept)")
 

@@ -7,11 +7,13 @@ dropless MoE and precision (`sampler.policy_config`), and with `routing_replay` 
 The first update of every batch logs how far the two are apart (`logp_mismatch_*`,
 `mismatch_ratio_*`, `mismatch_clip_frac`; r1jax.train.losses.grpo).
 
-With `staleness=1` (asynchronous GRPO) the rollout of step t+1 is dispatched before update t,
-from a copy of the policy before that update (on `rollout_devices` of its own, or on the run's
-mesh), and collected at step t+1. The copy is part of the stage's checkpoint, and the prompt
-iterator is checkpointed as it was before that rollout's prompts were drawn, so a resumed run
-samples the same batch from the same weights.
+With `staleness=k` >= 1 (asynchronous GRPO) the rollout of step t+k is dispatched before update
+t, from a copy of the policy before that update (on `rollout_devices` of its own, or on the run's
+mesh), and collected at step t+k: k rollouts are in flight, each k updates behind the policy that
+learns from it. The copies of the k rollouts in flight are part of the stage's checkpoint
+(`behind`: the newest, `behind_j`: the j-th before it), and the prompt iterator is checkpointed
+as it was before the oldest of them drew its prompts, so a resumed run samples the same batches
+from the same weights.
 """
 
 from __future__ import annotations
@@ -167,8 +169,8 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
                   else None)
   state = {"train": common.new_state(ctx, params, tx, name, cfg, lora_cfg),
            "ref": params if s.beta > 0 and lora_cfg is None else None}
-  if s.staleness:  # the weights the pending rollout is sampled from (checkpointed)
-    state["behind"] = _snapshot(state["train"])
+  for j in range(s.staleness):  # the weights the pending rollouts sample from (checkpointed)
+    state[_behind(j)] = _snapshot(state["train"])
   seed = ctx.seed(name)
   min_groups = _min_update_groups(ctx, s)
   it = _LaggedIterator(pipeline.prompt_batches(ctx.splits["rl"], batch_size=s.prompts_per_step,
@@ -212,19 +214,22 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
     weights, key = sampler_weights(train_state, behind), batch_key(step)
     if s.rollout_devices:
       key = _to_mesh(key, rollout_mesh)
-    return engine.start_rollout(weights, pcfg, next(it), mesh=rollout_mesh, rng=key,
+    return engine.start_rollout(weights, pcfg, it.draw(step), mesh=rollout_mesh, rng=key,
                                 **rollout_kw)
 
   def collect(st, step):
-    """Asynchronous GRPO: start the rollout of step + 1 from the current weights, then wait for
-    the one of `step` (started a step earlier, from the weights before the last update)."""
-    if step not in pending:  # the stage's first step, or a resumed run's
-      pending[step] = start(step, st["train"], st["behind"])
-    it.mark()  # a checkpoint after this step draws step + 1's prompts again on resume
-    carry["behind"] = st["behind"]
-    if step + 1 < steps:
+    """Asynchronous GRPO: start the rollout of step + k from the current weights, then wait for
+    the one of `step` (started k steps earlier, from the weights before update step - k).
+    st[_behind(j)] holds the weights of the rollout of step + k - 1 - j."""
+    k = s.staleness
+    for j in reversed(range(k)):  # the stage's first step, or a resumed run's: oldest first
+      if step + k - 1 - j not in pending and step + k - 1 - j < steps:
+        pending[step + k - 1 - j] = start(step + k - 1 - j, st["train"], st[_behind(j)])
+    it.mark(step + 1)  # a checkpoint after this step draws step + 1's prompts again on resume
+    carry["behind"] = st[_behind(0)]
+    if step + k < steps:
       carry["behind"] = _snapshot(st["train"])  # the update donates the state's buffers
-      pending[step + 1] = start(step + 1, st["train"], carry["behind"])
+      pending[step + k] = start(step + k, st["train"], carry["behind"])
     return pending.pop(step).result()
 
   def next_batch(st):
@@ -309,8 +314,9 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
       # reference is the base: never refreshed
       ref = jax.tree.map(jnp.copy, train.full_params(train_state))
     out = {"train": train_state, "ref": ref}
-    if s.staleness:
-      out["behind"] = carry["behind"]
+    if s.staleness:  # the rollouts in flight: the one just dispatched, then the older ones
+      out[_behind(0)] = carry["behind"]
+      out.update({_behind(j): st[_behind(j - 1)] for j in range(1, s.staleness)})
     return out, metrics
 
   with jax.set_mesh(ctx.mesh):
@@ -321,6 +327,11 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
   common.record_lora_output(ctx, name, state["train"])
   ctx.models["policy"] = (cfg, train.full_params(state["train"]))
   return metrics
+
+
+def _behind(j: int) -> str:
+  """The state key of the weights of the j-th newest rollout in flight (asynchronous GRPO)."""
+  return "behind" if j == 0 else f"behind_{j}"
 
 
 def _snapshot(train_state) -> dict:
@@ -341,25 +352,32 @@ def _to_mesh(params, mesh):
 
 
 class _LaggedIterator:
-  """The prompt iterator as a checkpoint sees it. Asynchronous GRPO draws step t+1's prompts
-  at step t; after `mark()` the saved state is the one before that draw, so a run resumed after
-  step t draws them again and samples the same batch."""
+  """The prompt iterator as a checkpoint sees it. Asynchronous GRPO draws step t+k's prompts at
+  step t (`draw(t + k)`, which records the state before the draw); after `mark(t + 1)` the saved
+  state is the one before step t+1's draw, so a run resumed after step t draws the prompts of
+  the rollouts in flight again and samples the same batches."""
 
   def __init__(self, it):
-    self.it, self.saved = it, None
+    self.it, self.saved, self.before = it, None, {}
 
   def __next__(self):
     return next(self.it)
 
-  def mark(self):
-    self.saved = self.it.get_state()
+  def draw(self, step: int):
+    self.before[step] = self.it.get_state()
+    return next(self.it)
+
+  def mark(self, step: int):
+    """The saved state: the one before step `step`'s draw (or now, if it has not drawn)."""
+    self.saved = self.before.get(step, self.it.get_state())
+    self.before = {t: v for t, v in self.before.items() if t >= step}
 
   def get_state(self):
     return self.it.get_state() if self.saved is None else self.saved
 
   def set_state(self, state):
     self.it.set_state(state)
-    self.saved = None
+    self.saved, self.before = None, {}
 
 
 class _WithPartial:

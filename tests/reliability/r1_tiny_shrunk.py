@@ -62,11 +62,11 @@ def get_config(arg=None):
   c.stages.distill_opd = stage("distill", steps=4, mode="on_policy", start_from="distill",
                                divergence="reverse_kl", prompts_per_step=4, group_size=2,
                                max_new_tokens=12, length_bucket=4)
-  # asynchronous GRPO: each batch sampled one update behind, on 2 devices of its own (one per
-  # process in the two-process test), with the decoupled-PPO correction; every stage trains on
-  # the other devices
+  # asynchronous GRPO: two rollouts in flight, each batch sampled two updates behind, on 2
+  # devices of their own (one per process in the two-process test), with the decoupled-PPO
+  # correction; every stage trains on the other devices
   c.stages.grpo_async = ml_collections.ConfigDict(c.stages.grpo.to_dict())
-  c.stages.grpo_async.update(staleness=1, rollout_devices=2, is_correction="token_tis",
+  c.stages.grpo_async.update(staleness=2, rollout_devices=2, is_correction="token_tis",
                              draft="", dynamic_sampling=False, partial_tokens=0)
   c.max_steps = 4  # caps the compute-matched control (every other stage is shorter already)
   c.stage_order = ("cold_start", "grpo", "grpo_async", "sft_control", "rejection", "sft_rs",
