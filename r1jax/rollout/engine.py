@@ -116,7 +116,7 @@ def start_rollout(params, cfg: ModelConfig, records: Sequence[Mapping], *, token
                   batch_size: int | None = None,
                   reward_weights: Mapping[str, float] | None = None) -> sampler.Pending:
   """`rollout`, with the generation dispatched and not waited for: `.result()` waits, decodes
-  and scores, and returns the ScoredRollout. Asynchronous GRPO (`staleness=1`) starts the next
+  and scores, and returns the ScoredRollout. Asynchronous GRPO (`staleness` >= 1) starts the next
   batch's rollout before the current update and collects it after."""
   rows = [r for r in records for _ in range(repeats)]
   prompts = format_prompts(rows, template, tokenizer)

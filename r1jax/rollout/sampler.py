@@ -361,7 +361,7 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
   compiler_options: XLA options for the jitted core (tests pass fast-compile options on CPU).
   fetch: False returns a `Pending` at once, with the generation dispatched (JAX's asynchronous
   dispatch) and not yet waited for; its `result()` is the Rollout. Asynchronous GRPO
-  (`staleness=1`) samples the next batch while the current update runs.
+  (`staleness` >= 1) samples the next batch while the current update runs.
   draft: "mtp" decodes speculatively, the model's MTP module drafting one token ahead
   (`rollout.speculative`): the same sampling distribution (greedy: the same tokens, to float
   rounding), up to two tokens per step; `Rollout.draft_accepted / draft_proposed` is the
