@@ -45,7 +45,8 @@ def save_curve(run_dir: str, name: str):
   keys = ("step", "reward", "reward_format", "reward_accuracy", "completion_len",
           "zero_var_groups", "step_seconds", "rollout_seconds", "draft_accept_rate",
           "decode_steps", "draft_loss", "partial_calls", "stale_token_frac",
-          "partial_carried_rows", "partial_waiting_groups")
+          "partial_carried_rows", "partial_waiting_groups", "logp_mismatch_mean",
+          "mismatch_ratio_max")
   rows = []
   with open(os.path.join(run_dir, "metrics.jsonl")) as f:
     for line in f:
@@ -460,6 +461,31 @@ def partial_table(folder: str = os.path.join(HERE, "partial"),
           f"{col('partial_carried_rows'):.1f} | {col('completion_len'):.1f} |")
 
 
+def staleness_table(folder: str = os.path.join(HERE, "async_grpo")):
+  """Asynchronous GRPO with two rollouts in flight (`staleness=2`, async_grpo/async2_seedN.json,
+  cold_start and grpo) against one (async_seedN.json) and synchronous GRPO (sync_seedN.json)
+  from the same cold start: the greedy held-out accuracy at the RL prompt mix after grpo, and
+  the trainer-vs-sampler log-prob gap over the steps (the lag)."""
+  seeds = sorted({_seed(p) for p in glob.glob(os.path.join(folder, "async2_seed*.json"))})
+  mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
+  print("| seed | held-out, RL mix: cold start | synchronous | staleness 1 | staleness 2 | "
+        "2 - 1 | 2 - synchronous | staleness 2: mean logp_mismatch_mean |")
+  print("|---|---|---|---|---|---|---|---|")
+  for seed in seeds:
+    acc = {}
+    for mode in ("sync", "async", "async2"):
+      with open(os.path.join(folder, f"{mode}_seed{seed}.json")) as f:
+        run = json.load(f)
+      st = {e["name"]: e for e in run["stages"]}
+      acc[mode] = {n: _rl_mix(run, st[n]) for n in ("cold_start", "grpo")}
+    with open(os.path.join(folder, f"async2_seed{seed}_curve.json")) as f:
+      lag = mean([r["logp_mismatch_mean"] for r in json.load(f) if "logp_mismatch_mean" in r])
+    g = {m: acc[m]["grpo"] for m in acc}
+    print(f"| {seed} | {acc['sync']['cold_start']:.3f} | {g['sync']:.3f} | {g['async']:.3f} | "
+          f"{g['async2']:.3f} | {g['async2'] - g['async']:+.3f} | {g['async2'] - g['sync']:+.3f} | "
+          f"{lag:.4f} |")
+
+
 def cold_start_probes():
   """Cold-start-only runs (cold_start_probes/*.json) next to the cold starts of the full runs
   with one operand order (one_order/): greedy accuracy all / covered / uncovered."""
@@ -578,6 +604,8 @@ def main():
                        "(speculative/)")
   ap.add_argument("--partial", action="store_true",
                   help="print GRPO with partial rollouts against plain GRPO (partial/)")
+  ap.add_argument("--staleness", action="store_true",
+                  help="print asynchronous GRPO with two rollouts in flight (async_grpo/)")
   ap.add_argument("--fresh", action="store_true",
                   help="print the larger uncovered check (fresh_uncovered.py)")
   a = ap.parse_args()
@@ -617,6 +645,9 @@ def main():
     return
   if a.partial:
     partial_table()
+    return
+  if a.staleness:
+    staleness_table()
     return
   if a.fresh:
     fresh_uncovered(os.path.join(HERE, "fresh_uncovered", a.dir or ""))
