@@ -402,6 +402,14 @@ def speculative_table(folder: str = os.path.join(HERE, "speculative"),
           f"{mean(rates[-10:]):.3f} | {mean(rates):.3f} |")
 
 
+def _rl_mix_of(path: str, stages=("cold_start", "grpo")) -> dict:
+  """{stage: greedy held-out accuracy at the RL prompt mix} of a saved run summary."""
+  with open(path) as f:
+    run = json.load(f)
+  st = {e["name"]: e for e in run["stages"]}
+  return {n: _rl_mix(run, st[n]) for n in stages}
+
+
 def draft_training_table(folder: str = os.path.join(HERE, "speculative")):
   """Speculative GRPO with the MTP draft trained online (`draft_weight`,
   speculative/draft_trained_seedN.json, cold_start and grpo) against speculative GRPO without
@@ -416,10 +424,7 @@ def draft_training_table(folder: str = os.path.join(HERE, "speculative")):
   for seed in seeds:
     acc, curves = {}, {}
     for mode in ("spec", "draft_trained"):
-      with open(os.path.join(folder, f"{mode}_seed{seed}.json")) as f:
-        run = json.load(f)
-      st = {e["name"]: e for e in run["stages"]}
-      acc[mode] = {n: _rl_mix(run, st[n]) for n in ("cold_start", "grpo")}
+      acc[mode] = _rl_mix_of(os.path.join(folder, f"{mode}_seed{seed}.json"))
       with open(os.path.join(folder, f"{mode}_seed{seed}_curve.json")) as f:
         curves[mode] = json.load(f)
     rates = {m: [r.get("draft_accept_rate") for r in c] for m, c in curves.items()}
@@ -445,13 +450,9 @@ def partial_table(folder: str = os.path.join(HERE, "partial"),
         "generate calls per step | stale token share | rows carried | completion length |")
   print("|---|---|---|---|---|---|---|---|---|")
   for seed in seeds:
-    acc = {}
-    for mode, path in (("plain", os.path.join(sync_folder, f"sync_seed{seed}.json")),
-                       ("partial", os.path.join(folder, f"partial_seed{seed}.json"))):
-      with open(path) as f:
-        run = json.load(f)
-      st = {e["name"]: e for e in run["stages"]}
-      acc[mode] = {n: _rl_mix(run, st[n]) for n in ("cold_start", "grpo")}
+    acc = {mode: _rl_mix_of(path) for mode, path in (
+        ("plain", os.path.join(sync_folder, f"sync_seed{seed}.json")),
+        ("partial", os.path.join(folder, f"partial_seed{seed}.json")))}
     with open(os.path.join(folder, f"partial_seed{seed}_curve.json")) as f:
       curve = json.load(f)
     col = lambda k: mean([r[k] for r in curve if k in r])
@@ -472,12 +473,8 @@ def staleness_table(folder: str = os.path.join(HERE, "async_grpo")):
         "2 - 1 | 2 - synchronous | staleness 2: mean logp_mismatch_mean |")
   print("|---|---|---|---|---|---|---|---|")
   for seed in seeds:
-    acc = {}
-    for mode in ("sync", "async", "async2"):
-      with open(os.path.join(folder, f"{mode}_seed{seed}.json")) as f:
-        run = json.load(f)
-      st = {e["name"]: e for e in run["stages"]}
-      acc[mode] = {n: _rl_mix(run, st[n]) for n in ("cold_start", "grpo")}
+    acc = {mode: _rl_mix_of(os.path.join(folder, f"{mode}_seed{seed}.json"))
+           for mode in ("sync", "async", "async2")}
     with open(os.path.join(folder, f"async2_seed{seed}_curve.json")) as f:
       lag = mean([r["logp_mismatch_mean"] for r in json.load(f) if "logp_mismatch_mean" in r])
     g = {m: acc[m]["grpo"] for m in acc}
