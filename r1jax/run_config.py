@@ -132,8 +132,9 @@ def validate(c) -> ModelConfig:
   drafts = {"eval.draft": c.get("eval", {}).get("draft", "")}
   drafts.update({f"stages.{n}.draft": stages[n].overrides.get("draft", "") for n in order
                  if stages[n].kind == "eval"})
+  from r1jax.rollout.sampler import DRAFTS
   for field, draft in drafts.items():
-    if draft not in ("", "mtp"):
+    if draft not in DRAFTS:
       raise ConfigError(f"{field}={draft!r} must be '' (plain decoding) or 'mtp'")
   reserved = {s_get(stages[n], "rollout_devices", 0) for n in order} - {0}
   if len(reserved) > 1:

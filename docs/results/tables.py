@@ -317,6 +317,15 @@ def onpolicy_table(folder: str = os.path.join(HERE, "onpolicy_distill")):
             f"{st[n]['metrics']['flops_total']:.3g} | {st[n]['wall_seconds']:.0f} |")
 
 
+def _seeds(folder: str, pattern: str) -> list[int]:
+  """The seeds of the result files in `folder` matching `pattern` (e.g. "spec_seed*.json")."""
+  return sorted({_seed(p) for p in glob.glob(os.path.join(folder, pattern))})
+
+
+def _mean(xs) -> float:
+  return sum(xs) / len(xs) if xs else float("nan")
+
+
 def _paired_runs(files: dict):
   """{mode: summary} of one seed's runs, {mode: {stage name: entry}}, and the greedy held-out
   accuracy {(measure, mode, stage): value} of their cold_start, grpo and sft_control stages at
@@ -338,7 +347,7 @@ def async_grpo_table(folder: str = os.path.join(HERE, "async_grpo")):
   the same cold start: files sync_seedN.json and async_seedN.json, each the run's cold_start,
   grpo and sft_control stages. Greedy held-out accuracy at the RL prompt mix (`_rl_mix`) and on
   the pooled uncovered problems, and the grpo stage's wall seconds."""
-  seeds = sorted({_seed(p) for p in glob.glob(os.path.join(folder, "*_seed*.json"))})
+  seeds = _seeds(folder, "*_seed*.json")
   print("| seed | measure | cold_start | sync grpo | async grpo | async - sync | sync control | "
         "async control | async grpo - its control |")
   print("|---|---|---|---|---|---|---|---|---|")
@@ -370,7 +379,7 @@ def speculative_table(folder: str = os.path.join(HERE, "speculative"),
   (`draft="mtp"`, speculative/spec_seedN.json) from the same cold start: greedy held-out
   accuracy at the RL prompt mix and on the pooled uncovered problems, the controls, the last
   step's draft acceptance rate and the grpo stage's wall seconds."""
-  seeds = sorted({_seed(p) for p in glob.glob(os.path.join(folder, "spec_seed*.json"))})
+  seeds = _seeds(folder, "spec_seed*.json")
   print("| seed | measure | cold_start | plain grpo | speculative grpo | spec - plain | "
         "spec control | spec grpo - its control |")
   print("|---|---|---|---|---|---|---|---|")
@@ -397,9 +406,8 @@ def speculative_table(folder: str = os.path.join(HERE, "speculative"),
         "draft acceptance: steps 1-10 | steps 291-300 | all steps |")
   print("|---|---|---|---|---|---|---|")
   for seed, wp, ws, fr, rates in walls:
-    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
-    print(f"| {seed} | {wp:.0f} | {ws:.0f} | {fr:.2f} | {mean(rates[:10]):.3f} | "
-          f"{mean(rates[-10:]):.3f} | {mean(rates):.3f} |")
+    print(f"| {seed} | {wp:.0f} | {ws:.0f} | {fr:.2f} | {_mean(rates[:10]):.3f} | "
+          f"{_mean(rates[-10:]):.3f} | {_mean(rates):.3f} |")
 
 
 def _rl_mix_of(path: str, stages=("cold_start", "grpo")) -> dict:
@@ -415,8 +423,7 @@ def draft_training_table(folder: str = os.path.join(HERE, "speculative")):
   speculative/draft_trained_seedN.json, cold_start and grpo) against speculative GRPO without
   it (speculative/spec_seedN.json) from the same cold start: the greedy held-out accuracy at
   the RL prompt mix after grpo, and the draft acceptance rate and draft loss over the steps."""
-  seeds = sorted({_seed(p) for p in glob.glob(os.path.join(folder, "draft_trained_seed*.json"))})
-  mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
+  seeds = _seeds(folder, "draft_trained_seed*.json")
   print("| seed | held-out, RL mix: cold start | grpo, draft frozen | grpo, draft trained | "
         "trained - frozen | acceptance, frozen: steps 1-10 / 141-150 / 291-300 | trained | "
         "draft loss, trained: steps 1-10 / 291-300 |")
@@ -428,14 +435,14 @@ def draft_training_table(folder: str = os.path.join(HERE, "speculative")):
       with open(os.path.join(folder, f"{mode}_seed{seed}_curve.json")) as f:
         curves[mode] = json.load(f)
     rates = {m: [r.get("draft_accept_rate") for r in c] for m, c in curves.items()}
-    windows = lambda xs: " / ".join(f"{mean(xs[a:b]):.3f}" for a, b in ((0, 10), (140, 150),
+    windows = lambda xs: " / ".join(f"{_mean(xs[a:b]):.3f}" for a, b in ((0, 10), (140, 150),
                                                                          (290, 300)))
     losses = [r["draft_loss"] for r in curves["draft_trained"] if "draft_loss" in r]
     frozen, trained = acc["spec"]["grpo"], acc["draft_trained"]["grpo"]
     print(f"| {seed} | {acc['spec']['cold_start']:.3f} | {frozen:.3f} | {trained:.3f} | "
           f"{trained - frozen:+.3f} | {windows(rates['spec'])} | "
-          f"{windows(rates['draft_trained'])} | {mean(losses[:10]):.3f} / "
-          f"{mean(losses[-10:]):.3f} |")
+          f"{windows(rates['draft_trained'])} | {_mean(losses[:10]):.3f} / "
+          f"{_mean(losses[-10:]):.3f} |")
 
 
 def partial_table(folder: str = os.path.join(HERE, "partial"),
@@ -444,8 +451,7 @@ def partial_table(folder: str = os.path.join(HERE, "partial"),
   grpo) against plain GRPO (async_grpo/sync_seedN.json) from the same cold start: the greedy
   held-out accuracy at the RL prompt mix after grpo, and per step the generate calls, the
   tokens sampled at earlier steps and the carried rows (means over the 300 steps)."""
-  seeds = sorted({_seed(p) for p in glob.glob(os.path.join(folder, "partial_seed*.json"))})
-  mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
+  seeds = _seeds(folder, "partial_seed*.json")
   print("| seed | held-out, RL mix: cold start | plain grpo | partial grpo | partial - plain | "
         "generate calls per step | stale token share | rows carried | completion length |")
   print("|---|---|---|---|---|---|---|---|---|")
@@ -455,7 +461,7 @@ def partial_table(folder: str = os.path.join(HERE, "partial"),
         ("partial", os.path.join(folder, f"partial_seed{seed}.json")))}
     with open(os.path.join(folder, f"partial_seed{seed}_curve.json")) as f:
       curve = json.load(f)
-    col = lambda k: mean([r[k] for r in curve if k in r])
+    col = lambda k: _mean([r[k] for r in curve if k in r])
     print(f"| {seed} | {acc['plain']['cold_start']:.3f} | {acc['plain']['grpo']:.3f} | "
           f"{acc['partial']['grpo']:.3f} | {acc['partial']['grpo'] - acc['plain']['grpo']:+.3f} | "
           f"{col('partial_calls'):.2f} | {col('stale_token_frac'):.3f} | "
@@ -467,8 +473,7 @@ def staleness_table(folder: str = os.path.join(HERE, "async_grpo")):
   cold_start and grpo) against one (async_seedN.json) and synchronous GRPO (sync_seedN.json)
   from the same cold start: the greedy held-out accuracy at the RL prompt mix after grpo, and
   the trainer-vs-sampler log-prob gap over the steps (the lag)."""
-  seeds = sorted({_seed(p) for p in glob.glob(os.path.join(folder, "async2_seed*.json"))})
-  mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
+  seeds = _seeds(folder, "async2_seed*.json")
   print("| seed | held-out, RL mix: cold start | synchronous | staleness 1 | staleness 2 | "
         "2 - 1 | 2 - synchronous | staleness 2: mean logp_mismatch_mean |")
   print("|---|---|---|---|---|---|---|---|")
@@ -476,7 +481,7 @@ def staleness_table(folder: str = os.path.join(HERE, "async_grpo")):
     acc = {mode: _rl_mix_of(os.path.join(folder, f"{mode}_seed{seed}.json"))
            for mode in ("sync", "async", "async2")}
     with open(os.path.join(folder, f"async2_seed{seed}_curve.json")) as f:
-      lag = mean([r["logp_mismatch_mean"] for r in json.load(f) if "logp_mismatch_mean" in r])
+      lag = _mean([r["logp_mismatch_mean"] for r in json.load(f) if "logp_mismatch_mean" in r])
     g = {m: acc[m]["grpo"] for m in acc}
     print(f"| {seed} | {acc['sync']['cold_start']:.3f} | {g['sync']:.3f} | {g['async']:.3f} | "
           f"{g['async2']:.3f} | {g['async2'] - g['async']:+.3f} | {g['async2'] - g['sync']:+.3f} | "
