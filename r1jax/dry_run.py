@@ -145,9 +145,10 @@ def kernel_table(cfg, context: int = 1) -> list[str]:
     lines.append(f"  {name}:")
     lines += [f"    {b:4s} {fn(b)}" + ("   <- here" if b == jax.default_backend() else "")
               for b in BACKENDS]
-  lines.append("  embeddings, lm head, norms: XLA in model.dtype / fp32" + (
+  head = f"score head ({cfg.num_labels} labels)" if cfg.num_labels else "lm head"
+  lines.append(f"  embeddings, {head}, norms: XLA in model.dtype / fp32" + (
       f"; in the losses the head and its softmax run {cfg.logits_chunk} positions at a time"
-      if cfg.logits_chunk else ""))
+      if cfg.logits_chunk and not cfg.num_labels else ""))
   return lines
 
 

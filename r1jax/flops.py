@@ -4,9 +4,12 @@ Per token, a forward pass costs 2 x N_active (every matmul parameter a token tou
 and MLP projections, the shared experts, k of the E routed experts, the router and the LM head;
 the embedding lookup is free unless the head reuses it) plus attention's score and value products,
 2 x layers x heads x (qk_head_dim + v_head_dim) x context (PaLM's count: the full context, no
-causal halving). Training costs 3x the forward (forward + two backward products). MTP modules
-count when their loss is on. Generation counts every row of every decode step the sampler ran
-(rows that stopped early still compute), with the context the step attended over.
+causal halving). A sequence classifier's `score` head (num_labels x hidden) is counted per token
+like the LM head it replaces, though it runs only on each row's last token: it is negligible
+(num_labels / vocab of an LM head's cost). Training costs 3x the forward (forward + two
+backward products). MTP modules count when their loss is on. Generation counts every row of
+every decode step the sampler ran (rows that stopped early still compute), with the context the
+step attended over.
 
 MFU = model FLOPs per second / peak FLOPs. Peaks are the dense bf16 figures of the vendors' data
 sheets for accelerators (`PEAK_FLOPS`, per chip), and a measured float32 matmul rate for CPUs
@@ -60,7 +63,7 @@ def matmul_params_per_token(cfg: ModelConfig, mtp: bool = False) -> int:
     if path[0] == "mtp" and not mtp:
       continue
     if path[-1] == "embed":
-      if cfg.tie_word_embeddings:
+      if cfg.tie_word_embeddings and not cfg.num_labels:
         total += math.prod(spec.shape)  # the LM head is the embedding
       continue
     if not _is_matmul_leaf(path, spec):

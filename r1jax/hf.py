@@ -1,5 +1,6 @@
 """HF checkpoint interop: load and save DeepseekV3 / DeepseekV2 / Qwen2 / Qwen3 / Qwen3-MoE / Llama
-ForCausalLM safetensors.
+ForCausalLM (and ForSequenceClassification: `score.weight` in place of `lm_head.weight`)
+safetensors.
 
     cfg, params = hf.load("dir", dtype=jnp.float32)  # config.json + *.safetensors (+ index)
     hf.save("out_dir", cfg, params)                   # loadable by transformers' from_pretrained
@@ -85,7 +86,9 @@ def entries(cfg: ModelConfig) -> Iterator[Entry]:
   """Every HF tensor of `cfg` and where it lives in our param tree."""
   yield Entry(("embed",), (), "model.embed_tokens.weight", 0)
   yield Entry(("final_norm",), (), "model.norm.weight", 0)
-  if not cfg.tie_word_embeddings:
+  if cfg.num_labels:
+    yield Entry(("score",), (), "score.weight", 1)
+  elif not cfg.tie_word_embeddings:
     yield Entry(("lm_head",), (), "lm_head.weight", 1)
   hf_layer = 0
   for stack, start, count in cfg.layer_runs:  # HF numbers the layers in order

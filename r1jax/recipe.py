@@ -32,7 +32,7 @@ from r1jax.errors import DataError
 from r1jax.runlog import RunLog
 from r1jax.stages import common, evaluate, sft
 
-TRAINING_KINDS = ("pretrain", "sft", "grpo", "distill")
+TRAINING_KINDS = ("pretrain", "sft", "grpo", "distill", "reward_model")
 # model fields a run's config sets even over an HF checkpoint's own (how to run, not what it is)
 RUN_MODEL_FIELDS = ("dtype", "moe_impl", "capacity_factor", "remat", "scan_layers", "attn_chunk",
                     "logits_chunk", "attn_impl", "expert_dispatch", "fp8", "router_impl",
@@ -46,6 +46,9 @@ def _runner(kind: str):
     return sft.run_distill
   if kind == "eval":
     return evaluate.run_eval
+  if kind == "reward_model":
+    from r1jax.stages import reward_model
+    return reward_model.run_reward_model
   from r1jax.stages import grpo, rejection  # RL stages pull in the sampler and rewards
   return {"grpo": grpo.run_grpo, "rejection_sampling": rejection.run_rejection}[kind]
 
@@ -172,21 +175,25 @@ class Recipe:
       t0 = time.time()
       ctx.log.info(f"== stage {name} ({stage_cfg.kind}) ==")
       policy, student = ctx.models["policy"], ctx.models.get("student")
-      if stage_cfg.start_from and stage_cfg.kind != "distill":  # (distill: the student's start)
+      # (distill: the student's start; reward_model: its trunk's, the policy stays)
+      if stage_cfg.start_from and stage_cfg.kind not in ("distill", "reward_model"):
         ctx.models["policy"] = ctx.outputs[stage_cfg.start_from]
       if run_config.s_get(stage_cfg, "match_compute_of"):
         stage_cfg = self._compute_matched(name, stage_cfg, progress)
       result = _runner(stage_cfg.kind)(ctx, name, stage_cfg)
       metrics, eval_out = result if isinstance(result, tuple) else (result, None)
-      which = "student" if stage_cfg.kind == "distill" else "policy"
+      which = {"distill": "student", "reward_model": "reward"}.get(stage_cfg.kind, "policy")
       if stage_cfg.kind in TRAINING_KINDS:
-        if eval_out is None and stage_cfg.eval and ctx.splits["eval"]:
+        # a reward model evaluates itself (pairwise accuracy on held-out pairs); it cannot solve
+        # problems
+        generates = stage_cfg.kind != "reward_model"
+        if eval_out is None and stage_cfg.eval and ctx.splits["eval"] and generates:
           cfg, params = ctx.models[which]
           eval_out = evaluate.evaluate(ctx, cfg, params, ctx.splits["eval"],
                                        seed=ctx.seed(name + "/eval"),
                                        template=stage_cfg.template or c.data.template,
                                        eval_cfg=c.eval, stage=name)
-        if eval_out is not None and ctx.splits.get("heldout"):
+        if eval_out is not None and ctx.splits.get("heldout") and generates:
           eval_out["heldout"] = self._heldout_eval(name, stage_cfg, *ctx.models[which])
         if name in ctx.lora_outputs:  # adapters and biases only; the base is the stage's input
           lora_cfg, trained = ctx.lora_outputs[name]
@@ -265,6 +272,12 @@ class Recipe:
       s_cfg = sft.student_config(ctx, self.stages[name])
       like = parallel.abstract_params(s_cfg, ctx.mesh)
       ctx.models["student"] = ctx.outputs[name] = (s_cfg, load_model(out_dir, like))
+    elif kind == "reward_model":
+      from r1jax.stages import reward_model
+      rm_cfg = reward_model.reward_model_config(
+          reward_model.base_model(ctx, self.stages[name])[0])
+      like = parallel.abstract_params(rm_cfg, ctx.mesh)
+      ctx.models["reward"] = ctx.outputs[name] = (rm_cfg, load_model(out_dir, like))
     else:
       s = self.stages[name]
       cfg, base = ctx.outputs[s.start_from] if s.start_from else ctx.models["policy"]

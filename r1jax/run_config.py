@@ -8,15 +8,17 @@ steps of every stage).
 from __future__ import annotations
 
 import math
+import os
 
 import ml_collections
 
+from r1jax.checkpoint import sources
 from r1jax.errors import ConfigError
 from r1jax.model.config import ModelConfig, model_section
 from r1jax.parallel import mesh as mesh_lib
 
-STAGE_KINDS = ("pretrain", "sft", "grpo", "rejection_sampling", "distill", "eval")
-TRAINING_KINDS = ("pretrain", "sft", "grpo", "distill")
+STAGE_KINDS = ("pretrain", "sft", "grpo", "rejection_sampling", "distill", "reward_model", "eval")
+TRAINING_KINDS = ("pretrain", "sft", "grpo", "distill", "reward_model")
 
 
 def from_file(path: str, arg=None, *, relative_to: str | None = None):
@@ -116,6 +118,18 @@ def validate(c) -> ModelConfig:
                   or stages[ref].kind not in kinds):
         raise ConfigError(f"stages.{name}.{field}={ref!r} must name a "
                           f"{'/'.join(kinds)} stage that runs before it")
+    ref = s_get(s, "reward_model")
+    if ref and ref in c.stages and (ref not in order or order.index(ref) >= order.index(name)
+                                    or stages[ref].kind != "reward_model"):
+      raise ConfigError(f"stages.{name}.reward_model={ref!r} must name a reward_model stage "
+                        "that runs before it (or a HF classifier checkpoint directory)")
+    if ref and ref not in c.stages and ref not in sources.SOURCES and "://" not in ref \
+        and not os.path.isdir(ref):
+      raise ConfigError(f"stages.{name}.reward_model={ref!r} is neither a stage nor a "
+                        "checkpoint directory")
+    if s.kind == "reward_model" and s.pairs_per_step % int(c.train.accum_steps):
+      raise ConfigError(f"train.accum_steps={c.train.accum_steps} must divide stages.{name}."
+                        f"pairs_per_step={s.pairs_per_step} (a micro-batch keeps whole pairs)")
     if s_get(s, "with_sft_split") and c.data.task == "file":
       raise ConfigError(f"stages.{name}.with_sft_split needs the built-in task's SFT split, "
                         "and data.task is 'file'")

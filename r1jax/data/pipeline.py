@@ -232,6 +232,78 @@ def sft_batches(records: Sequence[Mapping], tokenizer: Tokenizer, *, seq_len: in
   return iter(ds)
 
 
+# ----------------------------------------------------------------------------- preference pairs
+
+PAIR_FIELDS = ("tokens", "segment_ids", "positions", "last")
+
+
+def reward_row(tokenizer: Tokenizer, prompt: str, completion: str, max_len: int) -> np.ndarray:
+  """The token ids a reward model scores: the formatted prompt, then the completion text (no
+  end token: a row is scored at its last token). Over max_len tokens, the last max_len are kept
+  (the end is what is judged). The reward-model stage and the reward share this."""
+  ids = tokenizer.encode(prompt) + tokenizer.encode(completion)
+  return np.asarray(ids[-max_len:], np.int32)
+
+
+def reward_rows(rows: Sequence[np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
+  """Right-padded rows [len(rows), seq_len] and `last` (each row's last token index)."""
+  n = len(rows)
+  out = dict(tokens=np.zeros((n, seq_len), np.int32), segment_ids=np.zeros((n, seq_len), np.int32),
+             positions=np.zeros((n, seq_len), np.int32), last=np.zeros(n, np.int32))
+  for i, ids in enumerate(rows):
+    k = len(ids)
+    out["tokens"][i, :k] = ids
+    out["segment_ids"][i, :k] = 1
+    out["positions"][i, :k] = np.arange(k)
+    out["last"][i] = max(k - 1, 0)
+  return out
+
+
+class _EncodePair:
+  """record {question, chosen, rejected} -> two reward rows (chosen, rejected); counts rows cut
+  to seq_len."""
+
+  def __init__(self, tokenizer: Tokenizer, seq_len: int, template: str):
+    self.tokenizer, self.seq_len, self.template = tokenizer, seq_len, template
+    self.num_truncated = 0
+
+  def __call__(self, record: Mapping) -> dict[str, np.ndarray]:
+    prompt = template_lib.format_prompt(record["question"], self.template, self.tokenizer.markers)
+    rows = []
+    for side in ("chosen", "rejected"):
+      ids = reward_row(self.tokenizer, prompt, record[side], self.seq_len + 1)
+      if len(ids) > self.seq_len:
+        self.num_truncated += 1
+        if self.num_truncated & (self.num_truncated - 1) == 0:
+          log.warning("cut %d preference rows longer than seq_len = %d tokens to their last "
+                      "seq_len", self.num_truncated, self.seq_len)
+        ids = ids[-self.seq_len:]
+      rows.append(ids)
+    return reward_rows(rows, self.seq_len)
+
+
+def pair_batches(records: Sequence[Mapping], tokenizer: Tokenizer, *, seq_len: int,
+                 pairs: int, seed: int, template: str = "r1", shuffle: bool = True,
+                 num_epochs: int | None = None) -> grain.DatasetIterator:
+  """A checkpointable iterator of preference-pair batches: `PAIR_FIELDS`, [2 * pairs, seq_len]
+  (`last`: [2 * pairs]), rows 2i and 2i + 1 the chosen and rejected completion of pair i."""
+  template_lib.format_prompt("", template)
+  encode = _EncodePair(tokenizer, seq_len, template)
+  ds = _records_dataset(records, seed, shuffle, num_epochs, (0, 1)).map(encode)
+  ds = ds.batch(pairs, drop_remainder=True).map(
+      lambda b: {k: v.reshape(2 * pairs, *v.shape[2:]) for k, v in b.items()})
+  return iter(ds.to_iter_dataset(_READ_OPTIONS))
+
+
+def read_pairs(path) -> list[dict]:
+  """Preference pairs {question, chosen, rejected} from a JSONL file."""
+  fields = dict(prompt_field="question", completion_field="chosen", answer_field=None)
+  chosen = read_jsonl(path, **fields)
+  rejected = read_jsonl(path, **dict(fields, completion_field="rejected"))
+  return [{"question": c["question"], "chosen": c["completion"], "rejected": r["completion"]}
+          for c, r in zip(chosen, rejected)]
+
+
 def prompt_batches(records: Sequence[Mapping], *, batch_size: int, seed: int, shuffle: bool = True,
                    num_epochs: int | None = None,
                    shard: tuple[int, int] = (0, 1)) -> grain.DatasetIterator:

@@ -12,10 +12,13 @@
 
     logits = model.forward(params, tokens, cfg)          # int32 [B, T] -> fp32 [B, T, V]
     logits, aux = model.forward_with_aux(params, tokens, cfg, mtp=True)
+    scores, aux = model.reward_scores(params, tokens, cfg, last=last)  # classifiers: [B, labels]
     params = model.init(cfg, jax.random.key(0))
 """
 
 from __future__ import annotations
+
+import jax.numpy as jnp
 
 from r1jax.model.config import ModelConfig
 from r1jax.model import decoder, layers
@@ -47,7 +50,10 @@ def forward_with_aux(params, tokens, cfg: ModelConfig, *, segment_ids=None, posi
 
   mtp_detach: the MTP modules' loss trains their own weights only; no gradient reaches the trunk
   or the embedding and LM head they share with it (a draft trained beside a policy).
+
+  A sequence classifier (cfg.num_labels > 0) has no LM head: ConfigError (`reward_scores`).
   """
+  layers.require_lm_head(cfg, "model.forward")
   return decoder.forward_with_aux(params, tokens, cfg, segment_ids=segment_ids,
                                   positions=positions, mtp=mtp, token_mask=token_mask,
                                   routing=routing, prefix=prefix, mtp_detach=mtp_detach)
@@ -62,12 +68,31 @@ def forward(params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=Non
 
 def hidden_states(params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=None,
                   token_mask=None):
-  """The final-normed hidden states [B, T, D] that the LM head takes, and aux (as
+  """The final-normed hidden states [B, T, D] that the LM (or score) head takes, and aux (as
   `forward_with_aux`): for losses that run the head themselves, a chunk of positions at a time
   (`map_position_chunks` with `head`), so that no [B, T, V] logits exist."""
   x, aux, _ = decoder.forward_hidden(params, tokens, cfg, segment_ids=segment_ids,
                                      positions=positions, token_mask=token_mask)
   return layers.rms_norm(x, params["final_norm"], cfg.rms_norm_eps), aux
+
+
+def reward_scores(params, tokens, cfg: ModelConfig, *, last, segment_ids=None, positions=None,
+                  token_mask=None):
+  """A sequence classifier's (cfg.num_labels > 0; a reward model with 1) scores: HF
+  *ForSequenceClassification's `score` head on the final-normed hidden at each row's last real
+  token.
+
+  tokens int32 [B, T]; last int32 [B], the index of each row's last real token (right padding:
+  its length - 1). segment_ids, positions, token_mask: as `forward_with_aux`'s (token_mask False
+  on padding keeps it out of the MoE experts and their counts). Returns (float32 scores
+  [B, num_labels], aux as `hidden_states`'s: the MoE expert_counts, balance, dropped). Only
+  the B picked rows go through the head.
+  """
+  h_BTD, aux = hidden_states(params, tokens, cfg, segment_ids=segment_ids, positions=positions,
+                             token_mask=token_mask)
+  last_B = jnp.asarray(last, jnp.int32)
+  h_BD = jnp.take_along_axis(h_BTD, last_B[:, None, None], axis=1)[:, 0]
+  return layers.score_head(params, h_BD, cfg), aux
 
 
 head = layers.head
@@ -86,6 +111,7 @@ def target_logprobs(params, tokens, targets, cfg: ModelConfig, *, segment_ids=No
   it in each row. mtp_detach: as `forward_with_aux`'s. With mtp and cfg.logits_chunk,
   aux["mtp_logprobs"] are at `temperature` too (without the chunking, aux["mtp_logits"] are the
   raw logits)."""
+  layers.require_lm_head(cfg, "model.target_logprobs")
   assert prefix is None or not mtp, "MTP runs on whole rows"
   kw = dict(segment_ids=segment_ids, positions=positions, mtp=mtp, token_mask=token_mask,
             routing=routing, prefix=prefix, mtp_detach=mtp_detach)
@@ -96,6 +122,6 @@ def target_logprobs(params, tokens, targets, cfg: ModelConfig, *, segment_ids=No
   return (*decoder.logits_logprobs(logits, targets, entropy, temperature), aux)
 
 
-__all__ = ["forward", "forward_with_aux", "target_logprobs", "hidden_states", "head",
-           "map_position_chunks", "init", "abstract", "declare", "logical_axes", "num_params",
-           "ModelConfig"]
+__all__ = ["forward", "forward_with_aux", "target_logprobs", "hidden_states", "reward_scores",
+           "head", "map_position_chunks", "init", "abstract", "declare", "logical_axes",
+           "num_params", "ModelConfig"]

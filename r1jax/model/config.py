@@ -28,7 +28,8 @@ class ModelType:
     layer not in mlp_only_layers).
   qk_norm: RMSNorm over each head's q and k before RoPE (Qwen3).
   mtp: the model may have multi-token-prediction modules (DeepSeek-V3).
-  architecture: the HF class `to_hf` names.
+  architecture: the HF causal-LM class `to_hf` names (a sequence classifier's is
+    `classifier_architecture` of it).
   preset: field defaults where transformers' config class differs from ModelConfig's defaults
     (DeepSeek-V3's).
   hf_names: {our field: its config.json names, first found wins} where they differ.
@@ -79,6 +80,13 @@ ATTN_IMPLS = ("xla", "cudnn")
 # interpolation, and Llama 3.1's per-band scaling (the R1-Distill-Llama students)
 ROPE_TYPES = ("default", "yarn", "linear", "llama3")
 CONTEXT_ORDERS = ("zigzag", "contiguous")
+CLASSIFIER_SUFFIX = "ForSequenceClassification"
+
+
+def classifier_architecture(architecture: str) -> str:
+  """The HF sequence-classifier class of a causal-LM class: LlamaForCausalLM ->
+  LlamaForSequenceClassification."""
+  return architecture.removesuffix("ForCausalLM") + CLASSIFIER_SUFFIX
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +112,10 @@ class ModelConfig:
   bos_token_id: int | None = 0
   eos_token_id: int | None = 1
   pad_token_id: int | None = None
+  # head: 0 = a causal LM (its LM head); >= 1 = a sequence classifier (HF's
+  # *ForSequenceClassification, a reward model with 1): a bias-free `score` [D, num_labels]
+  # replaces the LM head, read at each row's last real token (`model.reward_scores`)
+  num_labels: int = 0
   # mla
   q_lora_rank: int | None = 1536
   kv_lora_rank: int = 512
@@ -190,6 +202,12 @@ class ModelConfig:
     return MODEL_TYPE_TABLE[self.model_type]
 
   @property
+  def hf_architecture(self) -> str:
+    """The HF class of this model: the family's causal LM, or its sequence classifier."""
+    arch = self.family.architecture
+    return classifier_architecture(arch) if self.num_labels else arch
+
+  @property
   def attention(self) -> str:
     """"mla" (DeepSeek's multi-head latent attention) or "gqa" (grouped-query attention)."""
     return self.family.attention
@@ -274,6 +292,11 @@ class ModelConfig:
               "intermediate_size"):
       need(int(getattr(self, f)) > 0, f"{f}={getattr(self, f)} must be positive")
     need(self.rms_norm_eps > 0, f"rms_norm_eps={self.rms_norm_eps} must be positive")
+    need(self.num_labels >= 0, f"num_labels={self.num_labels} must be >= 0 (0: a causal LM)")
+    need(not self.num_labels or not self.num_nextn_predict_layers,
+         f"num_labels={self.num_labels} (a sequence classifier) needs num_nextn_predict_layers=0: "
+         f"MTP modules predict tokens through the LM head, which a classifier has not "
+         f"(num_nextn_predict_layers={self.num_nextn_predict_layers})")
     need(self.dtype in DTYPES, f"dtype={self.dtype!r} is not one of {DTYPES}")
     need(self.param_dtype in DTYPES, f"param_dtype={self.param_dtype!r} is not one of {DTYPES}")
     need(self.attn_chunk is None or self.attn_chunk > 0,
@@ -385,14 +408,21 @@ class ModelConfig:
 
   @classmethod
   def from_hf(cls, hf: Mapping[str, Any], **overrides) -> "ModelConfig":
-    """From a HF config.json dict (transformers 4.x `rope_scaling` or 5.x `rope_parameters`)."""
+    """From a HF config.json dict (transformers 4.x `rope_scaling` or 5.x `rope_parameters`).
+    An `architectures` entry *ForSequenceClassification makes a sequence classifier, num_labels
+    from `id2label` (or `num_labels`; transformers' default 2 without either)."""
     model_type = hf.get("model_type")
     if model_type not in MODEL_TYPES:
       raise ConfigError(f"config.json: model_type={model_type!r} is not supported "
                         f"(expected one of {MODEL_TYPES})")
     names = {f.name for f in dataclasses.fields(cls)}
-    # HF's dtype/torch_dtype is the storage dtype, not our compute dtype
-    kw = {k: v for k, v in hf.items() if k in names and k not in ("dtype", "param_dtype")}
+    # HF's dtype/torch_dtype is the storage dtype, not our compute dtype; num_labels follows the
+    # architecture (`_hf_num_labels`), not a stray key of a causal LM's config
+    kw = {k: v for k, v in hf.items()
+          if k in names and k not in ("dtype", "param_dtype", "num_labels")}
+    kw["num_labels"] = _hf_num_labels(hf)
+    if kw["num_labels"]:  # transformers' classifiers hold no MTP module
+      kw["num_nextn_predict_layers"] = 0
     family = MODEL_TYPE_TABLE[model_type]
     for ours, theirs in family.hf_names.items():
       found = [hf[name] for name in theirs if hf.get(name) is not None]
@@ -481,8 +511,12 @@ class ModelConfig:
                   low_freq_factor=self.rope_low_freq_factor,
                   high_freq_factor=self.rope_high_freq_factor)
     common["rope_scaling"] = rope
+    if self.num_labels:  # transformers derives num_labels from id2label
+      labels = [f"LABEL_{i}" for i in range(self.num_labels)]
+      common.update(id2label={str(i): name for i, name in enumerate(labels)},
+                    label2id={name: i for i, name in enumerate(labels)})
     if self.attention == "gqa":
-      gqa = dict(common, model_type=self.model_type, architectures=[self.family.architecture],
+      gqa = dict(common, model_type=self.model_type, architectures=[self.hf_architecture],
                  num_key_value_heads=self.kv_heads, head_dim=self.dense_head_dim,
                  attention_bias=self.attention_bias, use_sliding_window=False)
       if self.family.moe_layers == "sparse_step":
@@ -493,7 +527,7 @@ class ModelConfig:
       return gqa
     return dict(
         common, model_type=self.model_type,
-        architectures=[self.family.architecture],
+        architectures=[self.hf_architecture],
         num_key_value_heads=self.num_attention_heads, attention_bias=self.attention_bias,
         q_lora_rank=self.q_lora_rank, kv_lora_rank=self.kv_lora_rank,
         qk_nope_head_dim=self.qk_nope_head_dim, qk_rope_head_dim=self.qk_rope_head_dim,
@@ -507,6 +541,21 @@ class ModelConfig:
         routed_scaling_factor=self.routed_scaling_factor, rope_interleave=self.rope_interleave,
         num_nextn_predict_layers=self.num_nextn_predict_layers)
 
+
+def _hf_num_labels(hf: Mapping[str, Any]) -> int:
+  """num_labels of a HF config.json: 0 unless an architecture is a sequence classifier."""
+  archs = hf.get("architectures") or ()
+  if not any(isinstance(a, str) and a.endswith(CLASSIFIER_SUFFIX) for a in archs):
+    return 0
+  id2label = hf.get("id2label")
+  if id2label is not None:
+    if not isinstance(id2label, dict) or not id2label:
+      raise ConfigError(f"config.json: id2label={id2label!r} must be a non-empty object")
+    return len(id2label)
+  n = hf.get("num_labels", 2)
+  if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+    raise ConfigError(f"config.json: num_labels={n!r} must be a positive integer")
+  return n
 
 
 def yarn_mscale(factor: float, mscale: float) -> float:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from r1jax.axes import CONTEXT, MODEL_DIM_AXES, batch_axes, context_size, dividing
+from r1jax.errors import ConfigError
 from r1jax.model.config import ModelConfig, yarn_mscale
 
 NEG_INF = -1e30  # finite, so a fully masked row (padding) gives a uniform softmax, not NaN
@@ -47,11 +48,33 @@ def embed(params, tokens, cfg: ModelConfig):
   return params["embed"].astype(cfg.jnp_dtype)[tokens]
 
 
-def head(params, h, cfg: ModelConfig):
-  """Final-normed hidden [B, T, D] -> fp32 logits [B, T, V]."""
-  w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+def require_lm_head(cfg: ModelConfig, what: str):
+  """Refuse `what` (a use of the LM head) for a sequence classifier, which has none."""
+  if cfg.num_labels:
+    raise ConfigError(f"{what} needs an LM head, and model.num_labels={cfg.num_labels} makes a "
+                      "sequence classifier (a `score` head instead): score it with "
+                      "model.reward_scores")
+
+
+def _project(h, w, cfg: ModelConfig):
+  """A head's product: h [..., D] @ w [D, N] in the compute dtype, fp32 result."""
   return jnp.dot(h.astype(cfg.jnp_dtype), w.astype(cfg.jnp_dtype),
                  preferred_element_type=jnp.float32)
+
+
+def head(params, h, cfg: ModelConfig):
+  """Final-normed hidden [B, T, D] -> fp32 logits [B, T, V]."""
+  require_lm_head(cfg, "the LM head (logits)")
+  return _project(h, params["embed"].T if cfg.tie_word_embeddings else params["lm_head"], cfg)
+
+
+def score_head(params, h, cfg: ModelConfig):
+  """A sequence classifier's head: final-normed hidden [..., D] -> fp32 scores
+  [..., num_labels]."""
+  if not cfg.num_labels:
+    raise ConfigError("scores need a sequence classifier: model.num_labels=0 is a causal LM "
+                      "(set num_labels >= 1 for a `score` head)")
+  return _project(h, params["score"], cfg)
 
 
 def swiglu(x, p, matmul):

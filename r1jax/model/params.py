@@ -13,6 +13,9 @@ MoE tree (DeepSeek: MLA attention; Qwen3-MoE: the dense tree's GQA attention), d
   final_norm  [D]           lm_head [D, V]   (absent when tie_word_embeddings)
   lm_head     [D, V]
   mtp{enorm, hnorm, eh_proj [2D, D], layer{...}, norm} stacked over num_nextn_predict_layers
+
+A sequence classifier (cfg.num_labels > 0) has `score` [D, num_labels] in place of lm_head
+(tied or not: the embedding stays) and no MTP modules.
 """
 
 from __future__ import annotations
@@ -91,7 +94,9 @@ def declare(cfg: ModelConfig) -> dict:
   else:
     tree["layers"] = _stack(_layer(cfg, False), cfg.num_hidden_layers)
   tree["final_norm"] = _norm(D)
-  if not cfg.tie_word_embeddings:
+  if cfg.num_labels:  # HF *ForSequenceClassification's bias-free `score`
+    tree["score"] = ParamSpec((D, cfg.num_labels), ("embed", None))
+  elif not cfg.tie_word_embeddings:
     tree["lm_head"] = ParamSpec((D, V), ("embed", "vocab"))
   return tree
 

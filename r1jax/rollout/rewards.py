@@ -21,6 +21,8 @@ Built-ins (names as registered):
   cosine           length-scaled correctness (open-r1 / "Demystifying long CoT").
   repetition       -(share of repeated word n-grams) (open-r1).
   soft_overlong    DAPO's soft overlong punishment.
+  reward_model     a reward model's score (`r1jax.rollout.reward_model`): a GRPO stage binds the
+                   model its `reward_model` field names for its run (`bind`).
 
 Templates: tag-reading rewards accept completions that open `<think>` themselves (R1-Zero) or
 continue a prompt that ends with `<think>` (R1); see `_text_rewards.py`.
@@ -38,6 +40,7 @@ the GIL should bound itself with a process, as `accuracy` does.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -55,6 +58,11 @@ RewardFn = Callable[..., list]
 
 # Default time bound for registered (non-built-in) functions inside `combine`.
 DEFAULT_TIMEOUT_S = 30.0
+# Rewards a model scores: a stage binds the model (`bind`) for its run. They run inline and
+# their errors propagate: the model's forward is a collective on every process, and a failure
+# must stop the run on all of them rather than leave some with scores and some without.
+MODEL_REWARDS = ("reward_model",)
+_BOUND: dict[str, RewardFn] = {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,6 +87,8 @@ def register(name: str, *, timeout_s: float | None = DEFAULT_TIMEOUT_S, replace:
   def decorator(fn: RewardFn) -> RewardFn:
     if not callable(fn):
       raise TypeError(f"reward {name!r} must be callable, got {type(fn).__name__}")
+    if name in MODEL_REWARDS:
+      raise ValueError(f"reward {name!r} is scored by a model (`bind`); pick another name")
     if name in _REGISTRY and not replace and _REGISTRY[name].fn is not fn:
       raise ValueError(f"reward {name!r} is already registered (pass replace=True)")
     _REGISTRY[name] = _Entry(fn, timeout_s)
@@ -95,8 +105,25 @@ def get(name: str, **params) -> RewardFn:
 
 
 def names() -> list[str]:
-  """Registered reward names, sorted."""
-  return sorted(_REGISTRY)
+  """Registered reward names and the model-scored ones, sorted."""
+  return sorted(set(_REGISTRY) | set(MODEL_REWARDS))
+
+
+@contextlib.contextmanager
+def bind(name: str, fn: RewardFn):
+  """Within the block, the model-scored reward `name` (`MODEL_REWARDS`) is `fn(prompts,
+  completions, **fields) -> scores`."""
+  if name not in MODEL_REWARDS:
+    raise KeyError(f"{name!r} is not a model-scored reward ({', '.join(MODEL_REWARDS)})")
+  previous = _BOUND.get(name)
+  _BOUND[name] = fn
+  try:
+    yield fn
+  finally:
+    if previous is None:
+      _BOUND.pop(name, None)
+    else:
+      _BOUND[name] = previous
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,7 +139,7 @@ def combine(weights: Mapping[str, float], prompts: Sequence, completions: Sequen
   value; those scores are None in `per_fn` and add 0 to `total`. A None returned on purpose
   (e.g. accuracy without a gold answer) also adds 0 but is not an error.
   """
-  unknown = [name for name in weights if name not in _REGISTRY]
+  unknown = [name for name in weights if name not in names()]
   if unknown:
     raise KeyError(f"unknown reward(s) {unknown}; registered: {', '.join(names())}")
   n = len(completions)
@@ -120,12 +147,27 @@ def combine(weights: Mapping[str, float], prompts: Sequence, completions: Sequen
   per_fn: dict[str, list[float | None]] = {}
   errors: dict[str, int] = {}
   for name, weight in weights.items():
-    scores, errors[name] = _scores_or_none(name, prompts, completions, fields)
+    if name in MODEL_REWARDS:
+      scores, errors[name] = _model_scores(name, prompts, completions, fields), 0
+    else:
+      scores, errors[name] = _scores_or_none(name, prompts, completions, fields)
     per_fn[name] = scores
     for i, score in enumerate(scores):
       if score is not None:
         total[i] += float(weight) * score
   return total, per_fn, errors
+
+
+def _model_scores(name: str, prompts, completions, fields) -> list[float]:
+  """The bound model's scores, unguarded (see MODEL_REWARDS)."""
+  if name not in _BOUND:
+    raise RuntimeError(f"reward {name!r} is scored by a model, and none is bound (a GRPO "
+                       "stage binds the one its `reward_model` field names)")
+  scores = [float(v) for v in _BOUND[name](prompts, completions, **fields)]
+  if len(scores) != len(completions) or not all(map(math.isfinite, scores)):
+    raise RuntimeError(f"reward {name!r}: the model returned {len(scores)} scores for "
+                       f"{len(completions)} completions, or a non-finite one")
+  return scores
 
 
 def _scores_or_none(name: str, prompts, completions, fields) -> tuple[list[float | None], int]:

@@ -18,8 +18,8 @@ from typing import Any, Mapping
 
 from r1jax.errors import ConfigError
 
-KINDS = ("pretrain", "sft", "grpo", "rejection_sampling", "distill", "eval")
-TRAINING_KINDS = ("pretrain", "sft", "grpo", "distill")
+KINDS = ("pretrain", "sft", "grpo", "rejection_sampling", "distill", "reward_model", "eval")
+TRAINING_KINDS = ("pretrain", "sft", "grpo", "distill", "reward_model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +153,21 @@ def _check_sampling(need, max_new_tokens, temperature, top_p):
   need(0 < top_p <= 1, "top_p", "must be in (0, 1]")
 
 
+def _model_rewards() -> tuple:
+  from r1jax.rollout import rewards
+  return rewards.MODEL_REWARDS
+
+
+def _check_reward_model(need, weights, reward_model: str):
+  named = [n for n in weights if n in _model_rewards()]
+  if named:
+    need(reward_model != "", "reward_model", f"must name a reward_model stage or a HF "
+         f"classifier checkpoint: reward_weights names {named[0]!r}")
+  else:
+    need(reward_model == "", "reward_model", "is set, but reward_weights names no "
+         f"model-scored reward ({', '.join(_model_rewards())})")
+
+
 def _check_rewards(need, weights):
   from r1jax.rollout import rewards
   need(len(weights) > 0, "reward_weights", "must name at least one reward")
@@ -240,6 +255,11 @@ class GRPOConfig(StageConfig):
       weight_decay > 0, AdamW decays them). Needs a model with an MTP module; not with
       share_prompt (the MTP modules run on whole rows). The policy's gradient is the one
       without it, to float rounding.
+    reward_model: the reward model that scores the `reward_model` reward: the name of an
+      earlier `reward_model` stage, or a directory of a HF `*ForSequenceClassification`
+      checkpoint (one label; the run's tokenizer). Needed exactly when `reward_weights` names
+      `reward_model` (R1's RL for all scenarios: rule rewards where a rule can judge, a model
+      where it cannot).
   """
   prompts_per_step: int = 16
   group_size: int = 8
@@ -271,6 +291,7 @@ class GRPOConfig(StageConfig):
   draft: str = ""
   draft_weight: float = 0.0
   partial_tokens: int = 0
+  reward_model: str = ""
 
   def check(self, need):
     super().check(need)
@@ -320,6 +341,7 @@ class GRPOConfig(StageConfig):
          "cannot be on with staleness >= 1 (asynchronous GRPO samples whole completions)")
     need(not (self.partial_tokens and self.routing_replay), "partial_tokens",
          "cannot be on with routing_replay (a carried row's earlier experts are not kept)")
+    _check_reward_model(need, self.reward_weights, self.reward_model)
 
   @property
   def rows(self) -> int:
@@ -341,6 +363,11 @@ class RejectionConfig(StageConfig):
     draft: "mtp": sample speculatively, the policy's MTP module drafting (the same sampling
       distribution as plain decoding; `draft_accept_rate` is logged). Needs a model with an
       MTP module.
+    pairs: also write preference pairs to samples/<stage>_pairs.jsonl: for every prompt with a
+      sample that passes (every reward >= min_reward, within max_chars) and one that fails,
+      {question, chosen: a passing one, rejected: a failing one}: a `reward_model` stage's data.
+    pairs_per_prompt: at most this many pairs per prompt, of distinct samples (the i-th pairs
+      the i-th passing and the i-th failing one, cycling through the shorter list).
   """
   num_prompts: int = 256
   k: int = 4
@@ -354,6 +381,8 @@ class RejectionConfig(StageConfig):
   keep_per_prompt: int = 1
   batch_size: int = 64
   draft: str = ""
+  pairs: bool = False
+  pairs_per_prompt: int = 1
 
   def check(self, need):
     super().check(need)
@@ -365,6 +394,44 @@ class RejectionConfig(StageConfig):
     need(self.keep_per_prompt >= 1, "keep_per_prompt", "must be >= 1")
     need(self.batch_size >= 1, "batch_size", "must be >= 1")
     need(self.draft in ("", "mtp"), "draft", "must be '' (plain decoding) or 'mtp'")
+    need(self.pairs_per_prompt >= 1, "pairs_per_prompt", "must be >= 1")
+    need(not any(n in _model_rewards() for n in self.reward_weights), "reward_weights",
+         "names a model-scored reward; rejection sampling keeps samples by rule rewards")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardModelConfig(StageConfig):
+  """`reward_model`: train a reward model (a sequence classifier with one label) on preference
+  pairs with the Bradley-Terry loss, -log sigmoid(r(chosen) - r(rejected)), as InstructGPT and
+  TRL's RewardTrainer do. The model is the policy's architecture with a `score` head in place of
+  the LM head (HF `*ForSequenceClassification`), scoring a row at its last token; its trunk
+  starts from the current policy (or the output of `start_from`), its head from zero-mean noise.
+  The policy does not change.
+
+  Attributes:
+    data_file: a JSONL file of {question, chosen, rejected} (relative paths are under the run
+      directory, e.g. samples/rejection_pairs.jsonl, which a rejection stage with `pairs`
+      writes). A row is the prompt formatted with the stage's template, then the completion.
+    start_from: an earlier pretrain, sft or grpo stage whose output model the trunk starts
+      from ("" = the current policy).
+    pairs_per_step: pairs per step (each is two rows of data.seq_len tokens).
+    heldout_frac: the share of the pairs (a seeded choice) held out of training; after the
+      stage the model's pairwise accuracy on them is its evaluation ("accuracy").
+    center_coef: weight of mean((r(chosen) + r(rejected))^2), which keeps the scores centred
+      on zero (TRL's center_rewards_coefficient; 0 = off).
+  """
+  data_file: str = ""
+  pairs_per_step: int = 16
+  heldout_frac: float = 0.1
+  center_coef: float = 0.0
+
+  def check(self, need):
+    super().check(need)
+    need(self.data_file != "", "data_file", "must name a JSONL file of preference pairs")
+    need(self.pairs_per_step >= 1, "pairs_per_step", "must be >= 1")
+    need(0.0 <= self.heldout_frac < 1.0, "heldout_frac", "must be in [0, 1)")
+    need(self.center_coef >= 0 and math.isfinite(self.center_coef), "center_coef",
+         "must be >= 0 and finite")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,7 +454,8 @@ class EvalConfig(StageConfig):
 
 
 CLASSES = {"pretrain": SFTConfig, "sft": SFTConfig, "distill": DistillConfig,
-           "grpo": GRPOConfig, "rejection_sampling": RejectionConfig, "eval": EvalConfig}
+           "grpo": GRPOConfig, "rejection_sampling": RejectionConfig,
+           "reward_model": RewardModelConfig, "eval": EvalConfig}
 
 
 def _plain(v):

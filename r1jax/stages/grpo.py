@@ -18,6 +18,7 @@ from the same weights.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 
@@ -27,7 +28,7 @@ import numpy as np
 
 from r1jax import flops, parallel, train
 from r1jax.data import pipeline
-from r1jax.rollout import engine, partial, sampler
+from r1jax.rollout import engine, partial, rewards, sampler
 from r1jax.stages import common
 from r1jax.stages.configs import GRPOConfig
 from r1jax.train.losses import grpo as grpo_lib
@@ -182,6 +183,7 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
   rollout_mesh = ctx.rollout_mesh if s.rollout_devices else ctx.mesh
   rollout_kw = dict(tokenizer=ctx.tokenizer, template=template, sampling=sampling, repeats=G,
                     reward_weights=s.reward_weights)
+  scorer = _reward_model(ctx, name, s)  # the `reward_model` reward's model, or None
 
   def sample(st, records, key):
     return engine.rollout(train.full_params(st["train"]), pcfg, records, mesh=ctx.mesh,
@@ -234,6 +236,7 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
 
   def next_batch(st):
     t0 = time.time()
+    scorer_flops = scorer.flops if scorer is not None else 0.0
     step = int(st["train"].step) // s.mu
     key = batch_key(step)
     partial_stats = {}
@@ -297,6 +300,8 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
       batch = batch.replace(old_logprobs=old_logprobs(train.full_params(st["train"]), batch))
       update_flops += forward
     host["flops"] = scored.flops + update_flops
+    if scorer is not None:  # the reward model's forwards over this step's rollouts
+      host["flops"] += scorer.flops - scorer_flops
     return batch, host
 
   def update(st, batch):
@@ -319,7 +324,8 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
       out.update({_behind(j): st[_behind(j - 1)] for j in range(1, s.staleness)})
     return out, metrics
 
-  with jax.set_mesh(ctx.mesh):
+  with jax.set_mesh(ctx.mesh), (rewards.bind("reward_model", scorer) if scorer is not None
+                                else contextlib.nullcontext()):
     state, metrics = common.train_loop(ctx, name, state, steps=steps, next_batch=next_batch,
                                        data_iter=_WithPartial(it, buffer) if buffer else it,
                                        update=update, log_keys=("reward", "loss"),
@@ -327,6 +333,16 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
   common.record_lora_output(ctx, name, state["train"])
   ctx.models["policy"] = (cfg, train.full_params(state["train"]))
   return metrics
+
+
+def _reward_model(ctx: common.Context, name: str, s: GRPOConfig):
+  """The scorer of the `reward_model` reward (`rollout.reward_model`), or None without one."""
+  if not s.reward_model:
+    return None
+  from r1jax.rollout.reward_model import ModelReward
+  from r1jax.stages.reward_model import load_reward_model
+  cfg, params = load_reward_model(ctx, s.reward_model, f"stages.{name}.reward_model")
+  return ModelReward(cfg, params, ctx.tokenizer, ctx.mesh, max_len=cfg.max_position_embeddings)
 
 
 def _behind(j: int) -> str:

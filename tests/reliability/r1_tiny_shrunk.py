@@ -1,5 +1,6 @@
 """configs/r1_tiny.py shrunk for the reliability and multi-process tests: every stage of the
-recipe but the final GRPO (cold-start SFT -> GRPO -> asynchronous GRPO -> the compute-matched SFT
+recipe but the final GRPO, and every other stage kind (cold-start SFT -> a reward model ->
+GRPO, which the reward model also scores -> asynchronous GRPO -> the compute-matched SFT
 control -> rejection sampling -> SFT on the sampled data -> distillation -> on-policy
 distillation), 3-4 steps each on a 2-layer MoE, batches of 8, a checkpoint every 2 steps, 8
 evaluation problems (and 8 more uncovered held-out ones) after the stages that evaluate. It needs
@@ -21,8 +22,8 @@ import ml_collections
 
 from r1jax.run_config import stage
 
-R1_TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs",
-                       "r1_tiny.py")
+HERE = os.path.dirname(os.path.abspath(__file__))
+R1_TINY = os.path.join(HERE, "..", "..", "configs", "r1_tiny.py")
 
 
 def get_config(arg=None):
@@ -50,6 +51,13 @@ def get_config(arg=None):
   # resume and multi-process test
   c.stages.grpo.update(steps=4, eval=False, draft="mtp", draft_weight=0.1, partial_tokens=5,
                        dynamic_sampling=True, max_refills=1, ref_refresh_every=2, **rollout)
+  # a reward model (Bradley-Terry on 24 fixed pairs of a right and a wrong answer, 8 held out)
+  # scores grpo's rollouts: logged as reward_reward_model, at weight 0 so that the rule rewards
+  # keep the flat groups dynamic sampling refills
+  c.stages.rm = stage("reward_model", steps=3, data_file=os.path.join(HERE, "pairs.jsonl"),
+                      pairs_per_step=4, heldout_frac=0.25)
+  c.stages.grpo.reward_weights = dict(c.stages.grpo.reward_weights, reward_model=0.0)
+  c.stages.grpo.reward_model = "rm"
   c.stages.rejection.update(num_prompts=8, k=2, max_new_tokens=12)
   c.stages.rejection.batch_size = 8
   c.stages.rejection.min_reward = -1.0
@@ -67,8 +75,11 @@ def get_config(arg=None):
   # correction; every stage trains on the other devices
   c.stages.grpo_async = ml_collections.ConfigDict(c.stages.grpo.to_dict())
   c.stages.grpo_async.update(staleness=2, rollout_devices=2, is_correction="token_tis",
-                             draft="", dynamic_sampling=False, partial_tokens=0)
+                             draft="", dynamic_sampling=False, partial_tokens=0,
+                             reward_model="")
+  c.stages.grpo_async.reward_weights = dict(c.stages.grpo.reward_weights)
+  del c.stages.grpo_async.reward_weights["reward_model"]
   c.max_steps = 4  # caps the compute-matched control (every other stage is shorter already)
-  c.stage_order = ("cold_start", "grpo", "grpo_async", "sft_control", "rejection", "sft_rs",
-                   "distill", "distill_opd")
+  c.stage_order = ("cold_start", "rm", "grpo", "grpo_async", "sft_control", "rejection",
+                   "sft_rs", "distill", "distill_opd")
   return c

@@ -1,9 +1,10 @@
 """SIGKILL anywhere in the R1 recipe, restart with the same workdir: the run ends exactly where an
 uninterrupted one does.
 
-One launcher run of the shrunk recipe (tests/reliability/r1_tiny_shrunk.py: cold-start SFT ->
-GRPO -> asynchronous GRPO on devices of its own -> the compute-matched SFT control -> rejection
-sampling -> SFT on the sampled data -> distillation -> on-policy distillation; every stage of
+One launcher run of the shrunk recipe (tests/reliability/r1_tiny_shrunk.py: cold-start SFT -> a
+reward model -> GRPO, which the reward model scores -> asynchronous GRPO on devices of its own ->
+the compute-matched SFT control -> rejection sampling -> SFT on the sampled data -> distillation
+-> on-policy distillation; every stage of
 configs/r1_tiny.py but the second GRPO, and configs/r1_tiny_onpolicy.py's on-policy stage) is
 SIGKILLed at six points in turn and restarted after each: inside SFT, between two stages, inside
 GRPO, inside asynchronous GRPO (with a rollout dispatched for the step after its checkpoint),
@@ -32,13 +33,13 @@ import launcher
 from r1jax.data import pipeline as data_pipeline
 
 ARGS = ["--config", launcher.SHRUNK_R1]
-ORDER = ("cold_start", "grpo", "grpo_async", "sft_control", "rejection", "sft_rs", "distill",
-         "distill_opd")
+ORDER = ("cold_start", "rm", "grpo", "grpo_async", "sft_control", "rejection", "sft_rs",
+         "distill", "distill_opd")
 DEVICES = 4  # the shrunk recipe's asynchronous GRPO samples on 2 of them
 # as in r1_tiny_shrunk.py; sft_control's steps come from grpo's FLOPs (capped by max_steps=4),
 # so the run's summary.json says how many it took
-TRAIN_STEPS = {"cold_start": 4, "grpo": 4, "grpo_async": 4, "sft_control": None, "sft_rs": 3,
-               "distill": 3, "distill_opd": 4}
+TRAIN_STEPS = {"cold_start": 4, "rm": 3, "grpo": 4, "grpo_async": 4, "sft_control": None,
+               "sft_rs": 3, "distill": 3, "distill_opd": 4}
 
 
 def train_steps(workdir) -> dict:

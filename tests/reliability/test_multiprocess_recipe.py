@@ -1,21 +1,21 @@
 """The R1 recipe on two processes equals the recipe on one, through a SIGKILL inside asynchronous
 GRPO.
 
-tests/reliability/r1_tiny_shrunk.py (every stage kind: SFT, GRPO, asynchronous GRPO, the
-compute-matched SFT control, rejection sampling, SFT on the sampled data, distillation, on-policy
-distillation, with evaluations) runs twice side by side: once as one process with 4 CPU devices,
-once as two processes with 2 devices each (gloo collectives, one global mesh of 4). Here
-asynchronous GRPO samples on the training mesh (`rollout_devices=0`): on devices of their own,
-the sampler's collectives and the update's would run at once, and gloo mixes concurrent
+tests/reliability/r1_tiny_shrunk.py (every stage kind: SFT, a reward model, GRPO scored by it too,
+asynchronous GRPO, the compute-matched SFT control, rejection sampling, SFT on the sampled data,
+distillation, on-policy distillation, with evaluations) runs twice side by side: once as one process
+with 4 CPU devices, once as two processes with 2 devices each (gloo collectives, one global mesh of
+4). Here asynchronous GRPO samples on the training mesh (`rollout_devices=0`): on devices of their
+own, the sampler's collectives and the update's would run at once, and gloo mixes concurrent
 collectives up (measured: an aborted run), so the launcher refuses that on CPU with several
 processes; the kill test covers sampling devices of its own in one process. The two-process run is
-interrupted inside asynchronous GRPO: process 1 is SIGKILLed after a checkpoint and a later step
-(a rollout for the next step already dispatched), process 0 notices through the coordination
-service's heartbeat and exits, and both are started again with the same workdir. The restarted
-run resumes the stage from its checkpoint and finishes. Then summary.json (every stage's evaluation and
-final metrics) and every logged step (losses, rewards, mismatch metrics) must equal the
-one-process run's within float tolerance: same data in the same order, the same rollouts, the
-same decisions, whatever the number of processes.
+interrupted inside asynchronous GRPO: process 1 is SIGKILLed after a checkpoint and a later step (a
+rollout for the next step already dispatched), process 0 notices through the coordination service's
+heartbeat and exits, and both are started again with the same workdir. The restarted run resumes the
+stage from its checkpoint and finishes. Then summary.json (every stage's evaluation and final
+metrics) and every logged step (losses, rewards, mismatch metrics) must equal the one-process run's
+within float tolerance: same data in the same order, the same rollouts, the same decisions, whatever
+the number of processes.
 """
 
 import json
@@ -121,13 +121,15 @@ def test_two_processes_killed_inside_async_grpo_resume_and_equal_one_process(tmp
   restarted = launcher.tail(f"{two}.log.restart.0", 100_000)
   assert "[cold_start] already complete; loaded its output" in restarted
   assert "[grpo_async] resumed from step" in restarted, restarted[-3000:]
-  assert first is not None and [e["name"] for e in first["stages"]] == ["cold_start", "grpo"]
+  assert first is not None
+  assert [e["name"] for e in first["stages"]] == ["cold_start", "rm", "grpo"]
 
   got, want = _summary(two), _summary(one)
   assert [e["name"] for e in want["stages"]] == list(ORDER)
   _close(got, want, "summary")
   evaluated = {e["name"] for e in want["stages"] if "eval" in e}
-  assert {"sft_rs", "distill", "distill_opd"} <= evaluated, evaluated  # policy and students
+  # the policy, the students, and the reward model (on held-out pairs)
+  assert {"rm", "sft_rs", "distill", "distill_opd"} <= evaluated, evaluated
   got_recs, want_recs = _records(two), _records(one)
   assert sorted(got_recs) == sorted(want_recs)
   for stage, steps in train_steps(one).items():

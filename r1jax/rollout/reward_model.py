@@ -1,0 +1,61 @@
+"""The `reward_model` reward: a reward model (a sequence classifier with one label) scores each
+completion after its prompt.
+
+    scorer = reward_model.ModelReward(cfg, params, tokenizer, mesh, max_len=512)
+    with rewards.bind("reward_model", scorer):
+      scored = engine.rollout(..., reward_weights={"reward_model": 1.0, "format": 0.2})
+
+A row is the formatted prompt then the completion text (`pipeline.reward_row`, as the
+reward-model stage trains on it), scored at its last token. Rows go through one jitted forward
+on the run's mesh, split over its batch axes; the scores come back replicated, so every process
+(each scores every row, as for the rule rewards) holds all of them. Row counts are padded to a
+multiple of the batch devices and lengths to a multiple of `bucket`, so a GRPO stage compiles
+the forward once per length bucket. `flops` sums the model FLOPs of the forwards run.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from r1jax import flops, model, parallel
+from r1jax.data import pipeline
+from r1jax.model.config import ModelConfig
+
+
+class ModelReward:
+  """Callable as a reward function: (prompts, completions, **fields) -> list of scores."""
+
+  def __init__(self, cfg: ModelConfig, params, tokenizer, mesh, *, max_len: int,
+               bucket: int = 16):
+    assert cfg.num_labels == 1, "a reward model scores with one label"
+    self.cfg, self.params, self.tokenizer, self.mesh = cfg, params, tokenizer, mesh
+    self.max_len, self.bucket = max_len, bucket
+    self.flops = 0.0
+    shape = dict(mesh.shape)
+    self.row_multiple = int(np.prod([shape.get(a, 1) for a in parallel.RULES["batch"]]))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def scores(params, batch):
+      out, _ = model.reward_scores(params, batch["tokens"], cfg, last=batch["last"],
+                                   segment_ids=batch["segment_ids"],
+                                   positions=batch["positions"],
+                                   token_mask=batch["segment_ids"] > 0)
+      return out[:, 0]
+
+    self._scores = jax.jit(scores, out_shardings=replicated)
+
+  def __call__(self, prompts, completions, **_) -> list[float]:
+    rows = [pipeline.reward_row(self.tokenizer, p, c, self.max_len)
+            for p, c in zip(prompts, completions)]
+    n = len(rows)
+    if n == 0:
+      return []
+    T = min(self.max_len, -(-max(len(r) for r in rows) // self.bucket) * self.bucket)
+    B = -(-n // self.row_multiple) * self.row_multiple
+    rows += [rows[-1]] * (B - n)  # padding rows: scored and dropped
+    batch = parallel.global_batch(pipeline.reward_rows(rows, T), self.mesh)
+    with jax.set_mesh(self.mesh):
+      out = np.asarray(self._scores(self.params, batch))
+    self.flops += flops.forward_flops(self.cfg, B * T, T)
+    return out[:n].astype(np.float64).tolist()

@@ -1,0 +1,220 @@
+"""Reward models: the Bradley-Terry loss, preference-pair batches, the pairs rejection sampling
+writes, the `reward_model` reward a GRPO stage binds, the stage's config rules, and a reward
+model that learns. The model itself (a `*ForSequenceClassification` equal to transformers') is
+checked in tests/test_reward_model_hf.py; the stage runs through the launcher, is killed and
+resumed, and runs on two processes in tests/reliability (the shrunk recipe's `rm` stage, whose
+model scores the shrunk `grpo`)."""
+
+import json
+import math
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import testing
+from r1jax import model, run_config, train
+from r1jax.data import pipeline, template as template_lib
+from r1jax.data.tokenizer import CharTokenizer
+from r1jax.errors import ConfigError
+from r1jax.model.config import ModelConfig
+from r1jax.rollout import engine, rewards
+from r1jax.stages import rejection
+from r1jax.stages.configs import RejectionConfig
+from r1jax.train.losses import reward as reward_loss_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RM_CONFIG = os.path.join(ROOT, "configs", "r1_tiny_rm.py")
+TOK = CharTokenizer()
+CFG = ModelConfig.from_config(run_config.tiny_student_fields(
+    num_labels=1, num_hidden_layers=2, hidden_size=32, intermediate_size=64))
+
+
+def _pairs(n, seed=0):
+  """Pairs whose chosen completion ends in "ok" and rejected one in "no", after varied text."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    a, b = rng.integers(0, 99, 2)
+    filler = "".join(rng.choice(list("0123456789+;="), int(rng.integers(1, 9))))
+    out.append({"question": f"{a}+{b}", "chosen": f"{filler} ok", "rejected": f"{filler} no"})
+  return out
+
+
+def test_pair_batches_interleave_chosen_and_rejected_rows():
+  recs = _pairs(6)
+  it = pipeline.pair_batches(recs, TOK, seq_len=40, pairs=3, seed=0, template="r1",
+                             shuffle=False, num_epochs=1)
+  batch = next(it)
+  assert batch["tokens"].shape == (6, 40) and batch["last"].shape == (6,)
+  for i, r in enumerate(recs[:3]):
+    prompt = template_lib.format_prompt(r["question"], "r1", TOK.markers)
+    for side, row in (("chosen", 2 * i), ("rejected", 2 * i + 1)):
+      ids = TOK.encode(prompt) + TOK.encode(r[side])
+      n = len(ids)
+      np.testing.assert_array_equal(batch["tokens"][row, :n], ids)
+      assert batch["tokens"][row, n:].sum() == 0 and batch["last"][row] == n - 1
+      np.testing.assert_array_equal(batch["segment_ids"][row], np.arange(40) < n)
+      np.testing.assert_array_equal(batch["positions"][row, :n], np.arange(n))
+  # a row longer than seq_len keeps its end (what is scored)
+  long = [{"question": "1+1", "chosen": "x" * 50 + "END", "rejected": "no"}]
+  b = next(pipeline.pair_batches(long, TOK, seq_len=16, pairs=1, seed=0, shuffle=False))
+  assert TOK.decode(b["tokens"][0].tolist()).endswith("END") and b["last"][0] == 15
+
+
+def test_bradley_terry_loss_equals_hand_computed():
+  params = testing.random_params(CFG, seed=1, std=0.3)
+  batch = {k: jnp.asarray(v) for k, v in next(pipeline.pair_batches(
+      _pairs(4), TOK, seq_len=32, pairs=4, seed=0, shuffle=False)).items()}
+  scores, _ = model.reward_scores(params, batch["tokens"], CFG, last=batch["last"],
+                                  segment_ids=batch["segment_ids"],
+                                  positions=batch["positions"])
+  r = np.asarray(scores[:, 0], np.float64).reshape(4, 2)
+  assert np.ptp(r) > 1e-3  # a real spread of scores
+  margin = r[:, 0] - r[:, 1]
+  bt = np.mean([math.log1p(math.exp(-m)) for m in margin])
+  center = np.mean((r[:, 0] + r[:, 1]) ** 2)
+  for coef in (0.0, 0.25):
+    loss, metrics = reward_loss_lib.reward_loss(CFG, center_coef=coef)(params, batch, None, None)
+    np.testing.assert_allclose(float(loss), bt + coef * center, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["bt_loss"]), bt, rtol=1e-5)
+    assert float(metrics["accuracy"]) == np.mean(margin > 0)
+    np.testing.assert_allclose(float(metrics["margin"]), margin.mean(), rtol=1e-5, atol=1e-7)
+  # negative control: the pairs the other way round give another loss
+  swapped = dict(batch, **{k: batch[k].reshape(4, 2, *batch[k].shape[1:])[:, ::-1].reshape(
+      batch[k].shape) for k in pipeline.PAIR_FIELDS})
+  other, _ = reward_loss_lib.reward_loss(CFG)(params, swapped, None, None)
+  np.testing.assert_allclose(float(other), np.mean([math.log1p(math.exp(m)) for m in margin]),
+                             rtol=1e-5)
+  assert abs(float(other) - bt) > 1e-3
+
+
+def test_a_reward_model_learns_held_out_pairs():
+  """40 Adam steps on pairs told apart by their last words: held-out pairs (other questions and
+  fillers) scored the right way round, from 2 of 16 before."""
+  import optax
+  train_pairs, held = _pairs(64, seed=0), _pairs(16, seed=1)
+  tx = optax.adam(3e-3)
+  state = train.create(testing.random_params(CFG, seed=2), tx, 0)
+  step = train.make_step(reward_loss_lib.reward_loss(CFG), tx)
+  it = pipeline.pair_batches(train_pairs, TOK, seq_len=32, pairs=8, seed=0)
+  held_batch = {k: jnp.asarray(v) for k, v in next(pipeline.pair_batches(
+      held, TOK, seq_len=32, pairs=16, seed=0, shuffle=False)).items()}
+  loss = reward_loss_lib.reward_loss(CFG)
+  before = float(loss(train.full_params(state), held_batch, None, None)[1]["accuracy"])
+  for _ in range(40):
+    state, metrics = step(state, {k: jnp.asarray(v) for k, v in next(it).items()})
+  _, after = loss(train.full_params(state), held_batch, None, None)
+  assert before < 0.5 and float(after["accuracy"]) == 1.0, (before, after)
+  assert float(metrics["loss"]) < 0.2
+
+
+def test_bind_scopes_the_model_reward_and_its_errors_propagate():
+  calls = []
+
+  def scorer(prompts, completions, **_):
+    calls.append(len(completions))
+    return [float(len(c)) for c in completions]
+
+  with pytest.raises(RuntimeError, match="none is bound"):
+    rewards.combine({"reward_model": 1.0}, ["p"], ["abc"])
+  with rewards.bind("reward_model", scorer):
+    total, per_fn, errors = rewards.combine({"reward_model": 0.5, "format": 1.0}, ["p", "p"],
+                                            ["abc", "<think>x</think><answer>1</answer>"])
+  assert per_fn["reward_model"] == [3.0, 34.0] and errors["reward_model"] == 0
+  assert total[0] == 1.5 and calls == [2]
+  with pytest.raises(RuntimeError, match="none is bound"):  # unbound after the block
+    rewards.combine({"reward_model": 1.0}, ["p"], ["abc"])
+  with rewards.bind("reward_model", lambda p, c, **_: [1.0]):  # a wrong count is an error
+    with pytest.raises(RuntimeError, match="1 scores for 2"):
+      rewards.combine({"reward_model": 1.0}, ["p", "p"], ["a", "b"])
+  with pytest.raises(ValueError, match="scored by a model"):
+    rewards.register("reward_model")(scorer)
+  assert "reward_model" in rewards.names()
+
+
+def test_rejection_writes_pairs_of_a_passing_and_a_failing_sample(tmp_path, monkeypatch):
+  records = [{"question": f"{i}+1", "answer": str(i + 1)} for i in range(3)]
+  # prompt 0: right, wrong, right; prompt 1: all wrong; prompt 2: wrong, right, right
+  texts = [["<think>a</think>\n<answer>1</answer>", "<think>b</think>\n<answer>7</answer>",
+            "<think>c</think>\n<answer>1</answer>"],
+           ["<answer>9</answer>"] * 3,
+           ["<think>d</think>\n<answer>5</answer>", "<think>e</think>\n<answer>3</answer>",
+            "<think>f</think>\n<answer>3</answer>"]]
+  completions = [t for row in texts for t in row]
+
+  def fake_rollout(params, cfg, recs, *, repeats, reward_weights, **_):
+    rows = [r for r in recs for _ in range(repeats)]
+    total, per_fn, errors = engine.score(rows, [""] * len(rows), completions, reward_weights)
+    return engine.ScoredRollout(records=rows, prompts=[""] * len(rows), completions=completions,
+                                rollout=None, rewards=total, per_reward=per_fn,
+                                reward_errors=errors, flops=0.0)
+
+  monkeypatch.setattr(rejection.engine, "rollout", fake_rollout)
+  logged = {}
+
+  class Log:
+    def metrics(self, name, step, m):
+      logged.update(m)
+
+    def info(self, text):
+      pass
+
+  from r1jax.stages import common
+  ctx = common.Context(config=run_config.base_config(), workdir=tmp_path, model_cfg=CFG,
+                       tokenizer=TOK, mesh=None, log=Log(), models={"policy": (CFG, None)},
+                       splits={"rl": records})
+  s = RejectionConfig(name="rs", kind="rejection_sampling", num_prompts=3, k=3, pairs=True)
+  rejection.run_rejection(ctx, "rs", s)
+  with open(tmp_path / "samples" / "rs_pairs.jsonl") as f:
+    pairs = [json.loads(line) for line in f]
+  assert [(p["question"], p["chosen"], p["rejected"]) for p in pairs] == [
+      ("0+1", texts[0][0], texts[0][1]), ("2+1", texts[2][1], texts[2][0])]
+  assert logged["num_pairs"] == 2.0
+
+
+def _rm_config(**changes):
+  c = run_config.from_file(RM_CONFIG)
+  for path, value in changes.items():
+    section = c
+    *head, last = path.split(".")
+    for key in head:
+      section = section[key]
+    section[last] = value
+  return c
+
+
+def test_the_shipped_config_validates():
+  c = _rm_config()
+  run_config.validate(c)
+  stages = run_config.stage_configs(c)
+  assert stages["rm"].kind == "reward_model" and stages["grpo_rm"].reward_model == "rm"
+  assert stages["cold_samples"].pairs
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"stages.grpo_rm.reward_model": ""}, "reward_model='' must name a reward_model stage"),
+    ({"stages.grpo.reward_model": "rm"}, "names no model-scored reward"),
+    ({"stages.grpo_rm.reward_model": "grpo"}, "must name a reward_model stage that runs before"),
+    ({"stages.grpo_rm.reward_model": "/no/such/dir"}, "neither a stage nor a checkpoint"),
+    ({"stages.rm.data_file": ""}, "must name a JSONL file of preference pairs"),
+    ({"stages.rm.pairs_per_step": 0}, "pairs_per_step=0 must be >= 1"),
+    ({"stages.rm.heldout_frac": 1.0}, "heldout_frac=1.0 must be in [0, 1)"),
+    ({"stages.rm.start_from": "cold_samples"}, "start_from='cold_samples' must name a"),
+    ({"stages.cold_samples.reward_weights": {"reward_model": 1.0}},
+     "rejection sampling keeps samples by rule rewards"),
+    ({"train.accum_steps": 3, "stages.rm.pairs_per_step": 16, "data.batch_size": 3,
+      "stages.grpo.prompts_per_step": 3, "stages.grpo_rm.prompts_per_step": 3},
+     "must divide stages.rm.pairs_per_step=16"),
+])
+def test_bad_reward_model_settings_are_one_clear_config_error(changes, message):
+  with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")
+                     .replace(")", r"\)")):
+    run_config.validate(_rm_config(**changes))
+
+
+def test_a_reward_model_is_no_causal_lm():
+  assert CFG.num_labels == 1 and "score" in model.abstract(CFG)
+  with pytest.raises(Exception, match="(?i)classifier|num_labels|LM head"):
+    model.forward(testing.random_params(CFG), jnp.zeros((1, 4), jnp.int32), CFG)
