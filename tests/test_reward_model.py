@@ -136,7 +136,8 @@ def test_bind_scopes_the_model_reward_and_its_errors_propagate():
 
 def test_rejection_writes_pairs_of_a_passing_and_a_failing_sample(tmp_path, monkeypatch):
   records = [{"question": f"{i}+1", "answer": str(i + 1)} for i in range(3)]
-  # prompt 0: right, wrong, right; prompt 1: all wrong; prompt 2: wrong, right, right
+  # prompt 0: right, wrong, right; prompt 1: all wrong (one text thrice: no pair, and
+  # deduplicated); prompt 2: wrong, right, right
   texts = [["<think>a</think>\n<answer>1</answer>", "<think>b</think>\n<answer>7</answer>",
             "<think>c</think>\n<answer>1</answer>"],
            ["<answer>9</answer>"] * 3,
@@ -165,13 +166,19 @@ def test_rejection_writes_pairs_of_a_passing_and_a_failing_sample(tmp_path, monk
   ctx = common.Context(config=run_config.base_config(), workdir=tmp_path, model_cfg=CFG,
                        tokenizer=TOK, mesh=None, log=Log(), models={"policy": (CFG, None)},
                        splits={"rl": records})
-  s = RejectionConfig(name="rs", kind="rejection_sampling", num_prompts=3, k=3, pairs=True)
-  rejection.run_rejection(ctx, "rs", s)
-  with open(tmp_path / "samples" / "rs_pairs.jsonl") as f:
-    pairs = [json.loads(line) for line in f]
-  assert [(p["question"], p["chosen"], p["rejected"]) for p in pairs] == [
-      ("0+1", texts[0][0], texts[0][1]), ("2+1", texts[2][1], texts[2][0])]
+  def pairs_of(**fields):
+    s = RejectionConfig(name="rs", kind="rejection_sampling", num_prompts=3, k=3, pairs=True,
+                        **fields)
+    rejection.run_rejection(ctx, "rs", s)
+    with open(tmp_path / "samples" / "rs_pairs.jsonl") as f:
+      return [(p["question"], p["chosen"], p["rejected"]) for p in map(json.loads, f)]
+
+  assert pairs_of() == [("0+1", texts[0][0], texts[0][1]), ("2+1", texts[2][1], texts[2][0])]
   assert logged["num_pairs"] == 2.0
+  # up to 3 per prompt: every distinct passing sample against the failing ones, in turn
+  assert pairs_of(pairs_per_prompt=3) == [
+      ("0+1", texts[0][0], texts[0][1]), ("0+1", texts[0][2], texts[0][1]),
+      ("2+1", texts[2][1], texts[2][0]), ("2+1", texts[2][2], texts[2][0])]
 
 
 def _rm_config(**changes):
@@ -218,3 +225,26 @@ def test_a_reward_model_is_no_causal_lm():
   assert CFG.num_labels == 1 and "score" in model.abstract(CFG)
   with pytest.raises(Exception, match="(?i)classifier|num_labels|LM head"):
     model.forward(testing.random_params(CFG), jnp.zeros((1, 4), jnp.int32), CFG)
+
+
+def test_held_out_pairs_share_no_question_with_the_training_pairs(tmp_path):
+  from r1jax.errors import DataError
+  from r1jax.stages import common, reward_model
+  from r1jax.stages.configs import RewardModelConfig
+  pairs = [dict(p, question=f"{i % 10}+1") for i, p in enumerate(_pairs(40))]  # 4 per question
+  pipeline.write_jsonl(tmp_path / "pairs.jsonl", pairs)
+  ctx = common.Context(config=run_config.base_config(), workdir=tmp_path, model_cfg=CFG,
+                       tokenizer=TOK, mesh=None, log=None, models={})
+  s = RewardModelConfig(name="rm", kind="reward_model", data_file="pairs.jsonl",
+                        heldout_frac=0.3, pairs_per_step=4)
+  training, held = reward_model.split_pairs(ctx, "rm", s)
+  held_q, train_q = {p["question"] for p in held}, {p["question"] for p in training}
+  assert len(held_q) == 3 and len(train_q) == 7 and not held_q & train_q
+  assert len(held) == 12 and len(training) == 28
+  assert reward_model.split_pairs(ctx, "rm", s) == (training, held)  # seeded
+  with pytest.raises(DataError, match="fewer than pairs_per_step=64"):
+    reward_model.split_pairs(ctx, "rm", RewardModelConfig(
+        name="rm", kind="reward_model", data_file="pairs.jsonl", pairs_per_step=64))
+  with pytest.raises(DataError, match="no preference pairs"):
+    reward_model.split_pairs(ctx, "rm", RewardModelConfig(
+        name="rm", kind="reward_model", data_file="none.jsonl"))

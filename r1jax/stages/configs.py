@@ -415,8 +415,9 @@ class RewardModelConfig(StageConfig):
     start_from: an earlier pretrain, sft or grpo stage whose output model the trunk starts
       from ("" = the current policy).
     pairs_per_step: pairs per step (each is two rows of data.seq_len tokens).
-    heldout_frac: the share of the pairs (a seeded choice) held out of training; after the
-      stage the model's pairwise accuracy on them is its evaluation ("accuracy").
+    heldout_frac: the share of the pairs' distinct questions (a seeded choice) whose pairs are
+      held out of training; after the stage the model's pairwise accuracy on them is its
+      evaluation ("accuracy").
     center_coef: weight of mean((r(chosen) + r(rejected))^2), which keeps the scores centred
       on zero (TRL's center_rewards_coefficient; 0 = off).
   """

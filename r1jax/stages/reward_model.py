@@ -47,20 +47,22 @@ def initial_params(ctx: common.Context, name: str, s: RewardModelConfig):
 
 
 def split_pairs(ctx: common.Context, name: str, s: RewardModelConfig):
-  """(training pairs, held-out pairs): a seeded choice of round(heldout_frac * n) held out."""
+  """(training pairs, held-out pairs): every pair of a seeded choice of round(heldout_frac * n)
+  of the n distinct questions is held out, so no held-out question is trained on."""
   path = fileio.under(ctx.workdir, s.data_file)
   if not path.is_file() or path.stat().length == 0:
     raise DataError(f"stages.{name}.data_file={s.data_file!r}: no preference pairs at {path} "
                     "(a rejection stage writes them with pairs=True when some prompt got both a "
                     "passing and a failing sample)")
   pairs = pipeline.read_pairs(os.fspath(path))
-  order = np.random.default_rng(ctx.seed(name + "/heldout")).permutation(len(pairs))
-  n_held = int(round(s.heldout_frac * len(pairs)))
-  held = [pairs[i] for i in sorted(order[:n_held])]
-  training = [pairs[i] for i in sorted(order[n_held:])]
+  questions = sorted({p["question"] for p in pairs})
+  order = np.random.default_rng(ctx.seed(name + "/heldout")).permutation(len(questions))
+  held_out = {questions[i] for i in order[:int(round(s.heldout_frac * len(questions)))]}
+  held = [p for p in pairs if p["question"] in held_out]
+  training = [p for p in pairs if p["question"] not in held_out]
   if len(training) < s.pairs_per_step:
     raise DataError(f"stages.{name}: {len(training)} training pairs ({len(pairs)} in "
-                    f"{s.data_file}, {n_held} held out) are fewer than pairs_per_step="
+                    f"{s.data_file}, {len(held)} held out) are fewer than pairs_per_step="
                     f"{s.pairs_per_step}")
   return training, held
 
