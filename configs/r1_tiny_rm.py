@@ -12,7 +12,8 @@ rule-reward GRPO run as there (the same seed gives the same two stages), and bes
                 the Bradley-Terry loss for 300 steps of 16 pairs on the pairs of 90 % of the
                 questions; evaluated on the other 10 % (pairwise accuracy)
   grpo_rm       control branch: r1_tiny's GRPO from the cold start with the reward model's score
-                in place of the accuracy rule (format kept), the same 300 steps
+                in place of the accuracy rule (format kept), the same 300 steps; the rule's
+                accuracy is logged at weight 0 (what the policy's samples really scored)
 The recipe stops there: `grpo` is the rule-reward run, `grpo_rm` the learned-reward one, both
 evaluated on the same held-out problems. The sampling and reward-model settings were chosen on
 the tuned seed 4 from an older cold start (three pilots: 1000 x 4 samples, one pair per prompt,
@@ -36,6 +37,7 @@ def get_config(arg=None):
                       lr=6e-4, warmup_steps=10, schedule="cosine", weight_decay=0.0)
   c.stages.grpo_rm = ml_collections.ConfigDict(dict(
       c.stages.grpo.to_dict(), start_from="cold_start", branch=True,
-      reward_weights={"reward_model": 1.0, "format": 0.2}, reward_model="rm"))
+      # accuracy at weight 0: logged (reward_accuracy), not trained on
+      reward_weights={"reward_model": 1.0, "format": 0.2, "accuracy": 0.0}, reward_model="rm"))
   c.stage_order = ("cold_start", "cold_samples", "rm", "grpo", "grpo_rm")
   return c
