@@ -9,6 +9,7 @@ import json
 import math
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -248,3 +249,45 @@ def test_held_out_pairs_share_no_question_with_the_training_pairs(tmp_path):
   with pytest.raises(DataError, match="no preference pairs"):
     reward_model.split_pairs(ctx, "rm", RewardModelConfig(
         name="rm", kind="reward_model", data_file="none.jsonl"))
+
+
+def test_the_scorer_scores_each_row_as_the_model_does_on_a_mesh():
+  """ModelReward on a 2-device data mesh, 5 rows (padded to 6, the padding dropped): the scores
+  of model.reward_scores on each row alone, and the forwards' FLOPs counted."""
+  from r1jax import flops, parallel
+  from r1jax.rollout.reward_model import ModelReward
+  params = testing.random_params(CFG, seed=3, std=0.3)
+  mesh = parallel.make_mesh({"data": 2}, jax.devices()[:2])
+  scorer = ModelReward(CFG, parallel.shard_params(params, CFG, mesh), TOK, mesh, max_len=64)
+  prompts = [template_lib.format_prompt(q, "r1", TOK.markers) for q in
+             ("1+2", "33+4", "5+66", "7+8", "9+10")]
+  completions = ["3", "<think>x</think><answer>37</answer>", "", "15 and more text", "19"]
+  got = scorer(prompts, completions)
+  for p, c, score in zip(prompts, completions, got):
+    ids = jnp.asarray([TOK.encode(p) + TOK.encode(c)], jnp.int32)
+    want, _ = model.reward_scores(params, ids, CFG, last=jnp.asarray([ids.shape[1] - 1]))
+    np.testing.assert_allclose(score, float(want[0, 0]), rtol=2e-5, atol=2e-6)
+  assert len(set(np.round(got, 5))) == 5  # distinct rows, distinct scores
+  longest = max(len(TOK.encode(p) + TOK.encode(c)) for p, c in zip(prompts, completions))
+  T = -(-longest // 16) * 16  # the 16-token bucket
+  assert T > longest - 16 and scorer.flops == flops.forward_flops(CFG, 6 * T, T)
+
+
+def test_a_hf_classifier_directory_is_a_grpo_stages_reward_model(tmp_path):
+  from r1jax import hf, parallel
+  from r1jax.stages import common, reward_model
+  params = testing.random_params(CFG, seed=4)
+  hf.save(str(tmp_path / "rm"), CFG, params)
+  hf.save(str(tmp_path / "lm"), CFG.replace(num_labels=0),
+          testing.random_params(CFG.replace(num_labels=0)))
+  mesh = parallel.make_mesh({"data": 1}, jax.devices()[:1])
+  ctx = common.Context(config=run_config.base_config(), workdir=tmp_path, model_cfg=CFG,
+                       tokenizer=TOK, mesh=mesh, log=None, models={})
+  cfg, loaded = reward_model.load_reward_model(ctx, str(tmp_path / "rm"), "stages.g.reward_model")
+  assert cfg.num_labels == 1
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ConfigError, match="not a one-label sequence classifier"):
+    reward_model.load_reward_model(ctx, str(tmp_path / "lm"), "stages.g.reward_model")
+  ctx.outputs["rm"] = (CFG, params)  # an earlier stage's output comes first
+  assert reward_model.load_reward_model(ctx, "rm", "x")[1] is params

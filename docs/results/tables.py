@@ -10,8 +10,8 @@
     python docs/results/tables.py --save RUN_DIR NAME --command "..." --commit SHA --wall S \
         [--tuned] [--alone] [--note "..."]
         # copy a run's summary.json here as NAME.json with what produced it
-    python docs/results/tables.py --curve RUN_DIR NAME
-        # a GRPO run's per-step rewards and lengths (from metrics.jsonl) as NAME_curve.json
+    python docs/results/tables.py --curve RUN_DIR NAME [--stage grpo_rm]
+        # a GRPO stage's per-step rewards and lengths (from metrics.jsonl) as NAME_curve.json
 
 Each NAME.json is a run's summary.json plus "run": the command, the git commit of the code,
 the wall seconds of the whole command (from /usr/bin/time), and notes.
@@ -41,8 +41,9 @@ def save(run_dir: str, name: str, **run):
     json.dump(summary, f, indent=2)
 
 
-def save_curve(run_dir: str, name: str):
-  keys = ("step", "reward", "reward_format", "reward_accuracy", "completion_len",
+def save_curve(run_dir: str, name: str, stage: str = "grpo"):
+  keys = ("step", "reward", "reward_format", "reward_accuracy", "reward_reward_model",
+          "completion_len",
           "zero_var_groups", "step_seconds", "rollout_seconds", "draft_accept_rate",
           "decode_steps", "draft_loss", "partial_calls", "stale_token_frac",
           "partial_carried_rows", "partial_waiting_groups", "logp_mismatch_mean",
@@ -51,7 +52,7 @@ def save_curve(run_dir: str, name: str):
   with open(os.path.join(run_dir, "metrics.jsonl")) as f:
     for line in f:
       r = json.loads(line)
-      if r.get("stage") == "grpo" and "reward" in r:
+      if r.get("stage") == stage and "reward" in r:
         rows.append({k: r[k] for k in keys if k in r})
   with open(os.path.join(HERE, f"{name}_curve.json"), "w") as f:
     json.dump(rows, f, indent=1)
@@ -468,6 +469,37 @@ def partial_table(folder: str = os.path.join(HERE, "partial"),
           f"{col('partial_carried_rows'):.1f} | {col('completion_len'):.1f} |")
 
 
+def reward_model_table(folder: str = os.path.join(HERE, "reward_model")):
+  """GRPO on a learned reward model (configs/r1_tiny_rm.py's grpo_rm, reward_model/rm_seedN.json)
+  against GRPO on the accuracy rule (its grpo) from the same cold start: the preference pairs
+  and the reward model's held-out pairwise accuracy, the greedy held-out accuracy at the RL
+  prompt mix after each GRPO, and per step what the policy's samples scored: the rule's
+  accuracy (logged at weight 0 in grpo_rm) against the reward model's score."""
+  seeds = _seeds(folder, "rm_seed*.json")
+  print("| seed | pairs (training / held-out) | reward model: held-out pairwise accuracy | "
+        "held-out, RL mix: cold start | grpo (rule) | grpo_rm (reward model) | rm - rule | "
+        "grpo_rm samples: accuracy, steps 1-10 / 291-300 | reward-model score, same steps | "
+        "grpo samples: accuracy, same steps |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  for seed in seeds:
+    path = os.path.join(folder, f"rm_seed{seed}.json")
+    acc = _rl_mix_of(path, ("cold_start", "grpo", "grpo_rm"))
+    with open(path) as f:
+      st = {e["name"]: e for e in json.load(f)["stages"]}
+    rm = st["rm"]
+    curves = {}
+    for stage in ("grpo", "grpo_rm"):
+      with open(os.path.join(folder, f"rm_seed{seed}_{stage}_curve.json")) as f:
+        curves[stage] = json.load(f)
+    ends = lambda stage, k: " / ".join(f"{_mean([r[k] for r in rows]):.3f}" for rows in (
+        curves[stage][:10], curves[stage][-10:]))
+    print(f"| {seed} | {int(rm['metrics']['num_training_pairs'])} / {rm['eval']['num_pairs']} | "
+          f"{rm['eval']['accuracy']:.3f} | {acc['cold_start']:.3f} | {acc['grpo']:.3f} | "
+          f"{acc['grpo_rm']:.3f} | {acc['grpo_rm'] - acc['grpo']:+.3f} | "
+          f"{ends('grpo_rm', 'reward_accuracy')} | {ends('grpo_rm', 'reward_reward_model')} | "
+          f"{ends('grpo', 'reward_accuracy')} |")
+
+
 def staleness_table(folder: str = os.path.join(HERE, "async_grpo")):
   """Asynchronous GRPO with two rollouts in flight (`staleness=2`, async_grpo/async2_seedN.json,
   cold_start and grpo) against one (async_seedN.json) and synchronous GRPO (sync_seedN.json)
@@ -608,6 +640,9 @@ def main():
                   help="print GRPO with partial rollouts against plain GRPO (partial/)")
   ap.add_argument("--staleness", action="store_true",
                   help="print asynchronous GRPO with two rollouts in flight (async_grpo/)")
+  ap.add_argument("--reward_model", action="store_true",
+                  help="print GRPO on a learned reward model against the rule (reward_model/)")
+  ap.add_argument("--stage", default="grpo", help="--curve: the GRPO stage to read")
   ap.add_argument("--fresh", action="store_true",
                   help="print the larger uncovered check (fresh_uncovered.py)")
   a = ap.parse_args()
@@ -616,7 +651,7 @@ def main():
          tuned=a.tuned, alone=a.alone, note=a.note)
     return
   if a.curve:
-    save_curve(*a.curve)
+    save_curve(*a.curve, stage=a.stage)
     return
   if a.dir and not (a.fresh or a.onpolicy):
     r1_tiny_tables(os.path.join(HERE, a.dir))
@@ -650,6 +685,9 @@ def main():
     return
   if a.staleness:
     staleness_table()
+    return
+  if a.reward_model:
+    reward_model_table()
     return
   if a.fresh:
     fresh_uncovered(os.path.join(HERE, "fresh_uncovered", a.dir or ""))
