@@ -1,7 +1,8 @@
 """Rejection sampling: k answers per prompt from the current policy; keep the correct, readable
 ones (deduplicated, at most `keep_per_prompt` each) as an SFT dataset at samples/<stage>.jsonl,
-and with `pairs` a passing and a failing answer of each prompt that has both as preference pairs
-at samples/<stage>_pairs.jsonl (a reward model's data). Fields and defaults:
+and with `pairs` up to `pairs_per_prompt` (passing, failing) pairs of distinct answers of each
+prompt that has both, as preference pairs at samples/<stage>_pairs.jsonl (a reward model's
+data). Fields and defaults:
 `r1jax.stages.configs.RejectionConfig`."""
 
 from __future__ import annotations
