@@ -144,6 +144,14 @@ def test_speculative_rollouts_on_a_model_or_stage_that_cannot(tmp_path, override
   assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_reward_model_that_is_not_there(tmp_path):
+  proc = launch("--config", os.path.join(ROOT, "configs", "r1_tiny_rm.py"),
+                f"--config.stages.grpo_rm.reward_model={tmp_path / 'no_rm'}",
+                workdir=tmp_path / "run")
+  assert_user_error(proc, "stages.grpo_rm.reward_model=", "neither a stage nor a checkpoint")
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_resume_with_a_different_config_is_refused(tmp_path):
   """A workdir holds one config; reusing it with another one is a user error, not a resume."""
   run = tmp_path / "run"
