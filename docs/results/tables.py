@@ -20,9 +20,11 @@ the wall seconds of the whole command (from /usr/bin/time), and notes.
 from __future__ import annotations
 
 import argparse
+import collections
 import glob
 import json
 import os
+import re
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # the README's r1_tiny round: fresh seeds 39-43 with the recipe as at 7ad5bbe and the goal
@@ -479,8 +481,9 @@ def reward_model_table(folder: str = os.path.join(HERE, "reward_model")):
   print("| seed | pairs (training / held-out) | reward model: held-out pairwise accuracy | "
         "held-out, RL mix: cold start | grpo (rule) | grpo_rm (reward model) | rm - rule | "
         "grpo_rm samples: accuracy, steps 1-10 / 291-300 | reward-model score, same steps | "
-        "grpo samples: accuracy, same steps |")
-  print("|---|---|---|---|---|---|---|---|---|---|")
+        "grpo samples: accuracy, same steps | grpo_rm's commonest answer: last 50 "
+        "logged samples / greedy evaluation |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
   for seed in seeds:
     path = os.path.join(folder, f"rm_seed{seed}.json")
     acc = _rl_mix_of(path, ("cold_start", "grpo", "grpo_rm"))
@@ -493,11 +496,25 @@ def reward_model_table(folder: str = os.path.join(HERE, "reward_model")):
         curves[stage] = json.load(f)
     ends = lambda stage, k: " / ".join(f"{_mean([r[k] for r in rows]):.3f}" for rows in (
         curves[stage][:10], curves[stage][-10:]))
+    common = []
+    for name, last in ((f"rm_seed{seed}_grpo_rm_samples.jsonl", 50),
+                       (f"rm_seed{seed}_eval_grpo_rm.jsonl", None)):
+      with open(os.path.join(folder, name)) as f:
+        rows = [json.loads(line) for line in f][-last if last else 0:]
+      answers = collections.Counter(_answer(r["completion"]) for r in rows)
+      top, n = answers.most_common(1)[0]
+      common.append(f"{top} ({n} of {len(rows)})")
     print(f"| {seed} | {int(rm['metrics']['num_training_pairs'])} / {rm['eval']['num_pairs']} | "
           f"{rm['eval']['accuracy']:.3f} | {acc['cold_start']:.3f} | {acc['grpo']:.3f} | "
           f"{acc['grpo_rm']:.3f} | {acc['grpo_rm'] - acc['grpo']:+.3f} | "
           f"{ends('grpo_rm', 'reward_accuracy')} | {ends('grpo_rm', 'reward_reward_model')} | "
-          f"{ends('grpo', 'reward_accuracy')} |")
+          f"{ends('grpo', 'reward_accuracy')} | {' / '.join(common)} |")
+
+
+def _answer(completion: str) -> str:
+  """The text inside a completion's last <answer> tags ("-" without them)."""
+  found = re.findall(r"<answer>(.*?)</answer>", completion, re.S)
+  return found[-1] if found else "-"
 
 
 def staleness_table(folder: str = os.path.join(HERE, "async_grpo")):
