@@ -21,6 +21,7 @@ Built-ins (names as registered):
   cosine           length-scaled correctness (open-r1 / "Demystifying long CoT").
   repetition       -(share of repeated word n-grams) (open-r1).
   soft_overlong    DAPO's soft overlong punishment.
+Model-scored (in `known()`, not in the registry's `names()`):
   reward_model     a reward model's score (`r1jax.rollout.reward_model`): a GRPO stage binds the
                    model its `reward_model` field names for its run (`bind`).
 
@@ -105,7 +106,12 @@ def get(name: str, **params) -> RewardFn:
 
 
 def names() -> list[str]:
-  """Registered reward names and the model-scored ones, sorted."""
+  """Registered (rule) reward names, sorted. `known()` adds the model-scored ones."""
+  return sorted(_REGISTRY)
+
+
+def known() -> list[str]:
+  """Every reward a stage may name: the registered ones and the model-scored ones, sorted."""
   return sorted(set(_REGISTRY) | set(MODEL_REWARDS))
 
 
@@ -139,9 +145,9 @@ def combine(weights: Mapping[str, float], prompts: Sequence, completions: Sequen
   value; those scores are None in `per_fn` and add 0 to `total`. A None returned on purpose
   (e.g. accuracy without a gold answer) also adds 0 but is not an error.
   """
-  unknown = [name for name in weights if name not in names()]
+  unknown = [name for name in weights if name not in known()]
   if unknown:
-    raise KeyError(f"unknown reward(s) {unknown}; registered: {', '.join(names())}")
+    raise KeyError(f"unknown reward(s) {unknown}; known: {', '.join(known())}")
   n = len(completions)
   total = [0.0] * n
   per_fn: dict[str, list[float | None]] = {}

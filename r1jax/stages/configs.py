@@ -172,8 +172,8 @@ def _check_rewards(need, weights):
   from r1jax.rollout import rewards
   need(len(weights) > 0, "reward_weights", "must name at least one reward")
   for name, w in weights.items():
-    need(name in rewards.names(), "reward_weights",
-         f"names {name!r}, which is not a reward ({', '.join(rewards.names())})")
+    need(name in rewards.known(), "reward_weights",
+         f"names {name!r}, which is not a reward ({', '.join(rewards.known())})")
     need(math.isfinite(float(w)), "reward_weights", f"has {name}={w}: weights must be finite")
 
 
