@@ -626,6 +626,21 @@ def r1_zero_smollm2_table(folder: str | None = None):
           f"average, MFU {m['flops_total'] / seconds / peak:.2f} over them")
 
 
+# --flag: (the table it prints from its folder's files, what that is)
+VIEWS = {
+    "async_grpo": (async_grpo_table, "synchronous against asynchronous GRPO (async_grpo/)"),
+    "speculative": (speculative_table,
+                    "plain against speculative-rollout GRPO (speculative/)"),
+    "draft_training": (draft_training_table, "speculative GRPO with the draft trained against "
+                       "frozen (speculative/)"),
+    "partial": (partial_table, "GRPO with partial rollouts against plain GRPO (partial/)"),
+    "staleness": (staleness_table,
+                  "asynchronous GRPO with two rollouts in flight (async_grpo/)"),
+    "reward_model": (reward_model_table,
+                     "GRPO on a learned reward model against the rule (reward_model/)"),
+}
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--save", nargs=2, metavar=("RUN_DIR", "NAME"))
@@ -646,19 +661,8 @@ def main():
                   help="print an earlier r1_zero_smollm2 run kept in this subfolder")
   ap.add_argument("--onpolicy", action="store_true",
                   help="print the on-policy distillation runs (onpolicy_distill/)")
-  ap.add_argument("--async_grpo", action="store_true",
-                  help="print synchronous against asynchronous GRPO (async_grpo/)")
-  ap.add_argument("--speculative", action="store_true",
-                  help="print plain against speculative-rollout GRPO (speculative/)")
-  ap.add_argument("--draft_training", action="store_true",
-                  help="print speculative GRPO with the draft trained against frozen "
-                       "(speculative/)")
-  ap.add_argument("--partial", action="store_true",
-                  help="print GRPO with partial rollouts against plain GRPO (partial/)")
-  ap.add_argument("--staleness", action="store_true",
-                  help="print asynchronous GRPO with two rollouts in flight (async_grpo/)")
-  ap.add_argument("--reward_model", action="store_true",
-                  help="print GRPO on a learned reward model against the rule (reward_model/)")
+  for flag, (_, what) in VIEWS.items():
+    ap.add_argument(f"--{flag}", action="store_true", help=f"print {what}")
   ap.add_argument("--stage", default="grpo", help="--curve: the GRPO stage to read")
   ap.add_argument("--fresh", action="store_true",
                   help="print the larger uncovered check (fresh_uncovered.py)")
@@ -688,24 +692,10 @@ def main():
     print("\nThe same runs' r1_tiny stages (they run as configs/r1_tiny.py does):\n")
     r1_tiny_tables(folder, "r1_tiny_onpolicy_seed*.json")
     return
-  if a.async_grpo:
-    async_grpo_table()
-    return
-  if a.speculative:
-    speculative_table()
-    return
-  if a.draft_training:
-    draft_training_table()
-    return
-  if a.partial:
-    partial_table()
-    return
-  if a.staleness:
-    staleness_table()
-    return
-  if a.reward_model:
-    reward_model_table()
-    return
+  for flag, (table, _) in VIEWS.items():
+    if getattr(a, flag):
+      table()
+      return
   if a.fresh:
     fresh_uncovered(os.path.join(HERE, "fresh_uncovered", a.dir or ""))
     return
