@@ -70,7 +70,12 @@ def _normalize(raw: Mapping, fields: Mapping[str, str | None], where: str) -> di
 def read_jsonl(path, *, prompt_field: str = "question", completion_field: str | None = None,
                answer_field: str | None = None) -> list[dict]:
   """Records {question, completion?, answer?} from a JSONL file, one JSON object per line."""
-  fields = dict(question=prompt_field, completion=completion_field, answer=answer_field)
+  return _read_jsonl(path, dict(question=prompt_field, completion=completion_field,
+                                answer=answer_field))
+
+
+def _read_jsonl(path, fields: Mapping[str, str | None]) -> list[dict]:
+  """Records with the canonical `fields` ({canonical: the file's name}) from a JSONL file."""
   records = []
   try:
     # Bytes that are not UTF-8 decode to lone surrogates, so they are reported with their line.
@@ -297,11 +302,7 @@ def pair_batches(records: Sequence[Mapping], tokenizer: Tokenizer, *, seq_len: i
 
 def read_pairs(path) -> list[dict]:
   """Preference pairs {question, chosen, rejected} from a JSONL file."""
-  fields = dict(prompt_field="question", completion_field="chosen", answer_field=None)
-  chosen = read_jsonl(path, **fields)
-  rejected = read_jsonl(path, **dict(fields, completion_field="rejected"))
-  return [{"question": c["question"], "chosen": c["completion"], "rejected": r["completion"]}
-          for c, r in zip(chosen, rejected)]
+  return _read_jsonl(path, {k: k for k in ("question", "chosen", "rejected")})
 
 
 def prompt_batches(records: Sequence[Mapping], *, batch_size: int, seed: int, shuffle: bool = True,

@@ -74,6 +74,13 @@ def batch_sharding(shape, mesh) -> NamedSharding:
   return NamedSharding(mesh, batch_spec(shape, mesh))
 
 
+def batch_devices(mesh) -> int:
+  """How many ways the batch axes split a batch's rows: a row count that divides by it is
+  spread evenly (else the batch is replicated)."""
+  shape = dict(mesh.shape)
+  return int(np.prod([shape.get(a, 1) for a in RULES["batch"]]))
+
+
 def shard_batch(batch, mesh):
   """device_put a pytree of host arrays with batch shardings (single process)."""
   return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(x.shape, mesh)), batch)

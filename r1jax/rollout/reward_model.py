@@ -32,8 +32,7 @@ class ModelReward:
     self.cfg, self.params, self.tokenizer, self.mesh = cfg, params, tokenizer, mesh
     self.max_len, self.bucket = max_len, bucket
     self.flops = 0.0
-    shape = dict(mesh.shape)
-    self.row_multiple = int(np.prod([shape.get(a, 1) for a in parallel.RULES["batch"]]))
+    self.row_multiple = parallel.batch_devices(mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     def scores(params, batch):

@@ -431,8 +431,7 @@ def _min_update_groups(ctx: common.Context, s: GRPOConfig) -> int:
   """The fewest groups a `drop_zero_var` update runs on: a power of two >= 2 whose rows split
   evenly into the gradient-accumulation micro-batches and over the batch's devices (else the
   batch would be replicated), at most every group."""
-  mesh_shape = dict(ctx.mesh.shape)
-  devices = int(np.prod([mesh_shape.get(a, 1) for a in parallel.RULES["batch"]]))
+  devices = parallel.batch_devices(ctx.mesh)
   accum = int(ctx.config.train.accum_steps)
   m = 2
   while m < s.prompts_per_step and (m * s.group_size) % int(np.lcm(devices, accum)):

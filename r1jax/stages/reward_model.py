@@ -114,7 +114,7 @@ def run_reward_model(ctx: common.Context, name: str, s: RewardModelConfig):
 
   with jax.set_mesh(ctx.mesh):
     state, metrics = common.train_loop(ctx, name, state, steps=steps, next_batch=next_batch,
-                                       data_iter=it, update=lambda st, b: step_fn(st, b),
+                                       data_iter=it, update=step_fn,
                                        log_keys=("loss", "accuracy"))
   params = train.full_params(state)
   ctx.models["reward"] = (cfg, params)
