@@ -112,8 +112,10 @@ def validate(c) -> ModelConfig:
     policy_kinds = ("pretrain", "sft", "grpo")
     for field, ref, kinds in (("match_compute_of", s_get(s, "match_compute_of"), TRAINING_KINDS),
                               ("start_from", s.start_from, ("distill",) if s.kind == "distill"
+                               else policy_kinds + ("reward_model",) if s.kind == "reward_model"
                                else policy_kinds),
-                              ("teacher", s_get(s, "teacher"), policy_kinds)):
+                              ("teacher", s_get(s, "teacher"), policy_kinds),
+                              ("ref_from", s_get(s, "ref_from"), policy_kinds)):
       if ref and (ref not in order or order.index(ref) >= order.index(name)
                   or stages[ref].kind not in kinds):
         raise ConfigError(f"stages.{name}.{field}={ref!r} must name a "
@@ -180,6 +182,10 @@ def validate(c) -> ModelConfig:
                              targets=tuple(c.lora.targets) or lora.DEFAULT_TARGETS,
                              experts=bool(c.lora.experts))
       lora.declare(cfg, lcfg)  # raises for targets this model lacks
+      for name in order:
+        if s_get(stages[name], "ref_from"):
+          raise ConfigError(f"stages.{name}.ref_from cannot be set with LoRA (lora.rank="
+                            f"{c.lora.rank}): the reference is the frozen base")
   if int(c.checkpoint.keep) < 1:
     raise ConfigError(f"checkpoint.keep={c.checkpoint.keep} must be >= 1")
   return cfg

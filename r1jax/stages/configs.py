@@ -194,6 +194,10 @@ class GRPOConfig(StageConfig):
     eps_low, eps_high: clip range [1 - eps_low, 1 + eps_high].
     beta: k3 KL coefficient to the reference model (0 keeps no reference model).
     ref_refresh_every: copy the policy into the reference every this many steps (0 = never).
+    ref_from: the reference model is the output of this earlier pretrain, sft or grpo stage
+      instead of the policy this stage starts from ("" = the start), e.g. a cold start that
+      several GRPO rounds keep their KL term to. Needs beta > 0; not with ref_refresh_every or
+      LoRA (whose reference is the frozen base).
     mu: policy updates per rollout batch.
     advantage_scale: group | batch | none (Dr. GRPO).
     dynamic_sampling: DAPO: swap zero-variance groups for fresh ones, up to max_refills batches.
@@ -274,6 +278,7 @@ class GRPOConfig(StageConfig):
   eps_high: float = 0.2
   beta: float = 0.0
   ref_refresh_every: int = 0
+  ref_from: str = ""
   mu: int = 1
   advantage_scale: str = "group"
   dynamic_sampling: bool = False
@@ -309,6 +314,10 @@ class GRPOConfig(StageConfig):
     need(self.eps_high >= 0, "eps_high", "must be >= 0")
     need(self.beta >= 0, "beta", "must be >= 0")
     need(self.ref_refresh_every >= 0, "ref_refresh_every", "must be >= 0")
+    need(not self.ref_from or self.beta > 0, "ref_from", "needs beta > 0 (with beta=0 there is "
+         "no reference model)")
+    need(not (self.ref_from and self.ref_refresh_every), "ref_from",
+         "cannot be set with ref_refresh_every (which replaces the reference with the policy)")
     need(self.mu >= 1, "mu", "must be >= 1")
     need(self.advantage_scale in ("group", "batch", "none"), "advantage_scale",
          "must be group, batch or none")
@@ -411,9 +420,14 @@ class RewardModelConfig(StageConfig):
   Attributes:
     data_file: a JSONL file of {question, chosen, rejected} (relative paths are under the run
       directory, e.g. samples/rejection_pairs.jsonl, which a rejection stage with `pairs`
-      writes). A row is the prompt formatted with the stage's template, then the completion.
+      writes), or several, comma-separated: their pairs are pooled. A row is the prompt
+      formatted with the stage's template, then the completion.
     start_from: an earlier pretrain, sft or grpo stage whose output model the trunk starts
-      from ("" = the current policy).
+      from ("" = the current policy), or an earlier reward_model stage, which this one then
+      continues (its trunk and head): iterated reward modelling, retraining the reward model
+      on pairs from the policy it shaped. A continued stage keeps its predecessor's held-out
+      questions held out and its training questions in training; only new questions are
+      split by heldout_frac.
     pairs_per_step: pairs per step (each is two rows of data.seq_len tokens).
     heldout_frac: the share of the pairs' distinct questions (a seeded choice) whose pairs are
       held out of training; after the stage the model's pairwise accuracy on them is its

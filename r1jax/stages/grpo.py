@@ -161,7 +161,8 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
                                 clip_apart_key="mtp" if s.draft_weight else "")
   loss = update_loss(pcfg, s)
   lora_cfg = common.lora_config(ctx)
-  # the reference policy: with LoRA the frozen base itself, else a copy of the start params
+  # the reference policy: with LoRA the frozen base itself, else the start params (or those of
+  # the ref_from stage)
   step_fn = train.make_step(loss, tx, lr, accum_steps=int(c.train.accum_steps),
                             bias_gamma=float(c.train.bias_gamma) if cfg.is_moe else 0.0,
                             nonfinite=c.train.nonfinite,
@@ -169,7 +170,8 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
   old_logprobs = (grpo_lib.old_logprobs_fn(pcfg, s.temperature) if s.is_correction != "none"
                   else None)
   state = {"train": common.new_state(ctx, params, tx, name, cfg, lora_cfg),
-           "ref": params if s.beta > 0 and lora_cfg is None else None}
+           "ref": (None if s.beta == 0 or lora_cfg is not None else
+                   ctx.outputs[s.ref_from][1] if s.ref_from else params)}
   for j in range(s.staleness):  # the weights the pending rollouts sample from (checkpointed)
     state[_behind(j)] = _snapshot(state["train"])
   seed = ctx.seed(name)

@@ -39,25 +39,53 @@ def base_model(ctx: common.Context, s: RewardModelConfig):
 
 
 def initial_params(ctx: common.Context, name: str, s: RewardModelConfig):
-  """(reward-model config, params): the base model's trunk and a fresh `score` head."""
+  """(reward-model config, params): the base model's trunk and a fresh `score` head, or, when
+  the base is an earlier reward model, that model whole (this stage continues it)."""
   base_cfg, base = base_model(ctx, s)
+  if base_cfg.num_labels:
+    return base_cfg, base  # new_state trains a copy
   cfg = reward_model_config(base_cfg)
   fresh = parallel.init_sharded(cfg, ctx.mesh, jax.random.PRNGKey(ctx.seed(name + "/init")))
   return cfg, {k: fresh[k] if k == "score" else base[k] for k in fresh}
 
 
+def read_pairs(ctx: common.Context, name: str, s: RewardModelConfig) -> list[dict]:
+  """The pairs of the stage's data file(s), pooled in the order the files are named."""
+  pairs = []
+  for file in s.data_file.split(","):
+    path = fileio.under(ctx.workdir, file.strip())
+    if not path.is_file() or path.stat().length == 0:
+      raise DataError(f"stages.{name}.data_file={s.data_file!r}: no preference pairs at {path} "
+                      "(a rejection stage writes them with pairs=True when some prompt got both "
+                      "a passing and a failing sample)")
+    pairs += pipeline.read_pairs(os.fspath(path))
+  return pairs
+
+
+def held_out_questions(ctx: common.Context, name: str, s: RewardModelConfig,
+                       questions: list[str]) -> set[str]:
+  """The held-out questions among `questions`: a seeded choice of round(heldout_frac * n) of
+  the n distinct ones. A stage that continues an earlier reward model keeps that model's split
+  (its held-out questions stay held out, its training questions stay in training) and splits
+  only the questions new to it, so no held-out question was ever trained on."""
+  new = sorted(set(questions))
+  held_out = set()
+  prev = ctx.config.stages.get(s.start_from) if s.start_from else None
+  if prev is not None and prev.kind == "reward_model":
+    from r1jax.run_config import stage_configs
+    prev_s = stage_configs(ctx.config)[s.start_from]
+    seen = sorted({p["question"] for p in read_pairs(ctx, s.start_from, prev_s)})
+    held_out = held_out_questions(ctx, s.start_from, prev_s, seen) & set(new)
+    new = sorted(set(new) - set(seen))
+  order = np.random.default_rng(ctx.seed(name + "/heldout")).permutation(len(new))
+  return held_out | {new[i] for i in order[:int(round(s.heldout_frac * len(new)))]}
+
+
 def split_pairs(ctx: common.Context, name: str, s: RewardModelConfig):
-  """(training pairs, held-out pairs): every pair of a seeded choice of round(heldout_frac * n)
-  of the n distinct questions is held out, so no held-out question is trained on."""
-  path = fileio.under(ctx.workdir, s.data_file)
-  if not path.is_file() or path.stat().length == 0:
-    raise DataError(f"stages.{name}.data_file={s.data_file!r}: no preference pairs at {path} "
-                    "(a rejection stage writes them with pairs=True when some prompt got both a "
-                    "passing and a failing sample)")
-  pairs = pipeline.read_pairs(os.fspath(path))
-  questions = sorted({p["question"] for p in pairs})
-  order = np.random.default_rng(ctx.seed(name + "/heldout")).permutation(len(questions))
-  held_out = {questions[i] for i in order[:int(round(s.heldout_frac * len(questions)))]}
+  """(training pairs, held-out pairs): every pair of a held-out question
+  (`held_out_questions`) is held out, so no held-out question is trained on."""
+  pairs = read_pairs(ctx, name, s)
+  held_out = held_out_questions(ctx, name, s, [p["question"] for p in pairs])
   held = [p for p in pairs if p["question"] in held_out]
   training = [p for p in pairs if p["question"] not in held_out]
   if len(training) < s.pairs_per_step:
