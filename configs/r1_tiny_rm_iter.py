@@ -14,7 +14,7 @@ steps in ROUNDS rounds of STEPS:
   rm_it<i>        GRPO from the policy (round 1: from the cold start), reward_model = the latest
                   reward model (round 1: `rm`), format kept, accuracy logged at weight 0, the KL
                   term to the cold start (ref_from) as in one 300-step stage
-  rm_it<i>_pairs  8 samples from that policy for each of PROMPTS RL prompts; pairs (right,
+  rm_it<i>_samples  8 samples from that policy for each of PROMPTS RL prompts; pairs (right,
                   wrong) as cold_samples makes them: the rule stands in for the people who label
                   pairs in RLHF, so each round costs PROMPTS x 8 labels
   rm_it<i>_rm     the reward model continued (start_from the last one) for RM_STEPS steps on
@@ -50,15 +50,15 @@ def get_config(arg=None):
     order.append(name)
     if last:
       break
-    c.stages[name + "_pairs"] = stage(
+    c.stages[name + "_samples"] = stage(
         "rejection_sampling", steps=0, num_prompts=PROMPTS, k=8, max_new_tokens=40,
         temperature=1.0, keep_per_prompt=1, reward_weights={"accuracy": 1.0, "format": 1.0},
         pairs=True, pairs_per_prompt=4)
-    pair_files.append(f"samples/{name}_pairs_pairs.jsonl")
+    pair_files.append(f"samples/{name}_samples_pairs.jsonl")
     c.stages[name + "_rm"] = ml_collections.ConfigDict(dict(
         c.stages.rm.to_dict(), steps=RM_STEPS, start_from=reward_model,
         data_file=",".join(pair_files)))
     reward_model = name + "_rm"
-    order += [name + "_pairs", reward_model]
+    order += [name + "_samples", reward_model]
   c.stage_order = tuple(order)
   return c
