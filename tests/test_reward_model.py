@@ -5,6 +5,7 @@ checked in tests/test_reward_model_hf.py; the stage runs through the launcher, i
 resumed, and runs on two processes in tests/reliability (the shrunk recipe's `rm` stage, whose
 model scores the shrunk `grpo`)."""
 
+import dataclasses
 import json
 import math
 import os
@@ -210,6 +211,14 @@ def test_the_shipped_config_validates():
     ({"stages.rm.pairs_per_step": 0}, "pairs_per_step=0 must be >= 1"),
     ({"stages.rm.heldout_frac": 1.0}, "heldout_frac=1.0 must be in [0, 1)"),
     ({"stages.rm.start_from": "cold_samples"}, "start_from='cold_samples' must name a"),
+    ({"stages.grpo_rm.start_from": "rm"}, "start_from='rm' must name a pretrain/sft/grpo stage"),
+    ({"stages.grpo_rm.ref_from": "rm"}, "ref_from='rm' must name a pretrain/sft/grpo stage"),
+    ({"stages.grpo_rm.ref_from": "cold_start", "stages.grpo_rm.beta": 0.0},
+     "ref_from='cold_start' needs beta > 0"),
+    ({"stages.grpo_rm.ref_from": "cold_start", "stages.grpo_rm.ref_refresh_every": 5},
+     "cannot be set with ref_refresh_every"),
+    ({"stages.grpo_rm.ref_from": "cold_start", "lora.rank": 4},
+     "ref_from cannot be set with LoRA"),
     ({"stages.cold_samples.reward_weights": {"reward_model": 1.0}},
      "rejection sampling keeps samples by rule rewards"),
     ({"train.accum_steps": 3, "stages.rm.pairs_per_step": 16, "data.batch_size": 3,
@@ -249,6 +258,88 @@ def test_held_out_pairs_share_no_question_with_the_training_pairs(tmp_path):
   with pytest.raises(DataError, match="no preference pairs"):
     reward_model.split_pairs(ctx, "rm", RewardModelConfig(
         name="rm", kind="reward_model", data_file="none.jsonl"))
+
+
+def test_a_continued_reward_model_keeps_its_predecessors_split_and_pools_files(tmp_path):
+  """Iterated reward modelling: rm2 continues rm on rm's pairs plus new ones. rm's held-out
+  questions stay held out and its training questions stay in training; only the questions new
+  to rm2 are split, by rm2's heldout_frac."""
+  from r1jax.errors import DataError
+  from r1jax.stages import common, reward_model
+  pairs_a = [dict(p, question=f"{i % 10}+1") for i, p in enumerate(_pairs(40))]  # 0..9, 4 each
+  pairs_b = [dict(p, question=f"{5 + i % 10}+1") for i, p in enumerate(_pairs(40, seed=1))]
+  pipeline.write_jsonl(tmp_path / "a.jsonl", pairs_a)
+  pipeline.write_jsonl(tmp_path / "b.jsonl", pairs_b)  # 5..9 seen by rm, 10..14 new
+  c = run_config.base_config()
+  c.stages.rm = run_config.stage("reward_model", 0, data_file="a.jsonl", heldout_frac=0.3,
+                                 pairs_per_step=4)
+  c.stages.rm2 = run_config.stage("reward_model", 0, data_file="a.jsonl, b.jsonl",
+                                  heldout_frac=0.4, pairs_per_step=4, start_from="rm")
+  stages = run_config.stage_configs(c)
+  ctx = common.Context(config=c, workdir=tmp_path, model_cfg=CFG, tokenizer=TOK, mesh=None,
+                       log=None, models={})
+  questions = lambda pairs: {p["question"] for p in pairs}
+  train1, held1 = reward_model.split_pairs(ctx, "rm", stages["rm"])
+  train2, held2 = reward_model.split_pairs(ctx, "rm2", stages["rm2"])
+  assert len(train2) + len(held2) == 80  # both files pooled
+  new = {f"{q}+1" for q in range(10, 15)}
+  assert questions(held2) - new == questions(held1) and len(questions(held1)) == 3
+  assert questions(train1) <= questions(train2) and not questions(train2) & questions(held2)
+  assert len(questions(held2) & new) == 2  # round(0.4 * 5) of the new questions
+  assert reward_model.split_pairs(ctx, "rm2", stages["rm2"]) == (train2, held2)  # seeded
+  with pytest.raises(DataError, match="no preference pairs at .*none.jsonl"):
+    reward_model.read_pairs(ctx, "rm3", dataclasses.replace(stages["rm2"],
+                                                            data_file="a.jsonl,none.jsonl"))
+
+
+def test_a_reward_model_stage_continues_an_earlier_reward_model_whole():
+  """start_from an earlier reward model: trunk and score head as it left them (from a causal
+  LM: its trunk and a fresh head)."""
+  from r1jax import parallel
+  from r1jax.stages import common, reward_model
+  mesh = parallel.make_mesh({"data": 1}, jax.devices()[:1])
+  rm_params = testing.random_params(CFG, seed=5)
+  lm_cfg = CFG.replace(num_labels=0)
+  lm_params = testing.random_params(lm_cfg, seed=6)
+  ctx = common.Context(config=run_config.base_config(), workdir=None, model_cfg=lm_cfg,
+                       tokenizer=TOK, mesh=mesh, log=None, models={"policy": (lm_cfg, lm_params)},
+                       outputs={"rm": (CFG, rm_params)})
+  s = run_config.stage_configs(_rm_stages(rm2=dict(start_from="rm")))["rm2"]
+  cfg, params = reward_model.initial_params(ctx, "rm2", s)
+  assert cfg == CFG and params is rm_params
+  cfg, params = reward_model.initial_params(ctx, "rm0", dataclasses.replace(s, start_from=""))
+  assert cfg.num_labels == 1
+  np.testing.assert_array_equal(np.asarray(params["embed"]), np.asarray(lm_params["embed"]))
+  assert not np.allclose(np.asarray(params["score"]), np.asarray(rm_params["score"]))
+
+
+def _rm_stages(**stages):
+  c = run_config.base_config()
+  for name, fields in stages.items():
+    c.stages[name] = run_config.stage("reward_model", 0, data_file="x.jsonl", **fields)
+  return c
+
+
+def test_the_iterated_config_chains_its_rounds():
+  c = run_config.from_file(os.path.join(ROOT, "configs", "r1_tiny_rm_iter.py"))
+  run_config.validate(c)
+  stages = run_config.stage_configs(c)
+  order = list(c.stage_order)
+  assert order[:5] == list(run_config.from_file(RM_CONFIG).stage_order)
+  rounds = [n for n in order if stages[n].kind == "grpo" and n.startswith("rm_it")]
+  assert len(rounds) == 10 and sum(stages[n].steps for n in rounds) == stages["grpo_rm"].steps
+  rm, files = "rm", 1
+  for i, name in enumerate(rounds):
+    s = stages[name]
+    assert (s.reward_model, s.ref_from, s.branch) == (rm, "cold_start", False)
+    assert s.start_from == ("cold_start" if i == 0 else "") and s.eval == (i == 9)
+    if i < 9:
+      samples, rm_next = stages[name + "_samples"], stages[name + "_rm"]
+      assert samples.pairs and order.index(name) < order.index(rm_next.name)
+      files += 1
+      assert rm_next.start_from == rm and len(rm_next.data_file.split(",")) == files
+      assert rm_next.data_file.endswith(f"samples/{name}_samples_pairs.jsonl")
+      rm = rm_next.name
 
 
 def test_the_scorer_scores_each_row_as_the_model_does_on_a_mesh():

@@ -176,6 +176,7 @@ def test_sigkill_at_six_points_then_restart_equals_the_uninterrupted_run(runs):
   check_summary_and_final_params_equal_the_uninterrupted_run(runs)
   check_no_stage_repeats_or_skips_data(runs)
   check_generated_files_are_whole_and_equal_and_no_temporary_files_are_left(runs)
+  check_the_kl_reference_is_where_the_stage_says(runs)
 
 
 def check_every_kill_landed_where_planned_and_the_restart_recovered(runs):
@@ -236,6 +237,16 @@ def check_summary_and_final_params_equal_the_uninterrupted_run(runs):
     assert len(ref) == len(leaves) > 10
     for (path, a), b in zip(ref, leaves):
       np.testing.assert_array_equal(b, a, err_msg=f"{stage} {jax.tree_util.keystr(path)}")
+
+
+def check_the_kl_reference_is_where_the_stage_says(runs):
+  """grpo's reference is the policy it starts from, so its first update's KL is 0; grpo_async
+  (ref_from="cold_start") starts from grpo's policy with the cold start as its reference, so
+  its first KL is not."""
+  first_kl = {stage: recs[0]["kl"] for (stage, step, train), recs in
+              metric_records(runs["reference"]).items() if train and step == 1 and
+              stage in ("grpo", "grpo_async")}
+  assert first_kl["grpo"] == 0.0 and first_kl["grpo_async"] > 1e-4, first_kl
 
 
 def metric_records(workdir):
