@@ -290,6 +290,13 @@ def test_a_continued_reward_model_keeps_its_predecessors_split_and_pools_files(t
   with pytest.raises(DataError, match="no preference pairs at .*none.jsonl"):
     reward_model.read_pairs(ctx, "rm3", dataclasses.replace(stages["rm2"],
                                                             data_file="a.jsonl,none.jsonl"))
+  (tmp_path / "empty.jsonl").write_text("")  # a round that made no pair adds none
+  assert reward_model.read_pairs(ctx, "rm3", dataclasses.replace(
+      stages["rm2"], data_file="a.jsonl,empty.jsonl")) == reward_model.read_pairs(
+          ctx, "rm", stages["rm"])
+  with pytest.raises(DataError, match="its files hold no preference pairs"):
+    reward_model.read_pairs(ctx, "rm3", dataclasses.replace(stages["rm2"],
+                                                            data_file="empty.jsonl,empty.jsonl"))
 
 
 def test_a_reward_model_stage_continues_an_earlier_reward_model_whole():

@@ -44,6 +44,9 @@ def save(run_dir: str, name: str, **run):
 
 
 def save_curve(run_dir: str, name: str, stage: str = "grpo"):
+  """The per-step records of GRPO stage `stage` (or of several, comma-separated, one after the
+  other, each record naming its stage) as NAME_curve.json."""
+  stages = stage.split(",")
   keys = ("step", "reward", "reward_format", "reward_accuracy", "reward_reward_model",
           "completion_len",
           "zero_var_groups", "step_seconds", "rollout_seconds", "draft_accept_rate",
@@ -54,8 +57,9 @@ def save_curve(run_dir: str, name: str, stage: str = "grpo"):
   with open(os.path.join(run_dir, "metrics.jsonl")) as f:
     for line in f:
       r = json.loads(line)
-      if r.get("stage") == stage and "reward" in r:
-        rows.append({k: r[k] for k in keys if k in r})
+      if r.get("stage") in stages and "reward" in r:
+        rows.append({k: r[k] for k in keys + ("stage",) * (len(stages) > 1) if k in r})
+  rows.sort(key=lambda r: stages.index(r.get("stage", stage)))  # stable: steps stay in order
   with open(os.path.join(HERE, f"{name}_curve.json"), "w") as f:
     json.dump(rows, f, indent=1)
 
@@ -511,6 +515,39 @@ def reward_model_table(folder: str = os.path.join(HERE, "reward_model")):
           f"{ends('grpo', 'reward_accuracy')} | {' / '.join(common)} |")
 
 
+def rm_iter_table(folder: str = os.path.join(HERE, "reward_model")):
+  """Iterated reward modelling (configs/r1_tiny_rm_iter.py, reward_model/rmi_seedN.json): 300
+  GRPO steps in 10 rounds of 30, the reward model retrained after each round on pairs from the
+  round's policy, against GRPO on the rule (grpo) and on the fixed reward model (grpo_rm) from
+  the same cold start. Per round: the rule's accuracy of the policy's samples (logged at weight
+  0), and the held-out pairwise accuracy of the reward model that scored the round."""
+  seeds = _seeds(folder, "rmi_seed*.json")
+  print("| seed | held-out, RL mix: cold start | grpo (rule) | grpo_rm (fixed reward model) | "
+        "iterated (rm_it10) | iterated - rule | samples' accuracy per round (rule, weight 0) | "
+        "scoring reward model's held-out pairwise accuracy per round | pairs added per round "
+        "| iterated's commonest greedy answer |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  for seed in seeds:
+    path = os.path.join(folder, f"rmi_seed{seed}.json")
+    with open(path) as f:
+      st = {e["name"]: e for e in json.load(f)["stages"]}
+    rounds = sorted((n for n in st if re.fullmatch(r"rm_it\d+", n)), key=lambda n: int(n[5:]))
+    acc = _rl_mix_of(path, ("cold_start", "grpo", "grpo_rm", rounds[-1]))
+    with open(os.path.join(folder, f"rmi_seed{seed}_curve.json")) as f:
+      curve = json.load(f)
+    per_round = [_mean([r["reward_accuracy"] for r in curve if r["stage"] == n]) for n in rounds]
+    scorers = ["rm"] + [f"{n}_rm" for n in rounds[:-1]]
+    with open(os.path.join(folder, f"rmi_seed{seed}_eval_{rounds[-1]}.jsonl")) as f:
+      answers = collections.Counter(_answer(json.loads(line)["completion"]) for line in f)
+    top, n = answers.most_common(1)[0]
+    rm_acc = " ".join(f"{st[s]['eval']['accuracy']:.2f}" for s in scorers)
+    pairs = " ".join(str(int(st[r + "_samples"]["metrics"]["num_pairs"])) for r in rounds[:-1])
+    print(f"| {seed} | {acc['cold_start']:.3f} | {acc['grpo']:.3f} | {acc['grpo_rm']:.3f} | "
+          f"{acc[rounds[-1]]:.3f} | {acc[rounds[-1]] - acc['grpo']:+.3f} | "
+          f"{' '.join(f'{a:.2f}' for a in per_round)} | {rm_acc} | {pairs} | "
+          f"{top} ({n} of {sum(answers.values())}) |")
+
+
 def _answer(completion: str) -> str:
   """The text inside a completion's last <answer> tags ("-" without them)."""
   found = re.findall(r"<answer>(.*?)</answer>", completion, re.S)
@@ -638,6 +675,8 @@ VIEWS = {
                   "asynchronous GRPO with two rollouts in flight (async_grpo/)"),
     "reward_model": (reward_model_table,
                      "GRPO on a learned reward model against the rule (reward_model/)"),
+    "rm_iter": (rm_iter_table, "GRPO on a reward model retrained every 30 steps on the "
+                "policy's samples (reward_model/)"),
 }
 
 

@@ -50,15 +50,20 @@ def initial_params(ctx: common.Context, name: str, s: RewardModelConfig):
 
 
 def read_pairs(ctx: common.Context, name: str, s: RewardModelConfig) -> list[dict]:
-  """The pairs of the stage's data file(s), pooled in the order the files are named."""
-  pairs = []
-  for file in s.data_file.split(","):
-    path = fileio.under(ctx.workdir, file.strip())
-    if not path.is_file() or path.stat().length == 0:
+  """The pairs of the stage's data file(s), pooled in the order the files are named. One of
+  several may be empty (a sampling round without a prompt that got both a passing and a failing
+  answer); a missing file, or no pair at all, is an error."""
+  pairs, paths = [], [fileio.under(ctx.workdir, f.strip()) for f in s.data_file.split(",")]
+  for path in paths:
+    if not path.is_file() or (len(paths) == 1 and path.stat().length == 0):
       raise DataError(f"stages.{name}.data_file={s.data_file!r}: no preference pairs at {path} "
                       "(a rejection stage writes them with pairs=True when some prompt got both "
                       "a passing and a failing sample)")
-    pairs += pipeline.read_pairs(os.fspath(path))
+    if path.stat().length:
+      pairs += pipeline.read_pairs(os.fspath(path))
+  if not pairs:
+    raise DataError(f"stages.{name}.data_file={s.data_file!r}: its files hold no preference "
+                    "pairs")
   return pairs
 
 
