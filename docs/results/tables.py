@@ -523,10 +523,11 @@ def rm_iter_table(folder: str = os.path.join(HERE, "reward_model")):
   0), and the held-out pairwise accuracy of the reward model that scored the round."""
   seeds = _seeds(folder, "rmi_seed*.json")
   print("| seed | held-out, RL mix: cold start | grpo (rule) | grpo_rm (fixed reward model) | "
-        "iterated (rm_it10) | iterated - rule | samples' accuracy per round (rule, weight 0) | "
+        "iterated (rm_it10) | iterated - rule | samples' accuracy per 30 steps (the rule, at "
+        "weight 0): fixed reward model | iterated (per round) | "
         "scoring reward model's held-out pairwise accuracy per round | pairs added per round "
-        "| iterated's commonest greedy answer |")
-  print("|---|---|---|---|---|---|---|---|---|---|")
+        "| commonest greedy answer: fixed / iterated |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
   for seed in seeds:
     path = os.path.join(folder, f"rmi_seed{seed}.json")
     with open(path) as f:
@@ -536,16 +537,24 @@ def rm_iter_table(folder: str = os.path.join(HERE, "reward_model")):
     with open(os.path.join(folder, f"rmi_seed{seed}_curve.json")) as f:
       curve = json.load(f)
     per_round = [_mean([r["reward_accuracy"] for r in curve if r["stage"] == n]) for n in rounds]
+    with open(os.path.join(folder, f"rmi_seed{seed}_grpo_rm_curve.json")) as f:
+      fixed = [r["reward_accuracy"] for r in json.load(f)]
+    width = len(fixed) // len(rounds)
+    per_window = [_mean(fixed[i * width:(i + 1) * width]) for i in range(len(rounds))]
     scorers = ["rm"] + [f"{n}_rm" for n in rounds[:-1]]
-    with open(os.path.join(folder, f"rmi_seed{seed}_eval_{rounds[-1]}.jsonl")) as f:
-      answers = collections.Counter(_answer(json.loads(line)["completion"]) for line in f)
-    top, n = answers.most_common(1)[0]
+    common = []
+    for stage in ("grpo_rm", rounds[-1]):
+      with open(os.path.join(folder, f"rmi_seed{seed}_eval_{stage}.jsonl")) as f:
+        answers = collections.Counter(_answer(json.loads(line)["completion"]) for line in f)
+      top, n = answers.most_common(1)[0]
+      common.append(f"{top} ({n} of {sum(answers.values())})")
     rm_acc = " ".join(f"{st[s]['eval']['accuracy']:.2f}" for s in scorers)
     pairs = " ".join(str(int(st[r + "_samples"]["metrics"]["num_pairs"])) for r in rounds[:-1])
     print(f"| {seed} | {acc['cold_start']:.3f} | {acc['grpo']:.3f} | {acc['grpo_rm']:.3f} | "
           f"{acc[rounds[-1]]:.3f} | {acc[rounds[-1]] - acc['grpo']:+.3f} | "
+          f"{' '.join(f'{a:.2f}' for a in per_window)} | "
           f"{' '.join(f'{a:.2f}' for a in per_round)} | {rm_acc} | {pairs} | "
-          f"{top} ({n} of {sum(answers.values())}) |")
+          f"{' / '.join(common)} |")
 
 
 def _answer(completion: str) -> str:
