@@ -120,15 +120,15 @@ def validate(c) -> ModelConfig:
                   or stages[ref].kind not in kinds):
         raise ConfigError(f"stages.{name}.{field}={ref!r} must name a "
                           f"{'/'.join(kinds)} stage that runs before it")
-    ref = s_get(s, "reward_model")
-    if ref and ref in c.stages and (ref not in order or order.index(ref) >= order.index(name)
-                                    or stages[ref].kind != "reward_model"):
-      raise ConfigError(f"stages.{name}.reward_model={ref!r} must name a reward_model stage "
-                        "that runs before it (or a HF classifier checkpoint directory)")
-    if ref and ref not in c.stages and ref not in sources.SOURCES and "://" not in ref \
-        and not os.path.isdir(ref):
-      raise ConfigError(f"stages.{name}.reward_model={ref!r} is neither a stage nor a "
-                        "checkpoint directory")
+    for ref in (s.reward_models if s.kind == "grpo" else ()):
+      if ref in c.stages and (ref not in order or order.index(ref) >= order.index(name)
+                              or stages[ref].kind != "reward_model"):
+        raise ConfigError(f"stages.{name}.reward_model={ref!r} must name a reward_model stage "
+                          "that runs before it (or a HF classifier checkpoint directory)")
+      if ref not in c.stages and ref not in sources.SOURCES and "://" not in ref \
+          and not os.path.isdir(ref):
+        raise ConfigError(f"stages.{name}.reward_model={ref!r} is neither a stage nor a "
+                          "checkpoint directory")
     if s.kind == "reward_model" and s.pairs_per_step % int(c.train.accum_steps):
       raise ConfigError(f"train.accum_steps={c.train.accum_steps} must divide stages.{name}."
                         f"pairs_per_step={s.pairs_per_step} (a micro-batch keeps whole pairs)")

@@ -371,6 +371,41 @@ def test_the_scorer_scores_each_row_as_the_model_does_on_a_mesh():
   assert T > longest - 16 and scorer.flops == flops.forward_flops(CFG, 6 * T, T)
 
 
+def test_an_ensemble_scores_the_mean_or_the_lowest_of_its_members():
+  from r1jax import parallel
+  from r1jax.rollout.reward_model import Ensemble, ModelReward
+  mesh = parallel.make_mesh({"data": 1}, jax.devices()[:1])
+  members = [ModelReward(CFG, parallel.shard_params(testing.random_params(CFG, seed=s, std=0.3),
+                                                   CFG, mesh), TOK, mesh, max_len=64)
+             for s in (7, 8, 9)]
+  prompts = [template_lib.format_prompt(q, "r1", TOK.markers) for q in ("1+2", "3+4", "50+6")]
+  completions = ["3", "<answer>7</answer>", "56 and text"]
+  each = np.asarray([m(prompts, completions) for m in members])
+  assert (each.max(0) - each.min(0) > 1e-3).all()  # the members disagree on every row
+  lowest = Ensemble(members, "min")
+  np.testing.assert_allclose(lowest(prompts, completions), each.min(0), rtol=1e-6)
+  np.testing.assert_allclose(Ensemble(members, "mean")(prompts, completions), each.mean(0),
+                             rtol=1e-6)
+  assert lowest.flops == sum(m.flops for m in members) > 0
+  assert lowest([], []) == []
+
+
+def test_the_ensemble_config_validates_and_its_rules_hold():
+  c = run_config.from_file(os.path.join(ROOT, "configs", "r1_tiny_rm_ensemble.py"))
+  run_config.validate(c)
+  s = run_config.stage_configs(c)["grpo_ens"]
+  assert s.reward_models == ["rm", "rm_2", "rm_3", "rm_4"] and s.reward_model_aggregate == "min"
+  for changes, message in (
+      ({"reward_model": "rm,rm_2,rm"}, "names a reward model twice"),
+      ({"reward_model_aggregate": "max"}, "must be 'mean' or 'min'"),
+      ({"reward_model": "rm,grpo"}, "reward_model='grpo' must name a reward_model stage"),
+      ({"reward_model": "rm, /no/such/dir"}, "'/no/such/dir' is neither a stage nor")):
+    bad = run_config.from_file(os.path.join(ROOT, "configs", "r1_tiny_rm_ensemble.py"))
+    bad.stages.grpo_ens.update(changes)
+    with pytest.raises(ConfigError, match=message):
+      run_config.validate(bad)
+
+
 def test_a_hf_classifier_directory_is_a_grpo_stages_reward_model(tmp_path):
   from r1jax import hf, parallel
   from r1jax.stages import common, reward_model

@@ -11,6 +11,7 @@ on the run's mesh, split over its batch axes; the scores come back replicated, s
 (each scores every row, as for the rule rewards) holds all of them. Row counts are padded to a
 multiple of the batch devices and lengths to a multiple of `bucket`, so a GRPO stage compiles
 the forward once per length bucket. `flops` sums the model FLOPs of the forwards run.
+`Ensemble` combines several such scorers into one reward (their mean or minimum per row).
 """
 
 from __future__ import annotations
@@ -21,6 +22,31 @@ import numpy as np
 from r1jax import flops, model, parallel
 from r1jax.data import pipeline
 from r1jax.model.config import ModelConfig
+
+
+ENSEMBLE_AGGREGATES = ("mean", "min")
+
+
+class Ensemble:
+  """Several reward models as one reward: each row's score is the mean of theirs, or the
+  lowest ("min", the conservative choice: a completion scores high only if every model agrees).
+  Reward-model ensembles are one of the usual checks on reward hacking (Coste et al. 2023;
+  Eisenstein et al. 2023). `flops` sums the members'."""
+
+  def __init__(self, members, aggregate: str = "mean"):
+    assert aggregate in ENSEMBLE_AGGREGATES, aggregate
+    self.members, self.aggregate = list(members), aggregate
+
+  @property
+  def flops(self) -> float:
+    return sum(m.flops for m in self.members)
+
+  def __call__(self, prompts, completions, **fields) -> list[float]:
+    scores = np.asarray([m(prompts, completions, **fields) for m in self.members])
+    if scores.size == 0:
+      return []
+    out = scores.min(axis=0) if self.aggregate == "min" else scores.mean(axis=0)
+    return out.tolist()
 
 
 class ModelReward:

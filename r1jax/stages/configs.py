@@ -263,7 +263,10 @@ class GRPOConfig(StageConfig):
       earlier `reward_model` stage, or a directory of a HF `*ForSequenceClassification`
       checkpoint (one label; the run's tokenizer). Needed exactly when `reward_weights` names
       `reward_model` (R1's RL for all scenarios: rule rewards where a rule can judge, a model
-      where it cannot).
+      where it cannot). Several, comma-separated, make an ensemble: each completion scores
+      the mean of their scores or the lowest (`reward_model_aggregate`).
+    reward_model_aggregate: "mean" or "min" (conservative: high only where every model
+      agrees), for an ensemble of reward models.
   """
   prompts_per_step: int = 16
   group_size: int = 8
@@ -297,6 +300,12 @@ class GRPOConfig(StageConfig):
   draft_weight: float = 0.0
   partial_tokens: int = 0
   reward_model: str = ""
+  reward_model_aggregate: str = "mean"
+
+  @property
+  def reward_models(self) -> list[str]:
+    """The reward models `reward_model` names (one, or an ensemble's)."""
+    return [r.strip() for r in self.reward_model.split(",") if r.strip()]
 
   def check(self, need):
     super().check(need)
@@ -351,6 +360,10 @@ class GRPOConfig(StageConfig):
     need(not (self.partial_tokens and self.routing_replay), "partial_tokens",
          "cannot be on with routing_replay (a carried row's earlier experts are not kept)")
     _check_reward_model(need, self.reward_weights, self.reward_model)
+    need(self.reward_model_aggregate in ("mean", "min"), "reward_model_aggregate",
+         "must be 'mean' or 'min'")
+    need(len(set(self.reward_models)) == len(self.reward_models), "reward_model",
+         "names a reward model twice")
 
   @property
   def rows(self) -> int:

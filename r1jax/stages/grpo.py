@@ -341,10 +341,14 @@ def _reward_model(ctx: common.Context, name: str, s: GRPOConfig):
   """The scorer of the `reward_model` reward (`rollout.reward_model`), or None without one."""
   if not s.reward_model:
     return None
-  from r1jax.rollout.reward_model import ModelReward
+  from r1jax.rollout.reward_model import Ensemble, ModelReward
   from r1jax.stages.reward_model import load_reward_model
-  cfg, params = load_reward_model(ctx, s.reward_model, f"stages.{name}.reward_model")
-  return ModelReward(cfg, params, ctx.tokenizer, ctx.mesh, max_len=cfg.max_position_embeddings)
+  scorers = []
+  for ref in s.reward_models:
+    cfg, params = load_reward_model(ctx, ref, f"stages.{name}.reward_model")
+    scorers.append(ModelReward(cfg, params, ctx.tokenizer, ctx.mesh,
+                               max_len=cfg.max_position_embeddings))
+  return scorers[0] if len(scorers) == 1 else Ensemble(scorers, s.reward_model_aggregate)
 
 
 def _behind(j: int) -> str:
