@@ -500,14 +500,8 @@ def reward_model_table(folder: str = os.path.join(HERE, "reward_model")):
         curves[stage] = json.load(f)
     ends = lambda stage, k: " / ".join(f"{_mean([r[k] for r in rows]):.3f}" for rows in (
         curves[stage][:10], curves[stage][-10:]))
-    common = []
-    for name, last in ((f"rm_seed{seed}_grpo_rm_samples.jsonl", 50),
-                       (f"rm_seed{seed}_eval_grpo_rm.jsonl", None)):
-      with open(os.path.join(folder, name)) as f:
-        rows = [json.loads(line) for line in f][-last if last else 0:]
-      answers = collections.Counter(_answer(r["completion"]) for r in rows)
-      top, n = answers.most_common(1)[0]
-      common.append(f"{top} ({n} of {len(rows)})")
+    common = [_commonest_answer(os.path.join(folder, name), last) for name, last in (
+        (f"rm_seed{seed}_grpo_rm_samples.jsonl", 50), (f"rm_seed{seed}_eval_grpo_rm.jsonl", None))]
     print(f"| {seed} | {int(rm['metrics']['num_training_pairs'])} / {rm['eval']['num_pairs']} | "
           f"{rm['eval']['accuracy']:.3f} | {acc['cold_start']:.3f} | {acc['grpo']:.3f} | "
           f"{acc['grpo_rm']:.3f} | {acc['grpo_rm'] - acc['grpo']:+.3f} | "
@@ -539,22 +533,59 @@ def rm_iter_table(folder: str = os.path.join(HERE, "reward_model")):
     per_round = [_mean([r["reward_accuracy"] for r in curve if r["stage"] == n]) for n in rounds]
     with open(os.path.join(folder, f"rmi_seed{seed}_grpo_rm_curve.json")) as f:
       fixed = [r["reward_accuracy"] for r in json.load(f)]
-    width = len(fixed) // len(rounds)
-    per_window = [_mean(fixed[i * width:(i + 1) * width]) for i in range(len(rounds))]
     scorers = ["rm"] + [f"{n}_rm" for n in rounds[:-1]]
-    common = []
-    for stage in ("grpo_rm", rounds[-1]):
-      with open(os.path.join(folder, f"rmi_seed{seed}_eval_{stage}.jsonl")) as f:
-        answers = collections.Counter(_answer(json.loads(line)["completion"]) for line in f)
-      top, n = answers.most_common(1)[0]
-      common.append(f"{top} ({n} of {sum(answers.values())})")
+    common = [_commonest_answer(os.path.join(folder, f"rmi_seed{seed}_eval_{stage}.jsonl"))
+              for stage in ("grpo_rm", rounds[-1])]
     rm_acc = " ".join(f"{st[s]['eval']['accuracy']:.2f}" for s in scorers)
     pairs = " ".join(str(int(st[r + "_samples"]["metrics"]["num_pairs"])) for r in rounds[:-1])
     print(f"| {seed} | {acc['cold_start']:.3f} | {acc['grpo']:.3f} | {acc['grpo_rm']:.3f} | "
           f"{acc[rounds[-1]]:.3f} | {acc[rounds[-1]] - acc['grpo']:+.3f} | "
-          f"{' '.join(f'{a:.2f}' for a in per_window)} | "
+          f"{_windows(fixed, len(fixed) // len(rounds))} | "
           f"{' '.join(f'{a:.2f}' for a in per_round)} | {rm_acc} | {pairs} | "
           f"{' / '.join(common)} |")
+
+
+def rm_ensemble_table(folder: str = os.path.join(HERE, "reward_model")):
+  """GRPO on the lowest score of four reward models (configs/r1_tiny_rm_ensemble.py,
+  reward_model/rme_seedN.json: grpo_ens) against GRPO on one (grpo_rm) and on the rule (grpo)
+  from the same cold start. These runs resumed from the first five stages of the seeds'
+  r1_tiny_rm_iter runs (the same config sections, so the same stages), whose grpo_rm curve and
+  evaluation files (rmi_seedN_*) they share."""
+  seeds = _seeds(folder, "rme_seed*.json")
+  print("| seed | members: held-out pairwise accuracy | held-out, RL mix: cold start | "
+        "grpo (rule) | grpo_rm (one reward model) | grpo_ens (lowest of four) | "
+        "samples' accuracy per 30 steps (the rule, at weight 0): one reward model | "
+        "lowest of four | commonest greedy answer: one / lowest of four |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  for seed in seeds:
+    path = os.path.join(folder, f"rme_seed{seed}.json")
+    with open(path) as f:
+      st = {e["name"]: e for e in json.load(f)["stages"]}
+    acc = _rl_mix_of(path, ("cold_start", "grpo", "grpo_rm", "grpo_ens"))
+    windows, common = [], []
+    for stage, prefix in (("grpo_rm", "rmi"), ("grpo_ens", "rme")):
+      with open(os.path.join(folder, f"{prefix}_seed{seed}_{stage}_curve.json")) as f:
+        windows.append(_windows([r["reward_accuracy"] for r in json.load(f)]))
+      common.append(_commonest_answer(
+          os.path.join(folder, f"{prefix}_seed{seed}_eval_{stage}.jsonl")))
+    members = " ".join(f"{st[m]['eval']['accuracy']:.2f}" for m in ("rm", "rm_2", "rm_3", "rm_4"))
+    print(f"| {seed} | {members} | {acc['cold_start']:.3f} | {acc['grpo']:.3f} | "
+          f"{acc['grpo_rm']:.3f} | {acc['grpo_ens']:.3f} | {windows[0]} | {windows[1]} | "
+          f"{' / '.join(common)} |")
+
+
+def _commonest_answer(path: str, last: int | None = None) -> str:
+  """'ANSWER (n of N)': the commonest answer among a samples or evaluation file's rows (its
+  last `last` rows)."""
+  with open(path) as f:
+    rows = [json.loads(line) for line in f][-last if last else 0:]
+  top, n = collections.Counter(_answer(r["completion"]) for r in rows).most_common(1)[0]
+  return f"{top} ({n} of {len(rows)})"
+
+
+def _windows(xs, width: int = 30) -> str:
+  """The means of consecutive `width`-step windows of a curve, space-separated."""
+  return " ".join(f"{_mean(xs[i:i + width]):.2f}" for i in range(0, len(xs), width))
 
 
 def _answer(completion: str) -> str:
@@ -686,6 +717,8 @@ VIEWS = {
                      "GRPO on a learned reward model against the rule (reward_model/)"),
     "rm_iter": (rm_iter_table, "GRPO on a reward model retrained every 30 steps on the "
                 "policy's samples (reward_model/)"),
+    "rm_ensemble": (rm_ensemble_table, "GRPO on the lowest score of four reward models "
+                    "(reward_model/)"),
 }
 
 
