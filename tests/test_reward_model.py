@@ -397,7 +397,7 @@ def test_the_ensemble_config_validates_and_its_rules_hold():
   assert s.reward_models == ["rm", "rm_2", "rm_3", "rm_4"] and s.reward_model_aggregate == "min"
   for changes, message in (
       ({"reward_model": "rm,rm_2,rm"}, "names a reward model twice"),
-      ({"reward_model_aggregate": "max"}, "must be 'mean' or 'min'"),
+      ({"reward_model_aggregate": "max"}, r"must be one of \('mean', 'min'\)"),
       ({"reward_model": "rm,grpo"}, "reward_model='grpo' must name a reward_model stage"),
       ({"reward_model": "rm, /no/such/dir"}, "'/no/such/dir' is neither a stage nor")):
     bad = run_config.from_file(os.path.join(ROOT, "configs", "r1_tiny_rm_ensemble.py"))

@@ -360,8 +360,9 @@ class GRPOConfig(StageConfig):
     need(not (self.partial_tokens and self.routing_replay), "partial_tokens",
          "cannot be on with routing_replay (a carried row's earlier experts are not kept)")
     _check_reward_model(need, self.reward_weights, self.reward_model)
-    need(self.reward_model_aggregate in ("mean", "min"), "reward_model_aggregate",
-         "must be 'mean' or 'min'")
+    from r1jax.rollout.reward_model import ENSEMBLE_AGGREGATES
+    need(self.reward_model_aggregate in ENSEMBLE_AGGREGATES, "reward_model_aggregate",
+         f"must be one of {ENSEMBLE_AGGREGATES}")
     need(len(set(self.reward_models)) == len(self.reward_models), "reward_model",
          "names a reward model twice")
 
