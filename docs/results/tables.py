@@ -317,8 +317,7 @@ def onpolicy_table(folder: str = os.path.join(HERE, "onpolicy_distill")):
   print("| run | stage | steps | model FLOPs | wall seconds |")
   print("|---|---|---|---|---|")
   for path in paths:
-    with open(path) as f:
-      st = {e["name"]: e for e in json.load(f)["stages"]}
+    st = _stage_entries(path)
     for n in [n for n in names[2:] if n in st]:
       print(f"| {run_name(path)} | {n} | {st[n]['steps']} | "
             f"{st[n]['metrics']['flops_total']:.3g} | {st[n]['wall_seconds']:.0f} |")
@@ -491,8 +490,7 @@ def reward_model_table(folder: str = os.path.join(HERE, "reward_model")):
   for seed in seeds:
     path = os.path.join(folder, f"rm_seed{seed}.json")
     acc = _rl_mix_of(path, ("cold_start", "grpo", "grpo_rm"))
-    with open(path) as f:
-      st = {e["name"]: e for e in json.load(f)["stages"]}
+    st = _stage_entries(path)
     rm = st["rm"]
     curves = {}
     for stage in ("grpo", "grpo_rm"):
@@ -524,8 +522,7 @@ def rm_iter_table(folder: str = os.path.join(HERE, "reward_model")):
   print("|---|---|---|---|---|---|---|---|---|---|---|")
   for seed in seeds:
     path = os.path.join(folder, f"rmi_seed{seed}.json")
-    with open(path) as f:
-      st = {e["name"]: e for e in json.load(f)["stages"]}
+    st = _stage_entries(path)
     rounds = sorted((n for n in st if re.fullmatch(r"rm_it\d+", n)), key=lambda n: int(n[5:]))
     acc = _rl_mix_of(path, ("cold_start", "grpo", "grpo_rm", rounds[-1]))
     with open(os.path.join(folder, f"rmi_seed{seed}_curve.json")) as f:
@@ -559,8 +556,7 @@ def rm_ensemble_table(folder: str = os.path.join(HERE, "reward_model")):
   print("|---|---|---|---|---|---|---|---|---|")
   for seed in seeds:
     path = os.path.join(folder, f"rme_seed{seed}.json")
-    with open(path) as f:
-      st = {e["name"]: e for e in json.load(f)["stages"]}
+    st = _stage_entries(path)
     acc = _rl_mix_of(path, ("cold_start", "grpo", "grpo_rm", "grpo_ens"))
     windows, common = [], []
     for stage, prefix in (("grpo_rm", "rmi"), ("grpo_ens", "rme")):
@@ -586,6 +582,12 @@ def _commonest_answer(path: str, last: int | None = None) -> str:
 def _windows(xs, width: int = 30) -> str:
   """The means of consecutive `width`-step windows of a curve, space-separated."""
   return " ".join(f"{_mean(xs[i:i + width]):.2f}" for i in range(0, len(xs), width))
+
+
+def _stage_entries(path: str) -> dict:
+  """{stage name: its summary entry} of a saved run summary."""
+  with open(path) as f:
+    return {e["name"]: e for e in json.load(f)["stages"]}
 
 
 def _answer(completion: str) -> str:
