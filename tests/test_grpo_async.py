@@ -60,9 +60,10 @@ def runs(tmp_path_factory):
            "async_shared": (2, "--config.stages.grpo_async.rollout_devices=0"),
            "async_own": (4,),
            # LoRA: only the adapters and biases go to the sampling devices, the base once
-           "lora_shared": (2, "--config.lora.rank=4",
+           # (the reference is then the frozen base, so not the shrunk recipe's ref_from)
+           "lora_shared": (2, "--config.lora.rank=4", "--config.stages.grpo_async.ref_from=",
                            "--config.stages.grpo_async.rollout_devices=0"),
-           "lora_own": (4, "--config.lora.rank=4")}
+           "lora_own": (4, "--config.lora.rank=4", "--config.stages.grpo_async.ref_from=")}
   procs = {name: _launch(base / name, devices, *extra)
            for name, (devices, *extra) in modes.items()}
   for name, proc in procs.items():
