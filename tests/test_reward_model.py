@@ -387,6 +387,7 @@ def test_an_ensemble_scores_the_mean_or_the_lowest_of_its_members():
   np.testing.assert_allclose(Ensemble(members, "mean")(prompts, completions), each.mean(0),
                              rtol=1e-6)
   assert lowest.flops == sum(m.flops for m in members) > 0
+  assert members[0]._scores is members[2]._scores  # one compiled forward for the ensemble
   assert lowest([], []) == []
 
 

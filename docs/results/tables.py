@@ -481,12 +481,11 @@ def reward_model_table(folder: str = os.path.join(HERE, "reward_model")):
   prompt mix after each GRPO, and per step what the policy's samples scored: the rule's
   accuracy (logged at weight 0 in grpo_rm) against the reward model's score."""
   seeds = _seeds(folder, "rm_seed*.json")
-  print("| seed | pairs (training / held-out) | reward model: held-out pairwise accuracy | "
-        "held-out, RL mix: cold start | grpo (rule) | grpo_rm (reward model) | rm - rule | "
-        "grpo_rm samples: accuracy, steps 1-10 / 291-300 | reward-model score, same steps | "
-        "grpo samples: accuracy, same steps | grpo_rm's commonest answer: last 50 "
-        "logged samples / greedy evaluation |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  _header("seed", "pairs (training / held-out)", "reward model: held-out pairwise accuracy",
+          "held-out, RL mix: cold start", "grpo (rule)", "grpo_rm (reward model)", "rm - rule",
+          "grpo_rm samples: accuracy, steps 1-10 / 291-300", "reward-model score, same steps",
+          "grpo samples: accuracy, same steps",
+          "grpo_rm's commonest answer: last 50 logged samples / greedy evaluation")
   for seed in seeds:
     path = os.path.join(folder, f"rm_seed{seed}.json")
     acc = _rl_mix_of(path, ("cold_start", "grpo", "grpo_rm"))
@@ -514,12 +513,11 @@ def rm_iter_table(folder: str = os.path.join(HERE, "reward_model")):
   the same cold start. Per round: the rule's accuracy of the policy's samples (logged at weight
   0), and the held-out pairwise accuracy of the reward model that scored the round."""
   seeds = _seeds(folder, "rmi_seed*.json")
-  print("| seed | held-out, RL mix: cold start | grpo (rule) | grpo_rm (fixed reward model) | "
-        "iterated (rm_it10) | iterated - rule | samples' accuracy per 30 steps (the rule, at "
-        "weight 0): fixed reward model | iterated (per round) | "
-        "scoring reward model's held-out pairwise accuracy per round | pairs added per round "
-        "| commonest greedy answer: fixed / iterated |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  _header("seed", "held-out, RL mix: cold start", "grpo (rule)", "grpo_rm (fixed reward model)",
+          "iterated (rm_it10)", "iterated - rule",
+          "samples' accuracy per 30 steps (the rule, at weight 0): fixed reward model",
+          "iterated (per round)", "scoring reward model's held-out pairwise accuracy per round",
+          "pairs added per round", "commonest greedy answer: fixed / iterated")
   for seed in seeds:
     path = os.path.join(folder, f"rmi_seed{seed}.json")
     st = _stage_entries(path)
@@ -549,11 +547,10 @@ def rm_ensemble_table(folder: str = os.path.join(HERE, "reward_model")):
   r1_tiny_rm_iter runs (the same config sections, so the same stages), whose grpo_rm curve and
   evaluation files (rmi_seedN_*) they share."""
   seeds = _seeds(folder, "rme_seed*.json")
-  print("| seed | members: held-out pairwise accuracy | held-out, RL mix: cold start | "
-        "grpo (rule) | grpo_rm (one reward model) | grpo_ens (lowest of four) | "
-        "samples' accuracy per 30 steps (the rule, at weight 0): one reward model | "
-        "lowest of four | commonest greedy answer: one / lowest of four |")
-  print("|---|---|---|---|---|---|---|---|---|")
+  _header("seed", "members: held-out pairwise accuracy", "held-out, RL mix: cold start",
+          "grpo (rule)", "grpo_rm (one reward model)", "grpo_ens (lowest of four)",
+          "samples' accuracy per 30 steps (the rule, at weight 0): one reward model",
+          "lowest of four", "commonest greedy answer: one / lowest of four")
   for seed in seeds:
     path = os.path.join(folder, f"rme_seed{seed}.json")
     st = _stage_entries(path)
@@ -582,6 +579,12 @@ def _commonest_answer(path: str, last: int | None = None) -> str:
 def _windows(xs, width: int = 30) -> str:
   """The means of consecutive `width`-step windows of a curve, space-separated."""
   return " ".join(f"{_mean(xs[i:i + width]):.2f}" for i in range(0, len(xs), width))
+
+
+def _header(*columns: str):
+  """A markdown table's header row and its separator (one cell per column)."""
+  print("| " + " | ".join(columns) + " |")
+  print("|" + "---|" * len(columns))
 
 
 def _stage_entries(path: str) -> dict:

@@ -16,6 +16,8 @@ the forward once per length bucket. `flops` sums the model FLOPs of the forwards
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 
@@ -49,6 +51,21 @@ class Ensemble:
     return out.tolist()
 
 
+@functools.lru_cache(maxsize=None)
+def _scores_fn(cfg: ModelConfig, mesh):
+  """The jitted scoring forward of one architecture on one mesh, shared by every scorer of it
+  (an ensemble's members compile it once per length bucket, not once each)."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def scores(params, batch):
+    out, _ = model.reward_scores(params, batch["tokens"], cfg, last=batch["last"],
+                                 segment_ids=batch["segment_ids"], positions=batch["positions"],
+                                 token_mask=batch["segment_ids"] > 0)
+    return out[:, 0]
+
+  return jax.jit(scores, out_shardings=replicated)
+
+
 class ModelReward:
   """Callable as a reward function: (prompts, completions, **fields) -> list of scores."""
 
@@ -59,16 +76,7 @@ class ModelReward:
     self.max_len, self.bucket = max_len, bucket
     self.flops = 0.0
     self.row_multiple = parallel.batch_devices(mesh)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-    def scores(params, batch):
-      out, _ = model.reward_scores(params, batch["tokens"], cfg, last=batch["last"],
-                                   segment_ids=batch["segment_ids"],
-                                   positions=batch["positions"],
-                                   token_mask=batch["segment_ids"] > 0)
-      return out[:, 0]
-
-    self._scores = jax.jit(scores, out_shardings=replicated)
+    self._scores = _scores_fn(cfg, mesh)
 
   def __call__(self, prompts, completions, **_) -> list[float]:
     rows = [pipeline.reward_row(self.tokenizer, p, c, self.max_len)
