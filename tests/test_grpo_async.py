@@ -4,14 +4,17 @@ changes nothing but where it runs.
 
 Launcher runs of the shrunk recipe's `grpo_async` stage after a 4-step cold start, side by side:
 synchronous GRPO, asynchronous GRPO sampling on the training devices, and asynchronous GRPO
-sampling on 2 devices of its own; the last two also with LoRA. Each trains on 2 CPU devices. Resume
-after a SIGKILL inside the stage, and two processes against one, are in tests/reliability.
+sampling on 2 devices of its own (SIGKILLed inside the stage with rollouts in flight there, and
+restarted); the last two also with LoRA. Each trains on 2 CPU devices. SIGKILLs at every other point
+of the recipe, and two processes against one, are in tests/reliability/test_kill_recipe.py.
 """
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import pytest
@@ -35,18 +38,52 @@ def _launch(workdir, devices, *extra):
   flags = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                    if not f.startswith("--xla_force_host_platform_device_count"))
   env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}"
-  log = open(str(workdir) + ".log", "wb")
+  log = open(str(workdir) + ".log", "ab")
   return subprocess.Popen([sys.executable, "-m", "r1jax.launch", *ARGS, *extra,
                            "--workdir", str(workdir)], cwd=ROOT, env=env, stdout=log,
                           stderr=subprocess.STDOUT)
 
 
-def _steps(workdir):
-  """The stage's logged training records in step order, timing fields dropped."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    recs = [json.loads(line) for line in f]
+def _records(workdir):
+  """The stage's logged training records in the order logged, timing fields dropped."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    text = f.read()
+  lines = text[:text.rfind("\n") + 1].splitlines()  # the last line may be half-written
+  recs = [json.loads(line) for line in lines]
   return [{k: v for k, v in r.items() if k not in TIMING_KEYS}
           for r in recs if r["stage"] == STAGE and "loss" in r]
+
+
+def _steps(workdir):
+  """The stage's training records in step order; a step redone after a restart must have logged
+  the same record both times."""
+  by_step = {}
+  for r in _records(workdir):
+    assert by_step.setdefault(r["step"], r) == r, ("a redone step differs", r)
+  return [by_step[k] for k in sorted(by_step)]
+
+
+def _past_a_checkpoint(workdir):
+  """A step of the stage logged after its newest committed checkpoint."""
+  path = os.path.join(workdir, "checkpoints", STAGE)
+  saved = sorted(int(s) for s in os.listdir(path) if s.isdigit()) if os.path.isdir(path) else []
+  return bool(saved) and max((r["step"] for r in _records(workdir)), default=0) > saved[-1]
+
+
+def _kill_and_restart(proc, workdir, devices, *extra, timeout=600):
+  """SIGKILL inside the stage (after a checkpoint and a later step, a rollout in flight), then the
+  same command again: it resumes from the checkpoint."""
+  deadline = time.time() + timeout
+  while not _past_a_checkpoint(workdir):
+    assert proc.poll() is None, ("exited before the kill", proc.returncode)
+    assert time.time() < deadline, "no checkpoint of the stage"
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  assert proc.wait() == -signal.SIGKILL
+  return _launch(workdir, devices, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -58,24 +95,45 @@ def runs(tmp_path_factory):
            "one_behind": (2, "--config.stages.grpo_async.staleness=1",
                           "--config.stages.grpo_async.rollout_devices=0"),
            "async_shared": (2, "--config.stages.grpo_async.rollout_devices=0"),
+           # SIGKILLed inside the stage and restarted (below)
            "async_own": (4,),
            # LoRA: only the adapters and biases go to the sampling devices, the base once
            # (the reference is then the frozen base, so not the shrunk recipe's ref_from)
            "lora_shared": (2, "--config.lora.rank=4", "--config.stages.grpo_async.ref_from=",
                            "--config.stages.grpo_async.rollout_devices=0"),
            "lora_own": (4, "--config.lora.rank=4", "--config.stages.grpo_async.ref_from=")}
-  procs = {name: _launch(base / name, devices, *extra)
-           for name, (devices, *extra) in modes.items()}
-  for name, proc in procs.items():
-    rc = proc.wait(timeout=600)
-    with open(str(base / name) + ".log", errors="replace") as f:
-      assert rc == 0, (name, f.read()[-3000:])
+  # the synchronous run and one LoRA run first; the others then find most of their programs in
+  # the shared compilation cache instead of compiling the same ones side by side
+  first = ("sync", "lora_shared")
+  procs = {name: _launch(base / name, *modes[name]) for name in first}
+  try:
+    for name in first:
+      procs[name].wait(timeout=600)
+    procs.update({name: _launch(base / name, devices, *extra)
+                  for name, (devices, *extra) in modes.items() if name not in first})
+    procs["async_own"] = _kill_and_restart(procs["async_own"], base / "async_own",
+                                           *modes["async_own"])
+    for name, proc in procs.items():
+      rc = proc.wait(timeout=600)
+      with open(str(base / name) + ".log", errors="replace") as f:
+        log = f.read()
+      assert rc == 0, (name, log[-3000:])
+      if name == "async_own":
+        assert "[grpo_async] resumed from step" in log, log[-3000:]
+  finally:
+    for proc in procs.values():
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  redone = len(_records(base / "async_own")) - len(_steps(base / "async_own"))
+  assert redone > 0, "the restart redid no step"
   return {name: _steps(str(base / name)) for name in modes}
 
 
 def test_sampling_on_devices_of_its_own_changes_nothing_but_where(runs):
   """The same weights, prompts and keys on other devices: every logged value is the same, with
-  full fine-tuning and with LoRA (whose base is merged with the adapters there)."""
+  full fine-tuning (through a SIGKILL inside the stage with rollouts in flight there, and a
+  restart) and with LoRA (whose base is merged with the adapters there)."""
   assert len(runs["async_own"]) == len(runs["lora_own"]) == 4
   assert runs["async_own"] == runs["async_shared"]
   assert runs["lora_own"] == runs["lora_shared"]

@@ -1,23 +1,34 @@
-"""SIGKILL anywhere in the R1 recipe, restart with the same workdir: the run ends exactly where an
-uninterrupted one does.
+"""SIGKILL anywhere in the R1 recipe, on one process or two, restart with the same workdir: the run
+ends where an uninterrupted one does.
 
-One launcher run of the shrunk recipe (tests/reliability/r1_tiny_shrunk.py: cold-start SFT -> a
-reward model -> GRPO, which the reward model scores -> asynchronous GRPO on devices of its own ->
-the compute-matched SFT control -> rejection sampling -> SFT on the sampled data -> distillation
--> on-policy distillation; every stage of
-configs/r1_tiny.py but the second GRPO, and configs/r1_tiny_onpolicy.py's on-policy stage) is
-SIGKILLed at six points in turn and restarted after each: inside SFT, between two stages, inside
-GRPO, inside asynchronous GRPO (with a rollout dispatched for the step after its checkpoint),
-inside rejection sampling and inside on-policy distillation. Both runs have 4 CPU devices: 2
-sample for asynchronous GRPO, and every stage trains on the other 2.
-An uninterrupted reference run of the same config runs beside it. Compared afterwards: summary.json
-(metrics and evaluation), every training stage's output params (bit for bit), every logged step
-(a step redone after a restart must log what it logged the first time: same batch, same update),
-the generated dataset samples/rejection.jsonl and the sampling stages' samples/*.jsonl. A dataset write
-SIGKILLed half-way is tested on its own, deterministically.
+Three runs of the shrunk recipe (tests/reliability/r1_tiny_shrunk.py: cold-start SFT -> a reward
+model -> GRPO, which the reward model scores -> asynchronous GRPO -> the compute-matched SFT
+control -> rejection sampling -> SFT on the sampled data -> distillation -> on-policy
+distillation; every stage of configs/r1_tiny.py but the second GRPO, and
+configs/r1_tiny_onpolicy.py's on-policy stage), all with 4 CPU devices in all, share one
+uninterrupted reference (one process):
+- one process, SIGKILLed at six points in turn and restarted after each: inside SFT, between two
+  stages, inside GRPO, inside asynchronous GRPO (a rollout for the step after its checkpoint
+  already dispatched), inside rejection sampling and inside on-policy distillation. Its params,
+  summary.json, every logged step (a step redone after a restart logs what it logged the first
+  time: same batch, same update) and generated files must equal the reference's bit for bit.
+- two processes with 2 devices each (gloo collectives, one global mesh of 4): process 1 is
+  SIGKILLed inside asynchronous GRPO after a checkpoint and a later step, process 0 notices
+  through the coordination service's heartbeat and exits, both are started again. summary.json
+  and every logged step must equal the reference's within float tolerance: same data in the same
+  order, the same rollouts, the same decisions, whatever the number of processes.
+Asynchronous GRPO samples on the training mesh here (`rollout_devices=0`): on devices of their
+own, the sampler's collectives and the update's would run at once, and gloo mixes concurrent
+collectives up (measured: an aborted run), so the launcher refuses that on CPU with several
+processes. tests/test_grpo_async.py kills a run sampling on devices of its own.
+The interrupted one-process run starts once the reference has finished GRPO, so that it finds the
+reference's compiled programs in the shared compilation cache (one compile of each, not two);
+the two-process run compiles its own and runs beside them. A dataset write SIGKILLed half-way is
+tested on its own, deterministically.
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -27,19 +38,23 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import portpicker
 import pytest
 
 import launcher
 from r1jax.data import pipeline as data_pipeline
 
-ARGS = ["--config", launcher.SHRUNK_R1]
+ARGS = ["--config", launcher.SHRUNK_R1, "--config.stages.grpo_async.rollout_devices=0"]
 ORDER = ("cold_start", "rm", "grpo", "grpo_async", "sft_control", "rejection", "sft_rs",
          "distill", "distill_opd")
-DEVICES = 4  # the shrunk recipe's asynchronous GRPO samples on 2 of them
+DEVICES = 4
 # as in r1_tiny_shrunk.py; sft_control's steps come from grpo's FLOPs (capped by max_steps=4),
 # so the run's summary.json says how many it took
 TRAIN_STEPS = {"cold_start": 4, "rm": 3, "grpo": 4, "grpo_async": 4, "sft_control": None,
                "sft_rs": 3, "distill": 3, "distill_opd": 4}
+TIMEOUT = 900
+HEARTBEAT_S = "20"
+RTOL, ATOL = 1e-4, 1e-5  # two processes against one: gloo's reductions round differently
 
 
 def train_steps(workdir) -> dict:
@@ -49,7 +64,6 @@ def train_steps(workdir) -> dict:
   out = {k: v or recorded[k] for k, v in TRAIN_STEPS.items()}
   assert 1 <= out["sft_control"] <= 4, out
   return out
-TIMEOUT = 600
 
 
 class Watch:
@@ -128,55 +142,117 @@ KILL_POINTS = [
 ]
 
 
+def _interrupted_one_process(ref_dir, work_dir, started, kills, watches):
+  """The one-process run: waits for the reference to finish GRPO, then is SIGKILLed at each kill
+  point in turn and at once started again with the same workdir; what the workdir held at each
+  kill is recorded, and what each process printed is kept apart. A generator: it yields while it
+  waits."""
+  while "grpo" not in completed(ref_dir):
+    yield
+  watch = Watch(work_dir)
+  watches.append(watch)
+  proc = started(launcher.start([*ARGS, "--workdir", work_dir], watch.log_path, devices=DEVICES))
+  for name, stage, condition in KILL_POINTS:
+    while not (os.path.exists(work_dir) and condition(watch)):
+      assert proc.poll() is None, (f"run exited (rc {proc.returncode}) before the kill point "
+                                   f"{name!r}", launcher.tail(watch.log_path))
+      yield
+    proc.send_signal(signal.SIGKILL)
+    rc = proc.wait()
+    kills.append(dict(
+        name=name, stage=stage, rc=rc, completed=completed(work_dir),
+        checkpoints=committed_checkpoints(work_dir, stage) if stage else []))
+    watch = Watch(work_dir)
+    watches.append(watch)
+    proc = started(launcher.start([*ARGS, "--workdir", work_dir], watch.log_path,
+                                  devices=DEVICES))
+  while proc.poll() is None:
+    yield
+  assert proc.returncode == 0, (proc.returncode, launcher.tail(watch.log_path))
+
+
+def _pair(workdir, log, started):
+  coordinator = f"127.0.0.1:{portpicker.pick_unused_port()}"
+  return [started(launcher.start(
+              [*ARGS, "--workdir", workdir, "--coordinator", coordinator, "--num_processes", "2",
+               "--process_id", str(i)], f"{log}.{i}", devices=2,
+              R1JAX_HEARTBEAT_TIMEOUT=HEARTBEAT_S))
+          for i in range(2)]
+
+
+def _interrupted_two_processes(two, started, out):
+  """Two processes; process 1 SIGKILLed inside asynchronous GRPO, both started again."""
+  procs = _pair(two, two + ".log", started)
+  watch = Watch(two)
+  while not (os.path.exists(two) and past_a_checkpoint(watch, "grpo_async")):
+    for i, p in enumerate(procs):
+      assert p.poll() is None, (f"process {i} exited (rc {p.returncode}) before the kill",
+                                launcher.tail(f"{two}.log.{i}"))
+    yield
+  procs[1].send_signal(signal.SIGKILL)
+  killed_at = time.time()
+  assert procs[1].wait() == -signal.SIGKILL
+  while procs[0].poll() is None:
+    assert time.time() < killed_at + 180, ("process 0 still running after its peer's SIGKILL",
+                                           launcher.tail(f"{two}.log.0"))
+    yield
+  assert procs[0].returncode != 0, "process 0 finished although its peer was killed"
+  out["survivor_exit_s"] = time.time() - killed_at
+  out["first"] = _json_or_none(os.path.join(two, "summary.json"))
+  procs = _pair(two, two + ".log.restart", started)
+  while any(p.poll() is None for p in procs):
+    yield
+  for i, p in enumerate(procs):
+    assert p.returncode == 0, launcher.tail(f"{two}.log.restart.{i}")
+
+
+def _finished(proc, log):
+  while proc.poll() is None:
+    yield
+  assert proc.returncode == 0, (proc.returncode, launcher.tail(log))
+
+
 @pytest.fixture
 def runs(tmp_path_factory):
-  """The reference run and the interrupted one side by side. At each kill point in turn the
-  interrupted run's launcher is SIGKILLed and at once started again with the same workdir; what
-  the workdir held at the kill is recorded, and what each process printed is kept apart."""
+  """The reference, the interrupted one-process run and the interrupted two-process run, driven
+  side by side (each a generator, stepped in turn until all have finished)."""
   base = tmp_path_factory.mktemp("kill_recipe")
-  ref_dir, work_dir = str(base / "reference"), str(base / "interrupted")
+  ref_dir, work_dir, two = (str(base / n) for n in ("reference", "interrupted", "two"))
+  procs, kills, watches, two_out = [], [], [], {}
+
+  def started(proc):
+    procs.append(proc)
+    return proc
+
   start_time = time.time()
-  ref = launcher.start([*ARGS, "--workdir", ref_dir], ref_dir + ".log", devices=DEVICES)
-  watch = Watch(work_dir)
-  proc = launcher.start([*ARGS, "--workdir", work_dir], work_dir + ".log", devices=DEVICES)
-  kills, watches = [], [watch]
-  deadline = time.time() + TIMEOUT
+  deadline = start_time + TIMEOUT
+  ref = started(launcher.start([*ARGS, "--workdir", ref_dir], ref_dir + ".log", devices=DEVICES))
+  scripts = [_finished(ref, ref_dir + ".log"),
+             _interrupted_one_process(ref_dir, work_dir, started, kills, watches),
+             _interrupted_two_processes(two, started, two_out)]
   try:
-    for name, stage, condition in KILL_POINTS:
-      while not (os.path.exists(work_dir) and condition(watch)):
-        assert proc.poll() is None, (f"run exited (rc {proc.returncode}) before the kill point "
-                                     f"{name!r}", launcher.tail(watch.log_path))
-        assert time.time() < deadline, ("kill point not reached", name)
-        time.sleep(0.02)
-      proc.send_signal(signal.SIGKILL)
-      rc = proc.wait()
-      kills.append(dict(
-          name=name, stage=stage, rc=rc, completed=completed(work_dir),
-          checkpoints=committed_checkpoints(work_dir, stage) if stage else []))
-      watch = Watch(work_dir)
-      watches.append(watch)
-      proc = launcher.start([*ARGS, "--workdir", work_dir], work_dir + ".log",
-                            devices=DEVICES)
-    for p, log in ((proc, watch.log_path), (ref, ref_dir + ".log")):
-      rc = p.wait(timeout=max(deadline - time.time(), 1))
-      assert rc == 0, (rc, launcher.tail(log))
-    yield dict(reference=ref_dir, workdir=work_dir, kills=kills, watches=watches,
-               seconds=time.time() - start_time)
+    while scripts:
+      scripts = [s for s in scripts if next(s, StopIteration) is not StopIteration]
+      assert time.time() < deadline, ("runs not finished", launcher.tail(ref_dir + ".log"))
+      time.sleep(0.02)
+    yield dict(reference=ref_dir, workdir=work_dir, kills=kills, watches=watches, two=two,
+               seconds=time.time() - start_time, **two_out)
   finally:
-    for p in (proc, ref):
+    for p in procs:
       if p.poll() is None:
         p.kill()
         p.wait()
 
 
-def test_sigkill_at_six_points_then_restart_equals_the_uninterrupted_run(runs):
-  """One test over the two runs (a module fixture shared by several tests would run twice when
+def test_sigkill_on_one_process_or_two_then_restart_equals_the_uninterrupted_run(runs):
+  """One test over the three runs (a module fixture shared by several tests would run twice when
   pytest-xdist puts them on different workers)."""
   check_every_kill_landed_where_planned_and_the_restart_recovered(runs)
   check_summary_and_final_params_equal_the_uninterrupted_run(runs)
   check_no_stage_repeats_or_skips_data(runs)
   check_generated_files_are_whole_and_equal_and_no_temporary_files_are_left(runs)
   check_the_kl_reference_is_where_the_stage_says(runs)
+  check_two_processes_resumed_and_equal_one_process(runs)
 
 
 def check_every_kill_landed_where_planned_and_the_restart_recovered(runs):
@@ -205,20 +281,22 @@ def check_every_kill_landed_where_planned_and_the_restart_recovered(runs):
     recovered += 1
   assert "[rejection] kept" in watches[-2].log()  # the restart after it redid rejection sampling
   print(f"\nkill_recipe: {len(kills)} SIGKILLs injected, {recovered} recovered by restarting "
-        f"({runs['seconds']:.0f} s for the reference and the interrupted run side by side):")
+        f"({runs['seconds']:.0f} s for the three runs):")
   for kill in kills:
     print(f"  {kill['name']}: completed then {kill['completed']}, "
           f"checkpoints of the stage {kill['checkpoints']}")
 
 
 def summary(workdir):
+  """summary.json without what says how and when it ran (the command, the topology, times)."""
   with open(os.path.join(workdir, "summary.json")) as f:
-    stages = json.load(f)["stages"]
-  for entry in stages:
+    out = json.load(f)
+  assert out.pop("run")["processes"] in (1, 2)
+  for entry in out["stages"]:
     entry.pop("wall_seconds")
     entry["metrics"] = {k: v for k, v in entry["metrics"].items()
                         if k not in launcher.TIMING_KEYS}
-  return stages
+  return out
 
 
 def output_params(workdir, stage):
@@ -228,9 +306,9 @@ def output_params(workdir, stage):
 
 def check_summary_and_final_params_equal_the_uninterrupted_run(runs):
   got, want = summary(runs["workdir"]), summary(runs["reference"])
-  assert [e["name"] for e in got] == list(ORDER)
+  assert [e["name"] for e in got["stages"]] == list(ORDER)
   assert got == want
-  assert "accuracy" in got[-1]["eval"]  # the last stage was evaluated
+  assert "accuracy" in got["stages"][-1]["eval"]  # the last stage was evaluated
   for stage in TRAIN_STEPS:
     ref = jax.tree.leaves_with_path(output_params(runs["reference"], stage))
     leaves = jax.tree.leaves(output_params(runs["workdir"], stage))
@@ -296,7 +374,7 @@ def check_generated_files_are_whole_and_equal_and_no_temporary_files_are_left(ru
     assert data == g.read()
   assert data.endswith(b"\n")
   rows = [json.loads(line) for line in data.decode().splitlines()]
-  kept = next(e for e in summary(runs["workdir"]) if e["name"] == "rejection")["metrics"]
+  kept = next(e for e in summary(runs["workdir"])["stages"] if e["name"] == "rejection")["metrics"]
   assert len(rows) == kept["num_kept"] > 0
   records = data_pipeline.read_records(path, prompt_field="question",
                                        completion_field="completion", answer_field="answer")
@@ -304,6 +382,53 @@ def check_generated_files_are_whole_and_equal_and_no_temporary_files_are_left(ru
   leftovers = [os.path.join(d, n) for d, dirs, files in os.walk(runs["workdir"])
                for n in files + dirs if ".tmp" in n or "tmp-" in n]
   assert not leftovers, leftovers
+
+
+def check_two_processes_resumed_and_equal_one_process(runs):
+  """The restarted pair loaded what was complete and resumed asynchronous GRPO from its
+  checkpoint; its summary.json and every logged step equal the reference's within tolerance."""
+  two = runs["two"]
+  restarted = launcher.tail(f"{two}.log.restart.0", 100_000)
+  assert "[cold_start] already complete; loaded its output" in restarted
+  assert "[grpo_async] resumed from step" in restarted, restarted[-3000:]
+  assert [e["name"] for e in runs["first"]["stages"]] == ["cold_start", "rm", "grpo"]
+
+  got, want = summary(two), summary(runs["reference"])
+  _close(got, want, "summary")
+  evaluated = {e["name"] for e in want["stages"] if "eval" in e}
+  # the policy, the students, and the reward model (on held-out pairs)
+  assert {"rm", "sft_rs", "distill", "distill_opd"} <= evaluated, evaluated
+  got_recs, want_recs = metric_records(two), metric_records(runs["reference"])
+  assert sorted(got_recs) == sorted(want_recs)
+  for stage, steps in train_steps(two).items():
+    logged = sorted(step for s, step, train in got_recs if s == stage and train)
+    assert logged == list(range(1, steps + 1)), (stage, logged)
+  for key in want_recs:  # a step redone after the restart: the record it logged last
+    _close(got_recs[key][-1], want_recs[key][-1], str(key))
+  print(f"\nkill_recipe: 2 x 2 devices == 1 x 4 devices over {len(want_recs)} logged records; "
+        f"the survivor exited {runs['survivor_exit_s']:.0f} s after its peer's SIGKILL")
+
+
+def _close(values, expected, where):
+  if isinstance(expected, dict):
+    assert sorted(values) == sorted(expected), where
+    for k in expected:
+      _close(values[k], expected[k], f"{where}.{k}")
+  elif isinstance(expected, list):
+    assert isinstance(values, list) and len(values) == len(expected), where
+    for i, (v, e) in enumerate(zip(values, expected)):
+      _close(v, e, f"{where}[{i}]")
+  elif isinstance(expected, float) and isinstance(values, float):
+    assert math.isclose(values, expected, rel_tol=RTOL, abs_tol=ATOL), (where, values, expected)
+  else:
+    assert values == expected, (where, values, expected)
+
+
+def _json_or_none(path):
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
 
 
 WRITER = """
