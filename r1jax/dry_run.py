@@ -303,15 +303,15 @@ def _grpo_rollout(config, pcfg, s, mesh, state, resident_b: int) -> list[str]:
   t0 = time.time()
   groups = s.group_size  # the stage's rows are runs of G samples of one prompt
   with jax.set_mesh(mesh):
-    compiled = sampler.lower(train.full_params(state), pcfg, rows=s.rows, prompt_len=P,
-                             max_new_tokens=N, groups=groups, filtered=s.top_p < 1,
+    compiled = sampler.lower(train.full_params(state), pcfg, rows=s.rollout_rows,
+                             prompt_len=P, max_new_tokens=N, groups=groups, filtered=s.top_p < 1,
                              record_routing=s.routing_replay, draft=s.draft).compile()
   mem = compiled.memory_analysis()
   temp_b = int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else 0
   slots = f"{P} + 2 x {N} cache slots, MTP drafts" if s.draft else f"{P} + {N} cache slots"
   return [
-      f"compiled the rollout (sampler.generate: {s.rows} rows, {s.rows // groups} prefilled, "
-      f"{slots}) in {time.time() - t0:.1f} s; per device:",
+      f"compiled the rollout (sampler.generate: {s.rollout_rows} rows, "
+      f"{s.rollout_rows // groups} prefilled, {slots}) in {time.time() - t0:.1f} s; per device:",
       f"  rollout temporaries {temp_b / GiB:7.2f} GiB (KV cache, activations, weights gathered "
       "for decoding; XLA memory analysis)",
       f"  rollout total       {(resident_b + temp_b) / GiB:7.2f} GiB (with the parameters, "

@@ -189,6 +189,33 @@ def refill_pairs(zero_var, candidate_zero_var) -> list[tuple[int, int]]:
   return list(zip(slots.tolist(), mixed.tolist()))
 
 
+def split_batches(scored: ScoredRollout, parts: int) -> list[ScoredRollout]:
+  """One rollout's rows as `parts` equal consecutive batches (over-sampled refill candidates:
+  asynchronous GRPO with dynamic sampling samples them in the batch's own call). The call's
+  cost (FLOPs, drafts, decode steps) stays with the first batch, so that swapping groups in
+  from the others (`swap_groups`) counts it once."""
+  assert scored.rollout is not None and scored.size % parts == 0, (scored.size, parts)
+  n = scored.size // parts
+  out = []
+  for i in range(parts):
+    rows = slice(i * n, (i + 1) * n)
+    calls = {} if i == 0 else {
+        name: 0 for name in ("draft_accepted", "draft_proposed", "decode_steps")
+        if getattr(scored.rollout, name) is not None}
+    rollout = dataclasses.replace(
+        scored.rollout, **{name: np.asarray(getattr(scored.rollout, name))[rows]
+                           for name in sampler.row_fields(scored.rollout)}, **calls)
+    out.append(dataclasses.replace(
+        scored, records=scored.records[rows], prompts=scored.prompts[rows],
+        completions=scored.completions[rows], rollout=rollout,
+        rewards=None if scored.rewards is None else scored.rewards[rows],
+        per_reward={k: v[rows] for k, v in scored.per_reward.items()},
+        reward_errors=dict(scored.reward_errors) if i == 0 else {},
+        flops=scored.flops if i == 0 else 0.0,
+        drafts=scored.drafts if i == 0 else (0, 0)))
+  return out
+
+
 def swap_groups(scored: ScoredRollout, fresh: ScoredRollout, pairs, group_size: int):
   """`scored` with group slot i replaced by `fresh`'s group j for each (i, j) in pairs (the
   token-level outputs included). Both must come from one generate call of the same shape."""

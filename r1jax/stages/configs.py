@@ -201,6 +201,11 @@ class GRPOConfig(StageConfig):
     mu: policy updates per rollout batch.
     advantage_scale: group | batch | none (Dr. GRPO).
     dynamic_sampling: DAPO: swap zero-variance groups for fresh ones, up to max_refills batches.
+      Synchronous GRPO samples a refill batch only when a group is flat. With staleness >= 1
+      the rollout samples max_refills more batches of prompts beside the batch, from the same
+      weights and in the same dispatched call (over-sampling: nothing samples synchronously, and
+      the extra batches cost their generation whether or not they are used); their groups whose
+      rewards vary fill the flat slots, in order. `refilled_groups` logs the slots filled.
     mask_truncated: drop completions that hit max_new_tokens from the loss.
     routing_replay: MoE routing replay (R3): the update's forward uses the experts the sampler
       chose for each token (gate weights still from the current router).
@@ -231,7 +236,8 @@ class GRPOConfig(StageConfig):
       lag, as verl and slime set one); the clipped ratio is taken against the sampler's
       log-probs, or with `is_correction` against the current policy's, with the sampler's
       weight truncated (decoupled PPO). The stage keeps (and checkpoints) a copy of the
-      trained weights per rollout in flight. Not with dynamic_sampling.
+      trained weights per rollout in flight. With dynamic_sampling, refill candidates are
+      sampled beside each batch (above).
     rollout_devices: with staleness >= 1, sample on this many devices of their own (the last
       rollout_devices / processes local devices of every process; the run's mesh is built on
       the rest, for every stage). The policy's weights are copied to them before each
@@ -341,8 +347,6 @@ class GRPOConfig(StageConfig):
          "cannot be on with routing_replay (replay runs on whole rows)")
     need(self.staleness >= 0, "staleness", "must be >= 0 (0: synchronous; k: k steps "
          "off-policy)")
-    need(not (self.staleness and self.dynamic_sampling), "staleness",
-         "cannot be >= 1 with dynamic_sampling (refills would sample synchronously)")
     need(self.rollout_devices >= 0, "rollout_devices", "must be >= 0")
     need(not (self.rollout_devices and not self.staleness), "rollout_devices",
          "needs staleness >= 1 (a synchronous rollout waits for the update anyway)")
@@ -369,6 +373,16 @@ class GRPOConfig(StageConfig):
   @property
   def rows(self) -> int:
     return self.prompts_per_step * self.group_size
+
+  @property
+  def oversample(self) -> int:
+    """Refill batches sampled beside each batch (asynchronous dynamic sampling), else 0."""
+    return self.max_refills if self.staleness and self.dynamic_sampling else 0
+
+  @property
+  def rollout_rows(self) -> int:
+    """Rows of one rollout call: the batch's and its over-sampled refill candidates'."""
+    return self.rows * (1 + self.oversample)
 
 
 @dataclasses.dataclass(frozen=True)

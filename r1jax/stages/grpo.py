@@ -218,8 +218,8 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
     weights, key = sampler_weights(train_state, behind), batch_key(step)
     if s.rollout_devices:
       key = _to_mesh(key, rollout_mesh)
-    return engine.start_rollout(weights, pcfg, it.draw(step), mesh=rollout_mesh, rng=key,
-                                **rollout_kw)
+    return engine.start_rollout(weights, pcfg, it.draw(step, 1 + s.oversample),
+                                mesh=rollout_mesh, rng=key, **rollout_kw)
 
   def collect(st, step):
     """Asynchronous GRPO: start the rollout of step + k from the current weights, then wait for
@@ -242,8 +242,9 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
     step = int(st["train"].step) // s.mu
     key = batch_key(step)
     partial_stats = {}
+    pool = []  # refill candidates sampled beside the batch (asynchronous dynamic sampling)
     if s.staleness:
-      scored = collect(st, step)
+      scored, *pool = engine.split_batches(collect(st, step), 1 + s.oversample)
     elif buffer is not None:  # partial rollouts: segments until enough groups are complete
       scored, partial_stats = buffer.next_batch(
           train.full_params(st["train"]), pcfg, draw=lambda: next(it), groups=s.prompts_per_step,
@@ -253,17 +254,19 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
       scored = sample(st, next(it), key)
     fresh = scored  # on-policy rewards, before dynamic sampling swaps groups in
     adv, zero_var = grpo_lib.group_advantages(scored.rewards, G, s.advantage_scale)
-    refills = 0
+    refills = refilled = 0
     while s.dynamic_sampling and zero_var.any() and refills < s.max_refills:
       # DAPO dynamic sampling: groups with equal rewards carry no signal; swap in fresh ones
       refills += 1
-      candidates = sample(st, next(it), jax.random.fold_in(key, 1000 + refills))
+      candidates = (pool[refills - 1] if s.staleness else
+                    sample(st, next(it), jax.random.fold_in(key, 1000 + refills)))
       if candidates.rollout.tokens.shape != scored.rollout.tokens.shape:
         scored.flops += candidates.flops
         continue  # a different prompt bucket: rows cannot be swapped in
       _, candidate_zero_var = grpo_lib.group_advantages(candidates.rewards, G)
-      scored = engine.swap_groups(scored, candidates,
-                                  engine.refill_pairs(zero_var, candidate_zero_var), G)
+      pairs = engine.refill_pairs(zero_var, candidate_zero_var)
+      scored = engine.swap_groups(scored, candidates, pairs, G)
+      refilled += len(pairs)
       adv, zero_var = grpo_lib.group_advantages(scored.rewards, G, s.advantage_scale)
     rollout, update_adv = scored.rollout, adv
     if s.drop_zero_var:
@@ -282,6 +285,7 @@ def run_grpo(ctx: common.Context, name: str, s: GRPOConfig):
                 completion_len=float(lengths.mean()), completion_len_max=float(lengths.max()),
                 truncated_frac=float(np.mean(scored.rollout.truncated)),
                 zero_var_groups=float(zero_var.mean()), refills=float(refills),
+                refilled_groups=float(refilled),
                 rollout_seconds=time.time() - t0,
                 rollout_tokens_per_sec=float(lengths.sum()) / max(time.time() - t0, 1e-9))
     host["update_rows"] = float(rollout.tokens.shape[0])
@@ -385,9 +389,10 @@ class _LaggedIterator:
   def __next__(self):
     return next(self.it)
 
-  def draw(self, step: int):
+  def draw(self, step: int, batches: int = 1):
+    """Step `step`'s prompts: `batches` batches of the stream, as one list."""
     self.before[step] = self.it.get_state()
-    return next(self.it)
+    return [r for _ in range(batches) for r in next(self.it)]
 
   def mark(self, step: int):
     """The saved state: the one before step `step`'s draw (or now, if it has not drawn)."""

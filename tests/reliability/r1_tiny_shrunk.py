@@ -71,12 +71,13 @@ def get_config(arg=None):
                                divergence="reverse_kl", prompts_per_step=4, group_size=2,
                                max_new_tokens=12, length_bucket=4)
   # asynchronous GRPO: two rollouts in flight, each batch sampled two updates behind, on 2
-  # devices of their own (one per process in the two-process test), with the decoupled-PPO
-  # correction; every stage trains on the other devices. Its KL term is to the cold start
-  # (ref_from), not to the policy it starts from
+  # devices of their own, with the decoupled-PPO correction; every stage trains on the other
+  # devices. Each rollout samples a second batch of prompts beside its batch, whose varied
+  # groups refill its flat ones (asynchronous dynamic sampling). Its KL term is to the cold
+  # start (ref_from), not to the policy it starts from
   c.stages.grpo_async = ml_collections.ConfigDict(c.stages.grpo.to_dict())
   c.stages.grpo_async.update(staleness=2, rollout_devices=2, is_correction="token_tis",
-                             draft="", dynamic_sampling=False, partial_tokens=0,
+                             draft="", dynamic_sampling=True, max_refills=1, partial_tokens=0,
                              reward_model="", ref_refresh_every=0, ref_from="cold_start")
   c.stages.grpo_async.reward_weights = dict(c.stages.grpo.reward_weights)
   del c.stages.grpo_async.reward_weights["reward_model"]

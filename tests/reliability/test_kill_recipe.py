@@ -252,6 +252,7 @@ def test_sigkill_on_one_process_or_two_then_restart_equals_the_uninterrupted_run
   check_no_stage_repeats_or_skips_data(runs)
   check_generated_files_are_whole_and_equal_and_no_temporary_files_are_left(runs)
   check_the_kl_reference_is_where_the_stage_says(runs)
+  check_asynchronous_grpo_refilled_flat_groups(runs)
   check_two_processes_resumed_and_equal_one_process(runs)
 
 
@@ -325,6 +326,16 @@ def check_the_kl_reference_is_where_the_stage_says(runs):
               metric_records(runs["reference"]).items() if train and step == 1 and
               stage in ("grpo", "grpo_async")}
   assert first_kl["grpo"] == 0.0 and first_kl["grpo_async"] > 1e-4, first_kl
+
+
+def check_asynchronous_grpo_refilled_flat_groups(runs):
+  """grpo_async's dynamic sampling took groups from the candidate batch each rollout samples
+  beside its batch: one candidate batch per step at most (max_refills=1), and some flat group
+  refilled (measured: 2, 1, 1, 0 groups at steps 1-4)."""
+  recs = [r[0] for (stage, _, train), r in metric_records(runs["reference"]).items()
+          if stage == "grpo_async" and train]
+  assert len(recs) == 4 and all(r["refills"] <= 1 for r in recs), recs
+  assert sum(r["refilled_groups"] for r in recs) > 0, recs
 
 
 def metric_records(workdir):
