@@ -2,11 +2,12 @@
 sampled k updates behind the policy that learns from it, and sampling on devices of its own
 changes nothing but where it runs.
 
-Launcher runs of the shrunk recipe's `grpo_async` stage after a 4-step cold start, side by side:
-synchronous GRPO, asynchronous GRPO sampling on the training devices, and asynchronous GRPO
-sampling on 2 devices of its own (SIGKILLed inside the stage with rollouts in flight there, and
-restarted); the last two also with LoRA. Each trains on 2 CPU devices. SIGKILLs at every other point
-of the recipe, and two processes against one, are in tests/reliability/test_kill_recipe.py.
+Launcher runs of the shrunk recipe's `grpo_async` stage after a 4-step cold start (two, then
+four side by side): synchronous GRPO, asynchronous GRPO sampling on the training devices, and
+asynchronous GRPO sampling on 2 devices of its own (SIGKILLed inside the stage with rollouts in
+flight there, and restarted); the last two also with LoRA. Each trains on 2 CPU devices. SIGKILLs
+at every other point of the recipe, and two processes against one, are in
+tests/reliability/test_kill_recipe.py.
 """
 
 import json

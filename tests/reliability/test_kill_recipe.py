@@ -5,7 +5,7 @@ Three runs of the shrunk recipe (tests/reliability/r1_tiny_shrunk.py: cold-start
 model -> GRPO, which the reward model scores -> asynchronous GRPO -> the compute-matched SFT
 control -> rejection sampling -> SFT on the sampled data -> distillation -> on-policy
 distillation; every stage of configs/r1_tiny.py but the second GRPO, and
-configs/r1_tiny_onpolicy.py's on-policy stage), all with 4 CPU devices in all, share one
+configs/r1_tiny_onpolicy.py's on-policy stage), each with 4 CPU devices in all, share one
 uninterrupted reference (one process):
 - one process, SIGKILLed at six points in turn and restarted after each: inside SFT, between two
   stages, inside GRPO, inside asynchronous GRPO (a rollout for the step after its checkpoint
