@@ -189,6 +189,10 @@ def refill_pairs(zero_var, candidate_zero_var) -> list[tuple[int, int]]:
   return list(zip(slots.tolist(), mixed.tolist()))
 
 
+# the call-level Rollout fields that add up over calls (the work of each); prefill_rows does not
+_SUMMED_CALL_FIELDS = tuple(n for n in sampler.CALL_FIELDS if n != "prefill_rows")
+
+
 def split_batches(scored: ScoredRollout, parts: int) -> list[ScoredRollout]:
   """One rollout's rows as `parts` equal consecutive batches (over-sampled refill candidates:
   asynchronous GRPO with dynamic sampling samples them in the batch's own call). The call's
@@ -199,9 +203,8 @@ def split_batches(scored: ScoredRollout, parts: int) -> list[ScoredRollout]:
   out = []
   for i in range(parts):
     rows = slice(i * n, (i + 1) * n)
-    calls = {} if i == 0 else {
-        name: 0 for name in ("draft_accepted", "draft_proposed", "decode_steps")
-        if getattr(scored.rollout, name) is not None}
+    calls = {} if i == 0 else {name: 0 for name in _SUMMED_CALL_FIELDS
+                               if getattr(scored.rollout, name) is not None}
     rollout = dataclasses.replace(
         scored.rollout, **{name: np.asarray(getattr(scored.rollout, name))[rows]
                            for name in sampler.row_fields(scored.rollout)}, **calls)
@@ -242,7 +245,7 @@ def swap_groups(scored: ScoredRollout, fresh: ScoredRollout, pairs, group_size: 
       a[rows] = np.asarray(getattr(fresh.rollout, name))[src]
   # the call-level fields: the first call's prefill; the draft counts of both calls' work
   calls = {"prefill_rows": scored.rollout.prefill_rows}
-  for name in ("draft_accepted", "draft_proposed", "decode_steps"):
+  for name in _SUMMED_CALL_FIELDS:
     if getattr(scored.rollout, name) is not None:
       calls[name] = getattr(scored.rollout, name) + getattr(fresh.rollout, name)
   out.rollout = dataclasses.replace(scored.rollout, **arrays, **calls)
